@@ -1,0 +1,230 @@
+"""Benchmark of the pure matching core through its in-process API.
+
+    python bench/core.py                 # 200,000-command flow, commands per second
+    python bench/core.py --memory        # one million resting orders, resident memory
+    python bench/core.py --baseline      # the bare SortedDict-of-deques loop, for scale
+
+The flow is deterministic (seeded): limit orders around a moving mid price,
+cancels of live orders, amends, market orders and IOC limits that sweep several
+levels, with the resting book held near a thousand orders. The commands are
+generated first (not timed); the timed part is ``engine.apply`` alone, with
+every event built exactly as the daemon gets it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import resource
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sortedcontainers import SortedDict  # noqa: E402
+
+from exchange import (  # noqa: E402
+    AmendOrder,
+    CancelOrder,
+    Command,
+    Instrument,
+    MatchingEngine,
+    OrderType,
+    PlaceOrder,
+    Side,
+    StpMode,
+    TimeInForce,
+)
+
+SYMBOL = "BENCH"
+SPEC = Instrument.from_decimals(SYMBOL, tick_size="0.01", lot_size="1", stp_default=StpMode.NONE)
+
+
+def generate(n: int, seed: int, book_target: int = 1000) -> list[Command]:
+    """A seeded command flow; a shadow engine tells which orders are live to cancel or amend."""
+    rng = random.Random(seed)
+    shadow = MatchingEngine(SPEC)
+    clients = [f"c{i}" for i in range(200)]
+    commands: list[Command] = []
+    mid = 100_000
+    ts = 1_700_000_000_000_000_000
+    seq = 0
+    report_every = max(n // 10, 1)
+    while len(commands) < n:
+        ts += 1000
+        bid, ask = shadow.book.best_bid(), shadow.book.best_ask()
+        if bid is not None and ask is not None:
+            mid = (bid + ask) // 2
+        if rng.random() < 0.02:  # the mid drifts: now and then place around a nudged one
+            mid += rng.choice((-3, -2, 2, 3))
+        live = len(shadow.book)
+        r = rng.random()
+        client = rng.choice(clients)
+        seq += 1
+        side = Side.BUY if rng.random() < 0.5 else Side.SELL
+        sign = 1 if side is Side.BUY else -1
+        cmd: Command
+        if live and rng.random() < 0.30 * min(live / book_target, 2.0):  # cancels and amends of live orders
+            victim = _pick_live(shadow, rng)
+            if rng.random() < 0.85:
+                cmd = CancelOrder(SYMBOL, victim.client_id, victim.client_order_id, ts_ns=ts)
+            elif rng.random() < 0.5:
+                cmd = AmendOrder(SYMBOL, victim.client_id, victim.client_order_id,
+                                 qty_lots=max(1, victim.qty - rng.randint(1, victim.qty)), ts_ns=ts)
+            else:
+                cmd = AmendOrder(SYMBOL, victim.client_id, victim.client_order_id,
+                                 price_ticks=victim.price + rng.choice((-1, 1)), ts_ns=ts)
+        elif r < 0.04:  # market order sweeping a few levels
+            cmd = PlaceOrder(SYMBOL, client, f"o{seq}", side, OrderType.MARKET, 0, rng.randint(20, 150),
+                             TimeInForce.IOC, ts)
+        elif r < 0.07:  # aggressive IOC limit through several levels
+            cmd = PlaceOrder(SYMBOL, client, f"o{seq}", side, OrderType.LIMIT, mid + sign * 8,
+                             rng.randint(50, 250), TimeInForce.IOC, ts)
+        elif r < 0.20:  # limit that crosses by a tick or two, remainder rests
+            cmd = PlaceOrder(SYMBOL, client, f"o{seq}", side, OrderType.LIMIT, mid + sign * rng.randint(0, 2),
+                             rng.randint(1, 30), TimeInForce.GTC, ts)
+        else:  # passive limit near the mid
+            cmd = PlaceOrder(SYMBOL, client, f"o{seq}", side, OrderType.LIMIT,
+                             max(1, mid - sign * rng.randint(1, 30)), rng.randint(1, 50), TimeInForce.GTC, ts)
+        shadow.apply(cmd)
+        commands.append(cmd)
+        if len(commands) % report_every == 0:
+            print(f"  generated {len(commands):,}/{n:,} commands, resting {len(shadow.book):,}",
+                  file=sys.stderr, flush=True)
+    return commands
+
+
+def _pick_live(engine: MatchingEngine, rng: random.Random):  # type: ignore[no-untyped-def]
+    orders = engine.book.orders
+    # dicts keep insertion order; sampling by a random walk over ids keeps this cheap
+    oid = rng.randint(max(1, engine.next_order_id - 3 * len(orders)), engine.next_order_id - 1)
+    order = orders.get(oid)
+    if order is None:
+        order = next(iter(orders.values()))
+    return order
+
+
+def run_core(commands: list[Command]) -> tuple[float, int, int, MatchingEngine]:
+    engine = MatchingEngine(SPEC)
+    apply = engine.apply
+    n_events = 0
+    n_trades = 0
+    gc.collect()
+    start = time.perf_counter()
+    for cmd in commands:
+        events = apply(cmd)
+        n_events += len(events)
+    elapsed = time.perf_counter() - start
+    n_trades = engine.next_trade_id - 1
+    return elapsed, n_events, n_trades, engine
+
+
+def run_baseline(commands: list[Command]) -> float:
+    """The obvious loop: SortedDict of deques, FIFO matching, lazy cancel, no events, no validation."""
+    bids: SortedDict = SortedDict()
+    asks: SortedDict = SortedDict()
+    index: dict[tuple[str, str], list[int]] = {}
+    start = time.perf_counter()
+    for cmd in commands:
+        if type(cmd) is PlaceOrder:
+            buy = cmd.side is Side.BUY
+            opp = asks if buy else bids
+            remaining = cmd.qty_lots
+            limit = (cmd.price_ticks if buy else -cmd.price_ticks) if cmd.order_type is OrderType.LIMIT else 1 << 62
+            while remaining and opp:
+                key, q = opp.peekitem(0)
+                if key > limit:
+                    break
+                while q and remaining:
+                    maker = q[0]
+                    if maker[0] == 0:
+                        q.popleft()
+                        continue
+                    fill = min(remaining, maker[0])
+                    maker[0] -= fill
+                    remaining -= fill
+                    if maker[0] == 0:
+                        q.popleft()
+                if not q:
+                    del opp[key]
+            if remaining and cmd.tif is TimeInForce.GTC:
+                own = bids if buy else asks
+                key = -cmd.price_ticks if buy else cmd.price_ticks
+                entry = [remaining, key]
+                own.setdefault(key, deque()).append(entry)
+                index[(cmd.client_id, cmd.client_order_id)] = entry
+        elif type(cmd) is CancelOrder:
+            entry = index.pop((cmd.client_id, cmd.client_order_id or ""), None)
+            if entry is not None:
+                entry[0] = 0
+        elif type(cmd) is AmendOrder:
+            entry = index.get((cmd.client_id, cmd.client_order_id or ""))
+            if entry is not None and cmd.qty_lots and cmd.qty_lots < entry[0]:
+                entry[0] = cmd.qty_lots
+    return time.perf_counter() - start
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory(n_orders: int, levels_per_side: int) -> None:
+    base = rss_mb()
+    engine = MatchingEngine(SPEC)
+    mid = 1_000_000
+    ts = 0
+    report_every = n_orders // 10
+    for i in range(n_orders):
+        buy = i % 2 == 0
+        level = (i // 2) % levels_per_side + 1
+        price = mid - level if buy else mid + level
+        ts += 1
+        engine.apply(PlaceOrder(SYMBOL, f"client{i % 5000}", f"order-{i}", Side.BUY if buy else Side.SELL,
+                                OrderType.LIMIT, price, 1 + i % 100, TimeInForce.GTC, ts))
+        if (i + 1) % report_every == 0:
+            print(f"  loaded {i + 1:,} orders, RSS {rss_mb():,.0f} MB", file=sys.stderr, flush=True)
+    gc.collect()
+    total = rss_mb()
+    engine.book.check_invariants() if n_orders <= 100_000 else None
+    print(f"resting orders: {len(engine.book):,} over {len(engine.book.bids) + len(engine.book.asks):,} levels")
+    print(f"resident memory: {total:,.0f} MB in all ({total - base:,.0f} MB for the book; "
+          f"{(total - base) * 1024 * 1024 / n_orders:,.0f} bytes per order)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--commands", type=int, default=200_000)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs; the best is reported")
+    parser.add_argument("--baseline", action="store_true", help="also time the bare loop with no events")
+    parser.add_argument("--memory", action="store_true", help="measure one million resting orders instead")
+    parser.add_argument("--orders", type=int, default=1_000_000, help="resting orders for --memory")
+    parser.add_argument("--levels", type=int, default=2_000, help="price levels per side for --memory")
+    args = parser.parse_args()
+    if args.memory:
+        memory(args.orders, args.levels)
+        return
+    print(f"generating {args.commands:,} commands (seed {args.seed})", file=sys.stderr)
+    commands = generate(args.commands, args.seed)
+    best = float("inf")
+    for run in range(args.repeat):
+        elapsed, n_events, n_trades, engine = run_core(commands)
+        best = min(best, elapsed)
+        print(f"  run {run + 1}/{args.repeat}: {len(commands) / elapsed:,.0f} commands/s", file=sys.stderr)
+    print(f"core: {len(commands):,} commands, {n_events:,} events, {n_trades:,} trades, "
+          f"{len(engine.book):,} resting at the end, state {engine.state_hash()}")
+    print(f"core: {len(commands) / best:,.0f} commands/s ({n_events / best:,.0f} events/s), best of {args.repeat}")
+    if args.baseline:
+        base = min(run_baseline(commands) for _ in range(args.repeat))
+        print(f"baseline (SortedDict of deques, no events): {len(commands) / base:,.0f} commands/s")
+
+
+if __name__ == "__main__":
+    main()

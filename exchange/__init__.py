@@ -1,0 +1,55 @@
+"""A single-writer, in-memory order-matching engine.
+
+The pure core, usable as a library (for backtests, replay and tests)::
+
+    from exchange import Instrument, MatchingEngine, PlaceOrder, Side, OrderType
+
+    spec = Instrument.from_decimals("BTC-USD", tick_size="0.01", lot_size="0.001")
+    engine = MatchingEngine(spec)
+    events = engine.apply(PlaceOrder("BTC-USD", "alice", "a-1", Side.BUY, OrderType.LIMIT,
+                                     price_ticks=spec.price_to_ticks("101.25"),
+                                     qty_lots=spec.qty_to_lots("0.5")))
+"""
+
+from exchange.commands import AmendOrder, CancelAll, CancelOrder, ClearBook, Command, PlaceOrder, RejectInput
+from exchange.events import (
+    Event,
+    OrderAccepted,
+    OrderAmended,
+    OrderCanceled,
+    OrderExpired,
+    OrderFilled,
+    OrderRejected,
+)
+from exchange.instruments import ConversionError, Instrument
+from exchange.matching import EngineState, Exchange, MatchingEngine, RestingOrder
+from exchange.types import CancelReason, OrderType, RejectReason, Side, StpMode, TimeInForce
+
+__all__ = [
+    "AmendOrder",
+    "CancelAll",
+    "CancelOrder",
+    "CancelReason",
+    "ClearBook",
+    "Command",
+    "ConversionError",
+    "EngineState",
+    "Event",
+    "Exchange",
+    "Instrument",
+    "MatchingEngine",
+    "OrderAccepted",
+    "OrderAmended",
+    "OrderCanceled",
+    "OrderExpired",
+    "OrderFilled",
+    "OrderRejected",
+    "OrderType",
+    "PlaceOrder",
+    "RejectInput",
+    "RejectReason",
+    "RestingOrder",
+    "Side",
+    "StpMode",
+    "TimeInForce",
+]

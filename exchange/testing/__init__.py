@@ -1,0 +1,1 @@
+"""Test and benchmark helpers (local Kafka-compatible broker harness, ...)."""

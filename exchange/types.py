@@ -1,0 +1,56 @@
+"""The small vocabularies shared by commands and events (values are the wire strings)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+__all__ = ["CancelReason", "OrderType", "RejectReason", "Side", "StpMode", "TimeInForce"]
+
+
+class Side(StrEnum):
+    BUY = "buy"
+    SELL = "sell"
+
+
+class OrderType(StrEnum):
+    LIMIT = "limit"
+    MARKET = "market"
+
+
+class TimeInForce(StrEnum):
+    GTC = "GTC"  # good till canceled
+    IOC = "IOC"  # immediate or cancel: the remainder is canceled
+    FOK = "FOK"  # fill or kill: fills completely at once or does nothing
+    GTD = "GTD"  # good till date: expires when an input timestamp reaches expire_ns
+
+
+class StpMode(StrEnum):
+    """Self-trade prevention, decided by the incoming (taker) order's mode."""
+
+    NONE = "none"  # same-owner orders trade with each other
+    CANCEL_RESTING = "cancel_resting"  # same-owner makers are canceled as matching reaches them
+    CANCEL_INCOMING = "cancel_incoming"  # the incoming remainder is canceled at the first same-owner maker
+    CANCEL_BOTH = "cancel_both"  # both the maker and the incoming remainder are canceled
+
+
+class CancelReason(StrEnum):
+    REQUESTED = "requested"
+    IOC_REMAINDER = "ioc_remainder"  # also the unfilled part of a market order
+    FOK_UNFILLED = "fok_unfilled"
+    SELF_TRADE = "self_trade"
+    CLEARED = "cleared"  # an operator cleared the book
+
+
+class RejectReason(StrEnum):
+    MALFORMED = "malformed"  # the command could not be understood
+    UNKNOWN_INSTRUMENT = "unknown_instrument"
+    INVALID_PRICE = "invalid_price"
+    INVALID_QUANTITY = "invalid_quantity"
+    INVALID_ORDER = "invalid_order"  # a combination of fields that makes no sense
+    INVALID_EXPIRY = "invalid_expiry"
+    DUPLICATE_CLIENT_ORDER_ID = "duplicate_client_order_id"
+    POST_ONLY_WOULD_TRADE = "post_only_would_trade"
+    UNKNOWN_ORDER = "unknown_order"
+    TOO_LATE = "too_late"  # the order exists but is no longer open
+    NOT_OWNER = "not_owner"
+    INVALID_AMEND = "invalid_amend"

@@ -1,0 +1,1 @@
+"""Recovery: rebuild books from storage, verify them against snapshots and replays."""
