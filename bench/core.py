@@ -24,9 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sortedcontainers import SortedDict  # noqa: E402
+from sortedcontainers import SortedDict
 
-from exchange import (  # noqa: E402
+from exchange import (
     AmendOrder,
     CancelOrder,
     Command,
@@ -179,13 +179,12 @@ def memory(n_orders: int, levels_per_side: int) -> None:
     base = rss_mb()
     engine = MatchingEngine(SPEC)
     mid = 1_000_000
-    ts = 0
     report_every = n_orders // 10
     for i in range(n_orders):
         buy = i % 2 == 0
         level = (i // 2) % levels_per_side + 1
         price = mid - level if buy else mid + level
-        ts += 1
+        ts = i + 1
         engine.apply(PlaceOrder(SYMBOL, f"client{i % 5000}", f"order-{i}", Side.BUY if buy else Side.SELL,
                                 OrderType.LIMIT, price, 1 + i % 100, TimeInForce.GTC, ts))
         if (i + 1) % report_every == 0:

@@ -51,7 +51,7 @@ class Order:
         self.price = price
         self.qty = qty  # total quantity (filled + open), in lots
         self.remaining = remaining  # open quantity; 0 means filled or removed
-        self.priority = priority  # sequence number of the event that queued it
+        self.priority = priority  # sequence number of the event that queued it (accepted or re-queuing amend)
         self.expire_ns = expire_ns
         self.post_only = post_only
         self.stp = stp
@@ -185,9 +185,10 @@ class OrderBook:
                 prio = [o.priority for o in live]
                 assert prio == sorted(prio), f"level {level.price} not FIFO: {prio}"
                 for o in live:
-                    assert o.side is side and o.price == level.price, f"{o} on wrong level"
+                    assert o.side is side, f"{o} on the wrong side"
+                    assert o.price == level.price, f"{o} on the wrong level"
                     assert 0 < o.remaining <= o.qty, f"{o} has bad quantities"
-                    assert self.orders.get(o.order_id) is o, f"{o} missing from index"
+                    assert id(self.orders.get(o.order_id)) == id(o), f"{o} missing from index"
                     assert o.order_id not in seen, f"{o} queued twice"
                     seen.add(o.order_id)
         assert len(seen) == len(self.orders), "index holds orders that are not in the book"

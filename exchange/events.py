@@ -36,7 +36,8 @@ class OrderAccepted(_Base, frozen=True, gc=False, tag="accepted"):
     """A new order passed validation and got its engine ``order_id``.
 
     Fills, if any, follow; then the order rests, or its remainder is canceled
-    (IOC, FOK, market, self-trade prevention).
+    (IOC, FOK, market, self-trade prevention). If it rests, its time priority
+    is this event's ``seq``; a re-queuing amend's ``seq`` replaces it.
     """
 
     order_id: int
@@ -53,7 +54,11 @@ class OrderAccepted(_Base, frozen=True, gc=False, tag="accepted"):
 
 
 class OrderRejected(_Base, frozen=True, gc=False, tag="rejected"):
-    """A command was refused; the book is unchanged. ``command`` names what was refused."""
+    """A command was refused; the book is unchanged. ``command`` names what was refused.
+
+    ``order_id`` is the order the command named, if known; for a duplicate
+    client order id it is the original order, so the sender can follow it.
+    """
 
     client_id: str
     client_order_id: str | None

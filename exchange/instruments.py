@@ -73,7 +73,8 @@ def parse_decimal(value: object, what: str, reason: RejectReason) -> tuple[int, 
         if lowered.startswith("-"):
             raise ConversionError(reason, f"{what} must be positive, got {text!r}")
         raise ConversionError(
-            reason, f"{what} must be a plain decimal such as \"101.25\" (no sign, exponent or spaces), got {text[:40]!r}"
+            reason,
+            f"{what} must be a plain decimal such as \"101.25\" (no sign, exponent or spaces), got {text[:40]!r}",
         )
     whole, frac = match.group(1), match.group(2) or ""
     if len(whole) + len(frac) > _MAX_DIGITS or len(frac) > _MAX_SCALE:
@@ -191,7 +192,9 @@ def _to_steps(value: object, what: str, reason: RejectReason, step_units: int, s
               step_text: str, cap: int) -> int:
     units, scale = parse_decimal(value, what, reason)
     # value / step = (units / 10**scale) / (step_units / 10**step_scale)
-    steps, rest = divmod(units * 10**step_scale, step_units * 10**scale)
+    scaled: int = units * 10**step_scale
+    step: int = step_units * 10**scale
+    steps, rest = divmod(scaled, step)
     if rest:
         raise ConversionError(reason, f"{what} {value} is not a multiple of {step_text}")
     if steps == 0:

@@ -236,7 +236,10 @@ class MatchingEngine:
         ) or (client, coid) in self._done:
             error = self._place_error(cmd)
             if error is not None:
-                self._reject(events, ts, client, coid, None, "place", error[0], error[1])
+                original = None
+                if error[0] is RejectReason.DUPLICATE_CLIENT_ORDER_ID:  # point the sender at the original order
+                    original = live[coid].order_id if live and coid in live else self._done.get((client, coid))
+                self._reject(events, ts, client, coid, original, "place", error[0], error[1])
                 return
             # well-formed but off the fast path (market, FOK, GTD, post-only, enum from a plain str)
             side, otype, tif, stp = Side(side), OrderType(otype), TimeInForce(tif), StpMode(stp)
@@ -262,7 +265,8 @@ class MatchingEngine:
         oid = self.next_order_id
         self.next_order_id = oid + 1
         self.seq += 1
-        events.append(OrderAccepted(self.symbol, self.seq, ts, oid, client, coid, side, otype, price, qty, tif,
+        priority = self.seq  # an order's place in its queue is the sequence number of the event that queued it
+        events.append(OrderAccepted(self.symbol, priority, ts, oid, client, coid, side, otype, price, qty, tif,
                                     post_only, stp, expire_ns))
         remaining = qty
         stopped = False
@@ -277,7 +281,7 @@ class MatchingEngine:
                 self._cancel_remainder(events, ts, oid, client, coid, side, price, remaining,
                                        CancelReason.SELF_TRADE)
             elif tif is GTC or tif is GTD:
-                order = Order(oid, client, coid, side, price, qty, remaining, self.seq, expire_ns, post_only, stp)
+                order = Order(oid, client, coid, side, price, qty, remaining, priority, expire_ns, post_only, stp)
                 self.book.add(order)
                 if live is None:
                     live = self._live[client] = {}
@@ -380,6 +384,7 @@ class MatchingEngine:
         remaining = new_qty - filled
         self.book.remove(order)
         self.seq += 1
+        priority = self.seq
         events.append(OrderAmended(self.symbol, self.seq, ts, order.order_id, order.client_id,
                                    order.client_order_id, order.side, old_price, new_price, old_qty, new_qty,
                                    remaining, True))
@@ -389,7 +394,7 @@ class MatchingEngine:
                                              order.side, opp, keys, limit_key, remaining, order.stp)
         if remaining and not stopped:
             replacement = Order(order.order_id, order.client_id, order.client_order_id, order.side, new_price,
-                                new_qty, remaining, self.seq, order.expire_ns, order.post_only, order.stp)
+                                new_qty, remaining, priority, order.expire_ns, order.post_only, order.stp)
             self.book.add(replacement)
             self._live[order.client_id][order.client_order_id] = replacement
             return

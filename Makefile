@@ -1,0 +1,40 @@
+# make demo   -- run the demo (installs into .venv first)
+# make test   -- lint (ruff), type checks (mypy --strict), all tests (pytest); what CI runs
+# make bench  -- the core benchmark
+
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck pytest services bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/exchange replay --config config/exchange.toml examples/session.jsonl
+
+test: lint typecheck pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check exchange recovery tests bench
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+services:
+	@bash scripts/services.sh
+
+pytest: $(STAMP) services
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) bench/core.py --baseline
+	$(PY) bench/core.py --memory
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,235 @@
+"""The wire format: JSON commands in, JSON events out, decimals as strings.
+
+This is the edge where decimal text meets the integer core. Decoding checks
+every field and converts prices and quantities through the instrument
+(:mod:`exchange.instruments`); encoding turns ``*_ticks`` and ``*_lots`` fields
+back into decimal strings named without the suffix.
+
+Decoding outcomes:
+
+- a :class:`~exchange.commands.Command` ready for the engine;
+- a :class:`~exchange.commands.RejectInput` when the sender and instrument are
+  known but a field is wrong (off-grid price, bad side, ...): the engine turns
+  it into a sequenced ``rejected`` event, so the sender hears back in order;
+- a :class:`WireError` when the message cannot be understood well enough to
+  know whom to answer (not JSON, no ``op``, no ``client_id``): the daemon sends
+  it to the dead-letter topic, the replay tool prints an error line.
+
+msgspec does the JSON work: it parses into plain dicts and encodes structs
+several times faster than the standard library, and the same library gives
+the core its cheap immutable structs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from exchange.commands import AmendOrder, CancelAll, CancelOrder, ClearBook, Command, PlaceOrder, RejectInput
+from exchange.events import Event
+from exchange.instruments import ConversionError, Instrument
+from exchange.types import OrderType, RejectReason, Side, StpMode, TimeInForce
+
+__all__ = ["WireError", "decode_command", "encode", "encode_event", "event_to_wire", "parse_json"]
+
+_MAX_ID_LEN = 64
+_decoder = msgspec.json.Decoder()
+_encoder = msgspec.json.Encoder()
+
+OPS = ("place", "cancel", "amend", "cancel_all", "clear")
+
+
+class WireError(ValueError):
+    """A message that cannot become a command. Carries whatever identity could be read."""
+
+    def __init__(self, text: str, *, client_id: str | None = None, client_order_id: str | None = None,
+                 instrument: str | None = None) -> None:
+        super().__init__(text)
+        self.text = text
+        self.client_id = client_id
+        self.client_order_id = client_order_id
+        self.instrument = instrument
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"reason": RejectReason.MALFORMED.value, "text": self.text, "client_id": self.client_id,
+                "client_order_id": self.client_order_id, "instrument": self.instrument}
+
+
+class _FieldError(Exception):
+    def __init__(self, reason: RejectReason, text: str) -> None:
+        self.reason = reason
+        self.text = text
+
+
+def parse_json(data: bytes | str) -> dict[str, Any]:
+    """Parse one JSON object; :class:`WireError` if it is not one."""
+    try:
+        obj = _decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise WireError(f"not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise WireError(f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def decode_command(data: bytes | str | dict[str, Any], instruments: Mapping[str, Instrument],
+                   ts_ns: int | None = None) -> Command:
+    """Turn one wire message into a command (see the module docstring for the outcomes).
+
+    ``ts_ns`` is the input timestamp (the daemon passes the Kafka message time);
+    when it is None the message's own ``ts_ns`` field is used, else 0.
+    """
+    msg = data if isinstance(data, dict) else parse_json(data)
+    op = msg.get("op")
+    client_id = _ident(msg, "client_id")
+    client_order_id = _ident(msg, "client_order_id")
+    instrument = msg.get("instrument")
+    if instrument is not None and (not isinstance(instrument, str) or not instrument):
+        raise WireError("instrument must be a non-empty string", client_id=client_id,
+                        client_order_id=client_order_id)
+    if ts_ns is None:
+        raw_ts = msg.get("ts_ns", 0)
+        if not isinstance(raw_ts, int) or isinstance(raw_ts, bool) or raw_ts < 0:
+            raise WireError("ts_ns must be a non-negative integer (nanoseconds)", client_id=client_id,
+                            client_order_id=client_order_id, instrument=instrument)
+        ts_ns = raw_ts
+    if op not in OPS:
+        raise WireError(f"op must be one of {', '.join(OPS)}; got {op!r}", client_id=client_id,
+                        client_order_id=client_order_id, instrument=instrument)
+    if op == "clear":
+        if instrument is None:
+            raise WireError("clear needs an instrument")
+        return ClearBook(instrument, ts_ns)
+    if client_id is None:
+        raise WireError("client_id is missing or not a string of 1-64 characters",
+                        client_order_id=client_order_id, instrument=instrument)
+    if op == "cancel_all":
+        return CancelAll(client_id, instrument, ts_ns)
+    if instrument is None:
+        raise WireError(f"{op} needs an instrument", client_id=client_id, client_order_id=client_order_id)
+    spec = instruments.get(instrument)
+    if spec is None:
+        # The engine layer answers this one (seq 0, unknown_instrument); no spec to convert with.
+        return RejectInput(instrument, client_id, client_order_id, RejectReason.UNKNOWN_INSTRUMENT,
+                           f"unknown instrument {instrument!r}", op, ts_ns)
+    try:
+        if op == "place":
+            return _place(msg, spec, client_id, client_order_id, ts_ns)
+        return _cancel_or_amend(op, msg, spec, client_id, client_order_id, ts_ns)
+    except (_FieldError, ConversionError) as exc:
+        return RejectInput(instrument, client_id, client_order_id, exc.reason, exc.text, op, ts_ns)
+
+
+def _ident(msg: dict[str, Any], key: str) -> str | None:
+    value = msg.get(key)
+    if isinstance(value, str) and 0 < len(value) <= _MAX_ID_LEN:
+        return value
+    return None
+
+
+def _enum(msg: dict[str, Any], key: str, enum: type[Any], default: Any) -> Any:
+    value = msg.get(key)
+    if value is None:
+        return default
+    try:
+        return enum(value)
+    except ValueError:
+        choices = ", ".join(m.value for m in enum)
+        raise _FieldError(RejectReason.MALFORMED, f"{key} must be one of {choices}; got {value!r}") from None
+
+
+def _place(msg: dict[str, Any], spec: Instrument, client_id: str, client_order_id: str | None,
+           ts_ns: int) -> Command:
+    if client_order_id is None:
+        raise _FieldError(RejectReason.MALFORMED, "client_order_id is missing or not a string of 1-64 characters")
+    if "side" not in msg:
+        raise _FieldError(RejectReason.MALFORMED, "side is missing (buy or sell)")
+    side = _enum(msg, "side", Side, None)
+    order_type = _enum(msg, "type", OrderType, OrderType.LIMIT)
+    market = order_type is OrderType.MARKET
+    tif = _enum(msg, "tif", TimeInForce, TimeInForce.IOC if market else TimeInForce.GTC)
+    stp = _enum(msg, "stp", StpMode, None)
+    post_only = msg.get("post_only", False)
+    if not isinstance(post_only, bool):
+        raise _FieldError(RejectReason.MALFORMED, "post_only must be true or false")
+    expire_ns = msg.get("expire_ns", 0) or 0
+    if not isinstance(expire_ns, int) or isinstance(expire_ns, bool) or expire_ns < 0:
+        raise _FieldError(RejectReason.INVALID_EXPIRY, "expire_ns must be a non-negative integer (nanoseconds)")
+    if market:
+        if msg.get("price") is not None:
+            raise _FieldError(RejectReason.INVALID_PRICE, "market orders take no price")
+        price = 0
+    else:
+        price = spec.price_to_ticks(msg.get("price"))
+    qty = spec.qty_to_lots(msg.get("qty"))
+    return PlaceOrder(spec.symbol, client_id, client_order_id, side, order_type, price, qty, tif, ts_ns,
+                      post_only, stp, expire_ns)
+
+
+def _order_id(msg: dict[str, Any]) -> int | None:
+    value = msg.get("order_id")
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise _FieldError(RejectReason.MALFORMED, "order_id must be a positive integer")
+    return value
+
+
+def _cancel_or_amend(op: str, msg: dict[str, Any], spec: Instrument, client_id: str,
+                     client_order_id: str | None, ts_ns: int) -> Command:
+    order_id = _order_id(msg)
+    if client_order_id is None and order_id is None:
+        raise _FieldError(RejectReason.MALFORMED, f"{op} needs client_order_id or order_id")
+    if op == "cancel":
+        return CancelOrder(spec.symbol, client_id, client_order_id, order_id, ts_ns)
+    price = None if msg.get("price") is None else spec.price_to_ticks(msg["price"])
+    qty = None if msg.get("qty") is None else spec.qty_to_lots(msg["qty"])
+    if price is None and qty is None:
+        raise _FieldError(RejectReason.INVALID_AMEND, "amend needs a new price or a new qty")
+    return AmendOrder(spec.symbol, client_id, client_order_id, order_id, price, qty, ts_ns)
+
+
+# ------------------------------------------------------------------ events out
+
+_PLANS: dict[type[Any], tuple[tuple[str, str, str], ...]] = {}
+
+
+def _plan(cls: type[Any]) -> tuple[tuple[str, str, str], ...]:
+    plan = _PLANS.get(cls)
+    if plan is None:
+        fields = []
+        for f in msgspec.structs.fields(cls):
+            if f.name.endswith("_ticks"):
+                fields.append((f.name, f.name[: -len("_ticks")], "price"))
+            elif f.name.endswith("_lots"):
+                fields.append((f.name, f.name[: -len("_lots")], "qty"))
+            else:
+                fields.append((f.name, f.name, ""))
+        plan = _PLANS[cls] = tuple(fields)
+    return plan
+
+
+def event_to_wire(event: Event, spec: Instrument | None) -> dict[str, Any]:
+    """One event as a JSON-ready dict with decimal strings (market prices are null)."""
+    out: dict[str, Any] = {"type": type(event).__struct_config__.tag}
+    for name, wire_name, kind in _plan(type(event)):
+        value = getattr(event, name)
+        if kind and spec is not None:
+            if value is None or (kind == "price" and value == 0):
+                value = None
+            else:
+                value = spec.ticks_to_price(value) if kind == "price" else spec.lots_to_qty(value)
+        out[wire_name] = value
+    return out
+
+
+def encode_event(event: Event, spec: Instrument | None) -> bytes:
+    """One event as JSON bytes (see :func:`event_to_wire`)."""
+    return _encoder.encode(event_to_wire(event, spec))
+
+
+def encode(obj: object) -> bytes:
+    """JSON-encode any wire structure (dicts, lists, Structs, enums)."""
+    return _encoder.encode(obj)
