@@ -12,6 +12,7 @@ with a :class:`ConversionError` naming the reason. Nothing is ever rounded.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from exchange.types import RejectReason, StpMode
@@ -150,12 +151,15 @@ class Instrument:
             raise ValueError(f"{symbol}: dedupe_window must not be negative")
         spec = cls(symbol, tick_units, tick_scale, lot_units, lot_scale, stp_default=stp,
                    price_band_bps=price_band_bps, dedupe_window=dedupe_window)
-        try:
-            min_lots = spec.qty_to_lots(min_qty) if min_qty is not None else 1
-            max_lots = spec.qty_to_lots(max_qty) if max_qty is not None else MAX_QTY_LOTS
-            max_ticks = spec.price_to_ticks(max_price) if max_price is not None else MAX_PRICE_TICKS
-        except ConversionError as exc:
-            raise ValueError(f"{symbol}: {exc.text}") from None
+        def limit(name: str, value: str | None, convert: Callable[[object], int], default: int) -> int:
+            try:
+                return convert(value) if value is not None else default
+            except ConversionError as exc:
+                raise ValueError(f"{symbol}: {name}: {exc.text}") from None
+
+        min_lots = limit("min_qty", min_qty, spec.qty_to_lots, 1)
+        max_lots = limit("max_qty", max_qty, spec.qty_to_lots, MAX_QTY_LOTS)
+        max_ticks = limit("max_price", max_price, spec.price_to_ticks, MAX_PRICE_TICKS)
         if min_lots > max_lots:
             raise ValueError(f"{symbol}: min_qty {min_qty} is above max_qty {max_qty}")
         return cls(symbol, tick_units, tick_scale, lot_units, lot_scale, min_lots, max_lots,

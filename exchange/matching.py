@@ -221,7 +221,7 @@ class MatchingEngine:
         if not (
             (side is BUY or side is SELL)
             and otype is LIMIT
-            and (tif is GTC or tif is IOC)
+            and (tif is GTC or (tif is IOC and not post_only))
             and not expire_ns
             and stp.__class__ is StpMode
             and qty.__class__ is int
