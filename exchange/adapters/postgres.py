@@ -1,0 +1,473 @@
+"""PostgreSQL storage: group commit of journal batches, and the durable state at start-up.
+
+:class:`PostgresStore` implements :class:`~exchange.journal.Store` (and
+:class:`~exchange.journal.History` for recovery) with asyncpg.
+
+One :meth:`~PostgresStore.commit` is ONE transaction and a handful of round
+trips whatever the batch size: events, trades and new orders go in by binary
+COPY, the pre-existing orders the batch touched are updated by one
+``UPDATE ... FROM unnest(...)``, positions, counters, offsets and snapshots by
+one ``INSERT ... SELECT FROM unnest(...) ON CONFLICT`` each. The rows come from
+the pure :func:`exchange.storage_rows.derive_rows`.
+
+Safety nets, all inside that transaction:
+
+- the batch must continue each instrument's stored sequence exactly
+  (``engine_progress`` rows are locked ``FOR UPDATE`` and compared): a gap or an
+  overlap means two writers or a bad replay and is refused, not retried;
+- a batch that is already durable (a commit whose acknowledgement was lost) is
+  recognised and succeeds without writing anything twice;
+- every update must hit an open order row.
+
+Positions are absolute values computed from an in-memory cache (filled by
+:meth:`load`, or lazily per instrument); a commit computes the new values into
+a copy and the cache adopts it only after the transaction committed, so a
+failed commit is retried with the same batch and gives the same result.
+
+Errors: lost connections, interface errors, ``OSError``, timeouts and the
+server's transient classes (08, 40, 53, 57, 58) raise
+``StoreUnavailable(retriable=True)``; anything else (a constraint violated,
+bad data, missing schema) raises ``StoreUnavailable(retriable=False)`` with a
+message saying what to check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import asyncpg
+import msgspec
+import structlog
+
+from exchange.events import Event
+from exchange.instruments import Instrument
+from exchange.journal import Batch, Position, Recovered, SnapshotRequest, StoreUnavailable
+from exchange.matching import EngineState, RestingOrder
+from exchange.migrations import apply_migrations
+from exchange.storage_rows import (
+    EVENT_COLUMNS,
+    ORDER_COLUMNS,
+    TRADE_COLUMNS,
+    BatchRows,
+    Progress,
+    RowError,
+    derive_rows,
+)
+from exchange.types import Side, StpMode
+
+__all__ = ["PostgresStore"]
+
+_log = structlog.get_logger("exchange.store")
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+_Conn: TypeAlias = "asyncpg.Connection | PoolConnectionProxy[asyncpg.Record]"
+
+_RETRIABLE_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
+_SIDES = {s.value: s for s in Side}
+_STPS = {s.value: s for s in StpMode}
+_decode_events = msgspec.json.Decoder(list[Event]).decode
+_decode_state = msgspec.json.Decoder(EngineState).decode
+
+_SQL_PROGRESS_LOCK = """
+SELECT instrument, seq, next_order_id, next_trade_id FROM engine_progress
+WHERE instrument = ANY($1::text[]) ORDER BY instrument FOR UPDATE"""
+
+_SQL_POSITIONS = """
+SELECT instrument, client_id, net_lots, cost, realized FROM positions WHERE instrument = ANY($1::text[])"""
+
+_SQL_UPDATE_ORDERS = """
+UPDATE orders AS o SET
+    remaining_lots = u.remaining_lots,
+    filled_lots = o.filled_lots + u.filled_delta,
+    qty_lots = COALESCE(u.qty_lots, o.qty_lots),
+    price_ticks = COALESCE(u.price_ticks, o.price_ticks),
+    priority = COALESCE(u.priority, o.priority),
+    -- an order that is no longer open must not change: NULL violates NOT NULL and fails the batch
+    status = CASE WHEN o.status IN ('open', 'partially_filled') THEN COALESCE(u.status, o.status) END,
+    updated_seq = u.updated_seq,
+    updated_ts_ns = u.updated_ts_ns,
+    price = COALESCE(u.price, o.price),
+    qty = COALESCE(u.qty, o.qty)
+FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[],
+            $8::text[], $9::bigint[], $10::bigint[], $11::numeric[], $12::numeric[])
+    AS u(instrument, order_id, remaining_lots, filled_delta, qty_lots, price_ticks, priority, status,
+         updated_seq, updated_ts_ns, price, qty)
+WHERE o.instrument = u.instrument AND o.order_id = u.order_id"""
+
+_SQL_POSITIONS_UPSERT = """
+INSERT INTO positions (client_id, instrument, net_lots, cost, realized, net_qty, realized_pnl, updated_seq)
+SELECT * FROM unnest($1::text[], $2::text[], $3::numeric[], $4::numeric[], $5::numeric[], $6::numeric[],
+                     $7::numeric[], $8::bigint[])
+ON CONFLICT (client_id, instrument) DO UPDATE SET
+    net_lots = EXCLUDED.net_lots, cost = EXCLUDED.cost, realized = EXCLUDED.realized,
+    net_qty = EXCLUDED.net_qty, realized_pnl = EXCLUDED.realized_pnl, updated_seq = EXCLUDED.updated_seq"""
+
+_SQL_PROGRESS_UPSERT = """
+INSERT INTO engine_progress (instrument, seq, next_order_id, next_trade_id, updated_at)
+SELECT i, s, o, t, now() FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[]) AS u(i, s, o, t)
+ON CONFLICT (instrument) DO UPDATE SET
+    seq = EXCLUDED.seq, next_order_id = EXCLUDED.next_order_id, next_trade_id = EXCLUDED.next_trade_id,
+    updated_at = EXCLUDED.updated_at"""
+
+_SQL_OFFSETS_UPSERT = """
+INSERT INTO input_offsets (instrument, topic, partition, last_offset)
+SELECT * FROM unnest($1::text[], $2::text[], $3::integer[], $4::bigint[])
+ON CONFLICT (instrument, topic, partition) DO UPDATE SET last_offset = EXCLUDED.last_offset"""
+
+_SQL_SNAPSHOTS_INSERT = """
+INSERT INTO snapshots (instrument, seq, state_hash, order_count, state)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::integer[], $5::bytea[])
+ON CONFLICT (instrument, seq) DO UPDATE SET
+    state_hash = EXCLUDED.state_hash, order_count = EXCLUDED.order_count, state = EXCLUDED.state,
+    taken_at = now()"""
+
+_SQL_SNAPSHOTS_PRUNE = """
+DELETE FROM snapshots AS s USING (
+    SELECT instrument, seq, row_number() OVER (PARTITION BY instrument ORDER BY seq DESC) AS n
+    FROM snapshots WHERE instrument = ANY($1::text[])) AS k
+WHERE s.instrument = k.instrument AND s.seq = k.seq AND k.n > $2"""
+
+_SQL_OPEN_ORDERS = """
+SELECT order_id, client_id, client_order_id, side, price_ticks, qty_lots, remaining_lots, priority, expire_ns,
+       post_only, stp
+FROM orders
+WHERE instrument = $1 AND status IN ('open', 'partially_filled')
+ORDER BY side, CASE WHEN side = 'buy' THEN -price_ticks ELSE price_ticks END, priority"""
+
+_SQL_DONE = """
+SELECT client_id, client_order_id, order_id FROM orders
+WHERE instrument = $1 AND status IN ('filled', 'canceled', 'expired')
+ORDER BY updated_seq DESC, priority DESC
+LIMIT $2"""
+
+# Every statement here touches a few rows through a unique index or is a COPY. Without these, a
+# batch's ``UPDATE orders ... FROM unnest(...)`` may be planned as a hash join over all open orders
+# (or worse, a generic plan scanning them once per updated row) when statistics lag behind a
+# fast-growing table: seconds instead of milliseconds per batch.
+_SESSION_SETTINGS = {"jit": "off", "enable_hashjoin": "off", "enable_mergejoin": "off"}
+_LOAD_CHUNK = 50_000
+_LOG_EVERY_S = 1.0
+
+
+class PostgresStore:
+    """Durable storage in PostgreSQL (see the module docstring).
+
+    ``pool_size`` bounds the connections (the journal uses one at a time;
+    loading and checks may use another). ``snapshot_keep`` snapshots are kept
+    per instrument. ``command_timeout`` bounds every statement and
+    ``connect_timeout`` every connection attempt and pool acquisition (seconds).
+    """
+
+    def __init__(self, dsn: str, instruments: Iterable[Instrument], *, pool_size: int = 4, snapshot_keep: int = 3,
+                 command_timeout: float = 60.0, connect_timeout: float = 10.0,
+                 application_name: str = "exchange") -> None:
+        if snapshot_keep < 1:
+            raise ValueError("snapshot_keep must be at least 1")
+        self.dsn = dsn
+        self.specs: dict[str, Instrument] = {spec.symbol: spec for spec in instruments}
+        self.pool_size = pool_size
+        self.snapshot_keep = snapshot_keep
+        self.command_timeout = command_timeout
+        self.connect_timeout = connect_timeout
+        self.application_name = application_name
+        self._pool: asyncpg.Pool | None = None
+        # per instrument: counters and positions as last committed (or loaded)
+        self._progress: dict[str, Progress] = {}
+        self._positions: dict[str, dict[str, Position]] = {}
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Open the connection pool (no-op when open). Raises :class:`StoreUnavailable`."""
+        if self._pool is not None:
+            return
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.dsn, min_size=1, max_size=self.pool_size, command_timeout=self.command_timeout,
+                timeout=self.connect_timeout,
+                server_settings=_SESSION_SETTINGS | {"application_name": self.application_name})
+        except Exception as exc:
+            raise _unavailable(exc, "connecting to PostgreSQL") from exc
+
+    async def stop(self) -> None:
+        """Close the pool, waiting a bounded time for connections in use (no-op when closed)."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            await asyncio.wait_for(pool.close(), timeout=self.connect_timeout)
+        except (TimeoutError, OSError, asyncpg.InterfaceError, asyncpg.PostgresError):
+            pool.terminate()
+
+    async def __aenter__(self) -> PostgresStore:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
+    def _require_pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise StoreUnavailable("the PostgreSQL store is not started (or was stopped)", retriable=True)
+        return self._pool
+
+    # --------------------------------------------------------------- migrations
+
+    async def migrate(self) -> list[str]:
+        """Apply pending migrations; return the names applied."""
+        pool = self._require_pool()
+        try:
+            async with pool.acquire(timeout=self.connect_timeout) as conn:
+                applied = await apply_migrations(conn)
+        except Exception as exc:
+            raise _unavailable(exc, "migrating the schema") from exc
+        if applied:
+            _log.info("schema migrated", applied=applied)
+        return applied
+
+    # ------------------------------------------------------------------- commit
+
+    async def commit(self, batch: Batch) -> None:
+        """Make ``batch`` durable in one transaction, or raise :class:`StoreUnavailable`."""
+        last = batch.last_seq()
+        if last and all(symbol in self._progress and self._progress[symbol].seq >= seq
+                        for symbol, seq in last.items()):
+            return  # this store already committed it: a retry after success
+        pool = self._require_pool()
+        symbols = sorted(last)
+        rows: BatchRows | None = None
+        loaded: dict[str, dict[str, Position]] = {}  # instruments whose state this attempt read from the database
+        try:
+            if all(symbol in self._progress for symbol in symbols):
+                rows = derive_rows(batch, self.specs, self._progress, self._positions)
+            async with pool.acquire(timeout=self.connect_timeout) as conn, conn.transaction():
+                stored = {r["instrument"]: Progress(r["seq"], r["next_order_id"], r["next_trade_id"])
+                          for r in await conn.fetch(_SQL_PROGRESS_LOCK, symbols)}
+                if rows is None:
+                    missing = [symbol for symbol in symbols if symbol not in self._progress]
+                    loaded = {symbol: {} for symbol in missing}
+                    for r in await conn.fetch(_SQL_POSITIONS, missing):
+                        loaded[r["instrument"]][r["client_id"]] = Position(
+                            int(r["net_lots"]), int(r["cost"]), int(r["realized"]))
+                    progress = {**self._progress, **{s: stored.get(s) or Progress() for s in missing}}
+                    rows = derive_rows(batch, self.specs, progress, {**self._positions, **loaded})
+                if self._already_durable(rows, stored):
+                    # an earlier attempt committed but its acknowledgement was lost: nothing to write;
+                    # forget the cached state of these instruments, it is reloaded from the database
+                    for symbol in symbols:
+                        self._progress.pop(symbol, None)
+                        self._positions.pop(symbol, None)
+                    _log.warning("batch already durable; commit acknowledged without writing", last_seq=last)
+                    return
+                await self._write(conn, rows)
+        except StoreUnavailable:
+            raise
+        except RowError as exc:
+            raise StoreUnavailable(f"batch refused: {exc}", retriable=False) from exc
+        except Exception as exc:
+            raise _unavailable(exc, f"committing a batch (last seq {last})") from exc
+        # durable: adopt the new counters and positions
+        self._positions.update(loaded)
+        for symbol, prog in rows.progress.items():
+            self._progress[symbol] = prog
+            changed = rows.positions.get(symbol)
+            if changed:
+                self._positions.setdefault(symbol, {}).update(changed)
+
+    @staticmethod
+    def _already_durable(rows: BatchRows, stored: dict[str, Progress]) -> bool:
+        """True if every instrument of the batch is stored up to its end; raise if it is neither that nor next."""
+        durable, fresh, bad = [], [], []
+        for symbol, first in rows.first_seq.items():
+            seq = stored[symbol].seq if symbol in stored else 0
+            if seq == first - 1:
+                fresh.append(symbol)
+            elif seq >= rows.progress[symbol].seq:
+                durable.append(symbol)
+            else:
+                bad.append(f"{symbol}: stored seq {seq}, batch starts at {first}")
+        if bad or (durable and fresh):
+            detail = "; ".join(bad) if bad else (
+                f"{', '.join(durable)} already stored but {', '.join(fresh)} not")
+            raise StoreUnavailable(
+                f"batch does not continue the stored sequence ({detail}). Another engine may be writing "
+                "these instruments, or the loop did not start from the stored state; stop the daemon and "
+                "compare engine_progress with the loops' seq (`exchange recover --verify`).", retriable=False)
+        return bool(durable)
+
+    async def _write(self, conn: _Conn, rows: BatchRows) -> None:
+        """Every row of one batch on one connection inside its transaction."""
+        if rows.events:
+            await conn.copy_records_to_table("order_events", records=rows.events, columns=EVENT_COLUMNS)
+        if rows.trades:
+            await conn.copy_records_to_table("trades", records=rows.trades, columns=TRADE_COLUMNS)
+        if rows.new_orders:
+            await conn.copy_records_to_table("orders", records=rows.new_orders, columns=ORDER_COLUMNS)
+        if rows.order_updates:
+            status = await conn.execute(_SQL_UPDATE_ORDERS, *_columns(rows.order_updates, 12))
+            done = int(status.rsplit(" ", 1)[-1])
+            if done != len(rows.order_updates):
+                raise StoreUnavailable(
+                    f"{len(rows.order_updates)} stored orders should change but only {done} of their rows "
+                    "were found: the orders table does not match the event stream (rows deleted, finished or "
+                    "edited by hand?). Run `exchange recover --verify` and repair before restarting.",
+                    retriable=False)
+        if rows.position_rows:
+            await conn.execute(_SQL_POSITIONS_UPSERT, *_columns(rows.position_rows, 8))
+        if rows.progress:
+            items = sorted(rows.progress.items())
+            await conn.execute(_SQL_PROGRESS_UPSERT, [s for s, _ in items], [p.seq for _, p in items],
+                               [p.next_order_id for _, p in items], [p.next_trade_id for _, p in items])
+        if rows.offsets:
+            keys = sorted(rows.offsets)
+            await conn.execute(_SQL_OFFSETS_UPSERT, [k[0] for k in keys], [k[1] for k in keys],
+                               [k[2] for k in keys], [rows.offsets[k] for k in keys])
+        if rows.snapshots:
+            await conn.execute(_SQL_SNAPSHOTS_INSERT, *_columns(rows.snapshots, 5))
+            await conn.execute(_SQL_SNAPSHOTS_PRUNE, sorted({s[0] for s in rows.snapshots}), self.snapshot_keep)
+
+    # --------------------------------------------------------------------- load
+
+    async def load(self, instruments: Sequence[Instrument]) -> dict[str, Recovered]:
+        """The durable state of each instrument (fresh when nothing is stored); also warms the caches."""
+        pool = self._require_pool()
+        out: dict[str, Recovered] = {}
+        try:
+            async with pool.acquire(timeout=self.connect_timeout) as conn, conn.transaction(
+                    isolation="repeatable_read", readonly=True):
+                for spec in instruments:
+                    out[spec.symbol] = await self._load_one(conn, spec)
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            raise _unavailable(exc, "loading the stored state") from exc
+        for symbol, rec in out.items():
+            self._progress[symbol] = Progress(rec.state.seq, rec.state.next_order_id, rec.state.next_trade_id)
+            self._positions[symbol] = dict(rec.positions)
+        return out
+
+    async def _load_one(self, conn: _Conn, spec: Instrument) -> Recovered:
+        symbol = spec.symbol
+        started = time.monotonic()
+        row = await conn.fetchrow(
+            "SELECT seq, next_order_id, next_trade_id FROM engine_progress WHERE instrument = $1", symbol)
+        progress = Progress(row["seq"], row["next_order_id"], row["next_trade_id"]) if row else Progress()
+        orders: list[RestingOrder] = []
+        sides, stps = _SIDES, _STPS
+        cursor = await conn.cursor(_SQL_OPEN_ORDERS, symbol)
+        logged = started
+        while True:
+            chunk = await cursor.fetch(_LOAD_CHUNK)
+            orders.extend(RestingOrder(r[0], r[1], r[2], sides[r[3]], r[4], r[5], r[6], r[7], r[8], r[9], stps[r[10]])
+                          for r in chunk)
+            if len(chunk) < _LOAD_CHUNK:
+                break
+            now = time.monotonic()
+            if now - logged >= _LOG_EVERY_S:
+                logged = now
+                _log.info("loading open orders", instrument=symbol, orders_loaded=len(orders),
+                          elapsed_s=round(now - started, 3))
+        done: list[tuple[str, str, int]] = []
+        if spec.dedupe_window:
+            done = [(r[0], r[1], r[2]) for r in await conn.fetch(_SQL_DONE, symbol, spec.dedupe_window)]
+            done.reverse()
+        offsets = {(r[0], r[1]): r[2] for r in await conn.fetch(
+            "SELECT topic, partition, last_offset FROM input_offsets WHERE instrument = $1", symbol)}
+        positions = {r[0]: Position(int(r[1]), int(r[2]), int(r[3])) for r in await conn.fetch(
+            "SELECT client_id, net_lots, cost, realized FROM positions WHERE instrument = $1", symbol)}
+        state = EngineState(symbol, progress.seq, progress.next_order_id, progress.next_trade_id, orders, done)
+        if len(orders) >= _LOAD_CHUNK:
+            _log.info("open orders loaded", instrument=symbol, orders_loaded=len(orders),
+                      elapsed_s=round(time.monotonic() - started, 3))
+        return Recovered(state, offsets, positions)
+
+    # ------------------------------------------------------------------ history
+
+    async def latest_snapshot(self, instrument: str, max_seq: int | None = None) -> SnapshotRequest | None:
+        """The newest stored snapshot of ``instrument`` (with ``seq <= max_seq`` if given), or None."""
+        pool = self._require_pool()
+        try:
+            row = await pool.fetchrow(
+                "SELECT seq, state_hash, state FROM snapshots WHERE instrument = $1 "
+                "AND ($2::bigint IS NULL OR seq <= $2) ORDER BY seq DESC LIMIT 1", instrument, max_seq,
+                timeout=self.command_timeout)
+        except Exception as exc:
+            raise _unavailable(exc, f"reading the latest snapshot of {instrument}") from exc
+        if row is None:
+            return None
+        return SnapshotRequest(instrument, _decode_state(row["state"]), row["state_hash"])
+
+    async def read_events(self, instrument: str, after_seq: int, upto_seq: int | None = None, *,
+                          chunk: int = 20_000) -> AsyncIterator[list[Event]]:
+        """The stored events of ``instrument`` after ``after_seq`` (up to ``upto_seq``), in chunks, in order."""
+        pool = self._require_pool()
+        upto = upto_seq if upto_seq is not None else (1 << 63) - 1
+        seq = after_seq
+        while True:
+            try:
+                rows = await pool.fetch(
+                    "SELECT seq, payload FROM order_events WHERE instrument = $1 AND seq > $2 AND seq <= $3 "
+                    "ORDER BY seq LIMIT $4", instrument, seq, upto, chunk, timeout=self.command_timeout)
+            except Exception as exc:
+                raise _unavailable(exc, f"reading the events of {instrument}") from exc
+            if not rows:
+                return
+            yield _decode_events(b"[" + b",".join([r[1] for r in rows]) + b"]")
+            seq = rows[-1][0]
+            if len(rows) < chunk:
+                return
+
+
+def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows -> one list per column (for ``unnest``)."""
+    return [list(col) for col in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
+
+
+def _unavailable(exc: BaseException, doing: str) -> StoreUnavailable:
+    """Classify a driver/server error: transient ones are retriable, the rest say what to check."""
+    if isinstance(exc, StoreUnavailable):
+        return exc
+    if isinstance(exc, asyncpg.PostgresError):
+        state = exc.sqlstate or ""
+        detail = f"{type(exc).__name__} [{state}] {exc}"
+        if state[:2] in _RETRIABLE_SQLSTATE_CLASSES:
+            return StoreUnavailable(f"PostgreSQL unavailable while {doing}: {detail}", retriable=True)
+        extra = []
+        for name in ("constraint_name", "table_name", "column_name", "detail"):
+            value = getattr(exc, name, None)
+            if value:
+                extra.append(f"{name.split('_')[0]}={value}")
+        if extra:
+            detail += f" ({', '.join(extra)})"
+        if state == "23502" and getattr(exc, "column_name", None) == "status":
+            advice = ("the batch changes an order that the orders table says is no longer open: the table does "
+                      "not match the event stream (edited by hand?). Run `exchange recover --verify` and repair "
+                      "it before restarting")
+        elif state.startswith("23"):
+            advice = ("a row already exists or breaks a constraint: check that only one engine writes each "
+                      "instrument and that it resumed from the stored state (engine_progress, input_offsets)")
+        elif state.startswith("22"):
+            advice = "a value does not fit its column: check the instrument limits and the event that failed"
+        elif state in ("42P01", "42703", "42883"):
+            advice = "the schema is missing or old: run the migrations (`exchange migrate`)"
+        elif state.startswith("42"):
+            advice = "the SQL was refused: check the schema version and the database user's privileges"
+        elif state.startswith("28"):
+            advice = "authentication failed: check the DSN's user and password"
+        else:
+            advice = "see the PostgreSQL log for this error"
+        return StoreUnavailable(f"PostgreSQL refused {doing}: {detail}; {advice}", retriable=False)
+    if isinstance(exc, asyncpg.InterfaceError | OSError | TimeoutError | ConnectionError):
+        return StoreUnavailable(f"PostgreSQL unreachable while {doing}: {type(exc).__name__}: {exc}",
+                                retriable=True)
+    if isinstance(exc, ValueError | TypeError | OverflowError | msgspec.MsgspecError):
+        return StoreUnavailable(f"bad data while {doing}: {type(exc).__name__}: {exc}; check the batch's events "
+                                "against the instrument limits", retriable=False)
+    return StoreUnavailable(f"unexpected error while {doing}: {type(exc).__name__}: {exc}", retriable=False)

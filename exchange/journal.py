@@ -1,0 +1,140 @@
+"""What the matching loops hand to durable storage, and the storage interface.
+
+The loops run ahead of the database: each applied command becomes an
+:class:`Applied` record (its events plus where the command came from). The
+journal writer collects records from every loop into a :class:`Batch` (by size
+or after a few milliseconds) and commits the whole batch in ONE transaction —
+events, trades, order state, positions, snapshots and the input offsets — via a
+:class:`Store`. Only after ``commit`` returns is anything published or any
+Kafka offset committed.
+
+Per instrument, records arrive in sequence order, and a batch holds them in
+that order. A batch is immutable once handed to ``commit``: a commit that fails
+is retried with the very same batch until it succeeds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from exchange.events import Event
+from exchange.instruments import Instrument
+from exchange.matching import EngineState
+
+__all__ = ["Applied", "Batch", "History", "InputPosition", "Position", "Recovered", "SnapshotRequest", "Store",
+           "StoreUnavailable"]
+
+
+@dataclass(frozen=True, slots=True)
+class InputPosition:
+    """Where a command came from: a Kafka topic partition and offset."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """One command's outcome: its events (possibly none) and its input position (None if internal)."""
+
+    instrument: str
+    events: Sequence[Event]
+    position: InputPosition | None
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRequest:
+    """An engine image taken by the loop between two commands; ``state.seq`` is the seq it reflects."""
+
+    instrument: str
+    state: EngineState
+    state_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Everything one transaction makes durable."""
+
+    applied: Sequence[Applied]
+    snapshots: Sequence[SnapshotRequest] = ()
+
+    def last_seq(self) -> dict[str, int]:
+        """Highest sequence number per instrument in this batch."""
+        out: dict[str, int] = {}
+        for item in self.applied:
+            if item.events:
+                out[item.instrument] = item.events[-1].seq
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """A client's position in one instrument: integers in lots and in tick*lot units.
+
+    ``cost`` is the signed cost of the open quantity (price_ticks * lots summed,
+    average-cost method, reduced proportionally with floor division on a
+    partial close); ``realized`` is the realized P&L in the same units.
+    Multiply by tick_size * lot_size for quote currency.
+    """
+
+    net_lots: int = 0
+    cost: int = 0
+    realized: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Recovered:
+    """The durable state of one instrument, as storage returns it at start-up."""
+
+    state: EngineState  # rebuilt from the open orders in priority order, counters, dedupe window
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # (topic, partition) -> last applied
+    positions: dict[str, Position] = field(default_factory=dict)  # client -> position
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be reached or the transaction failed for a transient reason.
+
+    ``retriable`` is data, not a class hierarchy: the writer retries with backoff
+    while it is true, and stops the daemon loudly when it is false.
+    """
+
+    def __init__(self, message: str, *, retriable: bool = True) -> None:
+        super().__init__(message)
+        self.retriable = retriable
+
+
+class Store(Protocol):
+    """Durable storage for the daemon (PostgreSQL in production, SQLite in the embedded default)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def migrate(self) -> list[str]:
+        """Apply pending migrations; return the names applied."""
+        ...
+
+    async def load(self, instruments: Sequence[Instrument]) -> dict[str, Recovered]:
+        """The durable state of each instrument (a fresh one when nothing is stored)."""
+        ...
+
+    async def commit(self, batch: Batch) -> None:
+        """Make the batch durable in one transaction, or raise :class:`StoreUnavailable`."""
+        ...
+
+
+@runtime_checkable
+class History(Protocol):
+    """What recovery reads besides :meth:`Store.load`, to check the rebuilt books (see ``recovery/``)."""
+
+    async def latest_snapshot(self, instrument: str, max_seq: int | None = None) -> SnapshotRequest | None:
+        """The newest stored snapshot of ``instrument`` (with ``state.seq <= max_seq`` if given), or None."""
+        ...
+
+    def read_events(self, instrument: str, after_seq: int, upto_seq: int | None = None) -> AsyncIterator[
+            Sequence[Event]]:
+        """The stored events of ``instrument`` with ``after_seq < seq <= upto_seq``, in order, in chunks."""
+        ...

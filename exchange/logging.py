@@ -1,0 +1,38 @@
+"""structlog set-up: JSON lines in production, a readable console on a terminal.
+
+Loggers are bound with context (``instrument``, ``seq``) by their callers; the
+hot path logs nothing per order at INFO.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+__all__ = ["configure_logging", "get_logger"]
+
+
+def configure_logging(level: str = "info", fmt: str = "auto") -> None:
+    """``fmt``: ``json``, ``console`` or ``auto`` (console on a TTY, JSON otherwise)."""
+    use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
+    renderer: Any = structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.StackInfoRenderer(),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+def get_logger(name: str, **context: Any) -> Any:
+    return structlog.get_logger(name).bind(**context)

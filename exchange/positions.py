@@ -1,0 +1,47 @@
+"""Client positions from fills: average-cost method, integers only, no I/O.
+
+A :class:`~exchange.journal.Position` holds ``net_lots`` (signed: long > 0),
+``cost`` (signed cost of the open quantity in tick*lot units: ``price_ticks *
+lots`` summed, negative for a short) and ``realized`` (realized P&L in the same
+units). Rules of :func:`apply_fill`:
+
+- a fill that adds to the position (or opens one) adds ``price * lots`` to the
+  signed cost;
+- a fill that reduces it closes ``closed = min(lots, abs(net))`` lots; the cost
+  removed is ``cost * closed // abs(net)`` (floor division, so the result is
+  deterministic and a full close removes exactly all of the cost) and the
+  realized P&L grows by the closing value minus that cost;
+- a fill that crosses through zero closes the whole position and opens the rest
+  at the fill price.
+
+Every fill updates two positions, the maker's (opposite the aggressor side)
+and the taker's (the aggressor side); a self-trade updates one client twice.
+"""
+
+from __future__ import annotations
+
+from exchange.journal import Position
+from exchange.types import Side
+
+__all__ = ["apply_fill"]
+
+_BUY = Side.BUY
+
+
+def apply_fill(position: Position, side: Side, price_ticks: int, lots: int) -> Position:
+    """The position after the client bought (``side`` buy) or sold ``lots`` at ``price_ticks``."""
+    signed = lots if side is _BUY or side == "buy" else -lots
+    net = position.net_lots
+    if net == 0 or (net > 0) is (signed > 0):
+        return Position(net + signed, position.cost + price_ticks * signed, position.realized)
+    size = net if net > 0 else -net
+    cost = position.cost
+    closed = lots if lots < size else size
+    removed = cost * closed // size
+    # closing value: a long sells ``closed`` lots at ``price``, a short buys them back
+    value = price_ticks * closed if net > 0 else -price_ticks * closed
+    realized = position.realized + value - removed
+    if lots <= size:
+        return Position(net + signed, cost - removed, realized)
+    rest = signed + (size if signed < 0 else -size)  # the part that opens the other way
+    return Position(rest, price_ticks * rest, realized)

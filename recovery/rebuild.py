@@ -1,0 +1,188 @@
+"""Start-up recovery: rebuild every book from storage and check it before trading resumes.
+
+For each instrument :func:`recover`
+
+1. loads the durable state (:meth:`exchange.journal.Store.load`): the open
+   orders in priority order, the counters, the dedupe window, offsets and
+   positions, and rebuilds the engine from it;
+2. checks it, when the store keeps history (:class:`exchange.journal.History`):
+   the latest snapshot at or below the durable seq, plus every stored event
+   after it, replayed through :class:`recovery.events.EventApplier`, must give
+   the same state hash, the same counters and the same dedupe window. A
+   snapshot whose stored hash does not match its own content is refused too.
+
+A mismatch raises :class:`RecoveryError` naming the instrument, both hashes and
+what to do; the daemon must not trade on a book it cannot vouch for. Progress
+goes to the ``exchange.recovery`` structlog logger: one line per instrument
+(done/total, orders loaded, events checked, rate, elapsed) and, during long
+replays, one line per second.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from exchange.instruments import Instrument
+from exchange.journal import History, Recovered, SnapshotRequest, Store
+from exchange.matching import EngineState, MatchingEngine
+from recovery.events import EventApplier, ReplayError
+
+__all__ = ["RecoveryError", "ReplayResult", "describe_difference", "recover", "replay_stored"]
+
+_LOG_EVERY_S = 1.0
+
+
+class RecoveryError(Exception):
+    """The stored state of an instrument is inconsistent; the daemon must not start on it."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayResult:
+    """A state rebuilt from a starting image plus stored events."""
+
+    state: EngineState
+    state_hash: str
+    start_seq: int  # seq of the starting image (0: from nothing)
+    events: int  # events applied
+    snapshot: SnapshotRequest | None
+
+
+async def replay_stored(store: History, spec: Instrument, upto_seq: int, *, snapshot: SnapshotRequest | None,
+                        log: Any = None, what: str = "replaying events") -> ReplayResult:
+    """``snapshot`` (or nothing) plus the stored events after it up to ``upto_seq``, through the applier.
+
+    Raises :class:`ReplayError` when the events do not fit or end before ``upto_seq``.
+    """
+    symbol = spec.symbol
+    applier = EventApplier(spec, snapshot.state if snapshot is not None else None)
+    start = applier.seq
+    started = last_log = time.monotonic()
+    async for chunk in store.read_events(symbol, start, upto_seq):
+        applier.apply_all(chunk)
+        now = time.monotonic()
+        if log is not None and now - last_log >= _LOG_EVERY_S:
+            last_log = now
+            done = applier.seq - start
+            log.info(what, instrument=symbol, events_checked=done, events_total=upto_seq - start,
+                     rate_per_s=round(done / (now - started)), elapsed_s=round(now - started, 3))
+    if applier.seq != upto_seq:
+        raise ReplayError(f"{symbol}: the stored events end at seq {applier.seq}, but the durable seq "
+                          f"(engine_progress) is {upto_seq}")
+    return ReplayResult(applier.export_state(), applier.state_hash(), start, applier.events_applied, snapshot)
+
+
+def describe_difference(a: EngineState, b: EngineState, a_name: str, b_name: str) -> str:
+    """A short, human-readable account of how two engine images differ ("" when they are equal)."""
+    parts: list[str] = []
+    for field in ("seq", "next_order_id", "next_trade_id"):
+        va, vb = getattr(a, field), getattr(b, field)
+        if va != vb:
+            parts.append(f"{field} {va} ({a_name}) vs {vb} ({b_name})")
+    ids_a = {o.order_id: o for o in a.orders}
+    ids_b = {o.order_id: o for o in b.orders}
+    only_a = sorted(set(ids_a) - set(ids_b))
+    only_b = sorted(set(ids_b) - set(ids_a))
+    if only_a:
+        parts.append(f"open only in {a_name}: orders {only_a[:10]}{' ...' if len(only_a) > 10 else ''}")
+    if only_b:
+        parts.append(f"open only in {b_name}: orders {only_b[:10]}{' ...' if len(only_b) > 10 else ''}")
+    changed = [oid for oid in sorted(set(ids_a) & set(ids_b)) if ids_a[oid] != ids_b[oid]]
+    if changed:
+        oid = changed[0]
+        parts.append(f"{len(changed)} orders differ, first {oid}: {ids_a[oid]} ({a_name}) vs {ids_b[oid]} ({b_name})")
+    if not parts and [o.order_id for o in a.orders] != [o.order_id for o in b.orders]:
+        parts.append("the same orders in a different queue order")
+    if a.done != b.done:
+        parts.append(f"dedupe window differs ({len(a.done)} vs {len(b.done)} entries)")
+    return "; ".join(parts)
+
+
+async def _check(store: History, spec: Instrument, rec: Recovered, engine: MatchingEngine, log: Any) -> int:
+    """Compare the book rebuilt from open orders with snapshot + events; return the events checked."""
+    symbol = spec.symbol
+    durable = rec.state.seq
+    snapshot = await store.latest_snapshot(symbol, durable)
+    if snapshot is not None:
+        own = EventApplier(spec, snapshot.state).state_hash()
+        if own != snapshot.state_hash:
+            raise RecoveryError(
+                f"{symbol}: the snapshot at seq {snapshot.state.seq} is damaged: its stored state hash is "
+                f"{snapshot.state_hash} but its content hashes to {own}. Delete that row from the snapshots table "
+                "(an older snapshot or a full replay is used instead) and restart; run `exchange recover --verify` "
+                "to check the rest.")
+    try:
+        replay = await replay_stored(store, spec, durable, snapshot=snapshot, log=log, what="checking events")
+    except ReplayError as exc:
+        raise RecoveryError(
+            f"{symbol}: the stored events after seq {snapshot.state.seq if snapshot else 0} cannot be replayed: "
+            f"{exc}. The event journal is damaged or incomplete; do not start the daemon: run "
+            "`exchange recover --verify` and restore the database from a backup.") from exc
+    rebuilt = engine.export_state()
+    book_hash = engine.state_hash()
+    if replay.state_hash != book_hash or describe_difference(rebuilt, replay.state, "", ""):
+        source = (f"the snapshot at seq {replay.start_seq} plus the {replay.events} stored events after it"
+                  if snapshot is not None else f"a replay of all {replay.events} stored events")
+        detail = describe_difference(rebuilt, replay.state, "open orders", "replay")
+        raise RecoveryError(
+            f"{symbol}: the book rebuilt from the open orders (state hash {book_hash}, {len(rebuilt.orders)} "
+            f"orders) does not match {source} (state hash {replay.state_hash}, {len(replay.state.orders)} "
+            f"orders) at seq {durable}: {detail or 'same orders, different hash'}. The orders table and the "
+            "event journal disagree, so the daemon will not start. Run `exchange recover --verify` to see "
+            "which source is wrong (a full replay of the events is the reference) and repair the orders "
+            "table (or restore from a backup) before restarting.")
+    return replay.events
+
+
+async def recover(store: Store, instruments: Sequence[Instrument], *, log: Any = None,
+                  metrics: Any = None) -> dict[str, Recovered]:
+    """Load and check every instrument's durable state; raise :class:`RecoveryError` on any mismatch.
+
+    ``log`` is a structlog logger (default ``exchange.recovery``); ``metrics``
+    an optional :class:`exchange.metrics.Metrics` whose recovery gauges are set.
+    Stores that do not implement :class:`~exchange.journal.History` are loaded
+    but not checked (a warning says so).
+    """
+    log = log if log is not None else structlog.get_logger("exchange.recovery")
+    total = len(instruments)
+    started = time.monotonic()
+    orders_total = events_total = 0
+    checkable = isinstance(store, History)
+    log.info("recovery started", instruments_total=total, checked=checkable)
+    if not checkable:
+        log.warning("this store keeps no replayable history; the rebuilt books are not checked",
+                    store=type(store).__name__)
+    out: dict[str, Recovered] = {}
+    for done, spec in enumerate(instruments, 1):
+        t0 = time.monotonic()
+        symbol = spec.symbol
+        rec = (await store.load([spec]))[symbol]
+        try:
+            engine = MatchingEngine.from_state(spec, rec.state)
+            engine.book.check_invariants()
+        except (AssertionError, ValueError, KeyError) as exc:
+            raise RecoveryError(
+                f"{symbol}: the open orders in storage do not form a valid book ({exc}); run "
+                "`exchange recover --verify` and repair the orders table before restarting") from exc
+        orders_total += len(rec.state.orders)
+        if metrics is not None:
+            metrics.recovery_orders.set(orders_total)
+        events = 0
+        if checkable:
+            assert isinstance(store, History)
+            events = await _check(store, spec, rec, engine, log)
+        events_total += events
+        out[symbol] = rec
+        elapsed = time.monotonic() - t0
+        log.info("instrument recovered", instrument=symbol, instruments_done=done, instruments_total=total,
+                 seq=rec.state.seq, orders_loaded=len(rec.state.orders), events_checked=events,
+                 events_per_s=round(events / elapsed) if elapsed > 0 else None, state_hash=engine.state_hash(),
+                 elapsed_s=round(elapsed, 3))
+    elapsed = time.monotonic() - started
+    log.info("recovery finished", instruments_total=total, orders_loaded=orders_total, events_checked=events_total,
+             elapsed_s=round(elapsed, 3))
+    return out

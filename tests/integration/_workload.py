@@ -1,0 +1,166 @@
+"""A seeded random command stream driven through real engines, cut into journal batches.
+
+Shared by the storage and recovery integration tests. Commands cover the whole
+vocabulary: limit GTC/IOC/FOK/GTD, market IOC/FOK, post-only, STP modes,
+cancels by client order id and by order id (of live, finished and unknown
+orders), amends that keep or lose priority (and cross), cancel-all, reused
+client order ids, edge rejections; several clients, so self-trades happen.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+from exchange import (
+    AmendOrder,
+    CancelAll,
+    CancelOrder,
+    Command,
+    Event,
+    Instrument,
+    MatchingEngine,
+    OrderType,
+    PlaceOrder,
+    RejectInput,
+    RejectReason,
+    Side,
+    StpMode,
+    TimeInForce,
+)
+from exchange.journal import Applied, Batch, InputPosition, SnapshotRequest
+
+TOPIC = "orders"
+
+SPECS: list[Instrument] = [
+    Instrument.from_decimals("AAA-USD", tick_size="0.01", lot_size="1", max_qty="60"),
+    Instrument.from_decimals("BBB-USD", tick_size="0.5", lot_size="0.001", max_qty="0.08", dedupe_window=7,
+                             stp_default="cancel_resting", price_band_bps=500),
+]
+CLIENTS = ["alice", "bob", "carol", "dave", "erin", "frank"]
+_STPS: list[StpMode | None] = [None, None, None, StpMode.NONE, StpMode.CANCEL_RESTING, StpMode.CANCEL_INCOMING,
+                               StpMode.CANCEL_BOTH]
+
+
+class Workload:
+    """Engines for ``specs`` fed by a seeded random command stream."""
+
+    def __init__(self, specs: Sequence[Instrument] = SPECS, seed: int = 1) -> None:
+        self.specs = list(specs)
+        self.engines = {spec.symbol: MatchingEngine(spec) for spec in self.specs}
+        self.partition = {spec.symbol: i for i, spec in enumerate(self.specs)}
+        self.offsets = {spec.symbol: -1 for spec in self.specs}
+        self.rng = random.Random(seed)
+        self.ts = 1_000_000_000_000
+        self.coids: dict[tuple[str, str], list[str]] = {}
+        self.n = 0
+        self.events: list[Event] = []  # every event, in the order produced
+
+    # ------------------------------------------------------------- commands
+
+    def _coid(self, symbol: str, client: str) -> str:
+        used = self.coids.setdefault((symbol, client), [])
+        if used and self.rng.random() < 0.06:
+            return self.rng.choice(used)  # reuse: a duplicate while remembered, a fresh order after
+        self.n += 1
+        coid = f"{client[0]}{self.n}"
+        used.append(coid)
+        return coid
+
+    def command(self, symbol: str | None = None) -> Command:
+        rng = self.rng
+        self.ts += rng.randrange(0, 2_000_000)
+        ts = self.ts
+        symbol = symbol or rng.choice(self.specs).symbol
+        engine = self.engines[symbol]
+        spec = engine.spec
+        client = rng.choice(CLIENTS)
+        live = list(engine.book.orders.values())
+        mid = 200
+        x = rng.random()
+        if x < 0.16 and live:
+            order = rng.choice(live)
+            if rng.random() < 0.8:
+                client = order.client_id
+            if rng.random() < 0.5:
+                return CancelOrder(symbol, client, order.client_order_id, ts_ns=ts)
+            return CancelOrder(symbol, client, order_id=order.order_id, ts_ns=ts)
+        if x < 0.19:  # cancel something that is probably not open
+            return CancelOrder(symbol, client, order_id=rng.randrange(1, engine.next_order_id + 3), ts_ns=ts)
+        if x < 0.31 and live:
+            order = rng.choice(live)
+            filled = order.qty - order.remaining
+            kind = rng.random()
+            price: int | None = None
+            qty: int | None = None
+            if kind < 0.35:
+                qty = max(filled + 1, order.qty - rng.randrange(1, 4))  # keep priority (or a no-op: rejected)
+            elif kind < 0.7:
+                price = max(1, order.price + rng.randrange(-6, 7))
+            else:
+                qty = min(spec.max_qty_lots, order.qty + rng.randrange(1, 6))
+                if rng.random() < 0.3:
+                    price = max(1, order.price + rng.randrange(-3, 4))
+            return AmendOrder(symbol, order.client_id, order.client_order_id, price_ticks=price, qty_lots=qty,
+                              ts_ns=ts)
+        if x < 0.32:
+            return CancelAll(client, symbol, ts_ns=ts)
+        if x < 0.33:
+            return RejectInput(symbol, client, self._coid(symbol, client), RejectReason.INVALID_PRICE,
+                               "price 1.001 is not a multiple of 0.01", ts_ns=ts)
+        side = Side.BUY if rng.random() < 0.5 else Side.SELL
+        qty = rng.randrange(1, min(spec.max_qty_lots, 25) + 1)
+        if rng.random() < 0.02:
+            qty = spec.max_qty_lots + 1  # rejected: invalid quantity
+        offset = rng.randrange(-8, 9)
+        price = mid + (offset if side is Side.SELL else -offset)
+        stp = rng.choice(_STPS)
+        y = rng.random()
+        coid = self._coid(symbol, client)
+        if y < 0.55:
+            return PlaceOrder(symbol, client, coid, side, OrderType.LIMIT, price, qty, ts_ns=ts, stp=stp,
+                              post_only=rng.random() < 0.08)
+        if y < 0.67:
+            return PlaceOrder(symbol, client, coid, side, OrderType.LIMIT, price, qty, TimeInForce.GTD, ts_ns=ts,
+                              stp=stp, expire_ns=ts + rng.randrange(1, 60) * 1_000_000)
+        if y < 0.8:
+            return PlaceOrder(symbol, client, coid, side, OrderType.LIMIT, price, qty, TimeInForce.IOC, ts_ns=ts,
+                              stp=stp)
+        if y < 0.88:
+            return PlaceOrder(symbol, client, coid, side, OrderType.LIMIT, price, qty, TimeInForce.FOK, ts_ns=ts,
+                              stp=stp)
+        tif = TimeInForce.IOC if rng.random() < 0.7 else TimeInForce.FOK
+        return PlaceOrder(symbol, client, coid, side, OrderType.MARKET, 0, qty, tif, ts_ns=ts, stp=stp)
+
+    def apply(self, command: Command) -> Applied:
+        symbol = command.instrument
+        assert symbol is not None
+        events = self.engines[symbol].apply(command)
+        self.events.extend(events)
+        self.offsets[symbol] += 1
+        return Applied(symbol, events, InputPosition(TOPIC, self.partition[symbol], self.offsets[symbol]))
+
+    def snapshot(self, symbol: str) -> SnapshotRequest:
+        engine = self.engines[symbol]
+        return SnapshotRequest(symbol, engine.export_state(), engine.state_hash())
+
+    def batches(self, commands: int, *, max_batch: int = 120, snapshot_every: int = 5) -> list[Batch]:
+        """Apply ``commands`` random commands; cut the outcomes into batches, with snapshots now and then."""
+        out: list[Batch] = []
+        left = commands
+        while left:
+            size = min(left, self.rng.randrange(1, max_batch + 1))
+            left -= size
+            applied = [self.apply(self.command()) for _ in range(size)]
+            snaps: list[SnapshotRequest] = []
+            if snapshot_every and len(out) % snapshot_every == snapshot_every - 1:
+                snaps = [self.snapshot(s) for s in self.engines if self.rng.random() < 0.8]
+            out.append(Batch(applied, snaps))
+        return out
+
+
+def fills(events: Sequence[Event]) -> list[Any]:
+    from exchange import OrderFilled
+
+    return [e for e in events if isinstance(e, OrderFilled)]

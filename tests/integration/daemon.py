@@ -1,0 +1,173 @@
+"""Run ``exchange run`` as a separate process for system tests, and feed it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+
+from exchange.instruments import Instrument
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(path: Path, *, instruments: Sequence[Instrument], bootstrap: str, dsn: str, topic: str,
+                 group_id: str, http_port: int, snapshot_interval_s: float = 60.0, max_events: int = 5000,
+                 linger_ms: float = 2.0, publish_events: bool = True, queue_size: int = 10_000) -> Path:
+    lines = []
+    for spec in instruments:
+        lines += [
+            "[[instruments]]",
+            f'symbol = "{spec.symbol}"',
+            f'tick_size = "{spec.tick_size}"',
+            f'lot_size = "{spec.lot_size}"',
+            f'max_qty = "{spec.lots_to_qty(spec.max_qty_lots)}"',
+            f'stp_default = "{spec.stp_default.value}"',
+        ]
+        if spec.price_band_bps is not None:
+            lines.append(f"price_band_bps = {spec.price_band_bps}")
+        lines.append("")
+    lines += [
+        "[kafka]",
+        f'bootstrap_servers = "{bootstrap}"',
+        f'orders_topic = "{topic}"',
+        f'events_topic = "{topic}.events"',
+        f'dead_letter_topic = "{topic}.dlq"',
+        f'group_id = "{group_id}"',
+        f"publish_events = {'true' if publish_events else 'false'}",
+        "session_timeout_ms = 1000",
+        "heartbeat_interval_ms = 100",
+        "",
+        "[postgres]",
+        f'dsn = "{dsn}"',
+        "",
+        "[journal]",
+        f"max_events = {max_events}",
+        f"linger_ms = {linger_ms}",
+        "",
+        "[engine]",
+        f"snapshot_interval_s = {snapshot_interval_s}",
+        f"queue_size = {queue_size}",
+        "shutdown_timeout_s = 30",
+        "",
+        "[http]",
+        f"port = {http_port}",
+        "",
+        "[log]",
+        'format = "json"',
+        'level = "info"',
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class DaemonProcess:
+    def __init__(self, config: Path, http_port: int, log_path: Path) -> None:
+        self.config = config
+        self.http_port = http_port
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._start_offset = 0  # where this run's part of the log begins
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        self._log = self.log_path.open("ab")
+        self._start_offset = self._log.tell()
+        self.proc = subprocess.Popen([sys.executable, "-m", "exchange", "run", "--config", str(self.config)],
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    def get(self, path: str) -> tuple[int, Any]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=2) as resp:
+                body = resp.read()
+                return resp.status, json.loads(body) if path != "/metrics" else body.decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"null")
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                status, _ = self.get("/readyz")
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"daemon not ready within {timeout}s; log: {self.tail()}")
+
+    def wait_log(self, text: str, timeout: float) -> None:
+        """Wait until this run's log mentions ``text``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            with self.log_path.open("rb") as f:
+                f.seek(self._start_offset)
+                if text.encode() in f.read():
+                    return
+            time.sleep(0.005)
+        raise AssertionError(f"{text!r} not logged within {timeout}s; log: {self.tail()}")
+
+    def check_alive(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"daemon exited with {self.proc.returncode}; log: {self.tail()}")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self._log.close()
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        self._log.close()
+        return code
+
+    def tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+
+async def produce(bootstrap: str, topic: str, messages: Iterable[dict[str, Any] | bytes]) -> dict[int, int]:
+    """Produce wire messages keyed by instrument, with the message's ts_ns as the Kafka timestamp.
+
+    Returns the last offset written per partition.
+    """
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=512 * 1024)
+    await producer.start()
+    last: dict[int, int] = {}
+    try:
+        futures = []
+        for msg in messages:
+            if isinstance(msg, bytes):
+                futures.append(await producer.send(topic, msg, key=b"garbage"))
+                continue
+            value = json.dumps(msg).encode()
+            key = str(msg.get("instrument", "")).encode()
+            futures.append(await producer.send(topic, value, key=key, timestamp_ms=msg["ts_ns"] // 1_000_000))
+        for meta in await asyncio.gather(*futures):
+            last[meta.partition] = max(last.get(meta.partition, -1), meta.offset)
+    finally:
+        await producer.stop()
+    return last

@@ -1,0 +1,221 @@
+"""Recovery: the event applier, recover() at start-up and the offline verify, on a real database."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import msgspec
+import pytest
+from structlog.testing import capture_logs
+
+from exchange import MatchingEngine
+from exchange.adapters.postgres import PostgresStore
+from exchange.journal import Batch
+from recovery.events import EventApplier, ReplayError
+from recovery.rebuild import RecoveryError, recover
+from recovery.verify import verify
+from tests.integration._workload import SPECS, Workload
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def execute(dsn: str, sql: str, *args: Any) -> str:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.execute(sql, *args)
+    finally:
+        await conn.close()
+
+
+async def store_batches(dsn: str, batches: list[Batch]) -> None:
+    async with PostgresStore(dsn, SPECS) as store:
+        await store.migrate()
+        await store.load(SPECS)
+        for batch in batches:
+            await store.commit(batch)
+
+
+# ------------------------------------------------------- the applier (pure)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_applier_follows_the_engine_command_by_command(seed: int) -> None:
+    work = Workload(seed=seed)
+    appliers = {spec.symbol: EventApplier(spec) for spec in SPECS}
+    for _ in range(3_000):
+        applied = work.apply(work.command())
+        applier = appliers[applied.instrument]
+        applier.apply_all(applied.events)
+        live = work.engines[applied.instrument]
+        assert applier.state_hash() == live.state_hash()
+        assert applier.export_state() == live.export_state()
+
+
+def test_applier_starts_from_a_snapshot_and_refuses_events_that_do_not_fit() -> None:
+    work = Workload(seed=9)
+    spec = SPECS[0]
+    for _ in range(500):
+        work.apply(work.command(spec.symbol))
+    engine = work.engines[spec.symbol]
+    middle = engine.export_state()
+    tail = [e for _ in range(500) for e in work.apply(work.command(spec.symbol)).events]
+    applier = EventApplier(spec, msgspec.json.decode(msgspec.json.encode(middle), type=type(middle)))
+    applier.apply_all(tail)
+    assert applier.export_state() == engine.export_state()
+
+    fresh = EventApplier(spec, middle)
+    with pytest.raises(ReplayError, match="seq"):
+        fresh.apply(tail[1])  # a gap
+    with pytest.raises(ReplayError):
+        EventApplier(spec).apply_all(tail)  # events of orders it never saw
+
+
+# ------------------------------------------------------------ recover()
+
+
+@pytest.mark.integration
+def test_recover_checks_every_instrument_and_reports_progress(pg_dsn: str) -> None:
+    work = Workload(seed=21)
+    batches = work.batches(3_000, max_batch=200, snapshot_every=4)
+
+    async def scenario() -> None:
+        await store_batches(pg_dsn, batches)
+        async with PostgresStore(pg_dsn, SPECS) as store:
+            with capture_logs() as logs:
+                recovered = await recover(store, SPECS)
+        for spec in SPECS:
+            live = work.engines[spec.symbol]
+            assert recovered[spec.symbol].state == live.export_state()
+            assert MatchingEngine.from_state(spec, recovered[spec.symbol].state).state_hash() == live.state_hash()
+        done = [e for e in logs if e["event"] == "instrument recovered"]
+        assert [(e["instrument"], e["instruments_done"], e["instruments_total"]) for e in done] == [
+            (SPECS[0].symbol, 1, 2), (SPECS[1].symbol, 2, 2)]
+        assert all(e["state_hash"] == work.engines[e["instrument"]].state_hash() for e in done)
+        assert all("orders_loaded" in e and "events_checked" in e and "elapsed_s" in e for e in done)
+        assert logs[-1]["event"] == "recovery finished"
+        assert len(logs) < 20  # a line per instrument, never per order
+
+    run(scenario())
+
+
+@pytest.mark.integration
+def test_recover_without_snapshots_replays_everything(pg_dsn: str) -> None:
+    work = Workload(seed=22)
+    batches = work.batches(800, max_batch=100, snapshot_every=0)
+
+    async def scenario() -> None:
+        await store_batches(pg_dsn, batches)
+        async with PostgresStore(pg_dsn, SPECS) as store:
+            with capture_logs() as logs:
+                await recover(store, SPECS)
+        total = sum(e["events_checked"] for e in logs if e["event"] == "instrument recovered")
+        assert total == sum(len(a.events) for b in batches for a in b.applied)
+
+    run(scenario())
+
+
+@pytest.mark.integration
+def test_recover_on_an_empty_database_gives_fresh_engines(pg_dsn: str) -> None:
+    async def scenario() -> None:
+        async with PostgresStore(pg_dsn, SPECS) as store:
+            await store.migrate()
+            recovered = await recover(store, SPECS)
+        for spec in SPECS:
+            state = recovered[spec.symbol].state
+            assert (state.seq, state.next_order_id, state.next_trade_id, state.orders, state.done) == (0, 1, 1, [], [])
+
+    run(scenario())
+
+
+@pytest.mark.integration
+def test_recover_detects_a_corrupted_orders_row(pg_dsn: str) -> None:
+    work = Workload(seed=23)
+    batches = work.batches(1_500, max_batch=100)
+    spec = SPECS[0]
+    victim = next(iter(work.engines[spec.symbol].book.orders.values()))
+
+    async def scenario() -> None:
+        await store_batches(pg_dsn, batches)
+        status = await execute(pg_dsn, "UPDATE orders SET remaining_lots = remaining_lots + 1 "
+                                       "WHERE instrument = $1 AND order_id = $2", spec.symbol, victim.order_id)
+        assert status == "UPDATE 1"
+        async with PostgresStore(pg_dsn, SPECS) as store:
+            with pytest.raises(RecoveryError) as info:
+                await recover(store, SPECS)
+        message = str(info.value)
+        assert spec.symbol in message
+        assert work.engines[spec.symbol].state_hash() in message  # the replay's hash: the truth
+        assert f"first {victim.order_id}" in message
+        assert "recover --verify" in message
+
+    run(scenario())
+
+
+@pytest.mark.integration
+def test_recover_detects_a_lost_open_order_and_a_damaged_snapshot(pg_dsn: str) -> None:
+    work = Workload(seed=24)
+    batches = work.batches(1_000, max_batch=100, snapshot_every=2)
+    spec = SPECS[0]
+    victim = next(iter(work.engines[spec.symbol].book.orders.values()))
+
+    async def scenario() -> None:
+        await store_batches(pg_dsn, batches)
+        await execute(pg_dsn, "UPDATE orders SET status = 'canceled' WHERE instrument = $1 AND order_id = $2",
+                      spec.symbol, victim.order_id)
+        async with PostgresStore(pg_dsn, SPECS) as store:
+            with pytest.raises(RecoveryError, match=f"open only in replay: orders \\[{victim.order_id}\\]"):
+                await recover(store, SPECS)
+        await execute(pg_dsn, "UPDATE orders SET status = 'open' WHERE instrument = $1 AND order_id = $2",
+                      spec.symbol, victim.order_id)
+        await execute(pg_dsn, "UPDATE snapshots SET state_hash = 'deadbeef' WHERE instrument = $1 AND seq = "
+                              "(SELECT max(seq) FROM snapshots WHERE instrument = $1)", spec.symbol)
+        async with PostgresStore(pg_dsn, SPECS) as store:
+            with pytest.raises(RecoveryError, match=r"snapshot .* is damaged"):
+                await recover(store, SPECS)
+
+    run(scenario())
+
+
+# -------------------------------------------------------------- verify()
+
+
+@pytest.mark.integration
+def test_verify_agrees_on_a_healthy_database_and_flags_a_corrupted_one(pg_dsn: str) -> None:
+    work = Workload(seed=25)
+    batches = work.batches(1_200, max_batch=100, snapshot_every=3)
+    spec = SPECS[1]
+    victim = next(iter(work.engines[spec.symbol].book.orders.values()))
+
+    async def scenario() -> None:
+        await store_batches(pg_dsn, batches)
+        report = await verify(pg_dsn, SPECS)
+        text = report.render()
+        assert report.ok, text
+        for inst in report.instruments:
+            assert [r.source for r in inst.results] == ["open orders", "snapshot+events", "full replay"]
+            hashes = {r.state_hash for r in inst.results}
+            assert hashes == {work.engines[inst.instrument].state_hash()}
+            assert all(r.state is not None and r.state.seq == work.engines[inst.instrument].seq
+                       for r in inst.results)
+        assert "verdict: OK" in text
+        assert work.engines[spec.symbol].state_hash() in text
+
+        await execute(pg_dsn, "UPDATE orders SET priority = priority + 1000000 WHERE instrument = $1 "
+                              "AND order_id = $2", spec.symbol, victim.order_id)
+        await execute(pg_dsn, "DELETE FROM order_events WHERE instrument = $1 AND seq = 5", SPECS[0].symbol)
+        report = await verify(pg_dsn, SPECS)
+        text = report.render()
+        assert not report.ok
+        bad = {inst.instrument: inst for inst in report.instruments}
+        assert not bad[spec.symbol].ok
+        assert any("open orders" in p for p in bad[spec.symbol].problems)
+        assert not bad[SPECS[0].symbol].ok
+        assert any("full replay" in p and "seq" in p for p in bad[SPECS[0].symbol].problems)
+        assert "MISMATCH" in text
+        assert "PROBLEMS FOUND" in text
+
+    run(scenario())

@@ -1,0 +1,274 @@
+"""Drive :class:`exchange.matching.MatchingEngine` and the naive reference side by side.
+
+:class:`Harness` applies one command to both, compares the events whole (with
+the prose ``text`` of rejections blanked out) and checks, after every command,
+the invariants that must hold whatever the command was:
+
+- no exception escapes ``apply``;
+- ``engine.book.check_invariants()`` passes;
+- the book, read straight from its levels, is never crossed; each level's total
+  and count match its live orders; priorities increase strictly along a level;
+- the resting orders (ids, owners, price, total and open quantity, expiry,
+  flags) equal the reference's, in the same priority order, and each one's
+  priority is the ``seq`` of the event that queued it (accept or re-queuing
+  amend);
+- sequence numbers go up by exactly one per event, with no gaps, and end at
+  ``engine.seq``; trade ids likewise;
+- quantity is conserved, tracked from the events alone: for every order,
+  filled + open + canceled + expired == its current total quantity, and the
+  buy side filled exactly as much as the sell side;
+- every fill is between opposite sides, at a price the taker accepted, and
+  never between two orders of one owner when the taker asked for STP.
+
+:meth:`Harness.final_checks` also rebuilds the engine from its exported state
+(through a JSON round trip) and replays the whole command history into a fresh
+engine, asserting byte-identical events.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from exchange.commands import AmendOrder, PlaceOrder
+from exchange.events import (
+    OrderAccepted,
+    OrderAmended,
+    OrderCanceled,
+    OrderExpired,
+    OrderFilled,
+    OrderRejected,
+)
+from exchange.instruments import Instrument
+from exchange.matching import EngineState, MatchingEngine
+from exchange.types import OrderType, Side, StpMode
+
+from .reference import ReferenceBook
+
+__all__ = ["SPECS", "Harness", "fmt_command", "normalise"]
+
+SPECS: dict[str, Instrument] = {
+    # no band, default STP none, big dedupe window
+    "plain": Instrument.from_decimals("PLAIN", tick_size="0.01", lot_size="1", max_qty="40", max_price="2.00"),
+    # market orders banded to 3% of the best opposite price
+    "band": Instrument.from_decimals("BAND", tick_size="1", lot_size="1", max_qty="40", max_price="200",
+                                     price_band_bps=300),
+    # narrow band (0.6%: less than one tick at ~100), STP cancel_resting by default, 2-lot minimum,
+    # a dedupe window of 4 finished orders
+    "tight": Instrument.from_decimals("TIGHT", tick_size="1", lot_size="0.5", min_qty="1", max_qty="20",
+                                      max_price="200", price_band_bps=60, stp_default="cancel_resting",
+                                      dedupe_window=4),
+    # STP cancel_both by default, no dedupe memory at all, band of 100% (sells may go to any price)
+    "nomemory": Instrument.from_decimals("NOMEM", tick_size="1", lot_size="1", max_qty="40", max_price="200",
+                                         price_band_bps=10_000, stp_default="cancel_both", dedupe_window=0),
+}
+
+
+def normalise(event: Any) -> Any:
+    """An event with the free-form rejection text blanked (the reference does not reproduce prose)."""
+    if isinstance(event, OrderRejected):
+        return msgspec.structs.replace(event, text="")
+    return event
+
+
+def _fmt_value(value: Any) -> str:
+    if isinstance(value, enum.Enum):
+        return f"{type(value).__name__}.{value.name}"
+    return repr(value)
+
+
+def fmt_command(cmd: Any) -> str:
+    """Python source that rebuilds ``cmd`` exactly (enum members vs plain strings preserved)."""
+    fields = msgspec.structs.asdict(cmd)
+    defaults = {f.name: f.default for f in msgspec.structs.fields(cmd)}
+    args = ", ".join(f"{k}={_fmt_value(v)}" for k, v in fields.items()
+                     if defaults.get(k, msgspec.NODEFAULT) is msgspec.NODEFAULT or defaults[k] != v)
+    return f"{type(cmd).__name__}({args})"
+
+
+@dataclass
+class _Ledger:
+    side: Side
+    client_id: str
+    order_type: OrderType
+    stp: StpMode
+    limit: int  # current limit price (0 for market)
+    total: int
+    expire_ns: int
+    queued_seq: int  # seq of the event that last queued it: its time priority if it rests
+    filled: int = 0
+    canceled: int = 0
+    expired: int = 0
+
+
+class Harness:
+    def __init__(self, spec: Instrument) -> None:
+        self.spec = spec
+        self.engine = MatchingEngine(spec)
+        self.ref = ReferenceBook(spec)
+        self.history: list[Any] = []
+        self.encoded: list[bytes] = []  # msgspec.json.encode of each command's events
+        self.ledger: dict[int, _Ledger] = {}
+        self.last_seq = 0
+        self.last_trade_id = 0
+
+    # ------------------------------------------------------------------ step
+
+    def step(self, cmd: Any) -> list[Any]:
+        self.history.append(cmd)
+        try:
+            events = self.engine.apply(cmd)
+        except Exception as exc:  # pragma: no cover - reported as a failure
+            raise AssertionError(f"engine.apply raised {exc!r} on {fmt_command(cmd)}") from exc
+        self.encoded.append(msgspec.json.encode(events))
+        expected = self.ref.apply(cmd)
+        got = [normalise(e) for e in events]
+        assert got == expected, (
+            f"engine and reference disagree on {fmt_command(cmd)}\n engine:    {got}\n reference: {expected}")
+        for e in events:
+            if isinstance(e, OrderRejected):
+                assert isinstance(e.text, str), e
+                assert e.text, f"rejection without text: {e}"
+        self._track(cmd, events)
+        self.check_book()
+        return events
+
+    # -------------------------------------------------------------- tracking
+
+    def _track(self, cmd: Any, events: list[Any]) -> None:
+        for e in events:
+            assert e.instrument == self.spec.symbol or isinstance(e, OrderRejected), e
+            assert e.seq == self.last_seq + 1, f"sequence gap: {self.last_seq} -> {e.seq}"
+            self.last_seq = e.seq
+            assert e.ts_ns == cmd.ts_ns, f"event timestamp {e.ts_ns} is not the input's {cmd.ts_ns}"
+            if isinstance(e, OrderAccepted):
+                assert e.order_id == len(self.ledger) + 1, f"order ids not consecutive: {e.order_id}"
+                assert e.order_id not in self.ledger
+                self.ledger[e.order_id] = _Ledger(Side(e.side), e.client_id, OrderType(e.order_type),
+                                                  StpMode(e.stp), e.price_ticks, e.qty_lots, e.expire_ns, e.seq)
+            elif isinstance(e, OrderFilled):
+                assert e.qty_lots > 0
+                assert e.trade_id == self.last_trade_id + 1, f"trade ids not consecutive: {e.trade_id}"
+                self.last_trade_id = e.trade_id
+                maker, taker = self.ledger[e.maker_order_id], self.ledger[e.taker_order_id]
+                assert e.maker_order_id != e.taker_order_id
+                assert taker.side == e.aggressor_side, f"aggressor side is not the taker's: {e}"
+                assert maker.side != taker.side, f"same-side fill {e}"
+                assert maker.limit == e.price_ticks, f"fill not at the maker's price: {e}"
+                if taker.order_type == OrderType.LIMIT:
+                    if taker.side == Side.BUY:
+                        assert e.price_ticks <= taker.limit, f"buy filled above its limit: {e}"
+                    else:
+                        assert e.price_ticks >= taker.limit, f"sell filled below its limit: {e}"
+                if taker.stp != StpMode.NONE:
+                    assert e.maker_client_id != e.taker_client_id, f"self-trade despite STP {taker.stp}: {e}"
+                maker.filled += e.qty_lots
+                taker.filled += e.qty_lots
+                assert maker.total - maker.filled - maker.canceled - maker.expired == e.maker_remaining_lots, e
+                assert taker.total - taker.filled - taker.canceled - taker.expired == e.taker_remaining_lots, e
+            elif isinstance(e, OrderCanceled):
+                assert e.canceled_lots > 0, e
+                self.ledger[e.order_id].canceled += e.canceled_lots
+            elif isinstance(e, OrderExpired):
+                entry = self.ledger[e.order_id]
+                assert e.expired_lots > 0, e
+                assert 0 < entry.expire_ns <= cmd.ts_ns, f"expired early: {e}"
+                entry.expired += e.expired_lots
+            elif isinstance(e, OrderAmended):
+                entry = self.ledger[e.order_id]
+                assert entry.total == e.old_qty_lots, e
+                assert entry.limit == e.old_price_ticks, e
+                assert isinstance(cmd, AmendOrder), e
+                assert e.qty_lots > entry.filled, e
+                entry.total = e.qty_lots
+                entry.limit = e.price_ticks
+                if e.requeued:
+                    entry.queued_seq = e.seq
+                assert e.remaining_lots == entry.total - entry.filled, e
+                assert e.requeued == (e.price_ticks != e.old_price_ticks or e.qty_lots > e.old_qty_lots), e
+        assert self.engine.seq == self.last_seq, f"engine.seq {self.engine.seq} != last event seq {self.last_seq}"
+        assert self.engine.next_order_id == len(self.ledger) + 1
+        assert self.engine.next_trade_id == self.last_trade_id + 1
+        if isinstance(cmd, PlaceOrder) and events and isinstance(events[-1], OrderRejected):
+            assert not any(isinstance(e, OrderAccepted) for e in events)
+
+    # ------------------------------------------------------------- the book
+
+    def check_book(self) -> None:
+        engine, ref = self.engine, self.ref
+        engine.book.check_invariants()
+        # read the structure directly, not through check_invariants
+        seen_prices: dict[Side, list[int]] = {Side.BUY: [], Side.SELL: []}
+        for side in (Side.BUY, Side.SELL):
+            for level in engine.book.levels(side):
+                live = [o for o in level.orders if o.remaining > 0]
+                assert live, f"empty level {level.price} kept"
+                assert level.total_lots == sum(o.remaining for o in live), f"level {level.price} total is wrong"
+                assert level.count == len(live), f"level {level.price} count is wrong"
+                prios = [o.priority for o in live]
+                assert all(a < b for a, b in itertools.pairwise(prios)), f"not FIFO: {prios}"
+                assert all(o.price == level.price and o.side == side for o in live)
+                seen_prices[side].append(level.price)
+        bids, asks = seen_prices[Side.BUY], seen_prices[Side.SELL]
+        assert all(a > b for a, b in itertools.pairwise(bids)), f"bid levels out of order {bids}"
+        assert all(a < b for a, b in itertools.pairwise(asks)), f"ask levels out of order {asks}"
+        assert not bids or not asks or bids[0] < asks[0], f"book crossed: {bids[0]} >= {asks[0]}"
+        assert engine.book.best_bid() == (bids[0] if bids else None)
+        assert engine.book.best_ask() == (asks[0] if asks else None)
+
+        resting = engine.export_state().orders
+        got = [(r.order_id, r.client_id, r.client_order_id, Side(r.side), r.price_ticks, r.qty_lots,
+                r.remaining_lots, r.expire_ns, r.post_only, StpMode(r.stp)) for r in resting]
+        want = [(o.order_id, o.client_id, o.client_order_id, o.side, o.price, o.qty, o.remaining, o.expire_ns,
+                 o.post_only, o.stp) for o in ref.orders()]
+        assert got == want, f"resting orders differ\n engine:    {got}\n reference: {want}"
+        for r in resting:  # documented: priority = seq of the accept / re-queuing amend
+            assert r.priority == self.ledger[r.order_id].queued_seq, f"order {r.order_id} priority {r.priority}"
+        assert len(engine.book) == len(want)
+
+        # conservation, from the events alone
+        open_lots = {oid: o.remaining for oid, o in engine.book.orders.items()}
+        buy_filled = sell_filled = 0
+        for oid, entry in self.ledger.items():
+            left = open_lots.get(oid, 0)
+            assert entry.filled + left + entry.canceled + entry.expired == entry.total, (
+                f"order {oid}: filled {entry.filled} + open {left} + canceled {entry.canceled} "
+                f"+ expired {entry.expired} != total {entry.total}")
+            if entry.side == Side.BUY:
+                buy_filled += entry.filled
+            else:
+                sell_filled += entry.filled
+            if entry.order_type == OrderType.MARKET:
+                assert left == 0, f"market order {oid} rests"
+        assert buy_filled == sell_filled, f"buys filled {buy_filled} != sells filled {sell_filled}"
+
+    # ---------------------------------------------------------------- final
+
+    def final_checks(self) -> None:
+        spec, engine = self.spec, self.engine
+        state = engine.export_state()
+        restored = MatchingEngine.from_state(spec, state)
+        assert restored.state_hash() == engine.state_hash()
+        assert restored.export_state() == state
+        wire = msgspec.json.decode(msgspec.json.encode(state), type=EngineState)
+        assert MatchingEngine.from_state(spec, wire).state_hash() == engine.state_hash()
+
+        fresh = MatchingEngine(spec)
+        for i, cmd in enumerate(self.history):
+            again = msgspec.json.encode(fresh.apply(cmd))
+            assert again == self.encoded[i], f"replay diverged at command {i}: {fmt_command(cmd)}"
+        assert fresh.state_hash() == engine.state_hash()
+        assert fresh.export_state() == state
+
+    def restart(self) -> None:
+        """Replace the engine by one rebuilt from its exported state (as after a daemon restart)."""
+        state = self.engine.export_state()
+        wire = msgspec.json.decode(msgspec.json.encode(state), type=EngineState)
+        restored = MatchingEngine.from_state(self.spec, wire)
+        assert restored.state_hash() == self.engine.state_hash()
+        self.engine = restored
+        self.check_book()

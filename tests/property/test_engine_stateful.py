@@ -1,0 +1,315 @@
+"""Stateful property test: the engine and the naive reference, command by command.
+
+A :class:`hypothesis.stateful.RuleBasedStateMachine` places limit and market
+orders (every time in force, post-only, every STP mode, three clients so that
+self-trades happen, prices within a few ticks so that most orders cross),
+cancels and amends (by client order id, by order id, for the wrong owner, for
+unknown and finished ids), cancels all, clears, lets time pass so that GTD
+orders expire, sends malformed and invalid commands, and restarts the engine
+from its exported state. After every step :class:`~tests.property.harness.Harness`
+compares the events with the reference and checks the book's invariants; at
+teardown it checks snapshot restore and byte-identical replay.
+
+On failure Hypothesis prints the shrunk steps and, through ``note``, each
+command as Python source ready to paste into ``test_regressions.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from hypothesis import HealthCheck, note, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from exchange.commands import AmendOrder, CancelAll, CancelOrder, ClearBook, PlaceOrder, RejectInput
+from exchange.types import OrderType, RejectReason, Side, StpMode, TimeInForce
+
+from .harness import SPECS, Harness, fmt_command
+from .reference import RefOrder
+
+CLIENTS = ("alice", "bob", "carol")
+LOW, HIGH = 95, 105  # limit prices in ticks: a narrow band, so crossing is frequent
+
+clients = st.sampled_from(CLIENTS)
+sides = st.sampled_from([Side.BUY, Side.SELL])
+stps = st.sampled_from([None, StpMode.NONE, StpMode.CANCEL_RESTING, StpMode.CANCEL_INCOMING, StpMode.CANCEL_BOTH])
+# None: a fresh client order id; an int: reuse one already used (a duplicate, or a legal reuse after
+# the dedupe window forgot it)
+coid_picks = st.one_of(st.none(), st.none(), st.integers(0, 40))
+picks = st.integers(0, 1_000)
+
+
+def _plain(value: Any, plain: bool) -> Any:
+    """The enum member or, when ``plain``, its bare string value (a hand-built command)."""
+    if plain and value is not None:
+        return str(value.value)
+    return value
+
+
+class EngineVsReference(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.h: Harness | None = None
+        self.ts = 1_000
+        self.coids: list[str] = []
+        self.n = 0
+        self.healthy = False
+
+    # ------------------------------------------------------------- helpers
+
+    @property
+    def symbol(self) -> str:
+        assert self.h is not None
+        return self.h.spec.symbol
+
+    def apply(self, cmd: Any) -> None:
+        assert self.h is not None
+        note(f"h.step({fmt_command(cmd)})")
+        self.healthy = False
+        self.h.step(cmd)
+        self.healthy = True
+
+    def coid(self, pick: int | None) -> str:
+        if pick is None or not self.coids:
+            self.n += 1
+            coid = f"o{self.n}"
+            self.coids.append(coid)
+            return coid
+        return self.coids[pick % len(self.coids)]
+
+    def live(self) -> list[RefOrder]:
+        assert self.h is not None
+        return sorted(self.h.ref.orders(), key=lambda o: o.order_id)
+
+    def target(self, pick: int) -> RefOrder | None:
+        live = self.live()
+        return live[pick % len(live)] if live else None
+
+    def other(self, client: str) -> str:
+        return CLIENTS[(CLIENTS.index(client) + 1) % len(CLIENTS)]
+
+    def name_order(self, mode: str, pick: int, client: str) -> dict[str, Any]:
+        """client_id / client_order_id / order_id naming an order, right or (on purpose) wrong."""
+        assert self.h is not None
+        t = self.target(pick)
+        next_id = self.h.engine.next_order_id
+        if mode == "neither":
+            return {"client_id": client}
+        if mode == "stale_oid":  # any id ever issued (mostly finished ones) or just past the end
+            return {"client_id": client, "order_id": pick % (next_id + 2)}
+        if mode == "stale_coid":
+            return {"client_id": client, "client_order_id": self.coid(pick)}
+        if t is None:
+            return {"client_id": client, "client_order_id": f"nobody-{pick}"}
+        if mode == "coid":
+            return {"client_id": t.client_id, "client_order_id": t.client_order_id}
+        if mode == "oid":
+            return {"client_id": t.client_id, "order_id": t.order_id}
+        if mode == "both":
+            return {"client_id": t.client_id, "client_order_id": t.client_order_id, "order_id": t.order_id}
+        if mode == "mismatch":
+            return {"client_id": t.client_id, "client_order_id": t.client_order_id + "x", "order_id": t.order_id}
+        if mode == "wrong_owner_oid":
+            return {"client_id": self.other(t.client_id), "order_id": t.order_id}
+        assert mode == "wrong_owner_coid"
+        return {"client_id": self.other(t.client_id), "client_order_id": t.client_order_id}
+
+    # --------------------------------------------------------------- rules
+
+    @initialize(which=st.sampled_from(sorted(SPECS)),
+                seed=st.lists(st.tuples(clients, sides, st.integers(0, 4), st.integers(1, 8)), max_size=8))
+    def start(self, which: str, seed: list[tuple[str, Side, int, int]]) -> None:
+        self.h = Harness(SPECS[which])
+        note(f"h = Harness(SPECS[{which!r}])")
+        self.healthy = True
+        for client, side, away, qty in seed:  # a few resting orders on both sides to start from
+            self.place_passive(client, side, away, qty, TimeInForce.GTC, False, None, None, 1)
+
+    limit_args: ClassVar[dict[str, st.SearchStrategy[Any]]] = {
+        "client": clients, "side": sides, "price": st.integers(LOW, HIGH), "qty": st.integers(1, 12),
+        "tif": st.sampled_from([TimeInForce.GTC, TimeInForce.GTC, TimeInForce.IOC, TimeInForce.FOK, TimeInForce.GTD]),
+        "post_only": st.sampled_from([False, False, False, True]), "stp": stps, "pick": coid_picks,
+        "ttl": st.integers(1, 60), "plain": st.sampled_from([False, False, False, True]),
+    }
+
+    @rule(**limit_args)
+    def place_limit(self, client: str, side: Side, price: int, qty: int, tif: TimeInForce, post_only: bool,
+                    stp: StpMode | None, pick: int | None, ttl: int, plain: bool) -> None:
+        assert self.h is not None
+        qty *= self.h.spec.min_qty_lots
+        expire = self.ts + ttl if tif is TimeInForce.GTD else 0
+        self.apply(PlaceOrder(self.symbol, client, self.coid(pick), _plain(side, plain),
+                              _plain(OrderType.LIMIT, plain), price, qty, _plain(tif, plain), self.ts, post_only,
+                              _plain(stp, plain), expire))
+
+    @rule(**limit_args)
+    def place_limit_again(self, client: str, side: Side, price: int, qty: int, tif: TimeInForce, post_only: bool,
+                          stp: StpMode | None, pick: int | None, ttl: int, plain: bool) -> None:
+        """The same as place_limit: placing is what makes everything else interesting, so it runs twice as often."""
+        self.place_limit(client, side, price, qty, tif, post_only, stp, pick, ttl, plain)
+
+    @rule(client=clients, side=sides, away=st.integers(0, 5), qty=st.integers(1, 8),
+          tif=st.sampled_from([TimeInForce.GTC, TimeInForce.GTC, TimeInForce.GTD]),
+          post_only=st.sampled_from([False, False, True]), stp=stps, pick=coid_picks, ttl=st.integers(1, 80))
+    def place_passive(self, client: str, side: Side, away: int, qty: int, tif: TimeInForce, post_only: bool,
+                      stp: StpMode | None, pick: int | None, ttl: int) -> None:
+        """A resting order ``away`` ticks behind the middle of the band (it may still cross a stray order)."""
+        assert self.h is not None
+        mid = (LOW + HIGH) // 2
+        price = mid - 1 - away if side is Side.BUY else mid + 1 + away
+        expire = self.ts + ttl if tif is TimeInForce.GTD else 0
+        self.apply(PlaceOrder(self.symbol, client, self.coid(pick), side, OrderType.LIMIT, price,
+                              qty * self.h.spec.min_qty_lots, tif, self.ts, post_only, stp, expire))
+
+    @rule(client=clients, side=sides, qty=st.integers(1, 25),
+          tif=st.sampled_from([TimeInForce.IOC, TimeInForce.IOC, TimeInForce.FOK, TimeInForce.FOK, TimeInForce.GTC]),
+          stp=stps, pick=coid_picks, plain=st.sampled_from([False, False, True]))
+    def place_market(self, client: str, side: Side, qty: int, tif: TimeInForce, stp: StpMode | None,
+                     pick: int | None, plain: bool) -> None:
+        assert self.h is not None
+        qty *= self.h.spec.min_qty_lots
+        self.apply(PlaceOrder(self.symbol, client, self.coid(pick), _plain(side, plain),
+                              _plain(OrderType.MARKET, plain), 0, qty, _plain(tif, plain), self.ts, False,
+                              _plain(stp, plain)))
+
+    @rule(mode=st.sampled_from(["coid", "coid", "oid", "oid", "both", "mismatch", "wrong_owner_oid",
+                                "wrong_owner_coid", "stale_oid", "stale_coid", "neither"]),
+          pick=picks, client=clients)
+    def cancel(self, mode: str, pick: int, client: str) -> None:
+        self.apply(CancelOrder(self.symbol, ts_ns=self.ts, **self.name_order(mode, pick, client)))
+
+    @rule(mode=st.sampled_from(["coid", "coid", "coid", "oid", "oid", "both", "mismatch", "wrong_owner_oid",
+                                "wrong_owner_coid", "stale_oid", "neither"]),
+          pick=picks, client=clients,
+          price=st.one_of(st.none(), st.none(), st.tuples(st.just("rel"), st.integers(-8, 8)),
+                          st.tuples(st.just("rel"), st.integers(-8, 8)),
+                          st.tuples(st.just("abs"), st.sampled_from([0, -1, 201, 10**16]))),
+          qty=st.one_of(st.none(), st.none(), st.tuples(st.just("rel"), st.integers(-6, 6)),
+                        st.tuples(st.just("rel"), st.integers(-6, 6)),
+                        st.tuples(st.just("abs"), st.sampled_from([0, -2, 1, 41, 10**16]))))
+    def amend(self, mode: str, pick: int, client: str, price: tuple[str, int] | None,
+              qty: tuple[str, int] | None) -> None:
+        t = self.target(pick)
+        new_price = new_qty = None
+        if price is not None:
+            new_price = price[1] + (t.price if t is not None and price[0] == "rel" else 0)
+            if price[0] == "rel" and t is None:
+                new_price = 100 + price[1]
+        if qty is not None:
+            new_qty = qty[1] + (t.qty if t is not None and qty[0] == "rel" else 0)
+            if qty[0] == "rel" and t is None:
+                new_qty = 5 + qty[1]
+        self.apply(AmendOrder(self.symbol, price_ticks=new_price, qty_lots=new_qty, ts_ns=self.ts,
+                              **self.name_order(mode, pick, client)))
+
+    @rule(pick=picks, by_oid=st.booleans(), change=st.sampled_from(["price", "qty", "qty", "both"]),
+          dprice=st.integers(-6, 6), dqty=st.integers(-5, 5))
+    def amend_live(self, pick: int, by_oid: bool, change: str, dprice: int, dqty: int) -> None:
+        """A well-formed amend of a live order by its owner: reduce in place, re-queue, or re-price across."""
+        t = self.target(pick)
+        if t is None:
+            return
+        price = t.price + dprice if change in ("price", "both") else None
+        qty = t.qty + dqty * (self.h.spec.min_qty_lots if self.h else 1) if change in ("qty", "both") else None
+        names: dict[str, Any] = {"order_id": t.order_id} if by_oid else {"client_order_id": t.client_order_id}
+        self.apply(AmendOrder(self.symbol, t.client_id, price_ticks=price, qty_lots=qty, ts_ns=self.ts, **names))
+
+    @rule(what=st.sampled_from(["cancel_all", "cancel_all", "cancel_all_everywhere", "cancel_all_elsewhere",
+                                "clear", "clear_elsewhere", "restart", "restart"]), client=clients)
+    def admin(self, what: str, client: str) -> None:
+        """Rarer operations: cancel-all (here, everywhere, for another instrument), clear, restart from a snapshot."""
+        assert self.h is not None
+        if what == "restart":
+            note("h.restart()")
+            self.h.restart()
+        elif what.startswith("cancel_all"):
+            instrument = {"cancel_all": self.symbol, "cancel_all_everywhere": None}.get(what, "ELSEWHERE")
+            self.apply(CancelAll(client, instrument, self.ts))
+        else:
+            self.apply(ClearBook(self.symbol if what == "clear" else "ELSEWHERE", self.ts))
+
+    @rule(dt=st.integers(-3, 40))
+    def advance_time(self, dt: int) -> None:
+        """Let time pass (GTD orders expire on the next command); inputs may also arrive slightly out of order."""
+        self.ts += dt
+
+    @rule(kind=st.sampled_from([
+        "qty0", "qty_neg", "qty_max", "qty_bool", "qty_min", "price0", "price_neg", "price_max",
+        "empty_client", "empty_coid", "bad_side", "bad_type", "bad_tif", "bad_stp", "market_gtc", "market_gtd",
+        "post_only_market", "post_only_fok", "post_only_ioc", "gtd_past", "gtd_now", "expiry_without_gtd",
+        "dup_live", "dup_done", "wrong_instrument", "cancel_wrong_instrument", "amend_nothing", "reject_input"]),
+        client=clients, side=sides, pick=picks)
+    def invalid(self, kind: str, client: str, side: Side, pick: int) -> None:
+        assert self.h is not None
+        spec = self.h.spec
+        base: dict[str, Any] = {
+            "instrument": self.symbol, "client_id": client, "client_order_id": self.coid(None), "side": side,
+            "order_type": OrderType.LIMIT, "price_ticks": 100, "qty_lots": 2 * spec.min_qty_lots,
+            "tif": TimeInForce.GTC, "ts_ns": self.ts}
+        t = self.target(pick)
+        if kind == "cancel_wrong_instrument":
+            names = self.name_order("coid", pick, client)
+            self.apply(CancelOrder("ELSEWHERE", ts_ns=self.ts, **names))
+            return
+        if kind == "reject_input":  # what the edge sends for input it could not parse
+            reason = list(RejectReason)[pick % len(RejectReason)]
+            command = ["place", "cancel", "amend", "cancel_all", "clear", "unknown"][pick % 6]
+            coid = None if pick % 3 == 0 else self.coid(pick)
+            self.apply(RejectInput(self.symbol, client, coid, reason, f"edge refused it ({reason})", command, self.ts))
+            return
+        if kind == "amend_nothing":
+            names = self.name_order("oid", pick, client)
+            self.apply(AmendOrder(self.symbol, ts_ns=self.ts, **names))
+            return
+        change: dict[str, Any] = {
+            "qty0": {"qty_lots": 0},
+            "qty_neg": {"qty_lots": -3},
+            "qty_max": {"qty_lots": spec.max_qty_lots + 1},
+            "qty_bool": {"qty_lots": True},
+            "qty_min": {"qty_lots": spec.min_qty_lots - 1},
+            "price0": {"price_ticks": 0},
+            "price_neg": {"price_ticks": -100},
+            "price_max": {"price_ticks": spec.max_price_ticks + 1},
+            "empty_client": {"client_id": ""},
+            "empty_coid": {"client_order_id": ""},
+            "bad_side": {"side": "BUY"},
+            "bad_type": {"order_type": "stop"},
+            "bad_tif": {"tif": "DAY"},
+            "bad_stp": {"stp": "cancel_oldest"},
+            "market_gtc": {"order_type": OrderType.MARKET, "price_ticks": 0},
+            "market_gtd": {"order_type": OrderType.MARKET, "tif": TimeInForce.GTD, "expire_ns": self.ts + 5},
+            "post_only_market": {"order_type": OrderType.MARKET, "tif": TimeInForce.IOC, "post_only": True},
+            "post_only_fok": {"tif": TimeInForce.FOK, "post_only": True},
+            "post_only_ioc": {"tif": TimeInForce.IOC, "post_only": True},
+            "gtd_past": {"tif": TimeInForce.GTD, "expire_ns": self.ts - 1},
+            "gtd_now": {"tif": TimeInForce.GTD, "expire_ns": self.ts},
+            "expiry_without_gtd": {"expire_ns": self.ts + 10},
+            "dup_live": {"client_id": t.client_id, "client_order_id": t.client_order_id} if t else {},
+            "dup_done": {"client_order_id": self.coid(pick)},
+            "wrong_instrument": {"instrument": "ELSEWHERE"},
+        }[kind]
+        base.update(change)
+        self.apply(PlaceOrder(**base))
+
+    @invariant()
+    def engine_agrees(self) -> None:
+        # Harness.step already checked everything after the last command; this catches drift between
+        # steps (there should be none: rules other than apply() do not touch the engine).
+        if self.h is not None:
+            self.h.check_book()
+
+    def teardown(self) -> None:
+        if self.h is not None and self.healthy:
+            self.h.final_checks()
+
+
+EngineVsReference.TestCase.settings = settings(
+    max_examples=150,
+    stateful_step_count=60,
+    deadline=None,
+    derandomize=False,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+TestEngineVsReference = EngineVsReference.TestCase

@@ -1,0 +1,104 @@
+"""Stateless property test: any list of commands, however wrong, keeps the engine sound.
+
+Cheaper and wider than the state machine: commands are drawn independently of
+the book, from small id spaces so that they still collide (duplicate client
+order ids, cancels and amends of real, finished and never-issued orders), with
+every enum given as a member, a plain string or an unknown string, and with
+quantities, prices and expiries in and out of range (including ``True`` as a
+quantity). Each list is applied to the engine and the reference through
+:class:`~tests.property.harness.Harness`: no exception may escape ``apply``,
+the events must equal the reference's and every invariant must hold after
+every command; at the end snapshot restore and replay must be exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from exchange.commands import AmendOrder, CancelAll, CancelOrder, ClearBook, PlaceOrder, RejectInput
+from exchange.types import OrderType, RejectReason, Side, StpMode, TimeInForce
+
+from .harness import SPECS, Harness
+
+clients = st.sampled_from(["alice", "bob", "carol"] * 3 + [""])
+coids = st.sampled_from([f"k{i}" for i in range(16)] + [""])
+order_ids = st.one_of(st.none(), st.integers(-1, 40))
+SELF = "<self>"  # replaced by the symbol of the engine under test
+instruments = st.sampled_from([SELF] * 6 + ["ELSEWHERE"])
+
+
+def _enum_values(enum: Any, junk: list[str]) -> st.SearchStrategy[Any]:
+    """Mostly members, often plain strings, now and then something unknown."""
+    members = list(enum)
+    return st.sampled_from(members * 4 + [m.value for m in members] * 2 + junk)
+
+
+sides = _enum_values(Side, ["BUY", "bid"])
+otypes = _enum_values(OrderType, ["stop"])
+tifs = _enum_values(TimeInForce, ["DAY", "gtc"])
+stps = st.one_of(st.none(), st.none(), _enum_values(StpMode, ["cancel_oldest"]))
+qtys = st.one_of(st.integers(1, 15), st.integers(1, 15), st.integers(1, 15), st.integers(-1, 0),
+                 st.sampled_from([True, 41, 10**16]))
+prices = st.one_of(st.integers(90, 110), st.integers(90, 110), st.integers(90, 110),
+                   st.sampled_from([0, -1, 201, 10**16]))
+
+# ts_ns and expire_ns are filled in later, relative to a clock that only moves forward;
+# ``expire_ns`` here is an offset from the command's time (0: none, or a valid one for GTD).
+wild_places = st.builds(
+    PlaceOrder, instrument=instruments, client_id=clients, client_order_id=coids, side=sides, order_type=otypes,
+    price_ticks=prices, qty_lots=qtys, tif=tifs, stp=stps, expire_ns=st.sampled_from([0] * 10 + [-3, 1, 5, 20, 60]),
+    post_only=st.sampled_from([False, False, False, True]))
+# well-formed orders (enums as members or plain strings), so that books build up and trade
+good_limits = st.builds(
+    PlaceOrder, instrument=st.just(SELF), client_id=st.sampled_from(["alice", "bob", "carol"]),
+    client_order_id=coids, side=st.sampled_from([Side.BUY, Side.SELL, "buy", "sell"]),
+    order_type=st.just(OrderType.LIMIT), price_ticks=st.integers(95, 105), qty_lots=st.integers(1, 10),
+    tif=st.sampled_from([TimeInForce.GTC] * 4 + [TimeInForce.IOC, TimeInForce.FOK, TimeInForce.GTD, "GTC"]),
+    stp=stps, post_only=st.sampled_from([False] * 5 + [True]), expire_ns=st.just(0))
+good_markets = st.builds(
+    PlaceOrder, instrument=st.just(SELF), client_id=st.sampled_from(["alice", "bob", "carol"]),
+    client_order_id=coids, side=st.sampled_from([Side.BUY, Side.SELL]), order_type=st.just(OrderType.MARKET),
+    price_ticks=st.just(0), qty_lots=st.integers(1, 20), tif=st.sampled_from([TimeInForce.IOC, TimeInForce.FOK]),
+    stp=stps)
+cancels = st.builds(CancelOrder, instrument=instruments, client_id=clients,
+                    client_order_id=st.one_of(st.none(), coids), order_id=order_ids)
+amends = st.builds(AmendOrder, instrument=instruments, client_id=clients, client_order_id=st.one_of(st.none(), coids),
+                   order_id=order_ids, price_ticks=st.one_of(st.none(), prices), qty_lots=st.one_of(st.none(), qtys))
+others = st.one_of(
+    st.builds(CancelAll, client_id=clients, instrument=st.one_of(st.none(), instruments)),
+    st.builds(ClearBook, instrument=instruments),
+    st.builds(RejectInput, instrument=instruments, client_id=clients, client_order_id=st.one_of(st.none(), coids),
+              reason=st.sampled_from(list(RejectReason)), text=st.just("bad input"),
+              command=st.sampled_from(["place", "cancel", "amend"])),
+)
+# (st.one_of flattens and de-duplicates its branches, so weights need sampled_from + flatmap)
+_weighted = [good_limits] * 8 + [good_markets] * 2 + [wild_places] * 2 + [cancels] * 3 + [amends] * 3 + [others]
+commands = st.sampled_from(_weighted).flatmap(lambda strategy: strategy)
+steps = st.lists(st.tuples(commands, st.integers(0, 10)), min_size=20, max_size=100)
+
+
+def _concrete(cmd: Any, symbol: str, ts: int) -> Any:
+    """The drawn command for this engine's instrument at time ``ts``."""
+    changes: dict[str, Any] = {"ts_ns": ts}
+    if cmd.instrument == SELF:
+        changes["instrument"] = symbol
+    if isinstance(cmd, PlaceOrder):
+        offset = cmd.expire_ns or (15 if cmd.tif == TimeInForce.GTD else 0)
+        changes["expire_ns"] = ts + offset if offset else 0
+    return msgspec.structs.replace(cmd, **changes)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+          print_blob=True)
+@given(which=st.sampled_from(sorted(SPECS)), steps=steps)
+def test_any_command_list_keeps_the_engine_sound(which: str, steps: list[tuple[Any, int]]) -> None:
+    h = Harness(SPECS[which])
+    ts = 1_000
+    for cmd, dt in steps:
+        ts += dt
+        h.step(_concrete(cmd, h.spec.symbol, ts))
+    h.final_checks()
