@@ -129,15 +129,20 @@ def _ident(msg: dict[str, Any], key: str) -> str | None:
     return None
 
 
+_MEMBERS: dict[type[Any], dict[Any, Any]] = {
+    enum: {m.value: m for m in enum} for enum in (Side, OrderType, TimeInForce, StpMode)}
+
+
 def _enum(msg: dict[str, Any], key: str, enum: type[Any], default: Any) -> Any:
     value = msg.get(key)
     if value is None:
         return default
-    try:
-        return enum(value)
-    except ValueError:
-        choices = ", ".join(m.value for m in enum)
-        raise _FieldError(RejectReason.MALFORMED, f"{key} must be one of {choices}; got {value!r}") from None
+    members = _MEMBERS[enum]  # a dict lookup: calling the Enum class costs a microsecond
+    member = members.get(value) if isinstance(value, str) else None
+    if member is None:
+        choices = ", ".join(members)
+        raise _FieldError(RejectReason.MALFORMED, f"{key} must be one of {choices}; got {value!r}")
+    return member
 
 
 def _place(msg: dict[str, Any], spec: Instrument, client_id: str, client_order_id: str | None,

@@ -132,8 +132,8 @@ class EventApplier:
                               f"{self.next_order_id}")
         self.next_order_id = oid + 1
         if ev.order_type == _LIMIT and ev.tif in _RESTING_TIF:
-            self.book.add(Order(oid, ev.client_id, ev.client_order_id, Side(ev.side), ev.price_ticks, ev.qty_lots,
-                                ev.qty_lots, ev.seq, ev.expire_ns, ev.post_only, StpMode(ev.stp)))
+            self.book.add(Order(oid, ev.client_id, ev.client_order_id, ev.side, ev.price_ticks, ev.qty_lots,
+                                ev.qty_lots, ev.seq, ev.expire_ns, ev.post_only, ev.stp))
         else:
             self._transient[oid] = (ev.client_id, ev.client_order_id)
 

@@ -104,20 +104,21 @@ async def _verify_one(store: PostgresStore, spec: Instrument) -> InstrumentRepor
         report.results.append(SourceResult("open orders", error=f"not a valid book: {exc}"))
 
     # (b) the latest snapshot plus the events after it
+    # (as recovery does it: with no snapshot stored, that is every event from seq 1)
     snapshot = await store.latest_snapshot(symbol, durable)
-    if snapshot is None:
-        report.results.append(SourceResult("snapshot+events", note="no snapshot stored"))
-    else:
-        own = EventApplier(spec, snapshot.state).state_hash()
-        try:
-            replay = await replay_stored(store, spec, durable, snapshot=snapshot)
+    try:
+        replay = await replay_stored(store, spec, durable, snapshot=snapshot)
+        if snapshot is None:
+            note = f"no snapshot stored: {replay.events} events from seq 1"
+        else:
             note = f"snapshot seq {snapshot.state.seq} + {replay.events} events"
+            own = EventApplier(spec, snapshot.state).state_hash()
             if own != snapshot.state_hash:
                 note += f"; SNAPSHOT DAMAGED (stored hash {snapshot.state_hash}, content {own})"
                 report.problems.append(f"the snapshot at seq {snapshot.state.seq} does not match its stored hash")
-            report.results.append(SourceResult("snapshot+events", replay.state, replay.state_hash, note))
-        except ReplayError as exc:
-            report.results.append(SourceResult("snapshot+events", error=str(exc)))
+        report.results.append(SourceResult("snapshot+events", replay.state, replay.state_hash, note))
+    except ReplayError as exc:
+        report.results.append(SourceResult("snapshot+events", error=str(exc)))
 
     # (c) everything from the first event: the reference
     try:

@@ -131,6 +131,8 @@ class OrderSource:
 
     async def _dispatch(self, consumer: AIOKafkaConsumer, tp: TopicPartition, record: Any) -> None:
         key = (tp.topic, tp.partition)
+        if not self.consumed:
+            self._log.info("first message consumed", partition=tp.partition, offset=record.offset)
         self.consumed += 1
         self._position[key] = record.offset + 1
         try:
@@ -168,12 +170,13 @@ class OrderSource:
         except asyncio.QueueFull:
             pass
         # back-pressure: pause fetching, keep the group membership alive, wait for room
+        # (short pauses are normal under bursts; only long ones are logged)
         assignment = list(consumer.assignment())
         consumer.pause(*assignment)
         self._paused = True
         if self._metrics is not None:
             self._metrics.consumer_paused(True)
-        self._log.info("queue full; consumer paused", instrument=loop.symbol, depth=loop.queue.qsize())
+        paused_at = time.monotonic()
         try:
             while True:
                 try:
@@ -181,12 +184,18 @@ class OrderSource:
                     break
                 except TimeoutError:
                     await consumer.getmany(timeout_ms=0)  # keeps the poll interval fresh; paused: no data
+                    waited = time.monotonic() - paused_at
+                    if waited < 1.5:
+                        self._log.warning("consumer paused: the instrument's queue is full (is the journal "
+                                          "writer keeping up?)", instrument=loop.symbol, depth=loop.queue.qsize())
         finally:
             consumer.resume(*assignment)
             self._paused = False
             if self._metrics is not None:
                 self._metrics.consumer_paused(False)
-            self._log.info("consumer resumed", instrument=loop.symbol)
+            waited = time.monotonic() - paused_at
+            if waited >= 1.0:
+                self._log.info("consumer resumed", instrument=loop.symbol, paused_s=round(waited, 3))
 
     def _check_caught_up(self, consumer: AIOKafkaConsumer) -> None:
         if not self._replay_until:

@@ -69,6 +69,9 @@ if TYPE_CHECKING:
 _Conn: TypeAlias = "asyncpg.Connection | PoolConnectionProxy[asyncpg.Record]"
 
 _RETRIABLE_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
+# connection-time refusals an operator clears without touching the daemon: database not accepting
+# connections (ALLOW_CONNECTIONS false, shutting down), lock timeouts, a database being restored
+_RETRIABLE_SQLSTATES = frozenset({"55000", "55006", "55P03", "3D000"})
 _SIDES = {s.value: s for s in Side}
 _STPS = {s.value: s for s in StpMode}
 _decode_events = msgspec.json.Decoder(list[Event]).decode
@@ -146,11 +149,14 @@ WHERE instrument = $1 AND status IN ('filled', 'canceled', 'expired')
 ORDER BY updated_seq DESC, priority DESC
 LIMIT $2"""
 
-# Every statement here touches a few rows through a unique index or is a COPY. Without these, a
-# batch's ``UPDATE orders ... FROM unnest(...)`` may be planned as a hash join over all open orders
-# (or worse, a generic plan scanning them once per updated row) when statistics lag behind a
-# fast-growing table: seconds instead of milliseconds per batch.
-_SESSION_SETTINGS = {"jit": "off", "enable_hashjoin": "off", "enable_mergejoin": "off"}
+# Every statement here reads or writes a few rows through a unique index, walks an index in its order,
+# or is a COPY. Statistics lag far behind tables that grow by thousands of rows a second, and then the
+# planner picks plans that are fine for the tiny table it believes in and ruinous for the real one: a
+# batch's ``UPDATE orders ... FROM unnest(...)`` as a hash join over every open order (or a generic
+# plan scanning them once per updated row), a chunk of the event journal as a bitmap scan plus an
+# on-disk sort of everything after it. Seconds instead of milliseconds, so those plan shapes are off.
+_SESSION_SETTINGS = {"jit": "off", "enable_hashjoin": "off", "enable_mergejoin": "off",
+                     "enable_bitmapscan": "off"}
 _LOAD_CHUNK = 50_000
 _LOG_EVERY_S = 1.0
 
@@ -342,6 +348,7 @@ class PostgresStore:
         try:
             async with pool.acquire(timeout=self.connect_timeout) as conn, conn.transaction(
                     isolation="repeatable_read", readonly=True):
+                await conn.execute("SET LOCAL work_mem = '256MB'")  # sort the open orders in memory
                 for spec in instruments:
                     out[spec.symbol] = await self._load_one(conn, spec)
         except StoreUnavailable:
@@ -408,21 +415,41 @@ class PostgresStore:
                           chunk: int = 20_000) -> AsyncIterator[list[Event]]:
         """The stored events of ``instrument`` after ``after_seq`` (up to ``upto_seq``), in chunks, in order."""
         pool = self._require_pool()
-        upto = upto_seq if upto_seq is not None else (1 << 63) - 1
-        seq = after_seq
-        while True:
-            try:
-                rows = await pool.fetch(
-                    "SELECT seq, payload FROM order_events WHERE instrument = $1 AND seq > $2 AND seq <= $3 "
-                    "ORDER BY seq LIMIT $4", instrument, seq, upto, chunk, timeout=self.command_timeout)
-            except Exception as exc:
-                raise _unavailable(exc, f"reading the events of {instrument}") from exc
-            if not rows:
-                return
-            yield _decode_events(b"[" + b",".join([r[1] for r in rows]) + b"]")
-            seq = rows[-1][0]
-            if len(rows) < chunk:
-                return
+
+        async def fetch(after: int, upto: int) -> list[Event]:
+            # seqs are dense, so a seq range bounds each query's work whatever the statistics say
+            rows = await pool.fetch(
+                "SELECT payload FROM order_events WHERE instrument = $1 AND seq > $2 AND seq <= $3 ORDER BY seq",
+                instrument, after, upto, timeout=self.command_timeout)
+            return _decode_events(b"[" + b",".join([r[0] for r in rows]) + b"]") if rows else []
+
+        pending: asyncio.Task[list[Event]] | None = None
+        try:
+            if upto_seq is None:
+                upto_seq = await pool.fetchval("SELECT max(seq) FROM order_events WHERE instrument = $1",
+                                               instrument, timeout=self.command_timeout) or 0
+            seq = after_seq
+            while seq < upto_seq:
+                if pending is None:
+                    pending = asyncio.ensure_future(fetch(seq, min(seq + chunk, upto_seq)))
+                events = await pending
+                seq = min(seq + chunk, upto_seq)
+                # the server reads the next chunk while the caller works through this one
+                pending = asyncio.ensure_future(fetch(seq, min(seq + chunk, upto_seq))) if seq < upto_seq else None
+                if events:
+                    yield events
+        except Exception as exc:
+            raise _unavailable(exc, f"reading the events of {instrument}") from exc
+        finally:
+            if pending is not None:  # the caller stopped early: drop the read-ahead
+                pending.add_done_callback(_retrieve)
+                pending.cancel()
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Mark a dropped task's outcome as seen (no "exception was never retrieved" noise)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
@@ -437,7 +464,7 @@ def _unavailable(exc: BaseException, doing: str) -> StoreUnavailable:
     if isinstance(exc, asyncpg.PostgresError):
         state = exc.sqlstate or ""
         detail = f"{type(exc).__name__} [{state}] {exc}"
-        if state[:2] in _RETRIABLE_SQLSTATE_CLASSES:
+        if state[:2] in _RETRIABLE_SQLSTATE_CLASSES or state in _RETRIABLE_SQLSTATES:
             return StoreUnavailable(f"PostgreSQL unavailable while {doing}: {detail}", retriable=True)
         extra = []
         for name in ("constraint_name", "table_name", "column_name", "detail"):

@@ -28,7 +28,8 @@ def free_port() -> int:
 
 def write_config(path: Path, *, instruments: Sequence[Instrument], bootstrap: str, dsn: str, topic: str,
                  group_id: str, http_port: int, snapshot_interval_s: float = 60.0, max_events: int = 5000,
-                 linger_ms: float = 2.0, publish_events: bool = True, queue_size: int = 10_000) -> Path:
+                 linger_ms: float = 2.0, publish_events: bool = True, queue_size: int = 10_000,
+                 journal_queue: int = 256) -> Path:
     lines = []
     for spec in instruments:
         lines += [
@@ -59,6 +60,7 @@ def write_config(path: Path, *, instruments: Sequence[Instrument], bootstrap: st
         "[journal]",
         f"max_events = {max_events}",
         f"linger_ms = {linger_ms}",
+        f"queue_size = {journal_queue}",
         "",
         "[engine]",
         f"snapshot_interval_s = {snapshot_interval_s}",

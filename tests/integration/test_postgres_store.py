@@ -460,3 +460,36 @@ def test_unreachable_database_is_retriable() -> None:
         assert info.value.retriable
 
     run(scenario())
+
+
+def test_read_events_in_small_chunks_and_stopping_early(pg_dsn: str) -> None:
+    work = Workload(seed=8)
+    batches = work.batches(300, max_batch=60, snapshot_every=2)
+
+    async def scenario() -> None:
+        store = await migrated_store(pg_dsn)
+        try:
+            for batch in batches:
+                await store.commit(batch)
+            for spec in SPECS:
+                produced = [e for e in work.events if e.instrument == spec.symbol]
+                chunks = [c async for c in store.read_events(spec.symbol, 0, chunk=7)]
+                assert [e for c in chunks for e in c] == produced
+                assert max(map(len, chunks)) == 7
+                middle = [e for c in [c async for c in store.read_events(spec.symbol, 10, 30, chunk=6)] for e in c]
+                assert [e.seq for e in middle] == list(range(11, 31))
+                stream = store.read_events(spec.symbol, 0, chunk=5)
+                async for _ in stream:
+                    break  # the read-ahead is dropped quietly
+                await stream.aclose()
+                snap = await store.latest_snapshot(spec.symbol)
+                assert snap is not None
+                assert snap.state_hash == MatchingEngine.from_state(spec, snap.state).state_hash()
+                older = await store.latest_snapshot(spec.symbol, snap.state.seq - 1)
+                assert older is None or older.state.seq < snap.state.seq
+                assert await store.latest_snapshot(spec.symbol, 0) is None
+        finally:
+            await store.stop()
+
+    run(scenario())
+

