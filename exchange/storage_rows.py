@@ -35,7 +35,7 @@ so lower priority — finishes first), which is how the dedupe window is rebuilt
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -58,11 +58,13 @@ from exchange.types import Side
 __all__ = [
     "EVENT_COLUMNS",
     "ORDER_COLUMNS",
-    "POSITION_COLUMNS",
+    "POSITION_FIELDS",
     "TRADE_COLUMNS",
+    "UPDATE_FIELDS",
     "BatchRows",
     "Progress",
     "RowError",
+    "Scale",
     "derive_rows",
     "finished_statuses",
     "open_statuses",
@@ -79,8 +81,9 @@ TRADE_COLUMNS = (
     "maker_order_id", "maker_client_id", "maker_client_order_id", "taker_order_id", "taker_client_id",
     "taker_client_order_id",
 )
-POSITION_COLUMNS = ("client_id", "instrument", "net_lots", "cost", "realized", "net_qty", "realized_pnl",
-                    "updated_seq")
+UPDATE_FIELDS = ("instrument", "order_id", "remaining_lots", "filled_delta", "qty_lots", "price_ticks", "priority",
+                 "status", "updated_seq", "updated_ts_ns")
+POSITION_FIELDS = ("client_id", "instrument", "net_lots", "cost", "realized", "updated_seq")
 open_statuses = ("open", "partially_filled")
 finished_statuses = ("filled", "canceled", "expired")
 
@@ -93,6 +96,28 @@ _PRICE, _QTY, _REMAINING, _FILLED, _STATUS, _PRIORITY = 8, 9, 10, 11, 12, 13
 _UPDATED_SEQ, _UPDATED_TS = 20, 21
 # positions in a mutable update record of a pre-existing order
 _U_REMAINING, _U_FILLED, _U_QTY, _U_PRICE, _U_PRIORITY, _U_STATUS, _U_SEQ, _U_TS = range(8)
+
+
+class Scale:
+    """One instrument's operator-facing decimals: ticks -> price, lots -> quantity.
+
+    The values go into the NUMERIC columns of the rows that are COPied (new
+    orders, trades). This one gives :class:`~decimal.Decimal`; a store may pass a
+    subclass that gives its driver's wire form instead (see
+    ``exchange.adapters.postgres``).
+    """
+
+    __slots__ = ("lot", "tick")
+
+    def __init__(self, spec: Instrument) -> None:
+        self.tick = Decimal(spec.tick_size)
+        self.lot = Decimal(spec.lot_size)
+
+    def price(self, ticks: int) -> Any:
+        return self.tick * ticks
+
+    def qty(self, lots: int) -> Any:
+        return self.lot * lots
 
 
 class RowError(ValueError):
@@ -110,13 +135,13 @@ class Progress:
 
 @dataclass(slots=True)
 class BatchRows:
-    """Everything one batch writes, as rows/tuples ready for COPY or ``unnest``.
+    """Everything one batch writes, as rows ready for COPY or for the store's set-based statements.
 
-    ``order_updates`` tuples are ``(instrument, order_id, remaining_lots,
-    filled_delta, qty_lots, price_ticks, priority, status, updated_seq,
-    updated_ts_ns, price, qty)`` where ``None`` means "keep the stored value".
-    ``positions`` maps instrument -> client -> new position (only those that
-    changed); ``position_rows`` are the same as table rows. ``first_seq`` and
+    ``order_updates`` tuples hold :data:`UPDATE_FIELDS`, where ``None`` means
+    "keep the stored value" (the store derives ``price``/``qty`` from the new
+    ticks/lots). ``positions`` maps instrument -> client -> new position (only
+    those that changed); ``position_rows`` are the same as tuples of
+    :data:`POSITION_FIELDS` (the store adds the decimal columns). ``first_seq`` and
     ``progress`` hold, per instrument with events, the batch's first seq and the
     counters at its end. ``offsets`` maps ``(instrument, topic, partition)`` to
     the highest offset. ``snapshots`` rows are ``(instrument, seq, state_hash,
@@ -125,7 +150,7 @@ class BatchRows:
 
     events: list[tuple[Any, ...]] = field(default_factory=list)
     trades: list[tuple[Any, ...]] = field(default_factory=list)
-    new_orders: list[tuple[Any, ...]] = field(default_factory=list)
+    new_orders: list[Sequence[Any]] = field(default_factory=list)
     order_updates: list[tuple[Any, ...]] = field(default_factory=list)
     positions: dict[str, dict[str, Position]] = field(default_factory=dict)
     position_rows: list[tuple[Any, ...]] = field(default_factory=list)
@@ -138,13 +163,13 @@ class BatchRows:
 class _Instrument:
     """Per-instrument working state while one batch is walked."""
 
-    __slots__ = ("first_seq", "last_seq", "lot", "new", "next_order_id", "next_trade_id", "old_positions",
-                 "position_seq", "positions", "rejected", "symbol", "tick", "updates")
+    __slots__ = ("first_seq", "last_seq", "new", "next_order_id", "next_trade_id", "old_positions",
+                 "position_seq", "positions", "rejected", "scale", "symbol", "updates")
 
-    def __init__(self, spec: Instrument, progress: Progress, positions: Mapping[str, Position]) -> None:
+    def __init__(self, spec: Instrument, progress: Progress, positions: Mapping[str, Position],
+                 scale: Scale) -> None:
         self.symbol = spec.symbol
-        self.tick = Decimal(spec.tick_size)
-        self.lot = Decimal(spec.lot_size)
+        self.scale = scale
         self.first_seq = 0
         self.last_seq = progress.seq
         self.next_order_id = progress.next_order_id
@@ -186,11 +211,13 @@ def derive_rows(
     specs: Mapping[str, Instrument],
     progress: Mapping[str, Progress],
     positions: Mapping[str, Mapping[str, Position]],
+    scale: Callable[[Instrument], Scale] = Scale,
 ) -> BatchRows:
     """All rows ``batch`` writes, given each instrument's stored counters and positions.
 
     Pure: ``progress`` and ``positions`` (instrument -> client -> position) are
-    only read. Raises :class:`RowError` for an instrument missing from
+    only read. ``scale`` gives each instrument's :class:`Scale` for the NUMERIC
+    columns (Decimals by default). Raises :class:`RowError` for an instrument missing from
     ``specs`` or a batch whose sequence numbers are not consecutive.
     """
     out = BatchRows()
@@ -199,28 +226,39 @@ def derive_rows(
     offsets = out.offsets
     state: dict[str, _Instrument] = {}
     encode = _encode
+    inst: _Instrument | None = None
+    symbol = ""
+    expected = 0
+    new: dict[int, list[Any]] = {}
+    price_of: Callable[[int], Any] = int
+    qty_of: Callable[[int], Any] = int
     for item in batch.applied:
-        symbol = item.instrument
         pos = item.position
         if pos is not None:
-            key = (symbol, pos.topic, pos.partition)
+            key = (item.instrument, pos.topic, pos.partition)
             if offsets.get(key, -1) < pos.offset:
                 offsets[key] = pos.offset
-        if not item.events:
+        events = item.events
+        if not events:
             continue
-        inst = state.get(symbol)
-        if inst is None:
-            spec = specs.get(symbol)
-            if spec is None:
-                raise RowError(f"instrument {symbol!r} is not configured in this store")
-            inst = state[symbol] = _Instrument(spec, progress.get(symbol) or Progress(),
-                                                positions.get(symbol) or {})
-            inst.first_seq = item.events[0].seq
-            inst.last_seq = inst.first_seq - 1
-        tick, lot = inst.tick, inst.lot
-        new = inst.new
-        expected = inst.last_seq + 1
-        for ev in item.events:
+        if item.instrument is not symbol:  # another instrument than the previous record's
+            if inst is not None:
+                inst.last_seq = expected - 1
+            symbol = item.instrument
+            inst = state.get(symbol)
+            if inst is None:
+                spec = specs.get(symbol)
+                if spec is None:
+                    raise RowError(f"instrument {symbol!r} is not configured in this store")
+                inst = state[symbol] = _Instrument(spec, progress.get(symbol) or Progress(),
+                                                    positions.get(symbol) or {}, scale(spec))
+                inst.first_seq = events[0].seq
+                inst.last_seq = inst.first_seq - 1
+            price_of, qty_of = inst.scale.price, inst.scale.qty
+            new = inst.new
+            expected = inst.last_seq + 1
+        assert inst is not None
+        for ev in events:
             seq = ev.seq
             if seq != expected or ev.instrument != symbol:
                 raise RowError(f"{symbol}: event {ev.instrument}/{seq} where {symbol}/{expected} was expected; "
@@ -252,7 +290,7 @@ def derive_rows(
                 p = changed.get(tc) or old.get(tc) or _ZERO
                 changed[tc] = apply_fill(p, aggressor, price, lots)
                 inst.position_seq[mc] = inst.position_seq[tc] = seq
-                trades_append((symbol, ev.trade_id, seq, ts, price, lots, tick * price, lot * lots, aggressor,
+                trades_append((symbol, ev.trade_id, seq, ts, price, lots, price_of(price), qty_of(lots), aggressor,
                                maker, mc, ev.maker_client_order_id, taker, tc, ev.taker_client_order_id))
                 events_append((symbol, seq, ts, "filled", taker, tc, encode(ev)))
             elif isinstance(ev, OrderCanceled):
@@ -292,28 +330,26 @@ def derive_rows(
                 events_append((symbol, seq, ts, "expired", ev.order_id, ev.client_id, encode(ev)))
             else:
                 raise RowError(f"{symbol}: not an event: {ev!r}")
+    if inst is not None:
         inst.last_seq = expected - 1
 
     for symbol, inst in state.items():
-        tick, lot = inst.tick, inst.lot
+        sc = inst.scale
+        price_of, qty_of = sc.price, sc.qty
         new_orders = out.new_orders
-        for rec in inst.new.values():
+        for rec in inst.new.values():  # COPY takes the lists as they are
             price = rec[_PRICE]
-            rec.append(tick * price if price else None)
-            rec.append(lot * rec[_QTY])
-            new_orders.append(tuple(rec))
+            rec.append(price_of(price) if price else None)
+            rec.append(qty_of(rec[_QTY]))
+            new_orders.append(rec)
         new_orders.extend(inst.rejected)
         updates = out.order_updates
         for oid, u in inst.updates.items():
-            price, qty = u[_U_PRICE], u[_U_QTY]
-            updates.append((symbol, oid, *u, None if price is None else tick * price,
-                            None if qty is None else lot * qty))
+            updates.append((symbol, oid, *u))
         if inst.positions:
             out.positions[symbol] = inst.positions
-            pnl_unit = tick * lot
             out.position_rows.extend(
-                (client, symbol, p.net_lots, p.cost, p.realized, lot * p.net_lots, pnl_unit * p.realized,
-                 inst.position_seq[client])
+                (client, symbol, p.net_lots, p.cost, p.realized, inst.position_seq[client])
                 for client, p in inst.positions.items())
         out.first_seq[symbol] = inst.first_seq
         out.progress[symbol] = Progress(inst.last_seq, inst.next_order_id, inst.next_trade_id)

@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import structlog
+
 from exchange.adapters.postgres import PostgresStore
 from exchange.instruments import Instrument
 from exchange.journal import StoreUnavailable
@@ -24,6 +26,8 @@ from recovery.events import EventApplier, ReplayError
 from recovery.rebuild import describe_difference, replay_stored
 
 __all__ = ["InstrumentReport", "SourceResult", "VerifyReport", "verify"]
+
+_log = structlog.get_logger("exchange.recovery")
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +111,8 @@ async def _verify_one(store: PostgresStore, spec: Instrument) -> InstrumentRepor
     # (as recovery does it: with no snapshot stored, that is every event from seq 1)
     snapshot = await store.latest_snapshot(symbol, durable)
     try:
-        replay = await replay_stored(store, spec, durable, snapshot=snapshot)
+        replay = await replay_stored(store, spec, durable, snapshot=snapshot, log=_log,
+                                     what="verify: snapshot+events")
         if snapshot is None:
             note = f"no snapshot stored: {replay.events} events from seq 1"
         else:
@@ -122,7 +127,7 @@ async def _verify_one(store: PostgresStore, spec: Instrument) -> InstrumentRepor
 
     # (c) everything from the first event: the reference
     try:
-        replay = await replay_stored(store, spec, durable, snapshot=None)
+        replay = await replay_stored(store, spec, durable, snapshot=None, log=_log, what="verify: full replay")
         report.results.append(SourceResult("full replay", replay.state, replay.state_hash,
                                            f"{replay.events} events from seq 1"))
     except ReplayError as exc:

@@ -138,10 +138,17 @@ class DaemonProcess:
         self._log.close()
 
     def terminate(self, timeout: float = 60.0) -> int:
+        """SIGTERM and wait; a daemon that does not stop in time is killed and the test fails."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout)
-        self._log.close()
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise AssertionError(f"daemon did not stop within {timeout}s of SIGTERM; log: {self.tail()}") from None
+        finally:
+            self._log.close()
         return code
 
     def tail(self, n: int = 40) -> str:

@@ -235,6 +235,14 @@ def test_random_stream_round_trips_through_storage(pg_dsn: str, seed: int) -> No
         stored = {(r["instrument"], r["client_id"]): Position(int(r["net_lots"]), int(r["cost"]), int(r["realized"]))
                   for r in await fetch(pg_dsn, "SELECT * FROM positions")}
         assert stored == from_trades
+        steps = {spec.symbol: (Decimal(spec.tick_size), Decimal(spec.lot_size)) for spec in SPECS}
+        for r in await fetch(pg_dsn, "SELECT * FROM positions"):
+            tick, lot = steps[r["instrument"]]
+            assert r["net_qty"] == r["net_lots"] * lot
+            assert r["realized_pnl"] == r["realized"] * tick * lot
+        for r in await fetch(pg_dsn, "SELECT * FROM trades"):
+            tick, lot = steps[r["instrument"]]
+            assert (r["price"], r["qty"]) == (r["price_ticks"] * tick, r["qty_lots"] * lot)
         net: dict[tuple[str, str], int] = {}
         for t in trades:
             lots = t["qty_lots"]
@@ -297,7 +305,11 @@ def test_statuses_match_the_engine(pg_dsn: str) -> None:
                 assert (r["remaining_lots"], r["qty_lots"], r["price_ticks"], r["priority"], r["filled_lots"]) == (
                     o.remaining, o.qty, o.price, o.priority, o.qty - o.remaining)
                 assert r["status"] == ("partially_filled" if o.qty > o.remaining else "open")
+            tick, lot = Decimal(spec.tick_size), Decimal(spec.lot_size)
             for r in mine:
+                # the decimal columns follow the integers, whether COPied or updated (amends)
+                assert r["price"] == (r["price_ticks"] * tick if r["price_ticks"] else None)
+                assert r["qty"] == r["qty_lots"] * lot
                 assert r["filled_lots"] + r["remaining_lots"] <= r["qty_lots"]
                 if r["status"] == "filled":
                     assert r["filled_lots"] == r["qty_lots"]
@@ -493,3 +505,39 @@ def test_read_events_in_small_chunks_and_stopping_early(pg_dsn: str) -> None:
 
     run(scenario())
 
+
+
+def test_the_numeric_wire_codec_agrees_with_postgresql(pg_dsn: str) -> None:
+    """The store's own NUMERIC codec (pre-encoded prices and sizes) against the server's text form."""
+    import random
+
+    from exchange.adapters.postgres import _decode_numeric, _encode_numeric, _init_connection, numeric_binary
+
+    rng = random.Random(3)
+    values = [(0, 0), (0, 3), (1, 0), (-1, 0), (10_000, 2), (5, 4), (5, 5), (-42, 1), (10**37, 0), (1, 18),
+              (-(10**37) + 1, 0), (99_999_999, 18), (123_456_789, 9)]
+    values += [(rng.choice((1, -1)) * rng.randrange(10 ** rng.randrange(1, 38)), rng.randrange(19))
+               for _ in range(400)]
+
+    async def scenario() -> None:
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            await _init_connection(conn)
+            for units, scale in values:
+                expected = Decimal(f"{units}E-{scale}")
+                text = await conn.fetchval("SELECT $1::numeric::text", numeric_binary(units, scale))
+                assert Decimal(text) == expected
+                assert len(text.partition(".")[2]) == scale  # exactly the display scale asked for
+                assert await conn.fetchval("SELECT $1::numeric::text", _encode_numeric(expected)) == text
+                back = await conn.fetchval("SELECT $1::text::numeric", text)
+                assert back == expected
+                assert f"{back:f}" == text
+            assert await conn.fetchval("SELECT $1::numeric", 12345) == 12345
+            assert str(await conn.fetchval("SELECT 'NaN'::numeric")) == "NaN"
+            with pytest.raises(TypeError):
+                _encode_numeric(1.5)
+            assert _decode_numeric(numeric_binary(-5, 2)) == Decimal("-0.05")
+        finally:
+            await conn.close()
+
+    run(scenario())
