@@ -63,7 +63,8 @@ class Daemon:
         store = self._store or _postgres_store(s)
         http = self.http = HttpServer(s.http.host, s.http.port, self._routes()) if s.http.port else None
         publisher = KafkaEventPublisher(bootstrap_servers=s.kafka.bootstrap_servers, events_topic=s.kafka.events_topic,
-                                        instruments=specs, publish_events=s.kafka.publish_events)
+                                        instruments=specs, publish_events=s.kafka.publish_events,
+                                        order_states=getattr(store, "order_states", None))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)

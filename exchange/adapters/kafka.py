@@ -14,14 +14,17 @@ consumer.
 
 :class:`KafkaEventPublisher` publishes durable events to the order-events topic,
 keyed by client id so that each client's events stay in order (a fill goes to
-both its maker's and its taker's key).
+both its maker's and its taker's key). When an order is resubmitted (same client
+order id), the duplicate is rejected and the sender also gets an
+``order_status`` message with the original order's current state, so a producer
+that retried learns the outcome of its first submission.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -36,7 +39,9 @@ from exchange.logging import get_logger
 from exchange.offsets import OffsetTracker, start_offset
 from exchange.types import RejectReason
 
-__all__ = ["KafkaEventPublisher", "OrderSource"]
+__all__ = ["KafkaEventPublisher", "OrderSource", "OrderStates"]
+
+OrderStates = Callable[[str, Sequence[int]], Awaitable[list[dict[str, Any]]]]
 
 _POLL_MS = 50
 
@@ -296,12 +301,14 @@ class KafkaEventPublisher:
     """Publishes durable events (and unsequenced rejections, and dead letters) to Kafka."""
 
     def __init__(self, *, bootstrap_servers: str, events_topic: str, instruments: Mapping[str, Instrument],
-                 client_options: Mapping[str, Any] | None = None, publish_events: bool = True) -> None:
+                 client_options: Mapping[str, Any] | None = None, publish_events: bool = True,
+                 order_states: OrderStates | None = None) -> None:
         self._bootstrap = bootstrap_servers
         self.events_topic = events_topic
         self._specs = instruments
         self._options = dict(client_options or {})
         self._publish_events = publish_events
+        self._order_states = order_states
         self._producer: AIOKafkaProducer | None = None
         self.published = 0
 
@@ -343,6 +350,23 @@ class KafkaEventPublisher:
         if futures:
             await asyncio.gather(*futures)
             self.published += len(futures)
+        await self._original_outcomes(batch)
+
+    async def _original_outcomes(self, batch: Batch) -> None:
+        """A resubmitted order is rejected as a duplicate; its sender also gets the original's state again."""
+        if self._order_states is None:
+            return
+        wanted: dict[str, dict[int, str]] = {}
+        for item in batch.applied:
+            for event in item.events:
+                if (type(event) is OrderRejected and event.reason is RejectReason.DUPLICATE_CLIENT_ORDER_ID
+                        and event.order_id is not None):
+                    wanted.setdefault(item.instrument, {})[event.order_id] = event.client_id
+        producer = self._require()
+        for instrument, orders in wanted.items():
+            for state in await self._order_states(instrument, list(orders)):
+                await producer.send(self.events_topic, encode(state), key=orders[state["order_id"]].encode(),
+                                    headers=[("instrument", instrument.encode())])
 
     async def reject(self, client_id: str, client_order_id: str | None, instrument: str | None,
                      reason: RejectReason, text: str, ts_ns: int) -> None:

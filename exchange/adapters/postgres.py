@@ -433,6 +433,27 @@ class PostgresStore:
                       elapsed_s=round(time.monotonic() - started, 3))
         return Recovered(state, offsets, positions)
 
+    # ------------------------------------------------------------------ lookups
+
+    async def order_states(self, instrument: str, order_ids: Sequence[int]) -> list[dict[str, Any]]:
+        """The current rows of some orders (by the unique (instrument, order_id) index), as wire dicts."""
+        pool = self._require_pool()
+        try:
+            rows = await pool.fetch(
+                "SELECT order_id, client_id, client_order_id, side, order_type, tif, price::text AS price, "
+                "qty::text AS qty, status, filled_lots, remaining_lots, created_seq, updated_seq "
+                "FROM orders WHERE instrument = $1 AND order_id = ANY($2::bigint[]) ORDER BY order_id",
+                instrument, list(order_ids), timeout=self.command_timeout)
+        except Exception as exc:
+            raise _unavailable(exc, f"reading orders of {instrument}") from exc
+        spec = self.specs[instrument]
+        return [{"type": "order_status", "instrument": instrument, "seq": r["updated_seq"],
+                 "order_id": r["order_id"], "client_id": r["client_id"], "client_order_id": r["client_order_id"],
+                 "side": r["side"], "order_type": r["order_type"], "tif": r["tif"], "price": r["price"],
+                 "qty": r["qty"], "status": r["status"], "filled": spec.lots_to_qty(r["filled_lots"]),
+                 "remaining": spec.lots_to_qty(r["remaining_lots"]), "accepted_seq": r["created_seq"]}
+                for r in rows]
+
     # ------------------------------------------------------------------ history
 
     async def latest_snapshot(self, instrument: str, max_seq: int | None = None) -> SnapshotRequest | None:

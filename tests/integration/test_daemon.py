@@ -11,9 +11,11 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer
 
+from exchange.events import OrderFilled, OrderRejected
 from exchange.instruments import Instrument
 from exchange.testing.broker import KafkaBroker
 from exchange.testing.flow import OrderFlow
+from exchange.types import RejectReason
 from recovery.verify import verify
 from tests.integration.daemon import DaemonProcess, free_port, produce, write_config
 from tests.integration.expect import encoded, replay_messages, stored_state, wait_for_seq
@@ -88,7 +90,18 @@ def test_daemon_applies_stores_publishes_and_stops_cleanly(kafka: KafkaBroker, p
     dead = asyncio.run(_read_all(kafka.bootstrap_servers, f"{topic}.dlq", n_bad))
     assert len(dead) == n_bad
     assert all(dict(r.headers).get("reason") for r in dead)
-    events = asyncio.run(_read_all(kafka.bootstrap_servers, f"{topic}.events", 1, wait_s=5))
+    published = sum(len({e.maker_client_id, e.taker_client_id}) if isinstance(e, OrderFilled) else 1
+                    for evs in expected.values() for e in evs)
+    duplicates = [e for evs in expected.values() for e in evs
+                  if isinstance(e, OrderRejected) and e.reason is RejectReason.DUPLICATE_CLIENT_ORDER_ID]
+    assert duplicates, "the flow should resubmit some orders"
+    events = asyncio.run(_read_all(kafka.bootstrap_servers, f"{topic}.events", published + 1 + len(duplicates)))
+    values = [json.loads(r.value) for r in events]
+    assert sum(1 for v in values if v["seq"] > 0 and v["type"] != "order_status") == published
+    # a resubmitted order is rejected, and its sender hears the original order's state again
+    statuses = {(r.key.decode(), v["order_id"]) for r, v in zip(events, values, strict=True)
+                if v["type"] == "order_status"}
+    assert {(d.client_id, d.order_id) for d in duplicates} <= statuses
     rejections = [json.loads(r.value) for r in events if r.key == b"zed"]
     assert rejections, "the sender of a malformed order got no rejection"
     assert rejections[0]["type"] == "rejected"
