@@ -12,7 +12,10 @@ state, every position, and every book's state hash.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -106,6 +109,10 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(kafka: KafkaBrok
     assert crashed["positions"] == uninterrupted["positions"]
     assert crashed["progress"] == uninterrupted["progress"]
 
+    # and the `exchange replay` command line on the same input ends with the same books
+    hashes = _replay_cli_hashes(tmp_path, messages)
+    assert hashes == {symbol: engine.state_hash() for symbol, engine in exchange.engines.items()}
+
     for dsn in (crashed_dsn, clean_dsn):
         report = asyncio.run(verify(dsn, INSTRUMENTS))
         assert report.ok, report.render()
@@ -117,3 +124,15 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(kafka: KafkaBrok
 
 def exchange_trades(expected: dict[str, list[Any]]) -> int:
     return sum(1 for events in expected.values() for e in events if type(e).__name__ == "OrderFilled")
+
+
+def _replay_cli_hashes(tmp_path: Path, messages: list[dict[str, Any] | bytes]) -> dict[str, str]:
+    """Run ``exchange replay`` on the input as a file; the state hash of every book from its snapshot line."""
+    lines = [m if isinstance(m, bytes) else json.dumps(m).encode() for m in messages]
+    (tmp_path / "input.jsonl").write_bytes(b"\n".join([*lines, b'{"op": "snapshot"}']) + b"\n")
+    out = subprocess.run([sys.executable, "-m", "exchange", "replay", "--config", str(tmp_path / "crashed.toml"),
+                          str(tmp_path / "input.jsonl")], capture_output=True, check=True, timeout=300).stdout
+    answers = out.splitlines()
+    assert len(answers) == len(lines) + 1, "one output line per input line"
+    snapshot = json.loads(answers[-1])["snapshot"]
+    return {symbol: book["state_hash"] for symbol, book in snapshot.items()}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -83,6 +85,10 @@ def test_daemon_applies_stores_publishes_and_stops_cleanly(kafka: KafkaBroker, p
     assert state["events"] == encoded(expected)
     report = asyncio.run(verify(pg_dsn, INSTRUMENTS))
     assert report.ok, report.render()
+    cli = subprocess.run([sys.executable, "-m", "exchange", "recover", "--verify", "--config", str(config)],
+                         capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    assert "verdict: OK" in cli.stdout
 
     # undecodable and unknown-instrument messages went to the dead-letter topic; the identifiable
     # sender of a malformed message got a rejection on the events topic
