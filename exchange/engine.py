@@ -14,9 +14,10 @@ consistent (nothing after the last durable batch was published).
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from enum import Enum
 from typing import Any
+
+import msgspec
 
 from exchange.commands import Command
 from exchange.journal import Applied, InputPosition, SnapshotRequest
@@ -29,8 +30,7 @@ JournalItem = Applied | SnapshotRequest
 _CHUNK = 512  # commands applied per wake-up before yielding to the event loop
 
 
-@dataclass(frozen=True, slots=True)
-class Inbound:
+class Inbound(msgspec.Struct, frozen=True, gc=False):
     """A decoded command and where it came from."""
 
     command: Command

@@ -33,6 +33,7 @@ MAX_QTY_LOTS = 10**15
 _MAX_DIGITS = 30  # integer digits + fraction digits accepted in a decimal string
 _MAX_SCALE = 18  # at most this many fraction digits
 
+_POW10: tuple[int, ...] = tuple(10**n for n in range(_MAX_SCALE + _MAX_DIGITS + 1))
 _DECIMAL = re.compile(r"([0-9]+)(?:\.([0-9]+))?")
 
 
@@ -52,6 +53,11 @@ def parse_decimal(value: object, what: str, reason: RejectReason) -> tuple[int, 
     Refuses floats (already rounded by the time we see them), booleans, signs,
     exponents, NaN, infinities and anything longer than 30 digits.
     """
+    if value.__class__ is str:  # the common case, without the regex: "123" or "123.45", ASCII digits only
+        whole, dot, frac = value.partition(".")
+        if (whole.isdigit() and whole.isascii() and (not dot or (frac.isdigit() and frac.isascii()))
+                and len(whole) + len(frac) <= _MAX_DIGITS and len(frac) <= _MAX_SCALE):
+            return int(whole + frac), len(frac)
     if isinstance(value, bool) or value is None:
         raise ConversionError(reason, f"{what} is missing or not a number: {value!r}")
     if isinstance(value, int):
@@ -196,9 +202,11 @@ def _to_steps(value: object, what: str, reason: RejectReason, step_units: int, s
               step_text: str, cap: int) -> int:
     units, scale = parse_decimal(value, what, reason)
     # value / step = (units / 10**scale) / (step_units / 10**step_scale)
-    scaled: int = units * 10**step_scale
-    step: int = step_units * 10**scale
-    steps, rest = divmod(scaled, step)
+    # value / step = (units / 10**scale) / (step_units / 10**step_scale), in integers only
+    if scale <= step_scale:
+        steps, rest = divmod(units * _POW10[step_scale - scale], step_units)
+    else:
+        steps, rest = divmod(units, step_units * _POW10[scale - step_scale])
     if rest:
         raise ConversionError(reason, f"{what} {value} is not a multiple of {step_text}")
     if steps == 0:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -124,7 +124,9 @@ class OrderSource:
             records = await consumer.getmany(timeout_ms=_POLL_MS, max_records=5000)
             for tp, batch in records.items():
                 for record in batch:
-                    await self._dispatch(consumer, tp, record)
+                    pending = self._route(consumer, tp, record)
+                    if pending is not None:
+                        await pending
                     if self._stopping.is_set():
                         break
             if not self.caught_up:
@@ -134,48 +136,56 @@ class OrderSource:
                 await self._commit(consumer)
                 next_commit = now + self._commit_interval_s
 
-    async def _dispatch(self, consumer: AIOKafkaConsumer, tp: TopicPartition, record: Any) -> None:
+    def _route(self, consumer: AIOKafkaConsumer, tp: TopicPartition, record: Any) -> Coroutine[Any, Any, None] | None:
+        """Decode one record and queue it; returns the work still to await, if any (None on the fast path)."""
         key = (tp.topic, tp.partition)
         if not self.consumed:
             self._log.info("first message consumed", partition=tp.partition, offset=record.offset)
         self.consumed += 1
         self._position[key] = record.offset + 1
+        ts_ns = record.timestamp * 1_000_000
         try:
-            command = decode_command(record.value, self._specs, ts_ns=record.timestamp * 1_000_000)
+            command = decode_command(record.value, self._specs, ts_ns=ts_ns)
         except WireError as exc:
-            await self._dead_letter(record, exc.text)
-            if exc.client_id is not None:
-                await self._publisher.reject(exc.client_id, exc.client_order_id, exc.instrument,
-                                             RejectReason.MALFORMED, exc.text, record.timestamp * 1_000_000)
             self.tracker.skipped(key, record.offset)
-            return
+            return self._refuse(record, exc.text, exc.client_id, exc.client_order_id, exc.instrument,
+                                RejectReason.MALFORMED, ts_ns)
         loop = self._loops.get(command.instrument or "")
         if loop is None:
-            text = (f"unknown instrument {command.instrument!r}" if command.instrument is not None
-                    else "cancel_all needs an instrument here: orders are keyed by instrument")
-            reason = RejectReason.UNKNOWN_INSTRUMENT if command.instrument is not None else RejectReason.MALFORMED
-            await self._dead_letter(record, text)
-            client_id = getattr(command, "client_id", None)
-            if client_id:
-                await self._publisher.reject(client_id, getattr(command, "client_order_id", None),
-                                             command.instrument, reason, text, record.timestamp * 1_000_000)
             self.tracker.skipped(key, record.offset)
-            return
+            if command.instrument is None:
+                text, reason = "cancel_all needs an instrument here: orders are keyed by instrument", \
+                    RejectReason.MALFORMED
+            else:
+                text, reason = f"unknown instrument {command.instrument!r}", RejectReason.UNKNOWN_INSTRUMENT
+            return self._refuse(record, text, getattr(command, "client_id", None),
+                                getattr(command, "client_order_id", None), command.instrument, reason, ts_ns)
         if record.offset <= self._applied.get((loop.symbol, tp.topic, tp.partition), -1):
             self.skipped += 1  # applied and durable before the restart
             self.tracker.skipped(key, record.offset)
-            return
+            return None
         if not self.caught_up:
             self.replayed += 1
         self.tracker.dispatched(key, record.offset)
         item = Inbound(command, InputPosition(tp.topic, tp.partition, record.offset))
         try:
             loop.queue.put_nowait(item)
-            return
+            return None
         except asyncio.QueueFull:
-            pass
-        # back-pressure: pause fetching, keep the group membership alive, wait for room
-        # (short pauses are normal under bursts; only long ones are logged)
+            return self._wait_for_room(consumer, loop, item)
+
+    async def _refuse(self, record: Any, text: str, client_id: str | None, client_order_id: str | None,
+                      instrument: str | None, reason: RejectReason, ts_ns: int) -> None:
+        """Input no loop will see: dead-letter it, and tell its sender when there is one."""
+        await self._dead_letter(record, text)
+        if client_id:
+            await self._publisher.reject(client_id, client_order_id, instrument, reason, text, ts_ns)
+
+    async def _wait_for_room(self, consumer: AIOKafkaConsumer, loop: InstrumentLoop, item: Inbound) -> None:
+        """Back-pressure: pause fetching, keep the group membership alive, wait for room.
+
+        Short pauses are normal under bursts; only long ones are logged.
+        """
         assignment = list(consumer.assignment())
         consumer.pause(*assignment)
         self._paused = True
