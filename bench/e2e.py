@@ -185,6 +185,9 @@ async def latency_phase(args: argparse.Namespace, dsn: str, daemon: DaemonProces
         await poller
         await producer.stop()
         await conn.close()
+    _, metrics = daemon.get("/metrics")
+    commit = _histogram(metrics, "exchange_journal_commit_seconds")
+    batch = _histogram(metrics, "exchange_journal_batch_events")
     latencies = []
     for symbol, seq, t_sent in sent:
         points = durable_at[symbol]
@@ -203,7 +206,20 @@ async def latency_phase(args: argparse.Namespace, dsn: str, daemon: DaemonProces
         return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))], 2)
 
     return {"offered_per_s": args.rate, "achieved_per_s": round(achieved), "orders": total,
-            "p50_ms": pct(0.50), "p99_ms": pct(0.99), "max_ms": round(latencies[-1], 2)}
+            "p50_ms": pct(0.50), "p99_ms": pct(0.99), "max_ms": round(latencies[-1], 2),
+            "daemon_commits": int(commit[1]), "mean_commit_ms": round(commit[0] / max(commit[1], 1) * 1000, 2),
+            "mean_batch_events": round(batch[0] / max(batch[1], 1), 1)}
+
+
+def _histogram(metrics: str, name: str) -> tuple[float, float]:
+    """(sum, count) of a Prometheus histogram in the text format."""
+    total = count = 0.0
+    for line in metrics.splitlines():
+        if line.startswith(f"{name}_sum"):
+            total = float(line.split()[-1])
+        elif line.startswith(f"{name}_count"):
+            count = float(line.split()[-1])
+    return total, count
 
 
 async def _connect(dsn: str, daemon: DaemonProcess) -> asyncpg.Connection:

@@ -316,8 +316,9 @@ class MatchingEngine:
             return (RejectReason.INVALID_ORDER, "market orders never rest: time in force must be IOC or FOK")
         if cmd.post_only and (otype is MARKET or tif is IOC or tif is FOK):
             return (RejectReason.INVALID_ORDER, "post-only orders must be GTC or GTD limit orders")
-        if tif is GTD and (expire_ns.__class__ is not int or expire_ns <= cmd.ts_ns):
-            return (RejectReason.INVALID_EXPIRY, f"GTD expiry {expire_ns} is not after the order time {cmd.ts_ns}")
+        if tif is GTD and (expire_ns.__class__ is not int or expire_ns <= cmd.ts_ns or expire_ns <= 0):
+            return (RejectReason.INVALID_EXPIRY,
+                    f"GTD expiry {expire_ns} is not a positive time after the order time {cmd.ts_ns}")
         if tif is not GTD and expire_ns:
             return (RejectReason.INVALID_EXPIRY, "an expiry time is only allowed with GTD")
         live = self._live.get(client)

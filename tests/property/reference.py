@@ -261,7 +261,7 @@ class ReferenceBook:
             return RejectReason.INVALID_ORDER
         if cmd.post_only and (otype == OrderType.MARKET or tif not in (TimeInForce.GTC, TimeInForce.GTD)):
             return RejectReason.INVALID_ORDER
-        if tif == TimeInForce.GTD and (not _is_int(cmd.expire_ns) or cmd.expire_ns <= cmd.ts_ns):
+        if tif == TimeInForce.GTD and (not _is_int(cmd.expire_ns) or cmd.expire_ns <= cmd.ts_ns or cmd.expire_ns <= 0):
             return RejectReason.INVALID_EXPIRY
         if tif != TimeInForce.GTD and cmd.expire_ns != 0:
             return RejectReason.INVALID_EXPIRY

@@ -34,8 +34,9 @@ LOW, HIGH = 95, 105  # limit prices in ticks: a narrow band, so crossing is freq
 clients = st.sampled_from(CLIENTS)
 sides = st.sampled_from([Side.BUY, Side.SELL])
 stps = st.sampled_from([None, StpMode.NONE, StpMode.CANCEL_RESTING, StpMode.CANCEL_INCOMING, StpMode.CANCEL_BOTH])
-# None: a fresh client order id; an int: reuse one already used (a duplicate, or a legal reuse after
-# the dedupe window forgot it)
+# None: a fresh client order id; an int: reuse a (client, client order id) pair already used -- a
+# duplicate, or a legal reuse once the dedupe window forgot it. Small ints pick the most recent pairs,
+# which is where the window's edge is.
 coid_picks = st.one_of(st.none(), st.none(), st.integers(0, 40))
 picks = st.integers(0, 1_000)
 
@@ -52,7 +53,7 @@ class EngineVsReference(RuleBasedStateMachine):
         super().__init__()
         self.h: Harness | None = None
         self.ts = 1_000
-        self.coids: list[str] = []
+        self.idents: list[tuple[str, str]] = []  # (client, client order id) pairs used so far
         self.n = 0
         self.healthy = False
 
@@ -70,13 +71,18 @@ class EngineVsReference(RuleBasedStateMachine):
         self.h.step(cmd)
         self.healthy = True
 
-    def coid(self, pick: int | None) -> str:
-        if pick is None or not self.coids:
+    def ident(self, client: str, pick: int | None) -> tuple[str, str]:
+        """(client, client order id) for a new order: ``client`` with a fresh id, or a pair used before."""
+        if pick is None or not self.idents:
             self.n += 1
-            coid = f"o{self.n}"
-            self.coids.append(coid)
-            return coid
-        return self.coids[pick % len(self.coids)]
+            self.idents.append((client, f"o{self.n}"))
+            return self.idents[-1]
+        if pick < 10:
+            return self.idents[-1 - pick % len(self.idents)]
+        return self.idents[pick % len(self.idents)]
+
+    def coid(self, pick: int | None, client: str = "alice") -> str:
+        return self.ident(client, pick)[1]
 
     def live(self) -> list[RefOrder]:
         assert self.h is not None
@@ -99,7 +105,8 @@ class EngineVsReference(RuleBasedStateMachine):
         if mode == "stale_oid":  # any id ever issued (mostly finished ones) or just past the end
             return {"client_id": client, "order_id": pick % (next_id + 2)}
         if mode == "stale_coid":
-            return {"client_id": client, "client_order_id": self.coid(pick)}
+            owner, coid = self.ident(client, pick % 20)  # mostly finished orders, named by their owner
+            return {"client_id": owner, "client_order_id": coid}
         if t is None:
             return {"client_id": client, "client_order_id": f"nobody-{pick}"}
         if mode == "coid":
@@ -139,7 +146,8 @@ class EngineVsReference(RuleBasedStateMachine):
         assert self.h is not None
         qty *= self.h.spec.min_qty_lots
         expire = self.ts + ttl if tif is TimeInForce.GTD else 0
-        self.apply(PlaceOrder(self.symbol, client, self.coid(pick), _plain(side, plain),
+        client, coid = self.ident(client, pick)
+        self.apply(PlaceOrder(self.symbol, client, coid, _plain(side, plain),
                               _plain(OrderType.LIMIT, plain), price, qty, _plain(tif, plain), self.ts, post_only,
                               _plain(stp, plain), expire))
 
@@ -159,7 +167,8 @@ class EngineVsReference(RuleBasedStateMachine):
         mid = (LOW + HIGH) // 2
         price = mid - 1 - away if side is Side.BUY else mid + 1 + away
         expire = self.ts + ttl if tif is TimeInForce.GTD else 0
-        self.apply(PlaceOrder(self.symbol, client, self.coid(pick), side, OrderType.LIMIT, price,
+        client, coid = self.ident(client, pick)
+        self.apply(PlaceOrder(self.symbol, client, coid, side, OrderType.LIMIT, price,
                               qty * self.h.spec.min_qty_lots, tif, self.ts, post_only, stp, expire))
 
     @rule(client=clients, side=sides, qty=st.integers(1, 25),
@@ -169,9 +178,28 @@ class EngineVsReference(RuleBasedStateMachine):
                      pick: int | None, plain: bool) -> None:
         assert self.h is not None
         qty *= self.h.spec.min_qty_lots
-        self.apply(PlaceOrder(self.symbol, client, self.coid(pick), _plain(side, plain),
+        client, coid = self.ident(client, pick)
+        self.apply(PlaceOrder(self.symbol, client, coid, _plain(side, plain),
                               _plain(OrderType.MARKET, plain), 0, qty, _plain(tif, plain), self.ts, False,
                               _plain(stp, plain)))
+
+    @rule(pick=picks, through=st.integers(0, 3), qty=st.integers(1, 20),
+          tif=st.sampled_from([TimeInForce.FOK, TimeInForce.FOK, TimeInForce.IOC, TimeInForce.GTC]),
+          stp=stps, market=st.sampled_from([False, False, True]))
+    def trade_into_own(self, pick: int, through: int, qty: int, tif: TimeInForce, stp: StpMode | None,
+                       market: bool) -> None:
+        """The owner of a resting order trades against its side of the book: self-trade prevention at work."""
+        assert self.h is not None
+        t = self.target(pick)
+        if t is None:
+            return
+        side = Side.SELL if t.side is Side.BUY else Side.BUY
+        price = t.price + through if side is Side.BUY else t.price - through
+        if market and tif is TimeInForce.GTC:
+            tif = TimeInForce.IOC
+        client, coid = self.ident(t.client_id, None)
+        self.apply(PlaceOrder(self.symbol, client, coid, side, OrderType.MARKET if market else OrderType.LIMIT,
+                              0 if market else price, qty * self.h.spec.min_qty_lots, tif, self.ts, stp=stp))
 
     @rule(mode=st.sampled_from(["coid", "coid", "oid", "oid", "both", "mismatch", "wrong_owner_oid",
                                 "wrong_owner_coid", "stale_oid", "stale_coid", "neither"]),
@@ -203,15 +231,21 @@ class EngineVsReference(RuleBasedStateMachine):
         self.apply(AmendOrder(self.symbol, price_ticks=new_price, qty_lots=new_qty, ts_ns=self.ts,
                               **self.name_order(mode, pick, client)))
 
-    @rule(pick=picks, by_oid=st.booleans(), change=st.sampled_from(["price", "qty", "qty", "both"]),
+    @rule(pick=picks, by_oid=st.booleans(), change=st.sampled_from(["price", "qty", "qty", "both", "near_filled"]),
           dprice=st.integers(-6, 6), dqty=st.integers(-5, 5))
     def amend_live(self, pick: int, by_oid: bool, change: str, dprice: int, dqty: int) -> None:
-        """A well-formed amend of a live order by its owner: reduce in place, re-queue, or re-price across."""
+        """A well-formed amend of a live order by its owner: reduce in place, re-queue, or re-price across.
+
+        ``near_filled`` sets the new total to within a lot of what has already filled (the edge of validity).
+        """
+        assert self.h is not None
         t = self.target(pick)
         if t is None:
             return
         price = t.price + dprice if change in ("price", "both") else None
-        qty = t.qty + dqty * (self.h.spec.min_qty_lots if self.h else 1) if change in ("qty", "both") else None
+        qty = t.qty + dqty * self.h.spec.min_qty_lots if change in ("qty", "both") else None
+        if change == "near_filled":
+            qty = t.qty - t.remaining + dqty % 3 - 1
         names: dict[str, Any] = {"order_id": t.order_id} if by_oid else {"client_order_id": t.client_order_id}
         self.apply(AmendOrder(self.symbol, t.client_id, price_ticks=price, qty_lots=qty, ts_ns=self.ts, **names))
 
@@ -244,7 +278,7 @@ class EngineVsReference(RuleBasedStateMachine):
         assert self.h is not None
         spec = self.h.spec
         base: dict[str, Any] = {
-            "instrument": self.symbol, "client_id": client, "client_order_id": self.coid(None), "side": side,
+            "instrument": self.symbol, "client_id": client, "client_order_id": self.coid(None, client), "side": side,
             "order_type": OrderType.LIMIT, "price_ticks": 100, "qty_lots": 2 * spec.min_qty_lots,
             "tif": TimeInForce.GTC, "ts_ns": self.ts}
         t = self.target(pick)
@@ -255,7 +289,7 @@ class EngineVsReference(RuleBasedStateMachine):
         if kind == "reject_input":  # what the edge sends for input it could not parse
             reason = list(RejectReason)[pick % len(RejectReason)]
             command = ["place", "cancel", "amend", "cancel_all", "clear", "unknown"][pick % 6]
-            coid = None if pick % 3 == 0 else self.coid(pick)
+            coid = None if pick % 3 == 0 else self.coid(pick, client)
             self.apply(RejectInput(self.symbol, client, coid, reason, f"edge refused it ({reason})", command, self.ts))
             return
         if kind == "amend_nothing":
@@ -286,7 +320,7 @@ class EngineVsReference(RuleBasedStateMachine):
             "gtd_now": {"tif": TimeInForce.GTD, "expire_ns": self.ts},
             "expiry_without_gtd": {"expire_ns": self.ts + 10},
             "dup_live": {"client_id": t.client_id, "client_order_id": t.client_order_id} if t else {},
-            "dup_done": {"client_order_id": self.coid(pick)},
+            "dup_done": dict(zip(("client_id", "client_order_id"), self.ident(client, pick % 10), strict=True)),
             "wrong_instrument": {"instrument": "ELSEWHERE"},
         }[kind]
         base.update(change)
