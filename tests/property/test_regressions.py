@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from exchange.commands import CancelAll, PlaceOrder
-from exchange.events import OrderAccepted, OrderCanceled, OrderExpired, OrderRejected
+from exchange.commands import PlaceOrder
+from exchange.events import OrderAccepted, OrderCanceled, OrderRejected
 from exchange.instruments import Instrument
 from exchange.matching import MatchingEngine
 from exchange.types import CancelReason, OrderType, RejectReason, Side, TimeInForce
