@@ -71,9 +71,8 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 def _cmd_recover(args: argparse.Namespace) -> int:
     import asyncio
 
-    from recovery.verify import verify
-
     from exchange.logging import configure_logging
+    from recovery.verify import verify
 
     settings = _load(args)
     configure_logging(settings.log.level, settings.log.format)
