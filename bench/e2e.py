@@ -138,6 +138,7 @@ async def throughput_phase(args: argparse.Namespace, dsn: str, daemon: DaemonPro
 async def latency_phase(args: argparse.Namespace, dsn: str, daemon: DaemonProcess, bootstrap: str, topic: str,
                         flow: OrderFlow, expect: Expectation) -> dict[str, Any]:
     daemon.wait_ready(timeout=60)
+    _, metrics_before = daemon.get("/metrics")
     total = int(args.rate * args.seconds)
     say(f"phase 2: {args.rate:,} orders/s for {args.seconds}s ({total:,} orders), producer linger 5 ms")
     sent: list[tuple[str, int, float]] = []  # instrument, first seq, send time
@@ -185,9 +186,11 @@ async def latency_phase(args: argparse.Namespace, dsn: str, daemon: DaemonProces
         await poller
         await producer.stop()
         await conn.close()
-    _, metrics = daemon.get("/metrics")
-    commit = _histogram(metrics, "exchange_journal_commit_seconds")
-    batch = _histogram(metrics, "exchange_journal_batch_events")
+    _, metrics = daemon.get("/metrics")  # phase 2 alone: the difference from its start
+    commit = _delta(_histogram(metrics, "exchange_journal_commit_seconds"),
+                    _histogram(metrics_before, "exchange_journal_commit_seconds"))
+    batch = _delta(_histogram(metrics, "exchange_journal_batch_events"),
+                   _histogram(metrics_before, "exchange_journal_batch_events"))
     latencies = []
     for symbol, seq, t_sent in sent:
         points = durable_at[symbol]
@@ -209,6 +212,10 @@ async def latency_phase(args: argparse.Namespace, dsn: str, daemon: DaemonProces
             "p50_ms": pct(0.50), "p99_ms": pct(0.99), "max_ms": round(latencies[-1], 2),
             "daemon_commits": int(commit[1]), "mean_commit_ms": round(commit[0] / max(commit[1], 1) * 1000, 2),
             "mean_batch_events": round(batch[0] / max(batch[1], 1), 1)}
+
+
+def _delta(after: tuple[float, float], before: tuple[float, float]) -> tuple[float, float]:
+    return after[0] - before[0], after[1] - before[1]
 
 
 def _histogram(metrics: str, name: str) -> tuple[float, float]:
@@ -242,6 +249,8 @@ def main() -> None:
     parser.add_argument("--publish", action="store_true", help="publish order events to Kafka (fan-out on)")
     parser.add_argument("--pg", default="postgresql://127.0.0.1:5432/test", help="admin DSN of the PostgreSQL server")
     parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument("--linger-ms", type=float, default=2.0, help="the daemon's journal.linger_ms")
+    parser.add_argument("--fetch-wait-ms", type=int, default=10, help="the daemon's kafka.fetch_max_wait_ms")
     args = parser.parse_args()
 
     db = f"exchange_bench_{uuid.uuid4().hex[:8]}"
@@ -256,7 +265,8 @@ def main() -> None:
             broker.create_topics({topic: 3, "orders.events": 3, "orders.dlq": 1})
             port = free_port()
             config = write_config(tmp / "e2e.toml", instruments=INSTRUMENTS, bootstrap=broker.bootstrap_servers,
-                                  dsn=dsn, topic=topic, group_id="bench", http_port=port, publish_events=args.publish)
+                                  dsn=dsn, topic=topic, group_id="bench", http_port=port, publish_events=args.publish,
+                                  linger_ms=args.linger_ms, fetch_max_wait_ms=args.fetch_wait_ms)
             daemon = DaemonProcess(config, port, tmp / "daemon.log")
             flow = OrderFlow(INSTRUMENTS, seed=args.seed, start_ts_ns=time.time_ns() // 1_000_000 * 1_000_000)
             expect = Expectation()

@@ -100,6 +100,7 @@ class Daemon:
                 group_id=s.kafka.group_id, loops=self.loops, instruments=specs, applied_offsets=applied_offsets,
                 publisher=publisher, dead_letter_topic=s.kafka.dead_letter_topic, metrics=self.metrics,
                 client_options={"session_timeout_ms": s.kafka.session_timeout_ms,
+                                "fetch_max_wait_ms": s.kafka.fetch_max_wait_ms,
                                  "heartbeat_interval_ms": s.kafka.heartbeat_interval_ms},
                 on_caught_up=self._caught_up)
             writer = self.writer = JournalWriter(store, journal, max_events=s.journal.max_events,

@@ -45,6 +45,7 @@ class KafkaSettings:
     dead_letter_topic: str = "orders.dlq"
     group_id: str = "exchange"
     publish_events: bool = True  # durable order events to events_topic
+    fetch_max_wait_ms: int = 10  # how long a fetch may wait for data (a latency floor on brokers that do not wake it)
     session_timeout_ms: int = 10_000  # how soon the group notices a dead daemon
     heartbeat_interval_ms: int = 3_000
 

@@ -44,6 +44,7 @@ __all__ = ["KafkaEventPublisher", "OrderSource", "OrderStates"]
 OrderStates = Callable[[str, Sequence[int]], Awaitable[list[dict[str, Any]]]]
 
 _POLL_MS = 50
+_MAX_RECORDS = 1000  # per poll: bounds how long routing holds the event loop (a few ms)
 
 
 class OrderSource:
@@ -89,11 +90,8 @@ class OrderSource:
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self._bootstrap,
             group_id=self._group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            fetch_max_wait_ms=10,
-            max_poll_records=5000,
-            **self._options,
+            **{"enable_auto_commit": False, "auto_offset_reset": "earliest", "fetch_max_wait_ms": 10,
+               "max_poll_records": 1000, **self._options},
         )
         await consumer.start()
         consumer.subscribe([self.topic], listener=_Rebalance(self))
@@ -121,7 +119,7 @@ class OrderSource:
         assert consumer is not None, "start() first"
         next_commit = time.monotonic() + self._commit_interval_s
         while not self._stopping.is_set():
-            records = await consumer.getmany(timeout_ms=_POLL_MS, max_records=5000)
+            records = await consumer.getmany(timeout_ms=_POLL_MS, max_records=_MAX_RECORDS)
             for tp, batch in records.items():
                 for record in batch:
                     pending = self._route(consumer, tp, record)

@@ -29,7 +29,7 @@ def free_port() -> int:
 def write_config(path: Path, *, instruments: Sequence[Instrument], bootstrap: str, dsn: str, topic: str,
                  group_id: str, http_port: int, snapshot_interval_s: float = 60.0, max_events: int = 5000,
                  linger_ms: float = 2.0, publish_events: bool = True, queue_size: int = 10_000,
-                 journal_queue: int = 256) -> Path:
+                 journal_queue: int = 256, fetch_max_wait_ms: int = 10) -> Path:
     lines = []
     for spec in instruments:
         lines += [
@@ -52,6 +52,7 @@ def write_config(path: Path, *, instruments: Sequence[Instrument], bootstrap: st
         f'group_id = "{group_id}"',
         f"publish_events = {'true' if publish_events else 'false'}",
         "session_timeout_ms = 1000",
+        f"fetch_max_wait_ms = {fetch_max_wait_ms}",
         "heartbeat_interval_ms = 100",
         "",
         "[postgres]",

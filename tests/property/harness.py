@@ -115,6 +115,7 @@ class Harness:
         self.ledger: dict[int, _Ledger] = {}
         self.last_seq = 0
         self.last_trade_id = 0
+        self.finished: list[tuple[str, str]] = []  # (client, client order id) of finished orders, in order
 
     # ------------------------------------------------------------------ step
 
@@ -170,14 +171,20 @@ class Harness:
                 taker.filled += e.qty_lots
                 assert maker.total - maker.filled - maker.canceled - maker.expired == e.maker_remaining_lots, e
                 assert taker.total - taker.filled - taker.canceled - taker.expired == e.taker_remaining_lots, e
+                if not e.maker_remaining_lots:
+                    self.finished.append((e.maker_client_id, e.maker_client_order_id))
+                if not e.taker_remaining_lots:
+                    self.finished.append((e.taker_client_id, e.taker_client_order_id))
             elif isinstance(e, OrderCanceled):
                 assert e.canceled_lots > 0, e
                 self.ledger[e.order_id].canceled += e.canceled_lots
+                self.finished.append((e.client_id, e.client_order_id))
             elif isinstance(e, OrderExpired):
                 entry = self.ledger[e.order_id]
                 assert e.expired_lots > 0, e
                 assert 0 < entry.expire_ns <= cmd.ts_ns, f"expired early: {e}"
                 entry.expired += e.expired_lots
+                self.finished.append((e.client_id, e.client_order_id))
             elif isinstance(e, OrderAmended):
                 entry = self.ledger[e.order_id]
                 assert entry.total == e.old_qty_lots, e

@@ -29,7 +29,7 @@ Rules as implemented (and as the tests hold the engine to):
   and, if the new price crosses, trades at once as the taker.
 - GTD orders expire (``OrderExpired``) when a command's ``ts_ns`` reaches their
   ``expire_ns``; expiries are processed before that command, oldest expiry
-  first (ties by order id). ``expire_ns`` must be after the order's ``ts_ns``.
+  first (ties by order id). ``expire_ns`` must be a positive time after the order's ``ts_ns``.
 - Client order ids that are live, or finished and still within the
   ``dedupe_window`` most recently finished orders, are duplicates.
 - Validation order of a place (first failing check wins): enums (``malformed``),

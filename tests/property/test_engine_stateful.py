@@ -183,14 +183,31 @@ class EngineVsReference(RuleBasedStateMachine):
                               _plain(OrderType.MARKET, plain), 0, qty, _plain(tif, plain), self.ts, False,
                               _plain(stp, plain)))
 
-    @rule(pick=picks, through=st.integers(0, 3), qty=st.integers(1, 20),
+    @rule(back=st.integers(0, 6), side=sides, price=st.integers(LOW, HIGH))
+    def reuse_finished_id(self, back: int, side: Side, price: int) -> None:
+        """Place with the ids of the ``back``-th most recently finished order: at the dedupe window's edge."""
+        assert self.h is not None
+        if not self.h.finished:
+            return
+        client, coid = self.h.finished[-1 - back % len(self.h.finished)]
+        self.apply(PlaceOrder(self.symbol, client, coid, side, OrderType.LIMIT, price,
+                              self.h.spec.min_qty_lots, ts_ns=self.ts))
+
+    @rule(pick=picks, best=st.booleans(), through=st.integers(0, 4), qty=st.integers(1, 12),
           tif=st.sampled_from([TimeInForce.FOK, TimeInForce.FOK, TimeInForce.IOC, TimeInForce.GTC]),
           stp=stps, market=st.sampled_from([False, False, True]))
-    def trade_into_own(self, pick: int, through: int, qty: int, tif: TimeInForce, stp: StpMode | None,
+    def trade_into_own(self, pick: int, best: bool, through: int, qty: int, tif: TimeInForce, stp: StpMode | None,
                        market: bool) -> None:
-        """The owner of a resting order trades against its side of the book: self-trade prevention at work."""
+        """The owner of a resting order (any, or the best of its side) trades against that side of the book.
+
+        Self-trade prevention at work, including the FOK check that has to look past the owner's orders.
+        """
         assert self.h is not None
-        t = self.target(pick)
+        if best:
+            bests = [lst[0] for lst in (self.h.ref.side_list(Side.BUY), self.h.ref.side_list(Side.SELL)) if lst]
+            t = bests[pick % len(bests)] if bests else None
+        else:
+            t = self.target(pick)
         if t is None:
             return
         side = Side.SELL if t.side is Side.BUY else Side.BUY
