@@ -89,9 +89,10 @@ class InstrumentLoop:
                 if len(out) >= _CHUNK or queue.empty():
                     break
                 item = queue.get_nowait()
-            self.applied += sum(1 for x in out if type(x) is Applied)
+            applied = sum(1 for x in out if type(x) is Applied)
+            self.applied += applied
             if self._metrics is not None:
-                self._metrics.queue_depth(self.symbol, queue.qsize())
+                self._metrics.commands_applied(self.symbol, applied, queue.qsize())
             if out:
                 await self._journal.put(out)
             if stop:

@@ -19,7 +19,7 @@ __all__ = ["Metrics"]
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.orders_received = Counter("exchange_orders_received_total", "Commands consumed from the input",
+        self.orders_received = Counter("exchange_orders_received_total", "Commands applied by the matching loops",
                                        ["instrument"], registry=r)
         self.orders_accepted = Counter("exchange_orders_accepted_total", "Orders accepted", ["instrument"],
                                        registry=r)
@@ -46,8 +46,6 @@ class Metrics:
                                        registry=r)
         self.consumer_paused_gauge = Gauge("exchange_consumer_paused", "1 while back-pressure pauses the consumer",
                                            registry=r)
-        self.consumer_lag = Gauge("exchange_consumer_lag_messages", "Messages behind the input's end",
-                                  ["partition"], registry=r)
         self.snapshot_age = Gauge("exchange_snapshot_age_seconds", "Seconds since the last durable snapshot",
                                   ["instrument"], registry=r)
         self.recovery_orders = Gauge("exchange_recovery_orders_loaded", "Open orders loaded by recovery",
@@ -63,7 +61,9 @@ class Metrics:
 
     # --- small hooks used by the components
 
-    def queue_depth(self, instrument: str, depth: int) -> None:
+    def commands_applied(self, instrument: str, n: int, depth: int) -> None:
+        if n:
+            self.orders_received.labels(instrument).inc(n)
         self.queue_depth_gauge.labels(instrument).set(depth)
 
     def consumer_paused(self, paused: bool) -> None:

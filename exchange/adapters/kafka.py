@@ -257,6 +257,8 @@ class OrderSource:
 
     async def _dead_letter(self, record: Any, reason: str) -> None:
         self.dead_lettered += 1
+        if self._metrics is not None:
+            self._metrics.dead_letters.inc()
         headers = [("reason", reason.encode()), ("source_topic", record.topic.encode()),
                    ("source_partition", str(record.partition).encode()),
                    ("source_offset", str(record.offset).encode())]
