@@ -54,9 +54,9 @@ __all__ = ["SPECS", "Harness", "fmt_command", "normalise"]
 SPECS: dict[str, Instrument] = {
     # no band, default STP none, big dedupe window
     "plain": Instrument.from_decimals("PLAIN", tick_size="0.01", lot_size="1", max_qty="40", max_price="2.00"),
-    # market orders banded to 3% of the best opposite price
+    # market orders banded to 3% of the best opposite price; a dedupe window of 7 finished orders
     "band": Instrument.from_decimals("BAND", tick_size="1", lot_size="1", max_qty="40", max_price="200",
-                                     price_band_bps=300),
+                                     price_band_bps=300, dedupe_window=7),
     # narrow band (0.6%: less than one tick at ~100), STP cancel_resting by default, 2-lot minimum,
     # a dedupe window of 4 finished orders
     "tight": Instrument.from_decimals("TIGHT", tick_size="1", lot_size="0.5", min_qty="1", max_qty="20",

@@ -183,13 +183,20 @@ class EngineVsReference(RuleBasedStateMachine):
                               _plain(OrderType.MARKET, plain), 0, qty, _plain(tif, plain), self.ts, False,
                               _plain(stp, plain)))
 
-    @rule(back=st.integers(0, 6), side=sides, price=st.integers(LOW, HIGH))
-    def reuse_finished_id(self, back: int, side: Side, price: int) -> None:
-        """Place with the ids of the ``back``-th most recently finished order: at the dedupe window's edge."""
+    @rule(back=st.integers(0, 6), edge=st.booleans(), side=sides, price=st.integers(LOW, HIGH))
+    def reuse_finished_id(self, back: int, edge: bool, side: Side, price: int) -> None:
+        """Place with the ids of the ``back``-th most recently finished order.
+
+        With ``edge``, ``back`` is moved to straddle a small dedupe window's edge (window - 1, window, window + 1
+        orders back), where an id stops being a duplicate.
+        """
         assert self.h is not None
-        if not self.h.finished:
+        window = self.h.spec.dedupe_window
+        if edge and 0 < window < 50:
+            back = window - 1 + back % 3 - 1
+        if len(self.h.finished) <= back:
             return
-        client, coid = self.h.finished[-1 - back % len(self.h.finished)]
+        client, coid = self.h.finished[-1 - back]
         self.apply(PlaceOrder(self.symbol, client, coid, side, OrderType.LIMIT, price,
                               self.h.spec.min_qty_lots, ts_ns=self.ts))
 
