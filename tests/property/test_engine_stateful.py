@@ -171,13 +171,13 @@ class EngineVsReference(RuleBasedStateMachine):
         self.apply(PlaceOrder(self.symbol, client, coid, side, OrderType.LIMIT, price,
                               qty * self.h.spec.min_qty_lots, tif, self.ts, post_only, stp, expire))
 
-    @rule(client=clients, side=sides, qty=st.integers(1, 25),
+    @rule(client=clients, side=sides, qty=st.one_of(st.integers(1, 25), st.just(10_000)),
           tif=st.sampled_from([TimeInForce.IOC, TimeInForce.IOC, TimeInForce.FOK, TimeInForce.FOK, TimeInForce.GTC]),
           stp=stps, pick=coid_picks, plain=st.sampled_from([False, False, True]))
     def place_market(self, client: str, side: Side, qty: int, tif: TimeInForce, stp: StpMode | None,
                      pick: int | None, plain: bool) -> None:
         assert self.h is not None
-        qty *= self.h.spec.min_qty_lots
+        qty = min(qty * self.h.spec.min_qty_lots, self.h.spec.max_qty_lots)  # 10_000: the largest, a sweep
         client, coid = self.ident(client, pick)
         self.apply(PlaceOrder(self.symbol, client, coid, _plain(side, plain),
                               _plain(OrderType.MARKET, plain), 0, qty, _plain(tif, plain), self.ts, False,
@@ -292,6 +292,14 @@ class EngineVsReference(RuleBasedStateMachine):
         """Let time pass (GTD orders expire on the next command); inputs may also arrive slightly out of order."""
         self.ts += dt
 
+    @rule(delta=st.integers(-1, 1))
+    def advance_to_expiry(self, delta: int) -> None:
+        """Move the clock to just before, exactly at or just after the earliest pending GTD expiry."""
+        assert self.h is not None
+        pending = [o.expire_ns for o in self.h.ref.orders() if o.gtd]
+        if pending:
+            self.ts = max(self.ts, min(pending) + delta)
+
     @rule(kind=st.sampled_from([
         "qty0", "qty_neg", "qty_max", "qty_bool", "qty_min", "price0", "price_neg", "price_max",
         "empty_client", "empty_coid", "bad_side", "bad_type", "bad_tif", "bad_stp", "market_gtc", "market_gtd",
@@ -363,8 +371,8 @@ class EngineVsReference(RuleBasedStateMachine):
 
 
 EngineVsReference.TestCase.settings = settings(
-    max_examples=150,
-    stateful_step_count=60,
+    max_examples=300,
+    stateful_step_count=80,
     deadline=None,
     derandomize=False,
     print_blob=True,

@@ -47,10 +47,13 @@ prices = st.one_of(st.integers(90, 110), st.integers(90, 110), st.integers(90, 1
                    st.sampled_from([0, -1, 201, 10**16]))
 
 # ts_ns and expire_ns are filled in later, relative to a clock that only moves forward;
-# ``expire_ns`` here is an offset from the command's time (0: none, or a valid one for GTD).
+# ``expire_ns`` here is an offset from the command's time (0: none, or a valid one for GTD), or
+# EXPIRE_AT_ZERO for the absolute time 0 (a valid-looking GTD expiry when the clock starts negative).
+EXPIRE_AT_ZERO = -(10**18)
 wild_places = st.builds(
     PlaceOrder, instrument=instruments, client_id=clients, client_order_id=coids, side=sides, order_type=otypes,
-    price_ticks=prices, qty_lots=qtys, tif=tifs, stp=stps, expire_ns=st.sampled_from([0] * 10 + [-3, 1, 5, 20, 60]),
+    price_ticks=prices, qty_lots=qtys, tif=tifs, stp=stps,
+    expire_ns=st.sampled_from([0] * 10 + [-3, 1, 5, 20, 60, EXPIRE_AT_ZERO]),
     post_only=st.sampled_from([False, False, False, True]))
 # well-formed orders (enums as members or plain strings), so that books build up and trade
 good_limits = st.builds(
@@ -88,16 +91,17 @@ def _concrete(cmd: Any, symbol: str, ts: int) -> Any:
         changes["instrument"] = symbol
     if isinstance(cmd, PlaceOrder):
         offset = cmd.expire_ns or (15 if cmd.tif == TimeInForce.GTD else 0)
-        changes["expire_ns"] = ts + offset if offset else 0
+        changes["expire_ns"] = 0 if offset in (0, EXPIRE_AT_ZERO) else ts + offset
     return msgspec.structs.replace(cmd, **changes)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
           print_blob=True)
-@given(which=st.sampled_from(sorted(SPECS)), steps=steps)
-def test_any_command_list_keeps_the_engine_sound(which: str, steps: list[tuple[Any, int]]) -> None:
+@given(which=st.sampled_from(sorted(SPECS)), start=st.sampled_from([1_000, 1_000, 0, -30]), steps=steps)
+def test_any_command_list_keeps_the_engine_sound(which: str, start: int, steps: list[tuple[Any, int]]) -> None:
+    """``start`` is the first input time; zero and negative starts probe the GTD expiry checks."""
     h = Harness(SPECS[which])
-    ts = 1_000
+    ts = start
     for cmd, dt in steps:
         ts += dt
         h.step(_concrete(cmd, h.spec.symbol, ts))
