@@ -46,7 +46,8 @@ from exchange.events import (
 from exchange.instruments import Instrument
 from exchange.types import CancelReason, OrderType, RejectReason, Side, StpMode, TimeInForce
 
-__all__ = ["EngineState", "Exchange", "MatchingEngine", "RestingOrder", "command_name"]
+__all__ = ["DedupeWindow", "EngineState", "Exchange", "MatchingEngine", "RestingOrder", "command_name",
+           "resting_orders"]
 
 BUY, SELL = Side.BUY, Side.SELL
 LIMIT, MARKET = OrderType.LIMIT, OrderType.MARKET
@@ -91,6 +92,40 @@ class EngineState(msgspec.Struct, frozen=True):
     done: list[tuple[str, str, int]] = []
 
 
+class DedupeWindow:
+    """The client order ids of the most recently finished orders, oldest evicted first.
+
+    ``ids`` maps ``(client_id, client_order_id)`` to the order id; the matching
+    hot path reads it directly. Recovery's event applier keeps one too, so both
+    rebuild the same window.
+    """
+
+    __slots__ = ("_fifo", "ids", "size")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.ids: dict[tuple[str, str], int] = {}
+        self._fifo: deque[tuple[str, str]] = deque()
+
+    def remember(self, client_id: str, client_order_id: str, order_id: int) -> None:
+        if self.size:
+            key = (client_id, client_order_id)
+            self.ids[key] = order_id
+            self._fifo.append(key)
+            if len(self._fifo) > self.size:
+                del self.ids[self._fifo.popleft()]
+
+    def entries(self) -> list[tuple[str, str, int]]:
+        """``(client_id, client_order_id, order_id)``, oldest first (as in :class:`EngineState`)."""
+        return [(c, k, self.ids[(c, k)]) for c, k in self._fifo]
+
+
+def resting_orders(book: OrderBook) -> list[RestingOrder]:
+    """The book's live orders in priority order, as stored in snapshots."""
+    return [RestingOrder(o.order_id, o.client_id, o.client_order_id, o.side, o.price, o.qty, o.remaining,
+                         o.priority, o.expire_ns, o.post_only, o.stp) for o in book.iter_orders()]
+
+
 _COMMAND_NAMES: dict[type[Any], str] = {
     PlaceOrder: "place", CancelOrder: "cancel", AmendOrder: "amend", CancelAll: "cancel_all", ClearBook: "clear"}
 
@@ -121,8 +156,9 @@ class MatchingEngine:
         self.next_order_id = 1
         self.next_trade_id = 1
         self._live: dict[str, dict[str, Order]] = {}  # client -> client order id -> live order
-        self._done: dict[tuple[str, str], int] = {}  # finished (client, client order id) -> order id
-        self._done_fifo: deque[tuple[str, str]] = deque()
+        self._dedupe = DedupeWindow(spec.dedupe_window)
+        self._done = self._dedupe.ids  # finished (client, client order id) -> order id
+        self._remember = self._dedupe.remember
         self._expiries: list[tuple[int, int]] = []  # heap of (expire_ns, order_id)
         self._handlers: dict[type[Any], Callable[[Any, list[Event]], None]] = {
             PlaceOrder: self._place,
@@ -163,13 +199,8 @@ class MatchingEngine:
 
     def export_state(self) -> EngineState:
         """A snapshot of the engine from which :meth:`from_state` rebuilds it exactly."""
-        orders = [
-            RestingOrder(o.order_id, o.client_id, o.client_order_id, o.side, o.price, o.qty, o.remaining,
-                         o.priority, o.expire_ns, o.post_only, o.stp)
-            for o in self.book.iter_orders()
-        ]
-        done = [(c, k, self._done[(c, k)]) for c, k in self._done_fifo]
-        return EngineState(self.symbol, self.seq, self.next_order_id, self.next_trade_id, orders, done)
+        return EngineState(self.symbol, self.seq, self.next_order_id, self.next_trade_id,
+                           resting_orders(self.book), self._dedupe.entries())
 
     @classmethod
     def from_state(cls, spec: Instrument, state: EngineState) -> MatchingEngine:
@@ -585,24 +616,7 @@ class MatchingEngine:
         """A live order is done (filled, canceled, expired): keep its id only for deduplication."""
         client, coid = order.client_id, order.client_order_id
         del self._live[client][coid]
-        window = self.spec.dedupe_window
-        if window:
-            key = (client, coid)
-            self._done[key] = order.order_id
-            fifo = self._done_fifo
-            fifo.append(key)
-            if len(fifo) > window:
-                del self._done[fifo.popleft()]
-
-    def _remember(self, client: str, coid: str, oid: int) -> None:
-        window = self.spec.dedupe_window
-        if window:
-            key = (client, coid)
-            self._done[key] = oid
-            fifo = self._done_fifo
-            fifo.append(key)
-            if len(fifo) > window:
-                del self._done[fifo.popleft()]
+        self._remember(client, coid, order.order_id)
 
 
 class Exchange:

@@ -28,7 +28,6 @@ unknown order, a quantity that does not add up) raises :class:`ReplayError`.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterable
 
 from exchange.book import Order, OrderBook
@@ -42,7 +41,7 @@ from exchange.events import (
     OrderRejected,
 )
 from exchange.instruments import Instrument
-from exchange.matching import EngineState, RestingOrder
+from exchange.matching import DedupeWindow, EngineState, resting_orders
 from exchange.types import OrderType, Side, StpMode, TimeInForce
 
 __all__ = ["EventApplier", "ReplayError"]
@@ -72,8 +71,8 @@ class EventApplier:
         self.next_trade_id = state.next_trade_id
         self.events_applied = 0
         self._transient: dict[int, tuple[str, str]] = {}  # accepted orders that never rest, until they end
-        self._done: dict[tuple[str, str], int] = {}
-        self._done_fifo: deque[tuple[str, str]] = deque()
+        self._dedupe = DedupeWindow(spec.dedupe_window)
+        self._remember = self._dedupe.remember
         for r in state.orders:
             self.book.add(Order(r.order_id, r.client_id, r.client_order_id, Side(r.side), r.price_ticks, r.qty_lots,
                                 r.remaining_lots, r.priority, r.expire_ns, r.post_only, StpMode(r.stp)))
@@ -114,14 +113,12 @@ class EventApplier:
         if self._transient:
             raise ReplayError(f"{self.symbol}: orders {sorted(self._transient)} are still being processed at seq "
                               f"{self.seq}; an image exists only between two commands")
-        orders = [RestingOrder(o.order_id, o.client_id, o.client_order_id, o.side, o.price, o.qty, o.remaining,
-                               o.priority, o.expire_ns, o.post_only, o.stp) for o in self.book.iter_orders()]
-        done = [(c, k, self._done[(c, k)]) for c, k in self._done_fifo]
-        return EngineState(self.symbol, self.seq, self.next_order_id, self.next_trade_id, orders, done)
+        return EngineState(self.symbol, self.seq, self.next_order_id, self.next_trade_id,
+                           resting_orders(self.book), self._dedupe.entries())
 
     @property
     def done(self) -> list[tuple[str, str, int]]:
-        return [(c, k, self._done[(c, k)]) for c, k in self._done_fifo]
+        return self._dedupe.entries()
 
     # -------------------------------------------------------------- events
 
@@ -191,12 +188,3 @@ class EventApplier:
         self.book.add(Order(order.order_id, order.client_id, order.client_order_id, order.side, ev.price_ticks,
                             ev.qty_lots, ev.remaining_lots, ev.seq, order.expire_ns, order.post_only, order.stp))
 
-    def _remember(self, client: str, coid: str, oid: int) -> None:
-        window = self.spec.dedupe_window
-        if window:
-            key = (client, coid)
-            self._done[key] = oid
-            fifo = self._done_fifo
-            fifo.append(key)
-            if len(fifo) > window:
-                del self._done[fifo.popleft()]
