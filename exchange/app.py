@@ -113,6 +113,7 @@ class Daemon:
                 writer_task = tg.create_task(writer.run(), name="journal-writer")
                 source_task = tg.create_task(source.run(), name="order-source")
                 timer = tg.create_task(self._snapshot_timer(), name="snapshot-timer")
+                lag = tg.create_task(self._watch_loop_lag(), name="loop-lag")
                 stop = tg.create_task(self._stop.wait(), name="stop-signal")
                 # whichever comes first: a stop request, or a long-lived task ending (a failure)
                 await asyncio.wait([stop, source_task, writer_task, *loop_tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -122,6 +123,7 @@ class Daemon:
                     if task.done() and task.exception() is not None:
                         raise task.exception()  # type: ignore[misc]
                 await self._shutdown(source, source_task, timer, loop_tasks, journal, writer_task)
+                lag.cancel()
             return 0
         finally:
             # bounded: a dependency that is down must not keep a stopping daemon alive
@@ -173,6 +175,22 @@ class Daemon:
             await asyncio.sleep(interval)
             for instrument_loop in self.loops.values():
                 await instrument_loop.queue.put(Control.SNAPSHOT)
+
+    async def _watch_loop_lag(self) -> None:
+        """Measure how late a short timer fires: the time the event loop was blocked (or starved of CPU).
+
+        Every stage of the pipeline shares this one loop, so a stall here delays every order in flight;
+        the histogram shows how often, and a long one is logged with its length.
+        """
+        loop = asyncio.get_running_loop()
+        interval = 0.05
+        while True:
+            started = loop.time()
+            await asyncio.sleep(interval)
+            lag = max(0.0, loop.time() - started - interval)
+            self.metrics.loop_lag.observe(lag)
+            if lag >= 0.1:
+                self._log.warning("event loop stalled", stalled_ms=round(lag * 1000, 1))
 
     def _caught_up(self) -> None:
         self.ready = True

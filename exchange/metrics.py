@@ -31,7 +31,8 @@ class Metrics:
         self.events = Counter("exchange_events_total", "Events made durable", ["instrument"], registry=r)
         self.order_latency = Histogram("exchange_order_latency_seconds",
                                        "From the input's timestamp to its batch being durable",
-                                       buckets=(.001, .002, .005, .01, .02, .05, .1, .25, .5, 1, 2.5, 5, 10),
+                                       buckets=(.001, .002, .005, .01, .015, .02, .025, .03, .04, .05, .1, .25, .5,
+                                                1, 2.5, 5, 10),
                                        registry=r)
         self.queue_depth_gauge = Gauge("exchange_queue_depth", "Commands waiting in an instrument's queue",
                                        ["instrument"], registry=r)
@@ -42,6 +43,14 @@ class Metrics:
         self.commit_seconds = Histogram("exchange_journal_commit_seconds", "Journal commit duration",
                                         buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .25, .5, 1),
                                         registry=r)
+        self.consume_delay = Histogram("exchange_consume_delay_seconds",
+                                       "From the timestamp of the oldest message in a fetched batch to its "
+                                       "consumption (input delivery plus consumer lag)",
+                                       buckets=(.001, .002, .005, .01, .015, .02, .03, .05, .1, .25, .5, 1, 5, 30),
+                                       registry=r)
+        self.loop_lag = Histogram("exchange_event_loop_lag_seconds",
+                                  "How late a 50 ms timer fires: time the event loop was blocked or starved",
+                                  buckets=(.001, .002, .005, .01, .02, .05, .1, .25, .5, 1), registry=r)
         self.commit_failures = Counter("exchange_journal_commit_failures_total", "Failed journal commits",
                                        registry=r)
         self.consumer_paused_gauge = Gauge("exchange_consumer_paused", "1 while back-pressure pauses the consumer",

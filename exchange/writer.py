@@ -113,6 +113,9 @@ class JournalWriter:
                 delay = min(delay * 2, self._backoff_max_s)
                 continue
             elapsed = time.perf_counter() - started
+            if elapsed >= 0.1:
+                self._log.warning("slow journal commit", commit_ms=round(elapsed * 1000, 1), events=n_events,
+                                  snapshots=len(batch.snapshots))
             if self.degraded:
                 self._log.info("journal commits resumed", attempts=attempt)
             self.degraded = False

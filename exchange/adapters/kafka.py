@@ -118,8 +118,13 @@ class OrderSource:
         consumer = self._consumer
         assert consumer is not None, "start() first"
         next_commit = time.monotonic() + self._commit_interval_s
+        metrics = self._metrics
         while not self._stopping.is_set():
             records = await consumer.getmany(timeout_ms=_POLL_MS, max_records=_MAX_RECORDS)
+            if records and metrics is not None:
+                now_ms = time.time() * 1000
+                for batch in records.values():
+                    metrics.consume_delay.observe(max(0.0, now_ms - batch[0].timestamp) / 1000)
             for tp, batch in records.items():
                 for record in batch:
                     pending = self._route(consumer, tp, record)

@@ -1,0 +1,123 @@
+-- 002_commit_function: a small journal batch in ONE round trip.
+--
+-- The journal writer commits a batch every few milliseconds. Under a light load a batch holds a few
+-- dozen events, and the multi-statement path (BEGIN, lock, three COPYs, four set-based statements,
+-- COMMIT) spends most of its time on round trips, not on work. This function does the same work in
+-- one statement, which PostgreSQL runs as its own transaction: the store sends the whole batch as one
+-- JSON document (see exchange/adapters/postgres.py, "the one-statement path") and gets back NULL when
+-- it was written. Large batches and batches with snapshots still take the COPY path.
+--
+-- The document: {"progress": [[instrument, first_seq, last_seq, next_order_id, next_trade_id], ...],
+--   "steps": [[instrument, tick, lot], ...],  -- decimal strings; the server computes price/qty columns
+--   "events": [[instrument, seq, ts_ns, type, order_id, client_id, payload_base64], ...],
+--   "trades": [[...TRADE_COLUMNS...]], "orders": [[...ORDER_COLUMNS...]],  -- price, qty: ignored (computed)
+--   "updates": [[...UPDATE_FIELDS...]], "positions": [[...POSITION_FIELDS...]],
+--   "offsets": [[instrument, topic, partition, last_offset], ...]}
+--
+-- If the batch does not continue every instrument's stored sequence exactly, nothing is written and
+-- the stored seq of each instrument comes back as a JSON object: the store then decides whether the
+-- batch is already durable (a commit whose acknowledgement was lost) or refuses it loudly.
+
+CREATE FUNCTION exchange_commit_batch(b json) RETURNS json
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    d jsonb := b::jsonb;  -- parsed once: every '->' on json text would parse the whole document again
+    stored json;
+    expected bigint;
+    done bigint;
+BEGIN
+    -- the instruments' progress rows, locked in one order, so two writers cannot interleave
+    PERFORM 1 FROM engine_progress
+    WHERE instrument IN (SELECT e->>0 FROM jsonb_array_elements(d->'progress') AS e)
+    ORDER BY instrument FOR UPDATE;
+
+    IF EXISTS (SELECT 1 FROM jsonb_array_elements(d->'progress') AS e
+               LEFT JOIN engine_progress AS p ON p.instrument = e->>0
+               WHERE coalesce(p.seq, 0) <> (e->>1)::bigint - 1) THEN
+        SELECT coalesce(json_object_agg(p.instrument, p.seq), '{}'::json) INTO stored
+        FROM engine_progress AS p
+        WHERE p.instrument IN (SELECT e->>0 FROM jsonb_array_elements(d->'progress') AS e);
+        RETURN stored;
+    END IF;
+
+    INSERT INTO order_events (instrument, seq, ts_ns, type, order_id, client_id, payload)
+    SELECT e->>0, (e->>1)::bigint, (e->>2)::bigint, e->>3, (e->>4)::bigint, e->>5, decode(e->>6, 'base64')
+    FROM jsonb_array_elements(d->'events') AS e;
+
+    INSERT INTO trades (instrument, trade_id, seq, ts_ns, price_ticks, qty_lots, price, qty, aggressor_side,
+                        maker_order_id, maker_client_id, maker_client_order_id, taker_order_id, taker_client_id,
+                        taker_client_order_id)
+    SELECT e->>0, (e->>1)::bigint, (e->>2)::bigint, (e->>3)::bigint, (e->>4)::bigint, (e->>5)::bigint,
+           (e->>4)::bigint * s.tick, (e->>5)::bigint * s.lot, e->>8, (e->>9)::bigint, e->>10, e->>11,
+           (e->>12)::bigint, e->>13, e->>14
+    FROM jsonb_array_elements(d->'trades') AS e
+    JOIN (SELECT x->>0 AS instrument, (x->>1)::numeric AS tick, (x->>2)::numeric AS lot
+          FROM jsonb_array_elements(d->'steps') AS x) AS s ON s.instrument = e->>0;
+
+    INSERT INTO orders (instrument, created_seq, order_id, client_id, client_order_id, side, order_type, tif,
+                        price_ticks, qty_lots, remaining_lots, filled_lots, status, priority, expire_ns, post_only,
+                        stp, reject_reason, reject_text, created_ts_ns, updated_seq, updated_ts_ns, price, qty)
+    SELECT e->>0, (e->>1)::bigint, (e->>2)::bigint, e->>3, e->>4, e->>5, e->>6, e->>7,
+           (e->>8)::bigint, (e->>9)::bigint, (e->>10)::bigint, (e->>11)::bigint, e->>12, (e->>13)::bigint,
+           (e->>14)::bigint, (e->>15)::boolean, e->>16, e->>17, e->>18, (e->>19)::bigint, (e->>20)::bigint,
+           (e->>21)::bigint, nullif((e->>8)::bigint, 0) * s.tick, (e->>9)::bigint * s.lot
+    FROM jsonb_array_elements(d->'orders') AS e
+    JOIN (SELECT x->>0 AS instrument, (x->>1)::numeric AS tick, (x->>2)::numeric AS lot
+          FROM jsonb_array_elements(d->'steps') AS x) AS s ON s.instrument = e->>0;
+
+    expected := jsonb_array_length(d->'updates');
+    IF expected > 0 THEN
+        UPDATE orders AS o SET
+            remaining_lots = u.remaining_lots,
+            filled_lots = o.filled_lots + u.filled_delta,
+            qty_lots = coalesce(u.qty_lots, o.qty_lots),
+            price_ticks = coalesce(u.price_ticks, o.price_ticks),
+            priority = coalesce(u.priority, o.priority),
+            -- an order that is no longer open must not change: NULL violates NOT NULL and fails the batch
+            status = CASE WHEN o.status IN ('open', 'partially_filled') THEN coalesce(u.status, o.status) END,
+            updated_seq = u.updated_seq,
+            updated_ts_ns = u.updated_ts_ns,
+            price = CASE WHEN u.price_ticks IS NULL THEN o.price ELSE u.price_ticks * s.tick END,
+            qty = CASE WHEN u.qty_lots IS NULL THEN o.qty ELSE u.qty_lots * s.lot END
+        FROM (
+            SELECT e->>0 AS instrument, (e->>1)::bigint AS order_id, (e->>2)::bigint AS remaining_lots,
+                   (e->>3)::bigint AS filled_delta, (e->>4)::bigint AS qty_lots, (e->>5)::bigint AS price_ticks,
+                   (e->>6)::bigint AS priority, e->>7 AS status, (e->>8)::bigint AS updated_seq,
+                   (e->>9)::bigint AS updated_ts_ns
+            FROM jsonb_array_elements(d->'updates') AS e
+        ) AS u
+        JOIN (SELECT x->>0 AS instrument, (x->>1)::numeric AS tick, (x->>2)::numeric AS lot
+              FROM jsonb_array_elements(d->'steps') AS x) AS s ON s.instrument = u.instrument
+        WHERE o.instrument = u.instrument AND o.order_id = u.order_id;
+        GET DIAGNOSTICS done = ROW_COUNT;
+        IF done <> expected THEN
+            RAISE EXCEPTION '% stored orders should change but only % of their rows were found', expected, done
+                USING ERRCODE = 'EXU01';
+        END IF;
+    END IF;
+
+    INSERT INTO positions (client_id, instrument, net_lots, cost, realized, net_qty, realized_pnl, updated_seq)
+    SELECT e->>0, e->>1, (e->>2)::numeric, (e->>3)::numeric, (e->>4)::numeric, (e->>2)::numeric * s.lot,
+           (e->>4)::numeric * s.tick * s.lot, (e->>5)::bigint
+    FROM jsonb_array_elements(d->'positions') AS e
+    JOIN (SELECT x->>0 AS instrument, (x->>1)::numeric AS tick, (x->>2)::numeric AS lot
+          FROM jsonb_array_elements(d->'steps') AS x) AS s ON s.instrument = e->>1
+    ON CONFLICT (client_id, instrument) DO UPDATE SET
+        net_lots = EXCLUDED.net_lots, cost = EXCLUDED.cost, realized = EXCLUDED.realized,
+        net_qty = EXCLUDED.net_qty, realized_pnl = EXCLUDED.realized_pnl, updated_seq = EXCLUDED.updated_seq;
+
+    INSERT INTO engine_progress (instrument, seq, next_order_id, next_trade_id, updated_at)
+    SELECT e->>0, (e->>2)::bigint, (e->>3)::bigint, (e->>4)::bigint, now()
+    FROM jsonb_array_elements(d->'progress') AS e
+    ON CONFLICT (instrument) DO UPDATE SET
+        seq = EXCLUDED.seq, next_order_id = EXCLUDED.next_order_id, next_trade_id = EXCLUDED.next_trade_id,
+        updated_at = EXCLUDED.updated_at;
+
+    INSERT INTO input_offsets (instrument, topic, partition, last_offset)
+    SELECT e->>0, e->>1, (e->>2)::integer, (e->>3)::bigint
+    FROM jsonb_array_elements(d->'offsets') AS e
+    ON CONFLICT (instrument, topic, partition) DO UPDATE SET last_offset = EXCLUDED.last_offset;
+
+    RETURN NULL;
+END
+$fn$;
