@@ -11,9 +11,21 @@ The pure core, usable as a library (for backtests, replay and tests)::
                                      qty_lots=spec.qty_to_lots("0.5")))
 """
 
-from exchange.commands import AmendOrder, CancelAll, CancelOrder, ClearBook, Command, PlaceOrder, RejectInput
+from exchange.commands import (
+    AmendOrder,
+    CancelAll,
+    CancelOrder,
+    ClearBook,
+    Command,
+    HaltInstrument,
+    PlaceOrder,
+    RejectInput,
+    ResumeInstrument,
+)
 from exchange.events import (
     Event,
+    InstrumentHalted,
+    InstrumentResumed,
     OrderAccepted,
     OrderAmended,
     OrderCanceled,
@@ -36,7 +48,10 @@ __all__ = [
     "EngineState",
     "Event",
     "Exchange",
+    "HaltInstrument",
     "Instrument",
+    "InstrumentHalted",
+    "InstrumentResumed",
     "MatchingEngine",
     "OrderAccepted",
     "OrderAmended",
@@ -49,6 +64,7 @@ __all__ = [
     "RejectInput",
     "RejectReason",
     "RestingOrder",
+    "ResumeInstrument",
     "Side",
     "StpMode",
     "TimeInForce",

@@ -27,7 +27,17 @@ from typing import Any
 
 import msgspec
 
-from exchange.commands import AmendOrder, CancelAll, CancelOrder, ClearBook, Command, PlaceOrder, RejectInput
+from exchange.commands import (
+    AmendOrder,
+    CancelAll,
+    CancelOrder,
+    ClearBook,
+    Command,
+    HaltInstrument,
+    PlaceOrder,
+    RejectInput,
+    ResumeInstrument,
+)
 from exchange.events import Event
 from exchange.instruments import ConversionError, Instrument
 from exchange.types import OrderType, RejectReason, Side, StpMode, TimeInForce
@@ -38,7 +48,8 @@ _MAX_ID_LEN = 64
 _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
 
-OPS = ("place", "cancel", "amend", "cancel_all", "clear")
+OPS = ("place", "cancel", "amend", "cancel_all", "clear", "halt", "resume")
+_MAX_TEXT_LEN = 200
 
 
 class WireError(ValueError):
@@ -107,6 +118,14 @@ def decode_command(data: bytes | str | dict[str, Any], instruments: Mapping[str,
                         client_order_id=client_order_id, instrument=instrument)
     if op == "cancel_all":
         return CancelAll(client_id, instrument, ts_ns)
+    if op in ("halt", "resume"):  # operator actions: client_id names the operator
+        if instrument is None:
+            raise WireError(f"{op} needs an instrument", client_id=client_id)
+        text = msg.get("text", "")
+        if not isinstance(text, str) or len(text) > _MAX_TEXT_LEN:
+            raise WireError(f"text must be a string of at most {_MAX_TEXT_LEN} characters", client_id=client_id,
+                            instrument=instrument)
+        return (HaltInstrument if op == "halt" else ResumeInstrument)(instrument, client_id, text, ts_ns)
     if instrument is None:
         raise WireError(f"{op} needs an instrument", client_id=client_id, client_order_id=client_order_id)
     spec = instruments.get(instrument)

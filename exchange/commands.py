@@ -15,7 +15,8 @@ import msgspec
 
 from exchange.types import OrderType, RejectReason, Side, StpMode, TimeInForce
 
-__all__ = ["AmendOrder", "CancelAll", "CancelOrder", "ClearBook", "Command", "PlaceOrder", "RejectInput"]
+__all__ = ["AmendOrder", "CancelAll", "CancelOrder", "ClearBook", "Command", "HaltInstrument", "PlaceOrder",
+           "RejectInput", "ResumeInstrument"]
 
 
 class PlaceOrder(msgspec.Struct, frozen=True, gc=False):
@@ -82,6 +83,29 @@ class ClearBook(msgspec.Struct, frozen=True, gc=False):
     ts_ns: int = 0
 
 
+class HaltInstrument(msgspec.Struct, frozen=True, gc=False):
+    """Operator action: stop trading an instrument.
+
+    While halted, new orders and amends are rejected ``instrument_halted``;
+    cancels (and cancel-all, clear) still work, so participants can take risk
+    off. ``client_id`` names the operator who asked, for the audit trail.
+    """
+
+    instrument: str
+    client_id: str
+    text: str = ""  # the operator's note, e.g. why
+    ts_ns: int = 0
+
+
+class ResumeInstrument(msgspec.Struct, frozen=True, gc=False):
+    """Operator action: trading resumes on a halted instrument (the book is as it was)."""
+
+    instrument: str
+    client_id: str
+    text: str = ""
+    ts_ns: int = 0
+
+
 class RejectInput(msgspec.Struct, frozen=True, gc=False):
     """Input the edge could not turn into a valid command (off-grid price, bad field, ...).
 
@@ -98,4 +122,5 @@ class RejectInput(msgspec.Struct, frozen=True, gc=False):
     ts_ns: int = 0
 
 
-Command = PlaceOrder | CancelOrder | AmendOrder | CancelAll | ClearBook | RejectInput
+Command = (PlaceOrder | CancelOrder | AmendOrder | CancelAll | ClearBook | HaltInstrument | ResumeInstrument
+           | RejectInput)

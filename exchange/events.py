@@ -17,6 +17,8 @@ from exchange.types import CancelReason, OrderType, RejectReason, Side, StpMode,
 
 __all__ = [
     "Event",
+    "InstrumentHalted",
+    "InstrumentResumed",
     "OrderAccepted",
     "OrderAmended",
     "OrderCanceled",
@@ -63,7 +65,7 @@ class OrderRejected(_Base, frozen=True, gc=False, tag="rejected"):
     client_id: str
     client_order_id: str | None
     order_id: int | None
-    command: str  # "place", "cancel", "amend", "cancel_all", "clear" or "unknown"
+    command: str  # "place", "cancel", "amend", "cancel_all", "clear", "halt", "resume" or "unknown"
     reason: RejectReason
     text: str
 
@@ -123,4 +125,22 @@ class OrderExpired(_Base, frozen=True, gc=False, tag="expired"):
     expired_lots: int
 
 
-Event = OrderAccepted | OrderRejected | OrderFilled | OrderCanceled | OrderAmended | OrderExpired
+class InstrumentHalted(_Base, frozen=True, gc=False, tag="halted"):
+    """Trading stopped: until ``resumed``, places and amends are rejected ``instrument_halted``.
+
+    ``client_id`` is the operator who asked; ``text`` their note.
+    """
+
+    client_id: str
+    text: str
+
+
+class InstrumentResumed(_Base, frozen=True, gc=False, tag="resumed"):
+    """Trading resumed on a halted instrument."""
+
+    client_id: str
+    text: str
+
+
+Event = (OrderAccepted | OrderRejected | OrderFilled | OrderCanceled | OrderAmended | OrderExpired
+         | InstrumentHalted | InstrumentResumed)

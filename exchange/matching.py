@@ -18,6 +18,9 @@ rules:
   re-queues at the back, and a new crossing price trades at once.
 - GTD orders expire when an input timestamp reaches their expiry; expiries are
   applied before the command that carries that timestamp.
+- Halt (an operator's): until resume, places and amends are rejected
+  ``instrument_halted``; cancels, cancel-all, clear and expiries go on. The
+  halted flag is part of the engine state and of its state hash.
 
 Every event takes the next sequence number; order and trade ids come from
 counters. No I/O, no clock, no randomness.
@@ -25,6 +28,7 @@ counters. No I/O, no clock, no randomness.
 
 from __future__ import annotations
 
+import hashlib
 from collections import deque
 from collections.abc import Callable, Iterable
 from heapq import heappop, heappush
@@ -33,9 +37,21 @@ from typing import Any
 import msgspec
 
 from exchange.book import Order, OrderBook
-from exchange.commands import AmendOrder, CancelAll, CancelOrder, ClearBook, Command, PlaceOrder, RejectInput
+from exchange.commands import (
+    AmendOrder,
+    CancelAll,
+    CancelOrder,
+    ClearBook,
+    Command,
+    HaltInstrument,
+    PlaceOrder,
+    RejectInput,
+    ResumeInstrument,
+)
 from exchange.events import (
     Event,
+    InstrumentHalted,
+    InstrumentResumed,
     OrderAccepted,
     OrderAmended,
     OrderCanceled,
@@ -47,7 +63,7 @@ from exchange.instruments import Instrument
 from exchange.types import CancelReason, OrderType, RejectReason, Side, StpMode, TimeInForce
 
 __all__ = ["DedupeWindow", "EngineState", "Exchange", "MatchingEngine", "RestingOrder", "command_name",
-           "resting_orders"]
+           "engine_state_hash", "resting_orders"]
 
 BUY, SELL = Side.BUY, Side.SELL
 LIMIT, MARKET = OrderType.LIMIT, OrderType.MARKET
@@ -81,7 +97,8 @@ class EngineState(msgspec.Struct, frozen=True):
 
     ``orders`` are in priority order (bids best first, then asks best first,
     FIFO within a level). ``done`` lists the remembered finished orders as
-    ``(client_id, client_order_id, order_id)``, oldest first.
+    ``(client_id, client_order_id, order_id)``, oldest first. ``halted``: an
+    operator halted trading (see :class:`exchange.commands.HaltInstrument`).
     """
 
     instrument: str
@@ -90,6 +107,7 @@ class EngineState(msgspec.Struct, frozen=True):
     next_trade_id: int
     orders: list[RestingOrder]
     done: list[tuple[str, str, int]] = []
+    halted: bool = False
 
 
 class DedupeWindow:
@@ -120,6 +138,14 @@ class DedupeWindow:
         return [(c, k, self.ids[(c, k)]) for c, k in self._fifo]
 
 
+def engine_state_hash(book: OrderBook, halted: bool) -> str:
+    """The book's hash, marked when the instrument is halted (a trading book hashes as the bare book)."""
+    book_hash = book.state_hash()
+    if not halted:
+        return book_hash
+    return hashlib.blake2b(b"halted:" + book_hash.encode(), digest_size=16).hexdigest()
+
+
 def resting_orders(book: OrderBook) -> list[RestingOrder]:
     """The book's live orders in priority order, as stored in snapshots."""
     return [RestingOrder(o.order_id, o.client_id, o.client_order_id, o.side, o.price, o.qty, o.remaining,
@@ -127,7 +153,8 @@ def resting_orders(book: OrderBook) -> list[RestingOrder]:
 
 
 _COMMAND_NAMES: dict[type[Any], str] = {
-    PlaceOrder: "place", CancelOrder: "cancel", AmendOrder: "amend", CancelAll: "cancel_all", ClearBook: "clear"}
+    PlaceOrder: "place", CancelOrder: "cancel", AmendOrder: "amend", CancelAll: "cancel_all", ClearBook: "clear",
+    HaltInstrument: "halt", ResumeInstrument: "resume"}
 
 
 def command_name(command: Command) -> str:
@@ -155,17 +182,20 @@ class MatchingEngine:
         self.seq = 0
         self.next_order_id = 1
         self.next_trade_id = 1
+        self.halted = False
         self._live: dict[str, dict[str, Order]] = {}  # client -> client order id -> live order
         self._dedupe = DedupeWindow(spec.dedupe_window)
         self._done = self._dedupe.ids  # finished (client, client order id) -> order id
         self._remember = self._dedupe.remember
         self._expiries: list[tuple[int, int]] = []  # heap of (expire_ns, order_id)
         self._handlers: dict[type[Any], Callable[[Any, list[Event]], None]] = {
-            PlaceOrder: self._place,
+            PlaceOrder: self._place_halted,  # reached only while halted: see apply's fast path
             CancelOrder: self._cancel,
             AmendOrder: self._amend,
             CancelAll: self._cancel_all,
             ClearBook: self._clear,
+            HaltInstrument: self._halt,
+            ResumeInstrument: self._resume,
             RejectInput: self._reject_input,
         }
 
@@ -183,7 +213,7 @@ class MatchingEngine:
                          None, command_name(command), RejectReason.UNKNOWN_INSTRUMENT,
                          f"command for {instrument!r} sent to the {self.symbol!r} engine")
             return events
-        if type(command) is PlaceOrder:
+        if type(command) is PlaceOrder and not self.halted:
             self._place(command, events)
             return events
         try:
@@ -194,13 +224,14 @@ class MatchingEngine:
         return events
 
     def state_hash(self) -> str:
-        """Hash of the book (levels and queues in priority order); see :meth:`OrderBook.state_hash`."""
-        return self.book.state_hash()
+        """Hash of the book (levels and queues in priority order; see :meth:`OrderBook.state_hash`) and the
+        halted flag."""
+        return engine_state_hash(self.book, self.halted)
 
     def export_state(self) -> EngineState:
         """A snapshot of the engine from which :meth:`from_state` rebuilds it exactly."""
         return EngineState(self.symbol, self.seq, self.next_order_id, self.next_trade_id,
-                           resting_orders(self.book), self._dedupe.entries())
+                           resting_orders(self.book), self._dedupe.entries(), self.halted)
 
     @classmethod
     def from_state(cls, spec: Instrument, state: EngineState) -> MatchingEngine:
@@ -214,6 +245,7 @@ class MatchingEngine:
         engine.seq = state.seq
         engine.next_order_id = state.next_order_id
         engine.next_trade_id = state.next_trade_id
+        engine.halted = state.halted
         for r in state.orders:
             order = Order(r.order_id, r.client_id, r.client_order_id, Side(r.side), r.price_ticks, r.qty_lots,
                           r.remaining_lots, r.priority, r.expire_ns, r.post_only, StpMode(r.stp))
@@ -366,8 +398,17 @@ class MatchingEngine:
         if order is not None:
             self._remove(order, events, cmd.ts_ns, CancelReason.REQUESTED)
 
+    def _place_halted(self, cmd: PlaceOrder, events: list[Event]) -> None:
+        self._reject(events, cmd.ts_ns, cmd.client_id, cmd.client_order_id, None, "place",
+                     RejectReason.INSTRUMENT_HALTED, f"{self.symbol} is halted; no new orders until it resumes")
+
     def _amend(self, cmd: AmendOrder, events: list[Event]) -> None:
         ts = cmd.ts_ns
+        if self.halted:
+            self._reject(events, ts, cmd.client_id, cmd.client_order_id, cmd.order_id, "amend",
+                         RejectReason.INSTRUMENT_HALTED, f"{self.symbol} is halted; amends wait until it resumes "
+                         "(cancels still work)")
+            return
         order = self._find(cmd.client_id, cmd.client_order_id, cmd.order_id, "amend", ts, events)
         if order is None:
             return
@@ -444,6 +485,24 @@ class MatchingEngine:
     def _clear(self, cmd: ClearBook, events: list[Event]) -> None:
         for order in list(self.book.iter_orders()):
             self._remove(order, events, cmd.ts_ns, CancelReason.CLEARED)
+
+    def _halt(self, cmd: HaltInstrument, events: list[Event]) -> None:
+        if self.halted:
+            self._reject(events, cmd.ts_ns, cmd.client_id, None, None, "halt", RejectReason.INSTRUMENT_HALTED,
+                         f"{self.symbol} is already halted")
+            return
+        self.halted = True
+        self.seq += 1
+        events.append(InstrumentHalted(self.symbol, self.seq, cmd.ts_ns, cmd.client_id, cmd.text))
+
+    def _resume(self, cmd: ResumeInstrument, events: list[Event]) -> None:
+        if not self.halted:
+            self._reject(events, cmd.ts_ns, cmd.client_id, None, None, "resume", RejectReason.NOT_HALTED,
+                         f"{self.symbol} is not halted")
+            return
+        self.halted = False
+        self.seq += 1
+        events.append(InstrumentResumed(self.symbol, self.seq, cmd.ts_ns, cmd.client_id, cmd.text))
 
     def _reject_input(self, cmd: RejectInput, events: list[Event]) -> None:
         self._reject(events, cmd.ts_ns, cmd.client_id, cmd.client_order_id, None, cmd.command, cmd.reason, cmd.text)

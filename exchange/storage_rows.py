@@ -25,7 +25,9 @@ Order status rules (``orders.status``):
 - ``amended`` sets price, total quantity and remaining from the event and, when
   it re-queued the order, ``priority`` to its seq; the status is unchanged;
 - ``rejected`` creates a ``rejected`` row (``order_id`` NULL) when the refused
-  command was a place, and changes nothing otherwise.
+  command was a place, and changes nothing otherwise;
+- ``halted``/``resumed`` change no order; the instrument's ``halted`` flag in
+  its progress row follows them.
 
 ``updated_seq`` is the seq of the last event that changed the row, so the
 finished orders ordered by ``(updated_seq, priority)`` are in the order the
@@ -43,6 +45,8 @@ from typing import Any
 import msgspec
 
 from exchange.events import (
+    InstrumentHalted,
+    InstrumentResumed,
     OrderAccepted,
     OrderAmended,
     OrderCanceled,
@@ -126,11 +130,12 @@ class RowError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Progress:
-    """An instrument's counters: the last seq, and the next order and trade ids."""
+    """An instrument's counters: the last seq, and the next order and trade ids; and whether it is halted."""
 
     seq: int = 0
     next_order_id: int = 1
     next_trade_id: int = 1
+    halted: bool = False
 
 
 @dataclass(slots=True)
@@ -163,7 +168,7 @@ class BatchRows:
 class _Instrument:
     """Per-instrument working state while one batch is walked."""
 
-    __slots__ = ("first_seq", "last_seq", "new", "next_order_id", "next_trade_id", "old_positions",
+    __slots__ = ("first_seq", "halted", "last_seq", "new", "next_order_id", "next_trade_id", "old_positions",
                  "position_seq", "positions", "rejected", "scale", "symbol", "updates")
 
     def __init__(self, spec: Instrument, progress: Progress, positions: Mapping[str, Position],
@@ -174,6 +179,7 @@ class _Instrument:
         self.last_seq = progress.seq
         self.next_order_id = progress.next_order_id
         self.next_trade_id = progress.next_trade_id
+        self.halted = progress.halted
         self.new: dict[int, list[Any]] = {}
         self.updates: dict[int, list[Any]] = {}
         self.rejected: list[tuple[Any, ...]] = []
@@ -328,6 +334,10 @@ def derive_rows(
             elif isinstance(ev, OrderExpired):
                 _touch(inst, ev.order_id, 0, 0, "expired", seq, ts)
                 events_append((symbol, seq, ts, "expired", ev.order_id, ev.client_id, encode(ev)))
+            elif isinstance(ev, InstrumentHalted | InstrumentResumed):
+                inst.halted = isinstance(ev, InstrumentHalted)
+                events_append((symbol, seq, ts, "halted" if inst.halted else "resumed", None, ev.client_id,
+                               encode(ev)))
             else:
                 raise RowError(f"{symbol}: not an event: {ev!r}")
     if inst is not None:
@@ -352,7 +362,7 @@ def derive_rows(
                 (client, symbol, p.net_lots, p.cost, p.realized, inst.position_seq[client])
                 for client, p in inst.positions.items())
         out.first_seq[symbol] = inst.first_seq
-        out.progress[symbol] = Progress(inst.last_seq, inst.next_order_id, inst.next_trade_id)
+        out.progress[symbol] = Progress(inst.last_seq, inst.next_order_id, inst.next_trade_id, inst.halted)
 
     latest: dict[tuple[str, int], SnapshotRequest] = {}  # two snapshots with no command between share a seq
     for snap in batch.snapshots:

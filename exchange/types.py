@@ -54,3 +54,5 @@ class RejectReason(StrEnum):
     TOO_LATE = "too_late"  # the order exists but is no longer open
     NOT_OWNER = "not_owner"
     INVALID_AMEND = "invalid_amend"
+    INSTRUMENT_HALTED = "instrument_halted"  # new orders and amends wait for resume; cancels still work
+    NOT_HALTED = "not_halted"  # resume of an instrument that is trading

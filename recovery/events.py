@@ -18,6 +18,8 @@ Rules (one event at a time, sequence numbers strictly +1):
 - ``amended``: a kept-priority amend lowers the quantity in place; a re-queue
   takes the order out and puts it back at the back of its (new) level with
   priority = this seq; fills or a self-trade cancel may follow;
+- ``halted``/``resumed``: the halted flag is set/cleared (it is part of the
+  state and of its hash, as in the engine);
 - ``rejected``: nothing changes but the seq.
 
 A finished order enters the dedupe window (``(client_id, client_order_id,
@@ -33,6 +35,8 @@ from collections.abc import Iterable
 from exchange.book import Order, OrderBook
 from exchange.events import (
     Event,
+    InstrumentHalted,
+    InstrumentResumed,
     OrderAccepted,
     OrderAmended,
     OrderCanceled,
@@ -41,7 +45,7 @@ from exchange.events import (
     OrderRejected,
 )
 from exchange.instruments import Instrument
-from exchange.matching import DedupeWindow, EngineState, resting_orders
+from exchange.matching import DedupeWindow, EngineState, engine_state_hash, resting_orders
 from exchange.types import OrderType, Side, StpMode, TimeInForce
 
 __all__ = ["EventApplier", "ReplayError"]
@@ -69,6 +73,7 @@ class EventApplier:
         self.seq = state.seq
         self.next_order_id = state.next_order_id
         self.next_trade_id = state.next_trade_id
+        self.halted = state.halted
         self.events_applied = 0
         self._transient: dict[int, tuple[str, str]] = {}  # accepted orders that never rest, until they end
         self._dedupe = DedupeWindow(spec.dedupe_window)
@@ -102,11 +107,17 @@ class EventApplier:
             self._end(event.order_id, seq)
         elif isinstance(event, OrderAmended):
             self._amend(event)
+        elif isinstance(event, InstrumentHalted | InstrumentResumed):
+            halting = isinstance(event, InstrumentHalted)
+            if self.halted == halting:
+                raise ReplayError(f"{self.symbol}: seq {seq} {'halts' if halting else 'resumes'} an instrument "
+                                  f"that is {'already halted' if halting else 'trading'}")
+            self.halted = halting
         elif not isinstance(event, OrderRejected):
             raise ReplayError(f"{self.symbol}: not an event: {event!r}")
 
     def state_hash(self) -> str:
-        return self.book.state_hash()
+        return engine_state_hash(self.book, self.halted)
 
     def export_state(self) -> EngineState:
         """The image as an :class:`EngineState` (orders in priority order), like the engine's export."""
@@ -114,7 +125,7 @@ class EventApplier:
             raise ReplayError(f"{self.symbol}: orders {sorted(self._transient)} are still being processed at seq "
                               f"{self.seq}; an image exists only between two commands")
         return EngineState(self.symbol, self.seq, self.next_order_id, self.next_trade_id,
-                           resting_orders(self.book), self._dedupe.entries())
+                           resting_orders(self.book), self._dedupe.entries(), self.halted)
 
     @property
     def done(self) -> list[tuple[str, str, int]]:

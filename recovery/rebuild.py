@@ -79,7 +79,7 @@ async def replay_stored(store: History, spec: Instrument, upto_seq: int, *, snap
 def describe_difference(a: EngineState, b: EngineState, a_name: str, b_name: str) -> str:
     """A short, human-readable account of how two engine images differ ("" when they are equal)."""
     parts: list[str] = []
-    for field in ("seq", "next_order_id", "next_trade_id"):
+    for field in ("seq", "next_order_id", "next_trade_id", "halted"):
         va, vb = getattr(a, field), getattr(b, field)
         if va != vb:
             parts.append(f"{field} {va} ({a_name}) vs {vb} ({b_name})")

@@ -89,7 +89,7 @@ _decode_events = msgspec.json.Decoder(list[Event]).decode
 _decode_state = msgspec.json.Decoder(EngineState).decode
 
 _SQL_PROGRESS_LOCK = """
-SELECT instrument, seq, next_order_id, next_trade_id FROM engine_progress
+SELECT instrument, seq, next_order_id, next_trade_id, halted FROM engine_progress
 WHERE instrument = ANY($1::text[]) ORDER BY instrument FOR UPDATE"""
 
 _SQL_COMMIT_BATCH = "SELECT exchange_commit_batch($1::text::json)"
@@ -140,11 +140,12 @@ ON CONFLICT (client_id, instrument) DO UPDATE SET
     net_qty = EXCLUDED.net_qty, realized_pnl = EXCLUDED.realized_pnl, updated_seq = EXCLUDED.updated_seq"""
 
 _SQL_PROGRESS_UPSERT = """
-INSERT INTO engine_progress (instrument, seq, next_order_id, next_trade_id, updated_at)
-SELECT i, s, o, t, now() FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[]) AS u(i, s, o, t)
+INSERT INTO engine_progress (instrument, seq, next_order_id, next_trade_id, halted, updated_at)
+SELECT i, s, o, t, h, now()
+FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::boolean[]) AS u(i, s, o, t, h)
 ON CONFLICT (instrument) DO UPDATE SET
     seq = EXCLUDED.seq, next_order_id = EXCLUDED.next_order_id, next_trade_id = EXCLUDED.next_trade_id,
-    updated_at = EXCLUDED.updated_at"""
+    halted = EXCLUDED.halted, updated_at = EXCLUDED.updated_at"""
 
 _SQL_OFFSETS_UPSERT = """
 INSERT INTO input_offsets (instrument, topic, partition, last_offset)
@@ -304,7 +305,7 @@ class PostgresStore:
             if all(symbol in self._progress for symbol in symbols):
                 rows = derive_rows(batch, self.specs, self._progress, self._positions, self._scale)
             async with pool.acquire(timeout=self.connect_timeout) as conn, conn.transaction():
-                stored = {r["instrument"]: Progress(r["seq"], r["next_order_id"], r["next_trade_id"])
+                stored = {r["instrument"]: Progress(r["seq"], r["next_order_id"], r["next_trade_id"], r["halted"])
                           for r in await conn.fetch(_SQL_PROGRESS_LOCK, symbols)}
                 if rows is None:
                     missing = [symbol for symbol in symbols if symbol not in self._progress]
@@ -432,7 +433,8 @@ class PostgresStore:
         if rows.progress:
             items = sorted(rows.progress.items())
             await conn.execute(_SQL_PROGRESS_UPSERT, [s for s, _ in items], [p.seq for _, p in items],
-                               [p.next_order_id for _, p in items], [p.next_trade_id for _, p in items])
+                               [p.next_order_id for _, p in items], [p.next_trade_id for _, p in items],
+                               [p.halted for _, p in items])
         if rows.offsets:
             keys = sorted(rows.offsets)
             await conn.execute(_SQL_OFFSETS_UPSERT, [k[0] for k in keys], [k[1] for k in keys],
@@ -458,7 +460,8 @@ class PostgresStore:
         except Exception as exc:
             raise _unavailable(exc, "loading the stored state") from exc
         for symbol, rec in out.items():
-            self._progress[symbol] = Progress(rec.state.seq, rec.state.next_order_id, rec.state.next_trade_id)
+            self._progress[symbol] = Progress(rec.state.seq, rec.state.next_order_id, rec.state.next_trade_id,
+                                              rec.state.halted)
             self._positions[symbol] = dict(rec.positions)
         return out
 
@@ -466,8 +469,9 @@ class PostgresStore:
         symbol = spec.symbol
         started = time.monotonic()
         row = await conn.fetchrow(
-            "SELECT seq, next_order_id, next_trade_id FROM engine_progress WHERE instrument = $1", symbol)
-        progress = Progress(row["seq"], row["next_order_id"], row["next_trade_id"]) if row else Progress()
+            "SELECT seq, next_order_id, next_trade_id, halted FROM engine_progress WHERE instrument = $1", symbol)
+        progress = (Progress(row["seq"], row["next_order_id"], row["next_trade_id"], row["halted"]) if row
+                    else Progress())
         orders: list[RestingOrder] = []
         sides, stps = _SIDES, _STPS
         cursor = await conn.cursor(_SQL_OPEN_ORDERS, symbol)
@@ -491,7 +495,8 @@ class PostgresStore:
             "SELECT topic, partition, last_offset FROM input_offsets WHERE instrument = $1", symbol)}
         positions = {r[0]: Position(int(r[1]), int(r[2]), int(r[3])) for r in await conn.fetch(
             "SELECT client_id, net_lots, cost, realized FROM positions WHERE instrument = $1", symbol)}
-        state = EngineState(symbol, progress.seq, progress.next_order_id, progress.next_trade_id, orders, done)
+        state = EngineState(symbol, progress.seq, progress.next_order_id, progress.next_trade_id, orders, done,
+                            progress.halted)
         if len(orders) >= _LOAD_CHUNK:
             _recovery_log.info("open orders loaded", instrument=symbol, orders_loaded=len(orders),
                       elapsed_s=round(time.monotonic() - started, 3))

@@ -32,6 +32,11 @@ Rules as implemented (and as the tests hold the engine to):
   first (ties by order id). ``expire_ns`` must be a positive time after the order's ``ts_ns``.
 - Client order ids that are live, or finished and still within the
   ``dedupe_window`` most recently finished orders, are duplicates.
+- Halt: while halted, every place and every amend is rejected
+  ``instrument_halted`` before any other check (an amend carries the order id
+  it named, a place none); cancels, cancel-all, clear and expiry go on. Halting
+  a halted instrument is rejected ``instrument_halted``, resuming a trading one
+  ``not_halted`` (``command`` "halt"/"resume", no client order id).
 - Validation order of a place (first failing check wins): enums (``malformed``),
   ids (``malformed``), quantity, limit price, market+GTC/GTD, post-only
   combination, GTD expiry, expiry without GTD, duplicate live, duplicate
@@ -48,8 +53,19 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-from exchange.commands import AmendOrder, CancelAll, CancelOrder, ClearBook, PlaceOrder, RejectInput
+from exchange.commands import (
+    AmendOrder,
+    CancelAll,
+    CancelOrder,
+    ClearBook,
+    HaltInstrument,
+    PlaceOrder,
+    RejectInput,
+    ResumeInstrument,
+)
 from exchange.events import (
+    InstrumentHalted,
+    InstrumentResumed,
     OrderAccepted,
     OrderAmended,
     OrderCanceled,
@@ -102,6 +118,10 @@ def _command_name(cmd: object) -> str:
         return "cancel_all"
     if isinstance(cmd, ClearBook):
         return "clear"
+    if isinstance(cmd, HaltInstrument):
+        return "halt"
+    if isinstance(cmd, ResumeInstrument):
+        return "resume"
     return "unknown"
 
 
@@ -120,6 +140,7 @@ class ReferenceBook:
         self.done: list[tuple[str, str, int]] = []  # oldest first, at most dedupe_window long
         self.events: list[Any] = []
         self.ts = 0
+        self.halted = False
 
     # ------------------------------------------------------------ queries
 
@@ -213,12 +234,24 @@ class ReferenceBook:
             self._reject(getattr(cmd, "client_id", ""), getattr(cmd, "client_order_id", None), None,
                          _command_name(cmd), RejectReason.UNKNOWN_INSTRUMENT)
             return self.events
-        if isinstance(cmd, PlaceOrder):
+        if isinstance(cmd, PlaceOrder | AmendOrder) and self.halted:
+            self._reject(cmd.client_id, cmd.client_order_id, getattr(cmd, "order_id", None),
+                         _command_name(cmd), RejectReason.INSTRUMENT_HALTED)
+        elif isinstance(cmd, PlaceOrder):
             self._place(cmd)
         elif isinstance(cmd, CancelOrder):
             self._cancel(cmd)
         elif isinstance(cmd, AmendOrder):
             self._amend(cmd)
+        elif isinstance(cmd, HaltInstrument | ResumeInstrument):
+            halting = isinstance(cmd, HaltInstrument)
+            if self.halted == halting:
+                self._reject(cmd.client_id, None, None, _command_name(cmd),
+                             RejectReason.INSTRUMENT_HALTED if halting else RejectReason.NOT_HALTED)
+            else:
+                self.halted = halting
+                self._emit(InstrumentHalted if halting else InstrumentResumed, client_id=cmd.client_id,
+                           text=cmd.text)
         elif isinstance(cmd, CancelAll):
             self._cancel_all(cmd)
         elif isinstance(cmd, ClearBook):

@@ -22,7 +22,16 @@ from hypothesis import HealthCheck, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from exchange.commands import AmendOrder, CancelAll, CancelOrder, ClearBook, PlaceOrder, RejectInput
+from exchange.commands import (
+    AmendOrder,
+    CancelAll,
+    CancelOrder,
+    ClearBook,
+    HaltInstrument,
+    PlaceOrder,
+    RejectInput,
+    ResumeInstrument,
+)
 from exchange.types import OrderType, RejectReason, Side, StpMode, TimeInForce
 
 from .harness import SPECS, Harness, fmt_command
@@ -286,6 +295,16 @@ class EngineVsReference(RuleBasedStateMachine):
             self.apply(CancelAll(client, instrument, self.ts))
         else:
             self.apply(ClearBook(self.symbol if what == "clear" else "ELSEWHERE", self.ts))
+
+    @rule(what=st.sampled_from(["halt", "resume", "resume", "resume", "halt_elsewhere"]))
+    def halt_or_resume(self, what: str) -> None:
+        """An operator halts or resumes the instrument (resumes are likelier, so it trades most of the time)."""
+        if what == "halt_elsewhere":
+            self.apply(HaltInstrument("ELSEWHERE", "ops", "", self.ts))
+        elif what == "halt":
+            self.apply(HaltInstrument(self.symbol, "ops", "maintenance", self.ts))
+        else:
+            self.apply(ResumeInstrument(self.symbol, "ops", "", self.ts))
 
     @rule(dt=st.integers(-3, 40))
     def advance_time(self, dt: int) -> None:

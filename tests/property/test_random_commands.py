@@ -19,7 +19,16 @@ import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exchange.commands import AmendOrder, CancelAll, CancelOrder, ClearBook, PlaceOrder, RejectInput
+from exchange.commands import (
+    AmendOrder,
+    CancelAll,
+    CancelOrder,
+    ClearBook,
+    HaltInstrument,
+    PlaceOrder,
+    RejectInput,
+    ResumeInstrument,
+)
 from exchange.types import OrderType, RejectReason, Side, StpMode, TimeInForce
 
 from .harness import SPECS, Harness
@@ -74,6 +83,9 @@ amends = st.builds(AmendOrder, instrument=instruments, client_id=clients, client
 others = st.one_of(
     st.builds(CancelAll, client_id=clients, instrument=st.one_of(st.none(), instruments)),
     st.builds(ClearBook, instrument=instruments),
+    st.builds(HaltInstrument, instrument=instruments, client_id=st.just("ops"), text=st.just("")),
+    st.builds(ResumeInstrument, instrument=instruments, client_id=st.just("ops"), text=st.just("")),
+    st.builds(ResumeInstrument, instrument=instruments, client_id=st.just("ops"), text=st.just("")),
     st.builds(RejectInput, instrument=instruments, client_id=clients, client_order_id=st.one_of(st.none(), coids),
               reason=st.sampled_from(list(RejectReason)), text=st.just("bad input"),
               command=st.sampled_from(["place", "cancel", "amend"])),
