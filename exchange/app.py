@@ -5,8 +5,8 @@ on any mismatch), start the publisher and the consumer (which seeks to the
 stored offsets and replays), and become ready once the replay has caught up.
 
 One ``asyncio.TaskGroup`` owns the long-lived tasks: one matching loop per
-instrument, the journal writer, the consumer, the snapshot timer and the
-shutdown watcher. If any of them fails, the group cancels the rest and the
+instrument, the journal writer, the consumer, the snapshot timer, the
+dependency probes and the shutdown watcher. If any of them fails, the group cancels the rest and the
 process exits non-zero; recovery brings the next start back consistent.
 
 Shutdown (SIGTERM/SIGINT): stop consuming, let every loop drain its queue and
@@ -20,12 +20,12 @@ import asyncio
 import gc
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import msgspec
 
-from exchange.adapters.kafka import KafkaEventPublisher, OrderSource
+from exchange.adapters.kafka import KafkaEventPublisher, OrderSource, client_options
 from exchange.engine import Control, InstrumentLoop, JournalItem
 from exchange.http import HttpServer, Response
 from exchange.journal import Batch, Store
@@ -36,6 +36,9 @@ from exchange.settings import Settings
 from exchange.writer import JournalWriter
 
 __all__ = ["Daemon"]
+
+_PROBE_INTERVAL_S = 2.0  # how often each dependency is checked for /readyz
+_PROBE_TIMEOUT_S = 3.0
 
 
 class Daemon:
@@ -52,7 +55,12 @@ class Daemon:
         self.source: OrderSource | None = None
         self.http: HttpServer | None = None
         self._last_snapshot: dict[str, float] = {}
+        self._partition_of: dict[str, tuple[str, int]] = {}  # instrument -> the orders partition it came from
         self._started = time.monotonic()
+        # dependency -> a cheap check that raises when it cannot be reached (adapters register theirs);
+        # the probe task keeps ``unreachable`` current for /readyz and exchange_dependency_up
+        self.probes: dict[str, Callable[[], Awaitable[Any]]] = {}
+        self.unreachable: dict[str, str] = {}
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -62,8 +70,10 @@ class Daemon:
         specs = s.instrument_map()
         store = self._store or _postgres_store(s)
         http = self.http = HttpServer(s.http.host, s.http.port, self._routes()) if s.http.port else None
+        kafka_options = client_options(s.kafka)
         publisher = KafkaEventPublisher(bootstrap_servers=s.kafka.bootstrap_servers, events_topic=s.kafka.events_topic,
                                         instruments=specs, publish_events=s.kafka.publish_events,
+                                        client_options=kafka_options, metrics=self.metrics,
                                         order_states=getattr(store, "order_states", None))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -99,7 +109,7 @@ class Daemon:
                 bootstrap_servers=s.kafka.bootstrap_servers, topic=s.kafka.orders_topic,
                 group_id=s.kafka.group_id, loops=self.loops, instruments=specs, applied_offsets=applied_offsets,
                 publisher=publisher, dead_letter_topic=s.kafka.dead_letter_topic, metrics=self.metrics,
-                client_options={"session_timeout_ms": s.kafka.session_timeout_ms,
+                client_options={**kafka_options, "session_timeout_ms": s.kafka.session_timeout_ms,
                                 "fetch_max_wait_ms": s.kafka.fetch_max_wait_ms,
                                  "heartbeat_interval_ms": s.kafka.heartbeat_interval_ms},
                 on_caught_up=self._caught_up)
@@ -108,12 +118,17 @@ class Daemon:
                                                  listeners=[source.on_durable, self._on_durable,
                                                             publisher.on_durable])
             await source.start()
+            ping = getattr(store, "ping", None)
+            if ping is not None:
+                self.probes["postgres"] = ping
+            self.probes["kafka"] = lambda: source.probe(_PROBE_TIMEOUT_S)
             async with asyncio.TaskGroup() as tg:
                 loop_tasks = [tg.create_task(lp.run(), name=f"loop-{lp.symbol}") for lp in self.loops.values()]
                 writer_task = tg.create_task(writer.run(), name="journal-writer")
                 source_task = tg.create_task(source.run(), name="order-source")
                 timer = tg.create_task(self._snapshot_timer(), name="snapshot-timer")
                 lag = tg.create_task(self._watch_loop_lag(), name="loop-lag")
+                probes = tg.create_task(self._probe_dependencies(), name="dependency-probes")
                 stop = tg.create_task(self._stop.wait(), name="stop-signal")
                 # whichever comes first: a stop request, or a long-lived task ending (a failure)
                 await asyncio.wait([stop, source_task, writer_task, *loop_tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -122,6 +137,7 @@ class Daemon:
                 for task in (source_task, writer_task, *loop_tasks):
                     if task.done() and task.exception() is not None:
                         raise task.exception()  # type: ignore[misc]
+                probes.cancel()
                 await self._shutdown(source, source_task, timer, loop_tasks, journal, writer_task)
                 lag.cancel()
             return 0
@@ -192,6 +208,27 @@ class Daemon:
             if lag >= 0.1:
                 self._log.warning("event loop stalled", stalled_ms=round(lag * 1000, 1))
 
+    async def _probe_dependencies(self) -> None:
+        """Check every dependency every few seconds, so /readyz names the ones that cannot be reached
+        even while no traffic would notice (an idle daemon with its database gone is not ready)."""
+        while True:
+            for name, probe in list(self.probes.items()):
+                try:
+                    async with asyncio.timeout(_PROBE_TIMEOUT_S):
+                        await probe()
+                except Exception as exc:
+                    if name not in self.unreachable:
+                        self._log.warning("dependency unreachable", dependency=name, error=_describe(exc))
+                    self.unreachable[name] = _describe(exc)
+                    self.metrics.dependency_up.labels(name).set(0)
+                    continue
+                if self.unreachable.pop(name, None) is not None:
+                    self._log.info("dependency reachable again", dependency=name)
+                    if name != "postgres":  # the journal writer counts its own recoveries
+                        self.metrics.reconnected(name)
+                self.metrics.dependency_up.labels(name).set(1)
+            await asyncio.sleep(_PROBE_INTERVAL_S)
+
     def _caught_up(self) -> None:
         self.ready = True
         self.metrics.ready.set(1)
@@ -201,10 +238,14 @@ class Daemon:
         m = self.metrics
         now_ns = time.time_ns()
         per_instrument: dict[str, list[Any]] = {}
+        partition_of = self._partition_of  # one instrument's orders all come from one partition (key = instrument)
         for item in batch.applied:
             per_instrument.setdefault(item.instrument, []).extend(item.events)
-            if item.events and item.position is not None:
-                m.order_latency.observe(max(0, now_ns - item.events[0].ts_ns) / 1e9)
+            pos = item.position
+            if pos is not None:
+                partition_of[item.instrument] = (pos.topic, pos.partition)
+                if item.events:
+                    m.order_latency.observe(max(0, now_ns - item.events[0].ts_ns) / 1e9)
         for symbol, events in per_instrument.items():
             m.count_events(symbol, events)
         now = time.monotonic()
@@ -226,23 +267,37 @@ class Daemon:
             problems.append("recovering")
         elif not self.ready:
             problems.append("replaying input")
+        unreachable = dict(self.unreachable)
         if self.writer is not None and self.writer.degraded:
-            problems.append(f"postgres: {self.writer.last_error}")
-        body = msgspec.json.encode({"ready": not problems, "problems": problems}) + b"\n"
+            unreachable["postgres"] = self.writer.last_error or "commits are failing"
+        problems += [f"{name}: {error}" for name, error in sorted(unreachable.items())]
+        body = msgspec.json.encode({"ready": not problems, "problems": problems,
+                                    "unreachable": sorted(unreachable)}) + b"\n"
         return (503 if problems else 200), "application/json", body
 
     def _metrics_page(self) -> Response:
         now = time.monotonic()
+        m = self.metrics
         for symbol, lp in self.loops.items():
-            self.metrics.book_orders.labels(symbol).set(len(lp.engine.book))
-            self.metrics.book_levels.labels(symbol, "bid").set(len(lp.engine.book.bids))
-            self.metrics.book_levels.labels(symbol, "ask").set(len(lp.engine.book.asks))
+            book = lp.engine.book
+            m.book_orders.labels(symbol).set(len(book))
+            m.book_levels.labels(symbol, "bid").set(len(book.bids))
+            m.book_levels.labels(symbol, "ask").set(len(book.asks))
+            m.book_depth.labels(symbol, "bid").set(sum(level.total_lots for level in book.bids.values()))
+            m.book_depth.labels(symbol, "ask").set(sum(level.total_lots for level in book.asks.values()))
+            m.queue_depth_gauge.labels(symbol).set(lp.queue.qsize())
+            m.halted.labels(symbol).set(1 if lp.engine.halted else 0)
+            m.seq.labels(symbol).set(lp.engine.seq)
             if symbol in self._last_snapshot:
-                self.metrics.snapshot_age.labels(symbol).set(now - self._last_snapshot[symbol])
+                m.snapshot_age.labels(symbol).set(now - self._last_snapshot[symbol])
+        if self.source is not None:
+            for (topic, partition), lag in self.source.lag().items():
+                m.consumer_lag.labels(topic, str(partition)).set(lag)
         return 200, "text/plain; version=0.0.4", self.metrics.render()
 
     def _status(self) -> Response:
         out = {}
+        lags = self.source.lag() if self.source is not None else {}
         for symbol, lp in self.loops.items():
             book = lp.engine.book
             spec = lp.engine.spec
@@ -252,7 +307,11 @@ class Daemon:
                 "resting_orders": len(book),
                 "best_bid": spec.ticks_to_price(bid) if bid is not None else None,
                 "best_ask": spec.ticks_to_price(ask) if ask is not None else None,
+                "halted": lp.engine.halted,
                 "queue_depth": lp.queue.qsize(),
+                # messages of this instrument's orders partition not yet read (shared with the partition's
+                # other instruments); null until the instrument has committed something
+                "consumer_lag": lags.get(self._partition_of[symbol]) if symbol in self._partition_of else None,
                 "last_snapshot_age_s": (round(time.monotonic() - self._last_snapshot[symbol], 3)
                                         if symbol in self._last_snapshot else None),
             }
@@ -260,11 +319,17 @@ class Daemon:
         return 200, "application/json", body
 
 
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return "no answer in time" if isinstance(exc, TimeoutError) else text
+
+
 def _postgres_store(settings: Settings) -> Store:
-    from exchange.adapters.postgres import PostgresStore
+    from exchange.adapters.postgres import PostgresStore, connect_options
 
     return PostgresStore(settings.postgres.dsn, settings.instruments, pool_size=settings.postgres.pool_size,
-                         snapshot_keep=settings.engine.snapshot_keep)
+                         snapshot_keep=settings.engine.snapshot_keep,
+                         connect_options=connect_options(settings.postgres))
 
 
 def run_daemon(settings: Settings) -> int:

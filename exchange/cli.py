@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+import msgspec
 
 from exchange.instruments import Instrument
 from exchange.settings import ConfigError, Settings, load_instruments, load_settings
@@ -51,12 +54,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_migrate(args: argparse.Namespace) -> int:
     import asyncio
 
-    from exchange.adapters.postgres import PostgresStore
+    from exchange.adapters.postgres import PostgresStore, connect_options
 
     settings = _load(args)
 
     async def migrate() -> list[str]:
-        store = PostgresStore(settings.postgres.dsn, settings.instruments)
+        store = PostgresStore(settings.postgres.dsn, settings.instruments,
+                              connect_options=connect_options(settings.postgres))
         await store.start()
         try:
             return await store.migrate()
@@ -78,9 +82,48 @@ def _cmd_recover(args: argparse.Namespace) -> int:
     configure_logging(settings.log.level, settings.log.format)
     if not args.verify:
         raise ConfigError("recover needs --verify (the daemon recovers by itself at start-up)")
-    report = asyncio.run(verify(settings.postgres.dsn, settings.instruments))
+    report = asyncio.run(verify(settings.postgres.dsn, settings.instruments, settings.postgres))
     print(report.render())
     return 0 if report.ok else 1
+
+
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    from exchange.settings import render_settings
+
+    settings = _load(args)  # a ConfigError exits 2 with the file, the key and why
+    print(render_settings(settings), end="")
+    print(f"# {args.config}: OK ({len(settings.instruments)} instruments)", file=sys.stderr)
+    return 0
+
+
+def _cmd_admin(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from exchange.admin import admin_message, run_admin
+
+    settings = _load(args)
+    if args.instrument not in settings.instrument_map():
+        raise ConfigError(f"{args.instrument!r} is not an instrument of {args.config} "
+                          f"({', '.join(settings.instrument_map())})")
+    if args.client and args.action != "cancel-all":
+        raise ConfigError("--client goes with cancel-all only")
+    message = admin_message(args.action, args.instrument, operator=args.operator, client=args.client, text=args.text)
+    outcome = asyncio.run(run_admin(settings, message, timeout_s=args.timeout))
+    where = f"{settings.kafka.orders_topic}[{outcome.partition}] offset {outcome.offset}"
+    for event in outcome.events:
+        print(msgspec.json.encode(event).decode())
+    if not outcome.applied:
+        print(f"exchange admin: sent as {where}, but the daemon (group {settings.kafka.group_id!r}) has not "
+              f"applied it within {args.timeout:g} s; it will when it consumes that partition. Check that the "
+              "daemon is running (`/readyz`) and that it consumes this topic.", file=sys.stderr)
+        return 1
+    rejected = [e for e in outcome.events if e.get("type") == "rejected"]
+    summary = {"halt": "halted", "resume": "resumed", "snapshot": "snapshot requested",
+               "cancel-all": f"{sum(e.get('type') == 'canceled' for e in outcome.events)} orders canceled"}
+    print(f"exchange admin: {args.action} {args.instrument}: "
+          + (f"rejected ({rejected[0].get('reason')}: {rejected[0].get('text')})" if rejected
+             else f"applied ({summary[args.action]}); {where}"), file=sys.stderr)
+    return 1 if rejected else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +159,29 @@ def build_parser() -> argparse.ArgumentParser:
                      help="rebuild every book from the open orders and compare with the latest snapshot "
                           "and with a replay of all stored events")
     rec.set_defaults(func=_cmd_recover)
+
+    cfg = sub.add_parser("config", help="configuration tools")
+    cfg_sub = cfg.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    chk = cfg_sub.add_parser("check", help="validate a file; print the effective configuration, secrets masked",
+                             description="Validate a configuration file (with the EXCHANGE_* environment "
+                                         "overrides applied) and print the effective configuration as TOML with "
+                                         "every secret masked. Exit status 2 on any error, naming the key.")
+    chk.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML configuration file")
+    chk.set_defaults(func=_cmd_config_check)
+
+    adm = sub.add_parser("admin", help="operator actions: halt, resume, snapshot, cancel-all",
+                         description="Send an operator action through the orders topic, in order with the "
+                                     "instrument's orders, wait until the daemon has applied it and print the "
+                                     "events it caused. Exit 1 if it was rejected or not applied in time.")
+    adm.add_argument("action", choices=("halt", "resume", "snapshot", "cancel-all"))  # exchange.admin.ACTIONS
+    adm.add_argument("instrument")
+    adm.add_argument("--client", help="cancel-all: only this client's orders (default: every order, `cleared`)")
+    adm.add_argument("--operator", default=os.environ.get("USER") or "operator",
+                     help="who asks (recorded in halted/resumed events; default $USER)")
+    adm.add_argument("--text", default="", help="a note recorded with halt/resume, e.g. why")
+    adm.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the daemon (default 30)")
+    adm.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML configuration file")
+    adm.set_defaults(func=_cmd_admin)
     return parser
 
 

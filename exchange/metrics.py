@@ -2,7 +2,13 @@
 
 One :class:`Metrics` object per daemon, on its own registry (so tests can run
 several daemons in one process). Components call its small methods; none of
-them touches prometheus-client directly.
+them touches prometheus-client directly. The README's metrics table lists every
+one; ``tests/unit/test_compose.py`` checks that the Grafana dashboard only uses
+names defined here.
+
+Labels stay bounded: ``instrument`` (configured), ``reason`` (an enum),
+``side``, ``topic``/``partition`` (the orders topic's), ``dependency`` and
+``target`` (``postgres``, ``kafka``, ``redis``).
 """
 
 from __future__ import annotations
@@ -64,6 +70,31 @@ class Metrics:
         self.ready = Gauge("exchange_ready", "1 once recovery and replay are done", registry=r)
         self.dead_letters = Counter("exchange_dead_letters_total", "Messages sent to the dead-letter topic",
                                     registry=r)
+        self.orders_matched = Counter("exchange_orders_matched_total",
+                                      "Orders (and re-pricing amends) that traded on arrival, once per command",
+                                      ["instrument"], registry=r)
+        self.book_depth = Gauge("exchange_book_depth_lots", "Open quantity resting on a side of the book, in lots",
+                                ["instrument", "side"], registry=r)
+        self.halted = Gauge("exchange_instrument_halted", "1 while an operator has halted the instrument",
+                            ["instrument"], registry=r)
+        self.seq = Gauge("exchange_instrument_seq", "The instrument's last sequence number", ["instrument"],
+                         registry=r)
+        self.consumer_lag = Gauge("exchange_consumer_lag_messages",
+                                  "Messages of an orders partition not yet read (high watermark - position)",
+                                  ["topic", "partition"], registry=r)
+        self.recovery_instruments = Gauge("exchange_recovery_instruments_done", "Instruments recovered so far",
+                                          registry=r)
+        self.recovery_events = Gauge("exchange_recovery_events_checked",
+                                     "Stored events replayed to check the rebuilt books", registry=r)
+        self.recovery_behind = Gauge("exchange_recovery_replay_behind_messages",
+                                     "Input messages still to replay before the daemon is ready", registry=r)
+        self.publish_failures = Counter("exchange_publish_failures_total",
+                                        "Failed publications of durable events (retried or given up)", ["target"],
+                                        registry=r)
+        self.reconnects = Counter("exchange_reconnects_total",
+                                  "Connections re-established after a failure", ["target"], registry=r)
+        self.dependency_up = Gauge("exchange_dependency_up", "1 when the last health probe reached the dependency",
+                                   ["dependency"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -81,12 +112,21 @@ class Metrics:
     def commit_failed(self) -> None:
         self.commit_failures.inc()
 
+    def publish_failed(self, target: str) -> None:
+        """A publisher could not deliver (``target``: ``kafka``, ``redis``)."""
+        self.publish_failures.labels(target).inc()
+
+    def reconnected(self, target: str) -> None:
+        """A connection to ``target`` works again after failing (``postgres``, ``kafka``, ``redis``)."""
+        self.reconnects.labels(target).inc()
+
     def batch_committed(self, n_events: int, seconds: float) -> None:
         self.batch_events.observe(n_events)
         self.commit_seconds.observe(seconds)
 
     def count_events(self, instrument: str, events: Iterable[Event]) -> None:
-        accepted = trades = lots = 0
+        accepted = trades = lots = matched = 0
+        taker = None
         n = 0
         for event in events:
             n += 1
@@ -96,6 +136,9 @@ class Metrics:
             elif kind is OrderFilled:
                 trades += 1
                 lots += event.qty_lots  # type: ignore[union-attr]
+                if event.taker_order_id != taker:  # type: ignore[union-attr]  # a command's fills share the taker
+                    taker = event.taker_order_id  # type: ignore[union-attr]
+                    matched += 1
             elif kind is OrderRejected:
                 self.orders_rejected.labels(instrument, event.reason.value).inc()  # type: ignore[union-attr]
         if n:
@@ -105,3 +148,4 @@ class Metrics:
         if trades:
             self.trades.labels(instrument).inc(trades)
             self.traded_lots.labels(instrument).inc(lots)
+            self.orders_matched.labels(instrument).inc(matched)

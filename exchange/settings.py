@@ -1,13 +1,22 @@
 """Configuration: TOML files into frozen dataclasses, strictly.
 
 An unknown key fails at start-up with a message naming the key and the file;
-so does a value of the wrong type. Each section is read by one small function
-so that new sections stay independent of each other.
+so does a value of the wrong type or outside its choices. Each section is read
+by one small function so that new sections stay independent of each other.
+
+Connection strings and secrets can come from the environment instead of the
+file (:data:`ENV_OVERRIDES`), so a file checked into a repository never needs
+to hold a password. :func:`render_settings` prints the effective
+configuration with every secret masked (:func:`mask_secrets`): any field whose
+name says password, secret, token or credentials, in any section, and the
+password part of any URL or DSN.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
@@ -17,6 +26,7 @@ from typing import Any, TypeVar
 from exchange.instruments import Instrument
 
 __all__ = [
+    "ENV_OVERRIDES",
     "ConfigError",
     "EngineSettings",
     "HttpSettings",
@@ -27,7 +37,9 @@ __all__ = [
     "Settings",
     "load_instruments",
     "load_settings",
+    "mask_secrets",
     "parse_instruments",
+    "render_settings",
 ]
 
 T = TypeVar("T")
@@ -48,6 +60,15 @@ class KafkaSettings:
     fetch_max_wait_ms: int = 10  # how long a fetch may wait for data (a latency floor on brokers that do not wake it)
     session_timeout_ms: int = 10_000  # how soon the group notices a dead daemon
     heartbeat_interval_ms: int = 3_000
+    # authentication and encryption (aiokafka); see exchange.adapters.kafka.client_options
+    security_protocol: str = "PLAINTEXT"  # PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL
+    sasl_mechanism: str = "PLAIN"  # PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512 (with SASL_*)
+    sasl_username: str = ""  # EXCHANGE_KAFKA_SASL_USERNAME overrides
+    sasl_password: str = ""  # EXCHANGE_KAFKA_SASL_PASSWORD overrides
+    ssl_cafile: str = ""  # CA bundle to verify the brokers (default: the system's)
+    ssl_certfile: str = ""  # client certificate (mutual TLS)
+    ssl_keyfile: str = ""
+    ssl_check_hostname: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +76,11 @@ class PostgresSettings:
     dsn: str = "postgresql://127.0.0.1:5432/exchange"  # EXCHANGE_POSTGRES_DSN overrides
     migrate_on_start: bool = True
     pool_size: int = 4
+    password: str = ""  # EXCHANGE_POSTGRES_PASSWORD overrides; kept out of the DSN so it is never printed
+    sslmode: str = ""  # disable | allow | prefer | require | verify-ca | verify-full ("": libpq's default, prefer)
+    sslrootcert: str = ""  # CA bundle for verify-ca / verify-full (default: the system's)
+    sslcert: str = ""  # client certificate (mutual TLS)
+    sslkey: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,26 +220,145 @@ def _section(top: Table, name: str, cls: type[T]) -> T:
     return cls(**values)
 
 
+# (section, key) -> the environment variable that overrides it: connection strings and secrets
+ENV_OVERRIDES: dict[tuple[str, str], str] = {
+    ("kafka", "bootstrap_servers"): "EXCHANGE_KAFKA_BOOTSTRAP",
+    ("kafka", "sasl_username"): "EXCHANGE_KAFKA_SASL_USERNAME",
+    ("kafka", "sasl_password"): "EXCHANGE_KAFKA_SASL_PASSWORD",
+    ("postgres", "dsn"): "EXCHANGE_POSTGRES_DSN",
+    ("postgres", "password"): "EXCHANGE_POSTGRES_PASSWORD",
+}
+
+# allowed values of string settings: (section, key) -> choices
+CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("kafka", "security_protocol"): ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
+    ("kafka", "sasl_mechanism"): ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"),
+    ("postgres", "sslmode"): ("", "disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+    ("log", "level"): ("debug", "info", "warning", "error", "critical"),
+    ("log", "format"): ("auto", "json", "console"),
+}
+
+# settings that name files: they must exist when set
+_FILES = {("kafka", "ssl_cafile"), ("kafka", "ssl_certfile"), ("kafka", "ssl_keyfile"),
+          ("postgres", "sslrootcert"), ("postgres", "sslcert"), ("postgres", "sslkey")}
+
+
+def _overridden(section: T, name: str, env: Mapping[str, str]) -> T:
+    """``section`` with the environment overrides of ``[name]`` applied."""
+    changes = {key: env[var] for (sec, key), var in ENV_OVERRIDES.items() if sec == name and var in env}
+    return replace(section, **changes) if changes else section  # type: ignore[type-var]
+
+
+def _validate(name: str, section: Any, where: str) -> None:
+    for f in fields(section):
+        value = getattr(section, f.name)
+        choices = CHOICES.get((name, f.name))
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{where} [{name}]: {f.name!r} must be one of "
+                              f"{', '.join(repr(c) for c in choices if c)}; got {value!r}")
+        if (name, f.name) in _FILES and value and not Path(value).is_file():
+            raise ConfigError(f"{where} [{name}]: {f.name!r} names {value!r}, which is not a readable file")
+    if name == "kafka" and section.security_protocol.startswith("SASL_") and not (
+            section.sasl_username and section.sasl_password):
+        raise ConfigError(f"{where} [kafka]: security_protocol {section.security_protocol} needs sasl_username "
+                          "and sasl_password (set EXCHANGE_KAFKA_SASL_PASSWORD rather than writing it in the file)")
+    if name == "kafka" and bool(section.ssl_certfile) != bool(section.ssl_keyfile):
+        raise ConfigError(f"{where} [kafka]: ssl_certfile and ssl_keyfile go together (mutual TLS)")
+    if name == "postgres" and bool(section.sslcert) != bool(section.sslkey):
+        raise ConfigError(f"{where} [postgres]: sslcert and sslkey go together (mutual TLS)")
+
+
 def load_settings(path: str | Path, env: Mapping[str, str] | None = None) -> Settings:
-    """Load and validate a whole configuration file; ``EXCHANGE_*`` environment variables override."""
+    """Load and validate a whole configuration file; ``EXCHANGE_*`` environment variables override
+    (see :data:`ENV_OVERRIDES`)."""
     path = Path(path)
     env = os.environ if env is None else env
     top = Table(_read(path), str(path))
     instruments = parse_instruments(top.get("instruments", list), str(path))
-    kafka = _section(top, "kafka", KafkaSettings)
-    postgres = _section(top, "postgres", PostgresSettings)
-    settings = Settings(
-        instruments=instruments,
-        kafka=replace(kafka, bootstrap_servers=env.get("EXCHANGE_KAFKA_BOOTSTRAP", kafka.bootstrap_servers)),
-        postgres=replace(postgres, dsn=env.get("EXCHANGE_POSTGRES_DSN", postgres.dsn)),
-        journal=_section(top, "journal", JournalSettings),
-        engine=_section(top, "engine", EngineSettings),
-        http=_section(top, "http", HttpSettings),
-        log=_section(top, "log", LogSettings),
-        source=path,
-    )
+    sections: dict[str, Any] = {name: _overridden(_section(top, name, cls), name, env) for name, cls in (
+        ("kafka", KafkaSettings), ("postgres", PostgresSettings), ("journal", JournalSettings),
+        ("engine", EngineSettings), ("http", HttpSettings), ("log", LogSettings))}
+    for name, section in sections.items():
+        _validate(name, section, str(path))
+    settings = Settings(instruments=instruments, source=path, **sections)
     top.finish()
     return settings
+
+
+# ------------------------------------------------------------------ printing, with secrets masked
+
+MASK = "***"
+_SECRET_NAME = re.compile(r"password|secret|token|credential", re.IGNORECASE)
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^/@:\s]*:)(?P<secret>[^/@\s]+)(?P<tail>@)")
+_KV_PASSWORD = re.compile(r"(?P<head>\b(?:password|sslpassword)\s*=\s*)(?P<secret>'[^']*'|[^\s&]+)", re.IGNORECASE)
+
+
+def mask_secrets(value: Any, key: str = "") -> Any:
+    """``value`` with secrets replaced by ``***``: whole values under secret-sounding keys (at any depth),
+    and the password part of URLs/DSNs (``scheme://user:PASSWORD@host``, ``password=...``) anywhere."""
+    if isinstance(value, Mapping):
+        return {k: mask_secrets(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [mask_secrets(v, key) for v in value]
+    if isinstance(value, str):
+        if value and _SECRET_NAME.search(key):
+            return MASK
+        value = _URL_PASSWORD.sub(lambda m: m["head"] + MASK + m["tail"], value)
+        return _KV_PASSWORD.sub(lambda m: m["head"] + MASK, value)
+    return value
+
+
+def settings_dict(settings: Settings) -> dict[str, Any]:
+    """The effective settings as plain TOML-shaped data (instruments as decimal strings)."""
+    out: dict[str, Any] = {}
+    for f in fields(settings):
+        if f.name in ("instruments", "source"):
+            continue
+        section = getattr(settings, f.name)
+        out[f.name] = {sf.name: getattr(section, sf.name) for sf in fields(section)}
+    out["instruments"] = [_instrument_dict(spec) for spec in settings.instruments]
+    return out
+
+
+def _instrument_dict(spec: Instrument) -> dict[str, Any]:
+    d: dict[str, Any] = {"symbol": spec.symbol, "tick_size": spec.ticks_to_price(1),
+                         "lot_size": spec.lots_to_qty(1), "min_qty": spec.lots_to_qty(spec.min_qty_lots),
+                         "max_qty": spec.lots_to_qty(spec.max_qty_lots),
+                         "max_price": spec.ticks_to_price(spec.max_price_ticks)}
+    if spec.price_band_bps is not None:
+        d["price_band_bps"] = spec.price_band_bps
+    d["stp_default"] = str(spec.stp_default)
+    d["dedupe_window"] = spec.dedupe_window
+    return d
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def render_settings(settings: Settings, env: Mapping[str, str] | None = None) -> str:
+    """The effective configuration as TOML, secrets masked, with a note on which values came from the
+    environment. Loading the output again gives the same settings (apart from the masked secrets)."""
+    env = os.environ if env is None else env
+    data = mask_secrets(settings_dict(settings))
+    lines = [f"# effective configuration of {settings.source}" if settings.source else "# effective configuration"]
+    for name, section in data.items():
+        if name == "instruments":
+            continue
+        lines += ["", f"[{name}]"]
+        for key, value in section.items():
+            var = ENV_OVERRIDES.get((name, key))
+            note = f"  # from {var}" if var and var in env else ""
+            lines.append(f"{key} = {_toml_value(value)}{note}")
+    for spec in data["instruments"]:
+        lines += ["", "[[instruments]]"] + [f"{k} = {_toml_value(v)}" for k, v in spec.items()]
+    return "\n".join(lines) + "\n"
 
 
 def load_instruments(path: str | Path) -> tuple[Instrument, ...]:

@@ -118,6 +118,8 @@ class JournalWriter:
                                   snapshots=len(batch.snapshots))
             if self.degraded:
                 self._log.info("journal commits resumed", attempts=attempt)
+                if self._metrics is not None:
+                    self._metrics.reconnected("postgres")
             self.degraded = False
             self.last_error = None
             break

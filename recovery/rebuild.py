@@ -177,6 +177,9 @@ async def recover(store: Store, instruments: Sequence[Instrument], *, log: Any =
             events = await _check(store, spec, rec, engine, log)
         events_total += events
         out[symbol] = rec
+        if metrics is not None:
+            metrics.recovery_instruments.set(done)
+            metrics.recovery_events.set(events_total)
         elapsed = time.monotonic() - t0
         log.info("instrument recovered", instrument=symbol, instruments_done=done, instruments_total=total,
                  seq=rec.state.seq, orders_loaded=len(rec.state.orders), events_checked=events,

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from exchange.adapters.postgres import PostgresStore
+from exchange.adapters.postgres import PostgresStore, connect_options
 from exchange.instruments import Instrument
 from exchange.journal import StoreUnavailable
 from exchange.matching import EngineState, MatchingEngine
+from exchange.settings import PostgresSettings
 from recovery.events import EventApplier, ReplayError
 from recovery.rebuild import describe_difference, replay_stored
 
@@ -152,11 +153,16 @@ async def _verify_one(store: PostgresStore, spec: Instrument) -> InstrumentRepor
     return report
 
 
-async def verify(dsn: str, instruments: Sequence[Instrument]) -> VerifyReport:
-    """Compare (a) open orders, (b) snapshot + events and (c) a full replay for every instrument."""
+async def verify(dsn: str, instruments: Sequence[Instrument],
+                 postgres: PostgresSettings | None = None) -> VerifyReport:
+    """Compare (a) open orders, (b) snapshot + events and (c) a full replay for every instrument.
+
+    ``postgres`` supplies the password and TLS settings (see :func:`exchange.adapters.postgres.connect_options`).
+    """
     report = VerifyReport()
+    options = connect_options(postgres) if postgres is not None else {}
     try:
-        async with PostgresStore(dsn, instruments, pool_size=2) as store:
+        async with PostgresStore(dsn, instruments, pool_size=2, connect_options=options) as store:
             for spec in instruments:
                 report.instruments.append(await _verify_one(store, spec))
     except StoreUnavailable as exc:

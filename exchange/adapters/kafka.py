@@ -7,6 +7,13 @@ partitions and keeps polling (so the group does not evict it) until there is
 room again. Offsets are committed to Kafka only once the commands they carried
 are durable (see :mod:`exchange.offsets`).
 
+Operator actions travel in the same topic, keyed by instrument like its orders,
+so each lands between exactly the same two orders in every replay: ``halt``,
+``resume``, ``clear`` and ``cancel_all`` are commands like any other;
+``{"op": "snapshot", "instrument": ...}`` puts a snapshot request in the
+instrument's queue (a snapshot is an optimisation: it needs no durability of
+its own, its offset counts as done at once).
+
 Messages that cannot become a command go to the dead-letter topic with the
 reason in headers; when the sender can be identified, it also gets an
 unsequenced ``rejected`` event (seq 0) on the events topic. Neither stops the
@@ -30,18 +37,42 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from exchange.codec import WireError, decode_command, encode, event_to_wire
-from exchange.engine import Inbound, InstrumentLoop
+from exchange.codec import WireError, decode_command, encode, event_to_wire, parse_json
+from exchange.engine import Control, Inbound, InstrumentLoop
 from exchange.events import OrderFilled, OrderRejected
 from exchange.instruments import Instrument
 from exchange.journal import Batch, InputPosition
 from exchange.logging import get_logger
 from exchange.offsets import OffsetTracker, start_offset
+from exchange.settings import KafkaSettings
 from exchange.types import RejectReason
 
-__all__ = ["KafkaEventPublisher", "OrderSource", "OrderStates"]
+__all__ = ["KafkaEventPublisher", "OrderSource", "OrderStates", "client_options"]
 
 OrderStates = Callable[[str, Sequence[int]], Awaitable[list[dict[str, Any]]]]
+
+def client_options(kafka: KafkaSettings) -> dict[str, Any]:
+    """The aiokafka keyword arguments for authentication and TLS, from ``[kafka]`` settings.
+
+    Shared by the consumer, the producer and ``exchange admin``. SASL credentials
+    (PLAIN or SCRAM) are sent only with ``SASL_*`` protocols; the TLS context is
+    built only with ``SSL``/``SASL_SSL``: the system CAs unless ``ssl_cafile``,
+    a client certificate for mutual TLS when ``ssl_certfile`` is set.
+    """
+    protocol = kafka.security_protocol
+    options: dict[str, Any] = {"security_protocol": protocol}
+    if protocol.startswith("SASL_"):
+        options.update(sasl_mechanism=kafka.sasl_mechanism, sasl_plain_username=kafka.sasl_username,
+                       sasl_plain_password=kafka.sasl_password)
+    if protocol in ("SSL", "SASL_SSL"):
+        from aiokafka.helpers import create_ssl_context
+
+        context = create_ssl_context(cafile=kafka.ssl_cafile or None, certfile=kafka.ssl_certfile or None,
+                                     keyfile=kafka.ssl_keyfile or None)
+        context.check_hostname = kafka.ssl_check_hostname
+        options["ssl_context"] = context
+    return options
+
 
 _POLL_MS = 50
 _MAX_RECORDS = 1000  # per poll: bounds how long routing holds the event loop (a few ms)
@@ -148,7 +179,10 @@ class OrderSource:
         self._position[key] = record.offset + 1
         ts_ns = record.timestamp * 1_000_000
         try:
-            command = decode_command(record.value, self._specs, ts_ns=ts_ns)
+            msg = parse_json(record.value)
+            if msg.get("op") == "snapshot":
+                return self._snapshot_request(key, record, msg, ts_ns)
+            command = decode_command(msg, self._specs, ts_ns=ts_ns)
         except WireError as exc:
             self.tracker.skipped(key, record.offset)
             return self._refuse(record, exc.text, exc.client_id, exc.client_order_id, exc.instrument,
@@ -176,6 +210,23 @@ class OrderSource:
             return None
         except asyncio.QueueFull:
             return self._wait_for_room(consumer, loop, item)
+
+    def _snapshot_request(self, key: tuple[str, int], record: Any, msg: dict[str, Any],
+                          ts_ns: int) -> Coroutine[Any, Any, None] | None:
+        """An operator's "snapshot now": a control in the instrument's queue, in order with its orders."""
+        self.tracker.skipped(key, record.offset)
+        loop = self._loops.get(msg.get("instrument") or "")
+        if loop is None:
+            return self._refuse(record, f"snapshot needs an instrument of this engine; got {msg.get('instrument')!r}",
+                                None, None, None, RejectReason.UNKNOWN_INSTRUMENT, ts_ns)
+        if record.offset <= self._applied.get((loop.symbol, record.topic, record.partition), -1):
+            return None  # before the restart
+        self._log.info("snapshot requested by an operator", instrument=loop.symbol, offset=record.offset)
+        try:
+            loop.queue.put_nowait(Control.SNAPSHOT)
+            return None
+        except asyncio.QueueFull:
+            return loop.queue.put(Control.SNAPSHOT)
 
     async def _refuse(self, record: Any, text: str, client_id: str | None, client_order_id: str | None,
                       instrument: str | None, reason: RejectReason, ts_ns: int) -> None:
@@ -221,6 +272,7 @@ class OrderSource:
         behind = sum(max(0, end - self._position.get(key, 0)) for key, end in self._replay_until.items())
         if self._metrics is not None:
             self._metrics.recovery_replayed.set(self.replayed)
+            self._metrics.recovery_behind.set(behind)
         now = time.monotonic()
         if behind and now >= self._next_progress_log:
             self._next_progress_log = now + 1.0
@@ -234,6 +286,27 @@ class OrderSource:
                            elapsed_s=round(elapsed, 3))
             if self._on_caught_up is not None:
                 self._on_caught_up()
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        """Per assigned partition: messages not yet read (the last fetched high watermark minus the position)."""
+        consumer = self._consumer
+        if consumer is None:
+            return {}
+        out: dict[tuple[str, int], int] = {}
+        for tp in consumer.assignment():
+            high = consumer.highwater(tp)
+            key = (tp.topic, tp.partition)
+            if high is not None and key in self._position:
+                out[key] = max(0, high - self._position[key])
+        return out
+
+    async def probe(self, timeout_s: float) -> None:
+        """Raise if the brokers cannot be reached (a metadata request, bounded by ``timeout_s``)."""
+        consumer = self._consumer
+        if consumer is None:
+            raise ConnectionError("the consumer is not started")
+        async with asyncio.timeout(timeout_s):
+            await consumer.topics()
 
     async def on_durable(self, batch: Batch) -> None:
         """Writer listener: these commands are durable, their offsets may be committed."""
@@ -317,8 +390,9 @@ class KafkaEventPublisher:
 
     def __init__(self, *, bootstrap_servers: str, events_topic: str, instruments: Mapping[str, Instrument],
                  client_options: Mapping[str, Any] | None = None, publish_events: bool = True,
-                 order_states: OrderStates | None = None) -> None:
+                 order_states: OrderStates | None = None, metrics: Any = None) -> None:
         self._bootstrap = bootstrap_servers
+        self._metrics = metrics
         self.events_topic = events_topic
         self._specs = instruments
         self._options = dict(client_options or {})
@@ -345,9 +419,22 @@ class KafkaEventPublisher:
         return self._producer
 
     async def on_durable(self, batch: Batch) -> None:
-        """Writer listener: publish the batch's events, each to its clients' keys."""
+        """Writer listener: publish the batch's events, each to its clients' keys.
+
+        A failure is counted (``exchange_publish_failures_total{target="kafka"}``)
+        and raised: the daemon stops, and the next start publishes again from
+        the durable journal (at-least-once; ``seq`` tells duplicates apart).
+        """
         if not self._publish_events:
             return
+        try:
+            await self._publish(batch)
+        except Exception:
+            if self._metrics is not None:
+                self._metrics.publish_failed("kafka")
+            raise
+
+    async def _publish(self, batch: Batch) -> None:
         producer = self._require()
         futures = []
         topic = self.events_topic

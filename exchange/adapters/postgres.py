@@ -41,9 +41,10 @@ message saying what to check.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import struct
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from decimal import Decimal
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -57,6 +58,7 @@ from exchange.instruments import Instrument
 from exchange.journal import Batch, Position, Recovered, SnapshotRequest, StoreUnavailable
 from exchange.matching import EngineState, RestingOrder
 from exchange.migrations import apply_migrations
+from exchange.settings import PostgresSettings
 from exchange.storage_rows import (
     EVENT_COLUMNS,
     ORDER_COLUMNS,
@@ -69,7 +71,7 @@ from exchange.storage_rows import (
 )
 from exchange.types import Side, StpMode
 
-__all__ = ["PostgresStore"]
+__all__ = ["PostgresStore", "connect_options"]
 
 _log = structlog.get_logger("exchange.store")
 _recovery_log = structlog.get_logger("exchange.recovery")  # loading is part of recovery
@@ -190,6 +192,38 @@ _LOAD_CHUNK = 50_000
 _LOG_EVERY_S = 1.0
 
 
+def connect_options(postgres: PostgresSettings) -> dict[str, Any]:
+    """The asyncpg keyword arguments for authentication and TLS, from ``[postgres]`` settings.
+
+    The password travels as its own argument, never inside the DSN, so no DSN
+    the daemon could print holds it. ``sslmode`` has libpq's meaning; a mode
+    alone is passed as is (asyncpg then uses the system CAs); with a CA file or
+    a client certificate an :class:`ssl.SSLContext` is built: ``verify-full``
+    checks the certificate and the host name, ``verify-ca`` the certificate
+    only, the weaker modes encrypt without verifying. A DSN may also carry
+    ``sslmode=...`` itself; these settings win.
+    """
+    options: dict[str, Any] = {}
+    if postgres.password:
+        options["password"] = postgres.password
+    mode = postgres.sslmode
+    if not mode:
+        return options
+    if mode == "disable" or not (postgres.sslrootcert or postgres.sslcert):
+        options["ssl"] = mode
+        return options
+    context = ssl.create_default_context(cafile=postgres.sslrootcert or None)
+    if mode in ("verify-ca", "verify-full"):
+        context.check_hostname = mode == "verify-full"
+    else:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if postgres.sslcert:
+        context.load_cert_chain(postgres.sslcert, postgres.sslkey or None)
+    options["ssl"] = context
+    return options
+
+
 class PostgresStore:
     """Durable storage in PostgreSQL (see the module docstring).
 
@@ -201,7 +235,8 @@ class PostgresStore:
 
     def __init__(self, dsn: str, instruments: Iterable[Instrument], *, pool_size: int = 4, snapshot_keep: int = 3,
                  command_timeout: float = 60.0, connect_timeout: float = 10.0,
-                 application_name: str = "exchange", one_statement_max_events: int = 1000) -> None:
+                 application_name: str = "exchange", one_statement_max_events: int = 1000,
+                 connect_options: Mapping[str, Any] | None = None) -> None:
         if snapshot_keep < 1:
             raise ValueError("snapshot_keep must be at least 1")
         self.dsn = dsn
@@ -212,6 +247,7 @@ class PostgresStore:
         self.command_timeout = command_timeout
         self.connect_timeout = connect_timeout
         self.application_name = application_name
+        self.connect_options = dict(connect_options or {})  # password, ssl: see connect_options()
         self._pool: asyncpg.Pool | None = None
         # per instrument: counters and positions as last committed (or loaded)
         self._progress: dict[str, Progress] = {}
@@ -244,9 +280,15 @@ class PostgresStore:
                 self.dsn, min_size=1, max_size=self.pool_size, command_timeout=self.command_timeout,
                 timeout=self.connect_timeout,
                 server_settings=_SESSION_SETTINGS | {"application_name": self.application_name},
-                init=_init_connection, reset=_reset_connection)
+                init=_init_connection, reset=_reset_connection, **self.connect_options)
         except Exception as exc:
             raise _unavailable(exc, "connecting to PostgreSQL") from exc
+
+    async def ping(self) -> None:
+        """A cheap round trip (``SELECT 1`` on a pooled connection); raises when the database cannot be reached."""
+        pool = self._require_pool()
+        async with pool.acquire(timeout=self.connect_timeout) as conn:
+            await conn.fetchval("SELECT 1")
 
     async def stop(self) -> None:
         """Close the pool, waiting a bounded time for connections in use (no-op when closed)."""
