@@ -1,7 +1,10 @@
 """structlog set-up: JSON lines in production, a readable console on a terminal.
 
 Loggers are bound with context (``instrument``, ``seq``) by their callers; the
-hot path logs nothing per order at INFO.
+hot path logs nothing per order at INFO. Every line passes through
+:func:`exchange.settings.mask_secrets` before it is rendered: a value under a
+secret-sounding key, or a URL/DSN password inside any value, never reaches the
+output, whatever a caller passes.
 """
 
 from __future__ import annotations
@@ -12,7 +15,14 @@ from typing import Any
 
 import structlog
 
-__all__ = ["configure_logging", "get_logger"]
+from exchange.settings import mask_secrets
+
+__all__ = ["configure_logging", "get_logger", "mask_processor"]
+
+
+def mask_processor(logger: Any, method: str, event_dict: Any) -> Any:
+    """structlog processor: secrets masked in every field (see module docstring)."""
+    return mask_secrets(event_dict)
 
 
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:
@@ -26,6 +36,7 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
+            mask_processor,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),

@@ -1,0 +1,185 @@
+"""Configuration: strict loading, environment overrides, connection security options, masked printing.
+
+No TLS or SASL servers run here, so the mapping from settings to the driver
+arguments (aiokafka, asyncpg) is what is tested; the drivers themselves are
+trusted to honour their documented arguments.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import ssl
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from exchange.adapters.kafka import client_options
+from exchange.adapters.postgres import connect_options
+from exchange.cli import main
+from exchange.logging import mask_processor
+from exchange.settings import (
+    ConfigError,
+    KafkaSettings,
+    PostgresSettings,
+    load_settings,
+    mask_secrets,
+    render_settings,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+INSTRUMENT = '[[instruments]]\nsymbol = "BTC-USD"\ntick_size = "0.01"\nlot_size = "0.0001"\n'
+CA = str(Path(__file__).parent / "data" / "test-ca.pem")  # a self-signed CA certificate (its key was discarded)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "exchange.toml"
+    path.write_text(INSTRUMENT + text)
+    return path
+
+
+def test_every_shipped_config_file_loads() -> None:
+    files = sorted((ROOT / "config").glob("*.toml"))
+    assert files
+    for path in files:
+        assert load_settings(path, env={}).instruments, path
+
+
+def test_unknown_key_names_the_key_and_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "[postgres]\nsslmod = 'require'\n")
+    with pytest.raises(ConfigError, match=r"exchange\.toml \[postgres\]: unknown key 'sslmod'"):
+        load_settings(path, env={})
+
+
+def test_a_value_outside_its_choices_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"\[kafka\]: 'security_protocol' must be one of .*'SASL_SSL'.*got 'TLS'"):
+        load_settings(write(tmp_path, "[kafka]\nsecurity_protocol = 'TLS'\n"), env={})
+    with pytest.raises(ConfigError, match=r"\[postgres\]: 'sslmode' must be one of"):
+        load_settings(write(tmp_path, "[postgres]\nsslmode = 'on'\n"), env={})
+
+
+def test_sasl_needs_credentials_and_files_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"needs sasl_username and sasl_password.*EXCHANGE_KAFKA_SASL_PASSWORD"):
+        load_settings(write(tmp_path, "[kafka]\nsecurity_protocol = 'SASL_SSL'\nsasl_username = 'ex'\n"), env={})
+    with pytest.raises(ConfigError, match=r"'sslrootcert' names '/nonexistent/ca.pem', which is not a readable file"):
+        load_settings(write(tmp_path, "[postgres]\nsslmode = 'verify-full'\nsslrootcert = '/nonexistent/ca.pem'\n"),
+                      env={})
+
+
+def test_environment_overrides_connection_strings_and_secrets(tmp_path: Path) -> None:
+    path = write(tmp_path, "[kafka]\nsecurity_protocol = 'SASL_PLAINTEXT'\nsasl_username = 'file-user'\n"
+                           "sasl_password = 'file-secret'\n[postgres]\ndsn = 'postgresql://db/exchange'\n")
+    env = {"EXCHANGE_KAFKA_BOOTSTRAP": "k1:9093,k2:9093", "EXCHANGE_KAFKA_SASL_USERNAME": "env-user",
+           "EXCHANGE_KAFKA_SASL_PASSWORD": "env-secret", "EXCHANGE_POSTGRES_DSN": "postgresql://pg:5433/x",
+           "EXCHANGE_POSTGRES_PASSWORD": "pg-secret"}
+    s = load_settings(path, env=env)
+    assert (s.kafka.bootstrap_servers, s.kafka.sasl_username, s.kafka.sasl_password) == (
+        "k1:9093,k2:9093", "env-user", "env-secret")
+    assert (s.postgres.dsn, s.postgres.password) == ("postgresql://pg:5433/x", "pg-secret")
+    assert load_settings(path, env={}).kafka.sasl_password == "file-secret"
+
+
+def test_kafka_options_plaintext_sasl_and_tls() -> None:
+    assert client_options(KafkaSettings()) == {"security_protocol": "PLAINTEXT"}
+    sasl = client_options(KafkaSettings(security_protocol="SASL_PLAINTEXT", sasl_mechanism="SCRAM-SHA-512",
+                                        sasl_username="ex", sasl_password="pw"))
+    assert sasl == {"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "SCRAM-SHA-512",
+                    "sasl_plain_username": "ex", "sasl_plain_password": "pw"}
+    tls = client_options(KafkaSettings(security_protocol="SASL_SSL", sasl_username="ex", sasl_password="pw",
+                                       ssl_check_hostname=False))
+    assert tls["sasl_mechanism"] == "PLAIN"
+    context = tls["ssl_context"]
+    assert isinstance(context, ssl.SSLContext)
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert not context.check_hostname
+    plain_tls = client_options(KafkaSettings(security_protocol="SSL"))
+    assert "sasl_plain_password" not in plain_tls
+    assert plain_tls["ssl_context"].check_hostname
+
+
+def test_postgres_options_password_and_sslmode() -> None:
+    assert connect_options(PostgresSettings()) == {}
+    assert connect_options(PostgresSettings(password="pw", sslmode="require")) == {"password": "pw", "ssl": "require"}
+    assert connect_options(PostgresSettings(sslmode="disable")) == {"ssl": "disable"}
+
+
+def test_postgres_options_with_a_ca_build_a_verifying_context() -> None:
+    full = connect_options(PostgresSettings(sslmode="verify-full", sslrootcert=CA))["ssl"]
+    assert isinstance(full, ssl.SSLContext)
+    assert (full.verify_mode, full.check_hostname) == (ssl.CERT_REQUIRED, True)
+    ca_only = connect_options(PostgresSettings(sslmode="verify-ca", sslrootcert=CA))["ssl"]
+    assert (ca_only.verify_mode, ca_only.check_hostname) == (ssl.CERT_REQUIRED, False)
+    encrypt_only = connect_options(PostgresSettings(sslmode="require", sslrootcert=CA))["ssl"]
+    assert encrypt_only.verify_mode == ssl.CERT_NONE
+
+
+def test_mask_secrets_covers_any_section_and_any_url() -> None:
+    data: dict[str, Any] = {
+        "redis": {"url": "rediss://default:r3dis@cache:6380/0", "password": "pw", "acl_token": "t",
+                  "tls_credentials_file": "/run/creds", "username": "exchange", "port": 6379},
+        "postgres": {"dsn": "postgresql://ex:s3cret@db/exchange?sslmode=require", "password": ""},
+        "other": {"dsn": "host=db user=ex password=hunter2 dbname=x", "client_secret": "c", "list": ["a"]},
+    }
+    masked = mask_secrets(data)
+    assert masked["redis"] == {"url": "rediss://default:***@cache:6380/0", "password": "***", "acl_token": "***",
+                               "tls_credentials_file": "***", "username": "exchange", "port": 6379}
+    assert masked["postgres"] == {"dsn": "postgresql://ex:***@db/exchange?sslmode=require", "password": ""}
+    assert masked["other"] == {"dsn": "host=db user=ex password=*** dbname=x", "client_secret": "***", "list": ["a"]}
+    text = json.dumps(masked)
+    for secret in ("r3dis", "s3cret", "hunter2", '"pw"'):
+        assert secret not in text
+
+
+def test_log_lines_are_masked() -> None:
+    out = mask_processor(None, "info", {"event": "connecting to postgresql://u:topsecret@db/x",
+                                        "sasl_password": "pw", "n": 3})
+    assert out == {"event": "connecting to postgresql://u:***@db/x", "sasl_password": "***", "n": 3}
+
+
+def test_render_settings_masks_secrets_notes_overrides_and_reloads(tmp_path: Path) -> None:
+    path = write(tmp_path, "[kafka]\nsecurity_protocol = 'SASL_PLAINTEXT'\nsasl_username = 'ex'\n")
+    env = {"EXCHANGE_KAFKA_SASL_PASSWORD": "kafka-secret", "EXCHANGE_POSTGRES_DSN": "postgresql://u:dsn-secret@db/x",
+           "EXCHANGE_POSTGRES_PASSWORD": "pg-secret"}
+    text = render_settings(load_settings(path, env=env), env=env)
+    for secret in env.values():
+        assert secret not in text.replace("postgresql://u:***@db/x", "")
+    assert "kafka-secret" not in text
+    assert "dsn-secret" not in text
+    assert 'sasl_password = "***"  # from EXCHANGE_KAFKA_SASL_PASSWORD' in text
+    again = tomllib.loads(text)
+    assert again["kafka"]["sasl_username"] == "ex"
+    assert again["instruments"][0]["tick_size"] == "0.01"
+    reloaded = tmp_path / "again.toml"
+    reloaded.write_text(text)
+    assert load_settings(reloaded, env={}).instruments == load_settings(path, env=env).instruments
+
+
+def test_config_check_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EXCHANGE_POSTGRES_PASSWORD", "cli-secret")
+    good = write(tmp_path, "")
+    assert main(["config", "check", "--config", str(good)]) == 0
+    out = capsys.readouterr()
+    assert 'password = "***"  # from EXCHANGE_POSTGRES_PASSWORD' in out.out
+    assert "cli-secret" not in out.out + out.err
+    assert "OK (1 instruments)" in out.err
+    bad = write(tmp_path, "[http]\nhots = '0.0.0.0'\n")
+    assert main(["config", "check", "--config", str(bad)]) == 2
+    assert "[http]: unknown key 'hots'" in capsys.readouterr().err
+
+
+def test_no_log_call_passes_a_dsn_or_password() -> None:
+    """Defence in depth besides the masking processor: no logging call in the package names a DSN or a secret."""
+    offenders = []
+    for path in sorted((ROOT / "exchange").rglob("*.py")) + sorted((ROOT / "recovery").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("debug", "info", "warning", "error", "critical", "exception")):
+                for arg in [*node.args, *(k.value for k in node.keywords)]:
+                    names = {n.id for n in ast.walk(arg) if isinstance(n, ast.Name)}
+                    names |= {n.attr for n in ast.walk(arg) if isinstance(n, ast.Attribute)}
+                    names |= {k.arg or "" for k in node.keywords}
+                    if any(w in name.lower() for name in names for w in ("dsn", "password", "secret", "token")):
+                        offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert offenders == []
