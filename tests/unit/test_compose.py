@@ -1,0 +1,141 @@
+"""The compose stack, checked statically (no Docker engine runs here).
+
+docker-compose.yml parses and has every service the daemon needs; the daemon's
+environment, ports and command agree with config/compose.toml; Prometheus
+scrapes the daemon where it listens; Grafana is provisioned from config/ and
+its dashboard queries only metric names that exchange/metrics.py defines.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from exchange.metrics import Metrics
+from exchange.settings import ENV_OVERRIDES, load_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def service(name: str) -> dict[str, Any]:
+    svc = compose()["services"][name]
+    assert isinstance(svc, dict)
+    return svc
+
+
+def published(svc: dict[str, Any]) -> dict[int, str]:
+    """container port -> host address, from ``"127.0.0.1:8080:8080"`` entries (same port on both sides)."""
+    out = {}
+    for entry in svc.get("ports", []):
+        parts = str(entry).split(":")
+        host_ip = parts[0] if len(parts) == 3 else "0.0.0.0"
+        assert parts[-2] == parts[-1], f"{entry}: the host port differs from the container port"
+        out[int(parts[-1])] = host_ip
+    return out
+
+
+def test_every_service_the_daemon_needs_is_there() -> None:
+    services = compose()["services"]
+    assert {"postgres", "redis", "kafka", "exchange", "prometheus", "grafana"} <= set(services)
+    assert set(service("exchange")["depends_on"]) >= {"postgres", "redis", "kafka"}
+    assert service("exchange")["build"] == "."
+    assert (ROOT / "Dockerfile").is_file()
+
+
+def test_kafka_runs_in_kraft_mode() -> None:
+    env = service("kafka")["environment"]
+    assert service("kafka")["image"].startswith("apache/kafka:")
+    assert "controller" in env["KAFKA_PROCESS_ROLES"]
+    assert "KAFKA_ZOOKEEPER_CONNECT" not in env
+    assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"]
+
+
+def test_the_daemon_config_agrees_with_the_stack() -> None:
+    exchange = service("exchange")
+    config_arg = exchange["command"][exchange["command"].index("--config") + 1]
+    assert config_arg == "config/compose.toml"
+    env = {k: str(v) for k, v in exchange["environment"].items()}
+    settings = load_settings(ROOT / config_arg, env=dict.fromkeys(env, "x"))
+    # only documented overrides, and no secret written in the TOML itself
+    assert set(env) <= set(ENV_OVERRIDES.values())
+    raw = (ROOT / config_arg).read_text()
+    assert not re.search(r"^\s*(sasl_)?password\s*=", raw, re.MULTILINE)
+    assert "EXCHANGE_POSTGRES_PASSWORD" in env
+    assert env["EXCHANGE_POSTGRES_PASSWORD"] == str(service("postgres")["environment"]["POSTGRES_PASSWORD"])
+
+    settings = load_settings(ROOT / config_arg, env={})
+    # Kafka: the bootstrap address is a listener the broker advertises inside the network
+    advertised = service("kafka")["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+    assert all(f"//{server}" in advertised for server in settings.kafka.bootstrap_servers.split(","))
+    # PostgreSQL: host, database and user of the DSN are the postgres service's
+    dsn = urlsplit(settings.postgres.dsn)
+    pg_env = service("postgres")["environment"]
+    assert (dsn.hostname, dsn.port or 5432, dsn.path.lstrip("/"), dsn.username) == (
+        "postgres", 5432, pg_env["POSTGRES_DB"], pg_env["POSTGRES_USER"])
+    assert 5432 in published(service("postgres"))
+    # HTTP: listens on all interfaces in the container, published on the host's loopback only
+    assert settings.http.host == "0.0.0.0"
+    assert published(exchange) == {settings.http.port: "127.0.0.1"}
+    for name in compose()["services"]:
+        assert set(published(service(name)).values()) <= {"127.0.0.1"}, f"{name} publishes beyond localhost"
+
+
+def test_prometheus_scrapes_the_daemon() -> None:
+    prom_service = service("prometheus")
+    mounts = {v.split(":")[0]: v.split(":")[1] for v in prom_service["volumes"]}
+    assert mounts["./config/prometheus.yml"] == "/etc/prometheus/prometheus.yml"
+    prom = yaml.safe_load((ROOT / "config" / "prometheus.yml").read_text())
+    settings = load_settings(ROOT / "config" / "compose.toml", env={})
+    jobs = {job["job_name"]: job for job in prom["scrape_configs"]}
+    job = jobs["exchange"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    targets = [t for group in job["static_configs"] for t in group["targets"]]
+    assert targets == [f"exchange:{settings.http.port}"]
+
+
+def test_grafana_is_provisioned_from_config() -> None:
+    volumes = dict(v.rsplit(":", 1)[0].split(":", 1) for v in service("grafana")["volumes"])
+    assert volumes["./config/grafana/provisioning"] == "/etc/grafana/provisioning"
+    dashboards_dir = volumes["./config/grafana/dashboards"]
+    provider = yaml.safe_load((ROOT / "config/grafana/provisioning/dashboards/exchange.yml").read_text())
+    assert provider["providers"][0]["options"]["path"] == dashboards_dir
+    datasource = yaml.safe_load((ROOT / "config/grafana/provisioning/datasources/prometheus.yml").read_text())
+    assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
+
+
+def _defined_metric_names() -> set[str]:
+    names = set()
+    for family in Metrics().registry.collect():
+        names.add(family.name)
+        for sample in family.samples:
+            names.add(sample.name)
+        if family.type == "counter":
+            names.add(family.name + "_total")
+        if family.type == "histogram":
+            names |= {family.name + suffix for suffix in ("_bucket", "_sum", "_count")}
+    return names
+
+
+def test_the_dashboard_shows_throughput_latency_depth_lag_recovery_with_defined_metrics() -> None:
+    dashboard = json.loads((ROOT / "config/grafana/dashboards/exchange.json").read_text())
+    titles = " ".join(p["title"].lower() for p in dashboard["panels"])
+    for topic in ("throughput", "latency", "depth", "lag", "recovery"):
+        assert topic in titles, topic
+    defined = _defined_metric_names()
+    used = set()
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            used |= set(re.findall(r"\bexchange_[a-z0-9_]+", target["expr"]))
+    assert used
+    assert used <= defined, f"dashboard queries undefined metrics: {sorted(used - defined)}"
