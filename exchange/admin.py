@@ -93,6 +93,21 @@ async def _read(consumer: AIOKafkaConsumer, match: Callable[[dict[str, Any]], bo
     return out
 
 
+async def _read_to_end(consumer: AIOKafkaConsumer, partitions: list[TopicPartition],
+                       match: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+    """Read until every partition's position has reached its current end and a fetch brings nothing new."""
+    if not partitions:
+        return []
+    ends = await consumer.end_offsets(partitions)
+    out: list[dict[str, Any]] = []
+    while True:
+        got = await _read(consumer, match, 200)
+        out += got
+        positions = [await consumer.position(tp) for tp in partitions]
+        if not got and all(pos >= ends[tp] for pos, tp in zip(positions, partitions, strict=True)):
+            return out
+
+
 async def run_admin(settings: Settings, message: dict[str, Any], *, timeout_s: float = 30.0) -> AdminOutcome:
     """Send ``message`` and wait for the daemon to apply it; see the module docstring."""
     k = settings.kafka
@@ -106,8 +121,9 @@ async def run_admin(settings: Settings, message: dict[str, Any], *, timeout_s: f
     await group.start()
     await producer.start()
     try:
+        await events_consumer.topics()  # fresh metadata, so partitions_for_topic knows the events topic
         partitions = [TopicPartition(k.events_topic, p)
-                      for p in sorted(await events_consumer.partitions_for_topic(k.events_topic) or ())]
+                      for p in sorted(events_consumer.partitions_for_topic(k.events_topic) or ())]
         events_consumer.assign(partitions)
         if partitions:
             ends = await events_consumer.end_offsets(partitions)
@@ -126,10 +142,10 @@ async def run_admin(settings: Settings, message: dict[str, Any], *, timeout_s: f
                 committed = await group.committed(sent)
                 applied = committed is not None and committed > meta.offset
             events += await _read(events_consumer, match, 200)
-            if applied and (events or message["op"] not in ("halt", "resume") or not k.publish_events):
-                # the offset is committed only after the batch was durable and handed to the publisher:
-                # one more short read picks up what it was still sending
-                events += await _read(events_consumer, match, 300)
+            if applied:
+                # the daemon commits an input offset only after the batch's events were published:
+                # everything the message caused is on the events topic now
+                events += await _read_to_end(events_consumer, partitions, match)
                 break
             await asyncio.sleep(0.1)
         return AdminOutcome(applied, meta.partition, meta.offset, events)

@@ -115,8 +115,10 @@ class Daemon:
                 on_caught_up=self._caught_up)
             writer = self.writer = JournalWriter(store, journal, max_events=s.journal.max_events,
                                                  linger_ms=s.journal.linger_ms, metrics=self.metrics,
-                                                 listeners=[source.on_durable, self._on_durable,
-                                                            publisher.on_durable])
+                                                 # publish first: a committed input offset then also
+                                                 # means its events were published (exchange admin uses it)
+                                                 listeners=[publisher.on_durable, source.on_durable,
+                                                            self._on_durable])
             await source.start()
             ping = getattr(store, "ping", None)
             if ping is not None:

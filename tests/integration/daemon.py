@@ -98,7 +98,7 @@ class DaemonProcess:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=2) as resp:
                 body = resp.read()
-                return resp.status, json.loads(body) if path != "/metrics" else body.decode()
+                return resp.status, json.loads(body) if path not in ("/metrics", "/healthz") else body.decode()
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read() or b"null")
 
