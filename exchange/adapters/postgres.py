@@ -339,8 +339,8 @@ class PostgresStore:
         symbols = sorted(last)
         if (not batch.snapshots and all(symbol in self._progress for symbol in symbols)
                 and sum(len(item.events) for item in batch.applied) <= self.one_statement_max_events):
-            await self._commit_one_statement(pool, batch, symbols, last)
-            return
+            if await self._commit_one_statement(pool, batch, symbols, last):
+                return
         rows: BatchRows | None = None
         loaded: dict[str, dict[str, Position]] = {}  # instruments whose state this attempt read from the database
         try:
@@ -381,7 +381,7 @@ class PostgresStore:
                 self._positions.setdefault(symbol, {}).update(changed)
 
     async def _commit_one_statement(self, pool: asyncpg.Pool, batch: Batch, symbols: list[str],
-                                    last: dict[str, int]) -> None:
+                                    last: dict[str, int]) -> bool:
         """A small batch in ONE round trip: ``exchange_commit_batch`` (migration 002) in its own transaction.
 
         A batch of a few dozen events spends most of a multi-statement commit
@@ -390,10 +390,14 @@ class PostgresStore:
         microseconds), the server computes the decimal columns, and the function
         checks the sequence and the updated-row count itself. Batches with
         snapshots or more than ``one_statement_max_events`` events, and the first
-        batch of an instrument this store has not loaded, take the COPY path.
+        batch of an instrument this store has not loaded, take the COPY path; so
+        does (returning False) a batch that halts or resumes an instrument: the
+        function leaves ``engine_progress.halted`` as it is (migration 003 added it).
         """
         try:
             rows = derive_rows(batch, self.specs, self._progress, self._positions, self._server_scale)
+            if any(p.halted != self._progress[symbol].halted for symbol, p in rows.progress.items()):
+                return False
             progress = [(symbol, rows.first_seq[symbol], p.seq, p.next_order_id, p.next_trade_id)
                         for symbol, p in sorted(rows.progress.items())]
             steps = self._step_rows
@@ -425,13 +429,14 @@ class PostgresStore:
                 self._progress.pop(symbol, None)
                 self._positions.pop(symbol, None)
             _log.warning("batch already durable; commit acknowledged without writing", last_seq=last)
-            return
+            return True
         self.one_statement_commits += 1
         for symbol, prog in rows.progress.items():
             self._progress[symbol] = prog
             changed = rows.positions.get(symbol)
             if changed:
                 self._positions.setdefault(symbol, {}).update(changed)
+        return True
 
     @staticmethod
     def _already_durable(rows: BatchRows, stored: dict[str, Progress]) -> bool:

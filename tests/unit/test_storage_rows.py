@@ -257,3 +257,20 @@ def test_rows_follow_the_engine_over_a_random_stream(seed: int) -> None:
                           key=lambda r: (r["updated_seq"], r["priority"]))
         window = [(r["client_id"], r["client_order_id"], r["order_id"]) for r in finished][-spec.dedupe_window:]
         assert window == engine.export_state().done
+
+
+def test_halt_and_resume_are_stored_events_and_the_halted_flag_follows_them_across_batches() -> None:
+    from exchange import HaltInstrument, ResumeInstrument
+
+    d = Driver()
+    rows = d.rows(place("alice", "a1", BUY, 2000, 5, ts=1), HaltInstrument("X", "ops", "why", 2),
+                  place("bob", "b1", SELL, 2000, 5, ts=3))
+    assert [(e[1], e[3], e[4], e[5]) for e in rows.events] == [
+        (1, "accepted", 1, "alice"), (2, "halted", None, "ops"), (3, "rejected", None, "bob")]
+    assert rows.progress["X"] == Progress(3, 2, 1, halted=True)
+    assert [o["reject_reason"] for o in orders(rows)] == [None, "instrument_halted"]
+    rows = d.rows(CancelOrder("X", "alice", "a1", ts_ns=4))  # a batch without halt events keeps the flag
+    assert rows.progress["X"] == Progress(4, 2, 1, halted=True)
+    rows = d.rows(ResumeInstrument("X", "ops", "", 5))
+    assert rows.progress["X"] == Progress(5, 2, 1, halted=False)
+    assert rows.events[0][3] == "resumed"
