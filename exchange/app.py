@@ -224,12 +224,15 @@ class Daemon:
                     self.unreachable[name] = _describe(exc)
                     self.metrics.dependency_up.labels(name).set(0)
                     continue
-                if self.unreachable.pop(name, None) is not None:
-                    self._log.info("dependency reachable again", dependency=name)
-                    if name != "postgres":  # the journal writer counts its own recoveries
-                        self.metrics.reconnected(name)
-                self.metrics.dependency_up.labels(name).set(1)
+                self._reachable_again(name)
             await asyncio.sleep(_PROBE_INTERVAL_S)
+
+    def _reachable_again(self, name: str) -> None:
+        if self.unreachable.pop(name, None) is not None:
+            self._log.info("dependency reachable again", dependency=name)
+            if name != "postgres":  # the journal writer counts its own recoveries
+                self.metrics.reconnected(name)
+        self.metrics.dependency_up.labels(name).set(1)
 
     def _caught_up(self) -> None:
         self.ready = True
@@ -238,6 +241,8 @@ class Daemon:
 
     async def _on_durable(self, batch: Batch) -> None:
         m = self.metrics
+        if "postgres" in self.unreachable:  # a commit just succeeded: no need to wait for the next probe
+            self._reachable_again("postgres")
         now_ns = time.time_ns()
         per_instrument: dict[str, list[Any]] = {}
         partition_of = self._partition_of  # one instrument's orders all come from one partition (key = instrument)

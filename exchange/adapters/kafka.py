@@ -173,6 +173,10 @@ class OrderSource:
     def _route(self, consumer: AIOKafkaConsumer, tp: TopicPartition, record: Any) -> Coroutine[Any, Any, None] | None:
         """Decode one record and queue it; returns the work still to await, if any (None on the fast path)."""
         key = (tp.topic, tp.partition)
+        if record.offset < self._position.get(key, 0):
+            # already routed once (fetched again after a seek): applying it twice would duplicate its events
+            self.skipped += 1
+            return None
         if not self.consumed:
             self._log.info("first message consumed", partition=tp.partition, offset=record.offset)
         self.consumed += 1
@@ -354,6 +358,9 @@ class OrderSource:
                        if topic == tp.topic and partition == tp.partition]
             committed = await consumer.committed(tp)
             start = start_offset(applied, committed, beginnings[tp])
+            # The fetcher may have delivered records of this partition before this listener ran (they were
+            # routed already): continue after them instead of reading them again.
+            start = max(start, self._position.get((tp.topic, tp.partition), 0))
             consumer.seek(tp, start)
             self._position[(tp.topic, tp.partition)] = start
             self._replay_until[(tp.topic, tp.partition)] = ends[tp]
