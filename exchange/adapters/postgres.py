@@ -338,9 +338,9 @@ class PostgresStore:
         pool = self._require_pool()
         symbols = sorted(last)
         if (not batch.snapshots and all(symbol in self._progress for symbol in symbols)
-                and sum(len(item.events) for item in batch.applied) <= self.one_statement_max_events):
-            if await self._commit_one_statement(pool, batch, symbols, last):
-                return
+                and sum(len(item.events) for item in batch.applied) <= self.one_statement_max_events
+                and await self._commit_one_statement(pool, batch, symbols, last)):
+            return
         rows: BatchRows | None = None
         loaded: dict[str, dict[str, Position]] = {}  # instruments whose state this attempt read from the database
         try:
