@@ -55,7 +55,7 @@ from exchange.events import (
     OrderRejected,
 )
 from exchange.instruments import Instrument
-from exchange.journal import Batch, Position, SnapshotRequest
+from exchange.journal import Batch, Position, SnapshotRequest, StoreUnavailable
 from exchange.positions import apply_fill
 from exchange.types import Side
 
@@ -69,6 +69,7 @@ __all__ = [
     "Progress",
     "RowError",
     "Scale",
+    "already_durable",
     "derive_rows",
     "finished_statuses",
     "open_statuses",
@@ -372,3 +373,32 @@ def derive_rows(
     for (symbol, seq), snap in latest.items():
         out.snapshots.append((symbol, seq, snap.state_hash, len(snap.state.orders), encode(snap.state)))
     return out
+
+
+def already_durable(rows: BatchRows, stored: Mapping[str, Progress]) -> bool:
+    """Does the batch continue the stored sequence (False), or is it stored already (True)?
+
+    ``stored`` is each instrument's progress as read inside the committing
+    transaction. Every instrument of the batch must either start right after its
+    stored seq (the batch is new) or be stored up to the batch's end (an earlier
+    attempt committed but its acknowledgement was lost). Anything else -- a gap,
+    an overlap, or a batch that is half new and half stored -- means two writers
+    or a bad replay: :class:`StoreUnavailable` that must not be retried.
+    """
+    durable, fresh, bad = [], [], []
+    for symbol, first in rows.first_seq.items():
+        seq = stored[symbol].seq if symbol in stored else 0
+        if seq == first - 1:
+            fresh.append(symbol)
+        elif seq >= rows.progress[symbol].seq:
+            durable.append(symbol)
+        else:
+            bad.append(f"{symbol}: stored seq {seq}, batch starts at {first}")
+    if bad or (durable and fresh):
+        detail = "; ".join(bad) if bad else (
+            f"{', '.join(durable)} already stored but {', '.join(fresh)} not")
+        raise StoreUnavailable(
+            f"batch does not continue the stored sequence ({detail}). Another engine may be writing "
+            "these instruments, or the loop did not start from the stored state; stop the daemon and "
+            "compare engine_progress with the loops' seq (`exchange recover --verify`).", retriable=False)
+    return bool(durable)

@@ -67,6 +67,7 @@ from exchange.storage_rows import (
     Progress,
     RowError,
     Scale,
+    already_durable,
     derive_rows,
 )
 from exchange.types import Side, StpMode
@@ -357,7 +358,7 @@ class PostgresStore:
                             int(r["net_lots"]), int(r["cost"]), int(r["realized"]))
                     progress = {**self._progress, **{s: stored.get(s) or Progress() for s in missing}}
                     rows = derive_rows(batch, self.specs, progress, {**self._positions, **loaded}, self._scale)
-                if self._already_durable(rows, stored):
+                if already_durable(rows, stored):
                     # an earlier attempt committed but its acknowledgement was lost: nothing to write;
                     # forget the cached state of these instruments, it is reloaded from the database
                     for symbol in symbols:
@@ -422,7 +423,7 @@ class PostgresStore:
             raise _unavailable(exc, f"committing a batch (last seq {last})") from exc
         if answer is not None:  # nothing was written: the stored sequence is not where the batch starts
             stored = {symbol: Progress(seq) for symbol, seq in msgspec.json.decode(answer, type=dict[str, int]).items()}
-            if not self._already_durable(rows, stored):  # raises if it is neither durable nor next
+            if not already_durable(rows, stored):  # raises if it is neither durable nor next
                 raise StoreUnavailable(f"batch refused by the database although it continues {stored}",
                                        retriable=False)
             for symbol in symbols:
@@ -437,27 +438,6 @@ class PostgresStore:
             if changed:
                 self._positions.setdefault(symbol, {}).update(changed)
         return True
-
-    @staticmethod
-    def _already_durable(rows: BatchRows, stored: dict[str, Progress]) -> bool:
-        """True if every instrument of the batch is stored up to its end; raise if it is neither that nor next."""
-        durable, fresh, bad = [], [], []
-        for symbol, first in rows.first_seq.items():
-            seq = stored[symbol].seq if symbol in stored else 0
-            if seq == first - 1:
-                fresh.append(symbol)
-            elif seq >= rows.progress[symbol].seq:
-                durable.append(symbol)
-            else:
-                bad.append(f"{symbol}: stored seq {seq}, batch starts at {first}")
-        if bad or (durable and fresh):
-            detail = "; ".join(bad) if bad else (
-                f"{', '.join(durable)} already stored but {', '.join(fresh)} not")
-            raise StoreUnavailable(
-                f"batch does not continue the stored sequence ({detail}). Another engine may be writing "
-                "these instruments, or the loop did not start from the stored state; stop the daemon and "
-                "compare engine_progress with the loops' seq (`exchange recover --verify`).", retriable=False)
-        return bool(durable)
 
     async def _write(self, conn: _Conn, rows: BatchRows) -> None:
         """Every row of one batch on one connection inside its transaction."""
