@@ -15,20 +15,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import structlog
 
 from exchange.adapters.postgres import PostgresStore, connect_options
 from exchange.instruments import Instrument
-from exchange.journal import StoreUnavailable
+from exchange.journal import History, Store, StoreUnavailable
 from exchange.matching import EngineState, MatchingEngine
 from exchange.settings import PostgresSettings
 from recovery.events import EventApplier, ReplayError
 from recovery.rebuild import describe_difference, replay_stored
 
-__all__ = ["InstrumentReport", "SourceResult", "VerifyReport", "verify"]
+__all__ = ["InstrumentReport", "SourceResult", "VerifyReport", "VerifiableStore", "verify", "verify_store"]
 
 _log = structlog.get_logger("exchange.recovery")
+
+
+class VerifiableStore(Store, History, Protocol):
+    """A store that keeps the history verify reads (PostgreSQL, SQLite)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +98,7 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-async def _verify_one(store: PostgresStore, spec: Instrument) -> InstrumentReport:
+async def _verify_one(store: VerifiableStore, spec: Instrument) -> InstrumentReport:
     symbol = spec.symbol
     rec = (await store.load([spec]))[symbol]
     durable = rec.state.seq
@@ -155,18 +160,30 @@ async def _verify_one(store: PostgresStore, spec: Instrument) -> InstrumentRepor
 
 async def verify(dsn: str, instruments: Sequence[Instrument],
                  postgres: PostgresSettings | None = None) -> VerifyReport:
-    """Compare (a) open orders, (b) snapshot + events and (c) a full replay for every instrument.
+    """:func:`verify_store` on a PostgreSQL database.
 
     ``postgres`` supplies the password and TLS settings (see :func:`exchange.adapters.postgres.connect_options`).
     """
-    report = VerifyReport()
     options = connect_options(postgres) if postgres is not None else {}
     try:
         async with PostgresStore(dsn, instruments, pool_size=2, connect_options=options) as store:
-            for spec in instruments:
-                report.instruments.append(await _verify_one(store, spec))
+            return await verify_store(store, instruments)
     except StoreUnavailable as exc:
-        rep = InstrumentReport("*", 0)
-        rep.problems.append(f"cannot read the database: {exc}")
-        report.instruments.append(rep)
+        return _unreadable(exc)
+
+
+async def verify_store(store: VerifiableStore, instruments: Sequence[Instrument]) -> VerifyReport:
+    """Compare (a) open orders, (b) snapshot + events and (c) a full replay for every instrument."""
+    report = VerifyReport()
+    try:
+        for spec in instruments:
+            report.instruments.append(await _verify_one(store, spec))
+    except StoreUnavailable as exc:
+        return _unreadable(exc)
     return report
+
+
+def _unreadable(exc: StoreUnavailable) -> VerifyReport:
+    rep = InstrumentReport("*", 0)
+    rep.problems.append(f"cannot read the database: {exc}")
+    return VerifyReport([rep])
