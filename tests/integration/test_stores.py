@@ -562,3 +562,74 @@ def test_recover_and_verify_agree_on_a_healthy_store_and_catch_a_corrupted_row(b
             await store.stop()
 
     run(scenario())
+
+
+# ------------------------------------------------------------- SQLite's own
+
+
+def test_sqlite_file_is_created_in_wal_mode_and_migrations_apply_once(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "dir" / "x.sqlite"
+
+    async def scenario() -> None:
+        async with SqliteStore(path, SPECS) as store:
+            assert await store.migrate() == ["001_initial"]
+            assert await store.migrate() == []
+        async with SqliteStore(path, SPECS, synchronous="normal") as again:
+            assert await again.migrate() == []
+        stores = [SqliteStore(path.with_name("y.sqlite"), SPECS) for _ in range(3)]
+        for s in stores:
+            await s.start()
+        try:
+            results = await asyncio.gather(*(s.migrate() for s in stores))
+        finally:
+            for s in stores:
+                await s.stop()
+        assert sorted(map(len, results)) == [0, 0, 1]
+
+    run(scenario())
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert {"orders", "order_events", "trades", "positions", "engine_progress", "input_offsets", "snapshots",
+                "schema_migrations"} <= tables
+        assert [r[0] for r in conn.execute("SELECT name FROM schema_migrations")] == ["001_initial"]
+    finally:
+        conn.close()
+    with pytest.raises(ValueError, match="synchronous"):
+        SqliteStore(path, SPECS, synchronous="off")
+
+
+def test_sqlite_unmigrated_locked_and_foreign_files_say_what_to_do(tmp_path: Path) -> None:
+    work = Workload(seed=3)
+    batches = work.batches(50, max_batch=50)
+    path = tmp_path / "x.sqlite"
+
+    async def scenario() -> None:
+        async with SqliteStore(path, SPECS) as store:
+            with pytest.raises(StoreUnavailable) as info:
+                await store.load(SPECS)
+            assert not info.value.retriable
+            assert "exchange migrate" in str(info.value)
+        async with SqliteStore(path, SPECS, busy_timeout_s=0.05) as store:
+            await store.migrate()
+            other = sqlite3.connect(path, isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+            try:
+                with pytest.raises(StoreUnavailable) as info:
+                    await store.commit(batches[0])
+                assert info.value.retriable
+                assert "lock" in str(info.value)
+            finally:
+                other.execute("ROLLBACK")
+                other.close()
+            await store.commit(batches[0])  # the same batch, once the lock is gone
+        garbage = tmp_path / "garbage.sqlite"
+        garbage.write_bytes(b"this is not a database" * 100)
+        with pytest.raises(StoreUnavailable) as info:
+            async with SqliteStore(garbage, SPECS) as store:
+                await store.migrate()
+        assert not info.value.retriable
+        assert "not a database" in str(info.value)
+
+    run(scenario())
