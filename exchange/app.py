@@ -20,39 +20,50 @@ import asyncio
 import gc
 import signal
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from exchange.adapters.kafka import KafkaEventPublisher, OrderSource, client_options
 from exchange.engine import Control, InstrumentLoop, JournalItem
 from exchange.http import HttpServer, Response
-from exchange.journal import Batch, Store
+from exchange.instruments import Instrument
+from exchange.journal import Batch, Recovered, Store
 from exchange.logging import configure_logging, get_logger
 from exchange.matching import MatchingEngine
 from exchange.metrics import Metrics
 from exchange.settings import Settings
-from exchange.writer import JournalWriter
+from exchange.sources import Source
+from exchange.writer import DurableListener, JournalWriter
 
-__all__ = ["Daemon"]
+if TYPE_CHECKING:
+    from exchange.adapters.postgres import PostgresStore
+    from exchange.adapters.sqlite import SqliteStore
+
+__all__ = ["Daemon", "make_store"]
 
 _PROBE_INTERVAL_S = 2.0  # how often each dependency is checked for /readyz
 _PROBE_TIMEOUT_S = 3.0
 
 
 class Daemon:
-    def __init__(self, settings: Settings, *, store: Store | None = None) -> None:
+    """``listeners`` are extra durable-batch listeners (for example the demo's live view)."""
+
+    def __init__(self, settings: Settings, *, store: Store | None = None,
+                 listeners: Sequence[DurableListener] = ()) -> None:
         self.settings = settings
         self.metrics = Metrics()
         self._store = store
+        self._listeners = list(listeners)
+        self.recovery: dict[str, Recovered] = {}  # what start-up recovery loaded, per instrument
         self._log = get_logger("exchange.daemon")
         self._stop = asyncio.Event()
         self.ready = False
         self.recovered = False
         self.loops: dict[str, InstrumentLoop] = {}
         self.writer: JournalWriter | None = None
-        self.source: OrderSource | None = None
+        self.source: Source | None = None
         self.http: HttpServer | None = None
         self._last_snapshot: dict[str, float] = {}
         self._partition_of: dict[str, tuple[str, int]] = {}  # instrument -> the orders partition it came from
@@ -68,13 +79,14 @@ class Daemon:
     async def run(self) -> int:
         s = self.settings
         specs = s.instrument_map()
-        store = self._store or _postgres_store(s)
+        store = self._store or make_store(s)
         http = self.http = HttpServer(s.http.host, s.http.port, self._routes()) if s.http.port else None
         kafka_options = client_options(s.kafka)
         publisher = KafkaEventPublisher(bootstrap_servers=s.kafka.bootstrap_servers, events_topic=s.kafka.events_topic,
                                         instruments=specs, publish_events=s.kafka.publish_events,
                                         client_options=kafka_options, metrics=self.metrics,
-                                        order_states=getattr(store, "order_states", None))
+                                        order_states=getattr(store, "order_states", None)) \
+            if s.publisher.kind == "kafka" else None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
@@ -83,13 +95,13 @@ class Daemon:
                 await http.start()
                 self._log.info("http endpoints listening", host=s.http.host, port=http.port)
             await store.start()
-            if s.postgres.migrate_on_start:
+            if s.postgres.migrate_on_start or s.storage.kind == "sqlite":  # the embedded file needs no operator
                 applied = await store.migrate()
                 if applied:
                     self._log.info("migrations applied", names=applied)
             from recovery.rebuild import recover
 
-            recovered = await recover(store, s.instruments, metrics=self.metrics)
+            recovered = self.recovery = await recover(store, s.instruments, metrics=self.metrics)
             self.recovered = True
             # What recovery loaded lives for the whole run: keep it out of every future collection,
             # and collect the young generation less often (the hot path makes no reference cycles).
@@ -104,26 +116,22 @@ class Daemon:
             applied_offsets = {(symbol, topic, partition): offset
                                for symbol, rec in recovered.items()
                                for (topic, partition), offset in rec.offsets.items()}
-            await publisher.start()
-            source = self.source = OrderSource(
-                bootstrap_servers=s.kafka.bootstrap_servers, topic=s.kafka.orders_topic,
-                group_id=s.kafka.group_id, loops=self.loops, instruments=specs, applied_offsets=applied_offsets,
-                publisher=publisher, dead_letter_topic=s.kafka.dead_letter_topic, metrics=self.metrics,
-                client_options={**kafka_options, "session_timeout_ms": s.kafka.session_timeout_ms,
-                                "fetch_max_wait_ms": s.kafka.fetch_max_wait_ms,
-                                 "heartbeat_interval_ms": s.kafka.heartbeat_interval_ms},
-                on_caught_up=self._caught_up)
-            writer = self.writer = JournalWriter(store, journal, max_events=s.journal.max_events,
-                                                 linger_ms=s.journal.linger_ms, metrics=self.metrics,
-                                                 # publish first: a committed input offset then also
-                                                 # means its events were published (exchange admin uses it)
-                                                 listeners=[publisher.on_durable, source.on_durable,
-                                                            self._on_durable])
+            if publisher is not None:
+                await publisher.start()
+            source = self.source = self._make_source(specs, applied_offsets, publisher, kafka_options)
+            writer = self.writer = JournalWriter(
+                store, journal, max_events=s.journal.max_events, linger_ms=s.journal.linger_ms, metrics=self.metrics,
+                # publish first: a committed input offset then also means its events were published
+                # (exchange admin uses it)
+                listeners=[*([publisher.on_durable] if publisher is not None else []), source.on_durable,
+                           self._on_durable, *self._listeners])
             await source.start()
             ping = getattr(store, "ping", None)
             if ping is not None:
                 self.probes["postgres"] = ping
-            self.probes["kafka"] = lambda: source.probe(_PROBE_TIMEOUT_S)
+            if isinstance(source, OrderSource):
+                kafka_source = source
+                self.probes["kafka"] = lambda: kafka_source.probe(_PROBE_TIMEOUT_S)
             async with asyncio.TaskGroup() as tg:
                 loop_tasks = [tg.create_task(lp.run(), name=f"loop-{lp.symbol}") for lp in self.loops.values()]
                 writer_task = tg.create_task(writer.run(), name="journal-writer")
@@ -145,8 +153,9 @@ class Daemon:
             return 0
         finally:
             # bounded: a dependency that is down must not keep a stopping daemon alive
-            closers = [("kafka consumer", self.source.stop() if self.source is not None else None),
-                       ("kafka producer", publisher.stop()), ("store", store.stop()),
+            closers = [("order source", self.source.stop() if self.source is not None else None),
+                       ("kafka producer", publisher.stop() if publisher is not None else None),
+                       ("store", store.stop()),
                        ("http", http.stop() if http is not None else None)]
             for name, closing in closers:
                 if closing is None:
@@ -157,7 +166,27 @@ class Daemon:
                 except Exception as exc:
                     self._log.warning("closing a connection failed", what=name, error=repr(exc))
 
-    async def _shutdown(self, source: OrderSource, source_task: asyncio.Task[None], timer: asyncio.Task[None],
+    def _make_source(self, specs: Mapping[str, Instrument], applied_offsets: dict[tuple[str, str, int], int],
+                     publisher: KafkaEventPublisher | None, kafka_options: Mapping[str, Any]) -> Source:
+        s = self.settings
+        if s.order_source.kind == "generator":
+            from exchange.adapters.generator import GeneratorSource
+
+            return GeneratorSource(loops=self.loops, instruments=specs, applied_offsets=applied_offsets,
+                                   seed=s.order_source.seed, rate=s.order_source.rate,
+                                   clients=s.order_source.clients, metrics=self.metrics,
+                                   on_caught_up=self._caught_up)
+        assert publisher is not None, "the settings require the Kafka publisher with the Kafka source"
+        return OrderSource(
+            bootstrap_servers=s.kafka.bootstrap_servers, topic=s.kafka.orders_topic,
+            group_id=s.kafka.group_id, loops=self.loops, instruments=specs, applied_offsets=applied_offsets,
+            publisher=publisher, dead_letter_topic=s.kafka.dead_letter_topic, metrics=self.metrics,
+            client_options={**kafka_options, "session_timeout_ms": s.kafka.session_timeout_ms,
+                            "fetch_max_wait_ms": s.kafka.fetch_max_wait_ms,
+                            "heartbeat_interval_ms": s.kafka.heartbeat_interval_ms},
+            on_caught_up=self._caught_up)
+
+    async def _shutdown(self, source: Source, source_task: asyncio.Task[None], timer: asyncio.Task[None],
                         loop_tasks: list[asyncio.Task[None]], journal: asyncio.Queue[list[JournalItem] | None],
                         writer_task: asyncio.Task[None]) -> None:
         started = time.monotonic()
@@ -241,9 +270,10 @@ class Daemon:
 
     async def _on_durable(self, batch: Batch) -> None:
         m = self.metrics
-        if "postgres" in self.unreachable:  # a commit just succeeded: no need to wait for the next probe
-            self._reachable_again("postgres")
+        if self.settings.storage.kind in self.unreachable:  # a commit just succeeded: no need to wait for a probe
+            self._reachable_again(self.settings.storage.kind)
         now_ns = time.time_ns()
+        wall_clock = self.source is not None and self.source.wall_clock_timestamps  # else the source measures
         per_instrument: dict[str, list[Any]] = {}
         partition_of = self._partition_of  # one instrument's orders all come from one partition (key = instrument)
         for item in batch.applied:
@@ -251,7 +281,7 @@ class Daemon:
             pos = item.position
             if pos is not None:
                 partition_of[item.instrument] = (pos.topic, pos.partition)
-                if item.events:
+                if wall_clock and item.events:
                     m.order_latency.observe(max(0, now_ns - item.events[0].ts_ns) / 1e9)
         for symbol, events in per_instrument.items():
             m.count_events(symbol, events)
@@ -276,7 +306,7 @@ class Daemon:
             problems.append("replaying input")
         unreachable = dict(self.unreachable)
         if self.writer is not None and self.writer.degraded:
-            unreachable["postgres"] = self.writer.last_error or "commits are failing"
+            unreachable[self.settings.storage.kind] = self.writer.last_error or "commits are failing"
         problems += [f"{name}: {error}" for name, error in sorted(unreachable.items())]
         body = msgspec.json.encode({"ready": not problems, "problems": problems,
                                     "unreachable": sorted(unreachable)}) + b"\n"
@@ -331,7 +361,16 @@ def _describe(exc: BaseException) -> str:
     return "no answer in time" if isinstance(exc, TimeoutError) else text
 
 
-def _postgres_store(settings: Settings) -> Store:
+def make_store(settings: Settings) -> PostgresStore | SqliteStore:
+    """The store the settings choose (``[storage] kind``): PostgreSQL or one SQLite file.
+
+    Both implement :class:`~exchange.journal.Store` and :class:`~exchange.journal.History`.
+    """
+    if settings.storage.kind == "sqlite":
+        from exchange.adapters.sqlite import SqliteStore
+
+        return SqliteStore(settings.storage.path, settings.instruments, snapshot_keep=settings.engine.snapshot_keep,
+                           synchronous=settings.storage.synchronous)
     from exchange.adapters.postgres import PostgresStore, connect_options
 
     return PostgresStore(settings.postgres.dsn, settings.instruments, pool_size=settings.postgres.pool_size,

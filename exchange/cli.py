@@ -17,6 +17,7 @@ from exchange.types import StpMode
 __all__ = ["main"]
 
 DEFAULT_CONFIG = Path("config/exchange.toml")
+DEMO_CONFIG = Path("config/demo.toml")
 
 
 def _replay_instruments(args: argparse.Namespace) -> tuple[Instrument, ...]:
@@ -54,13 +55,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_migrate(args: argparse.Namespace) -> int:
     import asyncio
 
-    from exchange.adapters.postgres import PostgresStore, connect_options
+    from exchange.app import make_store
 
     settings = _load(args)
 
     async def migrate() -> list[str]:
-        store = PostgresStore(settings.postgres.dsn, settings.instruments,
-                              connect_options=connect_options(settings.postgres))
+        store = make_store(settings)
         await store.start()
         try:
             return await store.migrate()
@@ -75,14 +75,25 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 def _cmd_recover(args: argparse.Namespace) -> int:
     import asyncio
 
+    from exchange.app import make_store
     from exchange.logging import configure_logging
-    from recovery.verify import verify
+    from recovery.verify import VerifyReport, verify, verify_store
 
     settings = _load(args)
     configure_logging(settings.log.level, settings.log.format)
     if not args.verify:
         raise ConfigError("recover needs --verify (the daemon recovers by itself at start-up)")
-    report = asyncio.run(verify(settings.postgres.dsn, settings.instruments, settings.postgres))
+
+    if settings.storage.kind == "sqlite" and not Path(settings.storage.path).exists():
+        raise ConfigError(f"{settings.storage.path}: no such SQLite store (run the daemon or the demo first)")
+
+    async def check() -> VerifyReport:
+        if settings.storage.kind == "postgres":
+            return await verify(settings.postgres.dsn, settings.instruments, settings.postgres)
+        async with make_store(settings) as store:
+            return await verify_store(store, settings.instruments)
+
+    report = asyncio.run(check())
     print(report.render())
     return 0 if report.ok else 1
 
@@ -126,6 +137,15 @@ def _cmd_admin(args: argparse.Namespace) -> int:
     return 1 if rejected else 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from exchange.demo import run_demo
+
+    if args.seconds is not None and args.seconds <= 0:
+        raise ConfigError("--seconds must be positive")
+    return run_demo(load_settings(args.config), headless=True if args.headless else None, seconds=args.seconds,
+                    reset=args.reset)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exchange", description="Single-writer order-matching engine.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -144,6 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--stp", default="none", choices=[m.value for m in StpMode],
                     help="default self-trade prevention mode (with --symbol)")
     rp.set_defaults(func=_cmd_replay)
+
+    demo = sub.add_parser("demo", help="the daemon on the embedded default (SQLite, order generator) with a live view",
+                          description="Run the daemon with no servers: SQLite storage, an in-process order "
+                                      "generator, and a live view of the durable books. Ctrl-C stops it cleanly; "
+                                      "the next start recovers from the store.")
+    demo.add_argument("--config", default=str(DEMO_CONFIG), help=f"TOML configuration file (default: {DEMO_CONFIG})")
+    demo.add_argument("--headless", action="store_true",
+                      help="print plain lines once a second instead of a live screen (default when stdout is not "
+                           "a terminal)")
+    demo.add_argument("--seconds", type=float, help="stop by itself this many seconds after becoming ready")
+    demo.add_argument("--reset", action="store_true", help="delete the SQLite store first: start afresh")
+    demo.set_defaults(func=_cmd_demo)
 
     run = sub.add_parser("run", help="run the daemon: Kafka in, PostgreSQL durable, events out")
     run.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML configuration file")

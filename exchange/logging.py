@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -25,9 +25,10 @@ def mask_processor(logger: Any, method: str, event_dict: Any) -> Any:
     return mask_secrets(event_dict)
 
 
-def configure_logging(level: str = "info", fmt: str = "auto") -> None:
-    """``fmt``: ``json``, ``console`` or ``auto`` (console on a TTY, JSON otherwise)."""
-    use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
+def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
+    """``fmt``: ``json``, ``console`` or ``auto`` (console on a TTY, JSON otherwise); to stderr by default."""
+    stream = stream or sys.stderr
+    use_console = fmt == "console" or (fmt == "auto" and stream.isatty())
     renderer: Any = structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
     structlog.configure(
         processors=[
@@ -40,7 +41,7 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )
 

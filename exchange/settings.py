@@ -34,7 +34,10 @@ __all__ = [
     "KafkaSettings",
     "LogSettings",
     "PostgresSettings",
+    "PublisherSettings",
     "Settings",
+    "SourceSettings",
+    "StorageSettings",
     "load_instruments",
     "load_settings",
     "mask_secrets",
@@ -84,6 +87,26 @@ class PostgresSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class StorageSettings:
+    kind: str = "postgres"  # postgres ([postgres] section) | sqlite (one file, no server)
+    path: str = ".exchange/exchange.sqlite"  # sqlite: the database file, relative to the working directory
+    synchronous: str = "full"  # sqlite: full (a commit survives a power loss) | normal (survives a crash only)
+
+
+@dataclass(frozen=True, slots=True)
+class SourceSettings:
+    kind: str = "kafka"  # kafka ([kafka] section) | generator (a seeded order flow, in process)
+    rate: float = 1000.0  # generator: orders per second
+    seed: int = 1  # generator: the same seed gives the same orders (and lets a restart replay them)
+    clients: int = 20  # generator: how many clients send orders
+
+
+@dataclass(frozen=True, slots=True)
+class PublisherSettings:
+    kind: str = "kafka"  # kafka: durable events to [kafka] events_topic | none: in-process listeners only
+
+
+@dataclass(frozen=True, slots=True)
 class JournalSettings:
     max_events: int = 5000  # a batch is committed when it holds this many events ...
     linger_ms: float = 2.0  # ... or when its first item has waited this long
@@ -120,6 +143,9 @@ class Settings:
     http: HttpSettings = HttpSettings()
     log: LogSettings = LogSettings()
     source: Path | None = None
+    storage: StorageSettings = StorageSettings()
+    order_source: SourceSettings = SourceSettings()  # the [source] section (``source`` is the file read)
+    publisher: PublisherSettings = PublisherSettings()
 
     def instrument_map(self) -> dict[str, Instrument]:
         return {spec.symbol: spec for spec in self.instruments}
@@ -236,6 +262,10 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("postgres", "sslmode"): ("", "disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
     ("log", "level"): ("debug", "info", "warning", "error", "critical"),
     ("log", "format"): ("auto", "json", "console"),
+    ("storage", "kind"): ("postgres", "sqlite"),
+    ("storage", "synchronous"): ("full", "normal"),
+    ("source", "kind"): ("kafka", "generator"),
+    ("publisher", "kind"): ("kafka", "none"),
 }
 
 # settings that name files: they must exist when set
@@ -278,11 +308,28 @@ def load_settings(path: str | Path, env: Mapping[str, str] | None = None) -> Set
     sections: dict[str, Any] = {name: _overridden(_section(top, name, cls), name, env) for name, cls in (
         ("kafka", KafkaSettings), ("postgres", PostgresSettings), ("journal", JournalSettings),
         ("engine", EngineSettings), ("http", HttpSettings), ("log", LogSettings))}
-    for name, section in sections.items():
+    adapters: dict[str, Any] = {name: _section(top, name, cls) for name, cls in (
+        ("storage", StorageSettings), ("source", SourceSettings), ("publisher", PublisherSettings))}
+    for name, section in (sections | adapters).items():
         _validate(name, section, str(path))
-    settings = Settings(instruments=instruments, source=path, **sections)
+    settings = Settings(instruments=instruments, source=path, storage=adapters["storage"],
+                        order_source=adapters["source"], publisher=adapters["publisher"], **sections)
     top.finish()
+    _check_adapters(settings, str(path))
     return settings
+
+
+def _check_adapters(settings: Settings, where: str) -> None:
+    """The adapters' values beyond their choices (:data:`CHOICES`), and combinations that work."""
+    if not settings.order_source.rate > 0:
+        raise ConfigError(f"{where} [source]: 'rate' must be a positive number of orders per second")
+    if settings.order_source.clients < 1:
+        raise ConfigError(f"{where} [source]: 'clients' must be at least 1")
+    if settings.order_source.kind == "kafka" and settings.publisher.kind != "kafka":
+        raise ConfigError(f"{where} [publisher]: kind 'none' needs [source] kind 'generator': the Kafka source "
+                          "sends dead letters and rejections through the Kafka publisher")
+    if settings.storage.kind == "sqlite" and not settings.storage.path:
+        raise ConfigError(f"{where} [storage]: 'path' must name the SQLite file")
 
 
 # ------------------------------------------------------------------ printing, with secrets masked
@@ -315,7 +362,8 @@ def settings_dict(settings: Settings) -> dict[str, Any]:
         if f.name in ("instruments", "source"):
             continue
         section = getattr(settings, f.name)
-        out[f.name] = {sf.name: getattr(section, sf.name) for sf in fields(section)}
+        name = "source" if f.name == "order_source" else f.name  # the TOML section it was read from
+        out[name] = {sf.name: getattr(section, sf.name) for sf in fields(section)}
     out["instruments"] = [_instrument_dict(spec) for spec in settings.instruments]
     return out
 

@@ -79,6 +79,8 @@ _MAX_RECORDS = 1000  # per poll: bounds how long routing holds the event loop (a
 
 
 class OrderSource:
+    wall_clock_timestamps = True  # a command's ts_ns is its Kafka message time, set by the producer
+
     def __init__(self, *, bootstrap_servers: str, topic: str, group_id: str,
                  loops: Mapping[str, InstrumentLoop], instruments: Mapping[str, Instrument],
                  applied_offsets: Mapping[tuple[str, str, int], int], publisher: KafkaEventPublisher,
