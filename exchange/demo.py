@@ -201,11 +201,12 @@ async def _show(view: LiveView, daemon: Daemon, settings: Settings, out: TextIO,
             return 0.0
         await asyncio.sleep(0.02)
     started = time.monotonic()
-    for line in _start_lines(daemon, settings):
-        print(line, file=out, flush=True)
     source = settings.order_source
-    print(f"generating {source.rate:,.0f} orders/s (seed {source.seed}) over {len(settings.instruments)} instruments; "
-          + (f"stopping after {seconds:g} s" if seconds else "Ctrl-C to stop"), file=out, flush=True)
+    intro = [*_start_lines(daemon, settings),
+             f"generating {source.rate:,.0f} orders/s (seed {source.seed}) over {len(settings.instruments)} "
+             "instruments; " + (f"stopping after {seconds:g} s" if seconds else "Ctrl-C to stop")]
+    if headless:
+        print("\n".join(intro), file=out, flush=True)
     period = 1.0 if headless else 0.25
     if not headless:
         out.write(_HIDE_CURSOR)
@@ -222,7 +223,7 @@ async def _show(view: LiveView, daemon: Daemon, settings: Settings, out: TextIO,
                           f"seq {r['seq']}", file=out)
                 out.flush()
             else:
-                lines = [f"exchange demo -- {elapsed:6.1f} s, durable state of {len(rows)} books"
+                lines = [*intro, "", f"{elapsed:6.1f} s -- the durable books"
                          + ("" if daemon.ready else "  (stopping: draining, final snapshot)"), "", *_table(rows),
                          "", "Ctrl-C to stop (the next start recovers from the store)"]
                 out.write(_HOME + "".join(line + _CLEAR_LINE + "\n" for line in lines) + _CLEAR_BELOW)

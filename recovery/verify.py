@@ -27,7 +27,7 @@ from exchange.settings import PostgresSettings
 from recovery.events import EventApplier, ReplayError
 from recovery.rebuild import describe_difference, replay_stored
 
-__all__ = ["InstrumentReport", "SourceResult", "VerifyReport", "VerifiableStore", "verify", "verify_store"]
+__all__ = ["InstrumentReport", "SourceResult", "VerifiableStore", "VerifyReport", "verify", "verify_store"]
 
 _log = structlog.get_logger("exchange.recovery")
 
