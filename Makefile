@@ -1,4 +1,5 @@
-# make demo   -- run the demo (installs into .venv first)
+# make demo   -- the exchange with no servers: SQLite, an order generator, a live view (Ctrl-C stops it)
+# make replay -- replay examples/session.jsonl through the core and print the events
 # make test   -- lint (ruff), type checks (mypy --strict), all tests (pytest); what CI runs
 # make bench  -- the core benchmark
 
@@ -7,7 +8,7 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest services bench clean
+.PHONY: demo replay test lint typecheck pytest services bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +17,9 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 demo: $(STAMP)
+	$(VENV)/bin/exchange demo $(DEMO_ARGS)
+
+replay: $(STAMP)
 	$(VENV)/bin/exchange replay --config config/exchange.toml examples/session.jsonl
 
 test: lint typecheck pytest

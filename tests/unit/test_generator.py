@@ -38,10 +38,9 @@ async def generate(count: int, *, seed: int = 7, applied: dict[tuple[str, str, i
                    queue_size: int = 100_000) -> tuple[GeneratorSource, list[Inbound]]:
     """Run a source until it has sent ``count`` messages (counting fast-forwarded ones); return what it queued."""
     loops = make_loops(queue_size)
-    source = GeneratorSource(loops=loops, instruments=SPECS, applied_offsets=applied or {}, seed=seed,
-                             rate=1_000_000)
     ready: list[bool] = []
-    source._on_caught_up = lambda: ready.append(True)
+    source = GeneratorSource(loops=loops, instruments=SPECS, applied_offsets=applied or {}, seed=seed,
+                             rate=1_000_000, on_caught_up=lambda: ready.append(True))
     async with asyncio.TaskGroup() as tg:
         task = tg.create_task(source.run())
         while source.next_offset < count:  # noqa: ASYNC110 - a counter the source does not signal
