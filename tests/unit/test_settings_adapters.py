@@ -40,7 +40,7 @@ def test_generator_settings_are_read(tmp_path: Path) -> None:
     ('[storage]\nkind = "sqlite"\nfile = "x"\n', "[storage]: unknown key 'file'"),
     ('[source]\nkind = "generator"\nspeed = 5\n', "[source]: unknown key 'speed'"),
     ('[publisher]\nkind = "none"\ntopic = "x"\n', "[publisher]: unknown key 'topic'"),
-    ('[storage]\nkind = "mysql"\n', "[storage]: 'kind' must be one of 'postgres', 'sqlite', got 'mysql'"),
+    ('[storage]\nkind = "mysql"\n', "[storage]: 'kind' must be one of 'postgres', 'sqlite'; got 'mysql'"),
     ('[storage]\nkind = "sqlite"\nsynchronous = "off"\n', "'synchronous' must be one of 'full', 'normal'"),
     ('[source]\nkind = "file"\n', "[source]: 'kind' must be one of 'kafka', 'generator'"),
     ('[source]\nkind = "generator"\nrate = 0\n', "'rate' must be a positive number"),
