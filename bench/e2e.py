@@ -2,6 +2,7 @@
 
     python bench/e2e.py                          # both phases, defaults below
     python bench/e2e.py --orders 200000 --rate 5000 --seconds 20 --publish
+    python bench/e2e.py --fanout --seconds 0      # phase 1 without, then with fan-out; both figures
 
 Phase 1 (throughput): preloads ``--orders`` seeded orders (limits, cancels,
 amends, market/IOC/FOK over three instruments) into the broker, starts
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import subprocess
 import sys
 import tempfile
 import threading
@@ -301,55 +303,111 @@ async def _admin(dsn: str, sql: str) -> None:
         await conn.close()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--orders", type=int, default=200_000, help="orders preloaded for phase 1")
-    parser.add_argument("--rate", type=int, default=5000, help="offered orders per second in phase 2")
-    parser.add_argument("--seconds", type=float, default=20, help="length of phase 2")
-    parser.add_argument("--publish", action="store_true", help="publish order events to Kafka (fan-out on)")
-    parser.add_argument("--pg", default="postgresql://127.0.0.1:5432/test", help="admin DSN of the PostgreSQL server")
-    parser.add_argument("--seed", type=int, default=5)
-    parser.add_argument("--linger-ms", type=float, default=2.0, help="the daemon's journal.linger_ms")
-    parser.add_argument("--fetch-wait-ms", type=int, default=10, help="the daemon's kafka.fetch_max_wait_ms")
-    args = parser.parse_args()
+def _redis_server() -> tuple[subprocess.Popen[bytes], str]:
+    """A private redis-server on a free port for the fan-out run (never the shared one)."""
+    import redis
 
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(200):
+        try:
+            if redis.Redis(port=port).ping():
+                return proc, f"redis://127.0.0.1:{port}/0"
+        except redis.ConnectionError:
+            time.sleep(0.02)
+    proc.kill()
+    raise RuntimeError("redis-server did not start")
+
+
+def run_once(args: argparse.Namespace, fanout: bool) -> dict[str, Any]:
+    """One daemon on a fresh database and broker: phase 1, then phase 2 if asked."""
     db = f"exchange_bench_{uuid.uuid4().hex[:8]}"
     dsn = args.pg.rpartition("/")[0] + "/" + db
     asyncio.run(_admin(args.pg, f'CREATE DATABASE "{db}"'))
     tmp = Path(tempfile.mkdtemp(prefix="exchange-e2e-"))
-    results: dict[str, Any] = {"publish_events": args.publish}
+    publish = args.publish or fanout
+    results: dict[str, Any] = {"publish_events": publish, "fanout": fanout}
     daemon: DaemonProcess | None = None
+    redis_proc, redis_url = _redis_server() if fanout else (None, None)
     try:
         with KafkaBroker() as broker:
             topic = "orders"
-            broker.create_topics({topic: 3, "orders.events": 3, "orders.dlq": 1})
+            broker.create_topics({topic: 3, "orders.events": 3, "orders.trades": 3, "orders.dlq": 1})
             port = free_port()
             config = write_config(tmp / "e2e.toml", instruments=INSTRUMENTS, bootstrap=broker.bootstrap_servers,
-                                  dsn=dsn, topic=topic, group_id="bench", http_port=port, publish_events=args.publish,
-                                  linger_ms=args.linger_ms, fetch_max_wait_ms=args.fetch_wait_ms)
+                                  dsn=dsn, topic=topic, group_id="bench", http_port=port, publish_events=publish,
+                                  linger_ms=args.linger_ms, fetch_max_wait_ms=args.fetch_wait_ms,
+                                  redis_url=redis_url)
             daemon = DaemonProcess(config, port, tmp / "daemon.log")
             flow = OrderFlow(INSTRUMENTS, seed=args.seed, start_ts_ns=time.time_ns() // 1_000_000 * 1_000_000)
             expect = Expectation()
             results["throughput"] = asyncio.run(
                 throughput_phase(args, dsn, daemon, broker.bootstrap_servers, topic, flow, expect))
-            say(f"phase 1: {results['throughput']}")
+            say(f"phase 1 (fan-out {'on' if fanout else 'off'}): {results['throughput']}")
             if args.seconds > 0:
                 results["latency"] = asyncio.run(
                     latency_phase(args, dsn, daemon, broker.bootstrap_servers, topic, flow, expect))
                 say(f"phase 2: {results['latency']}")
             assert daemon.terminate(timeout=60) == 0, daemon.tail()
             daemon = None
+            if redis_url is not None:  # market data really went out: every book key at the final seq
+                import redis
+
+                client = redis.Redis.from_url(redis_url)
+                final = expect.final()
+                for sym, seq in final.items():
+                    image = json.loads(client.get(f"md.{sym}.book") or b"{}")
+                    assert image.get("seq") == seq, f"{sym}: book key at {image.get('seq')}, engine at {seq}"
     finally:
         if daemon is not None and daemon.proc is not None and daemon.proc.poll() is None:
             daemon.kill()
+        if redis_proc is not None:
+            redis_proc.kill()
+            redis_proc.wait(10)
         asyncio.run(_admin(args.pg, f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
+    return results
+
+
+def report(results: dict[str, Any]) -> None:
     t = results["throughput"]
     print(f"e2e throughput: {t['orders']:,} orders in {t['seconds']} s = {t['orders_per_s']:,} orders/s "
-          f"(first consume to last durable commit; publish_events={args.publish})")
+          f"(first consume to last durable commit; publish_events={results['publish_events']}, "
+          f"fan-out={results['fanout']})")
     if "latency" in results:
         lat = results["latency"]
         print(f"e2e latency at {lat['offered_per_s']:,} orders/s offered ({lat['achieved_per_s']:,} achieved): "
               f"p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms, max {lat['max_ms']} ms (produce to durable commit)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--orders", type=int, default=200_000, help="orders preloaded for phase 1")
+    parser.add_argument("--rate", type=int, default=5000, help="offered orders per second in phase 2")
+    parser.add_argument("--seconds", type=float, default=20, help="length of phase 2")
+    parser.add_argument("--publish", action="store_true", help="publish order events to Kafka")
+    parser.add_argument("--fanout", action="store_true",
+                        help="run twice: without any publishing, then with fan-out on (Kafka order events and "
+                             "trades, Redis market data to a private redis-server); report both and the ratio")
+    parser.add_argument("--pg", default="postgresql://127.0.0.1:5432/test", help="admin DSN of the PostgreSQL server")
+    parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument("--linger-ms", type=float, default=2.0, help="the daemon's journal.linger_ms")
+    parser.add_argument("--fetch-wait-ms", type=int, default=10, help="the daemon's kafka.fetch_max_wait_ms")
+    args = parser.parse_args()
+
+    if not args.fanout:
+        report(run_once(args, fanout=False))
+        return
+    off = run_once(dataclass_replace(args, publish=False), fanout=False)
+    on = run_once(args, fanout=True)
+    report(off)
+    report(on)
+    ratio = on["throughput"]["orders_per_s"] / off["throughput"]["orders_per_s"]
+    print(f"fan-out on / off throughput: {ratio:.2f}")
+
+
+def dataclass_replace(args: argparse.Namespace, **changes: Any) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), **changes})
 
 
 if __name__ == "__main__":

@@ -85,11 +85,12 @@ async def _read(consumer: AIOKafkaConsumer, match: Callable[[dict[str, Any]], bo
     for records in (await consumer.getmany(timeout_ms=timeout_ms)).values():
         for record in records:
             try:
-                event = parse_json(record.value)
+                value = parse_json(record.value)
             except ValueError:
                 continue
-            if match(event):
-                out.append(event)
+            # the daemon batches a client's events of a publishing round into one record
+            events = value.get("events", ()) if value.get("type") == "events" else (value,)
+            out += [event for event in events if isinstance(event, dict) and match(event)]
     return out
 
 

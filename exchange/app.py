@@ -27,9 +27,10 @@ import msgspec
 
 from exchange.adapters.kafka import KafkaEventPublisher, OrderSource, client_options
 from exchange.engine import Control, InstrumentLoop, JournalItem
+from exchange.fanout import Publisher
 from exchange.http import HttpServer, Response
 from exchange.instruments import Instrument
-from exchange.journal import Batch, Recovered, Store
+from exchange.journal import Batch, History, Recovered, Store
 from exchange.logging import configure_logging, get_logger
 from exchange.matching import MatchingEngine
 from exchange.metrics import Metrics
@@ -65,6 +66,7 @@ class Daemon:
         self.writer: JournalWriter | None = None
         self.source: Source | None = None
         self.http: HttpServer | None = None
+        self.fanout: Publisher | None = None
         self._last_snapshot: dict[str, float] = {}
         self._partition_of: dict[str, tuple[str, int]] = {}  # instrument -> the orders partition it came from
         self._started = time.monotonic()
@@ -85,8 +87,10 @@ class Daemon:
         publisher = KafkaEventPublisher(bootstrap_servers=s.kafka.bootstrap_servers, events_topic=s.kafka.events_topic,
                                         instruments=specs, publish_events=s.kafka.publish_events,
                                         client_options=kafka_options, metrics=self.metrics,
-                                        order_states=getattr(store, "order_states", None)) \
+                                        order_states=getattr(store, "order_states", None),
+                                        trades_topic=s.kafka.trades_topic, batch_records=s.kafka.batch_records) \
             if s.publisher.kind == "kafka" else None
+        fanout = self.fanout = _fanout(s, store, publisher, self.metrics)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
@@ -113,18 +117,25 @@ class Daemon:
                 engine = MatchingEngine.from_state(specs[symbol], rec.state)
                 self.loops[symbol] = InstrumentLoop(engine, journal, queue_size=s.engine.queue_size,
                                                     metrics=self.metrics)
+            if fanout is not None:
+                await fanout.prepare({symbol: rec.state for symbol, rec in recovered.items()},
+                                     store if isinstance(store, History) else None)
+                await fanout.start()
             applied_offsets = {(symbol, topic, partition): offset
                                for symbol, rec in recovered.items()
                                for (topic, partition), offset in rec.offsets.items()}
             if publisher is not None:
                 await publisher.start()
             source = self.source = self._make_source(specs, applied_offsets, publisher, kafka_options)
+            # With publishing, input offsets are marked durable only once the events are published (the
+            # fan-out calls source.on_durable): a committed input offset then also means its events were
+            # published (exchange admin relies on it).
+            if fanout is not None:
+                fanout.add_listener(source.on_durable)
             writer = self.writer = JournalWriter(
                 store, journal, max_events=s.journal.max_events, linger_ms=s.journal.linger_ms, metrics=self.metrics,
-                # publish first: a committed input offset then also means its events were published
-                # (exchange admin uses it)
-                listeners=[*([publisher.on_durable] if publisher is not None else []), source.on_durable,
-                           self._on_durable, *self._listeners])
+                listeners=[fanout.on_durable if fanout is not None else source.on_durable, self._on_durable,
+                           *self._listeners])
             await source.start()
             ping = getattr(store, "ping", None)
             if ping is not None:
@@ -139,16 +150,18 @@ class Daemon:
                 timer = tg.create_task(self._snapshot_timer(), name="snapshot-timer")
                 lag = tg.create_task(self._watch_loop_lag(), name="loop-lag")
                 probes = tg.create_task(self._probe_dependencies(), name="dependency-probes")
+                fanout_task = tg.create_task(fanout.run(), name="fan-out") if fanout is not None else None
                 stop = tg.create_task(self._stop.wait(), name="stop-signal")
+                watched = [source_task, writer_task, *loop_tasks, *([fanout_task] if fanout_task else [])]
                 # whichever comes first: a stop request, or a long-lived task ending (a failure)
-                await asyncio.wait([stop, source_task, writer_task, *loop_tasks], return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait([stop, *watched], return_when=asyncio.FIRST_COMPLETED)
                 if not stop.done():
                     stop.cancel()
-                for task in (source_task, writer_task, *loop_tasks):
+                for task in watched:
                     if task.done() and task.exception() is not None:
                         raise task.exception()  # type: ignore[misc]
                 probes.cancel()
-                await self._shutdown(source, source_task, timer, loop_tasks, journal, writer_task)
+                await self._shutdown(source, source_task, timer, loop_tasks, journal, writer_task, fanout_task)
                 lag.cancel()
             return 0
         finally:
@@ -156,6 +169,7 @@ class Daemon:
             closers = [("order source", self.source.stop() if self.source is not None else None),
                        ("kafka producer", publisher.stop() if publisher is not None else None),
                        ("store", store.stop()),
+                       ("market-data sink", fanout.stop() if fanout is not None else None),
                        ("http", http.stop() if http is not None else None)]
             for name, closing in closers:
                 if closing is None:
@@ -188,7 +202,7 @@ class Daemon:
 
     async def _shutdown(self, source: Source, source_task: asyncio.Task[None], timer: asyncio.Task[None],
                         loop_tasks: list[asyncio.Task[None]], journal: asyncio.Queue[list[JournalItem] | None],
-                        writer_task: asyncio.Task[None]) -> None:
+                        writer_task: asyncio.Task[None], fanout_task: asyncio.Task[None] | None) -> None:
         started = time.monotonic()
         self.ready = False
         self.metrics.ready.set(0)
@@ -203,6 +217,9 @@ class Daemon:
                 await asyncio.gather(*loop_tasks)
                 await journal.put(None)
                 await writer_task
+                if fanout_task is not None and self.fanout is not None:
+                    await self.fanout.close()  # publish what is durable, store the watermark
+                    await fanout_task
         except TimeoutError:
             self._log.error("shutdown did not finish in time; exiting anyway (the next start recovers)",
                             timeout_s=self.settings.engine.shutdown_timeout_s)
@@ -296,7 +313,15 @@ class Daemon:
                 "/status": self._status}
 
     def _healthz(self) -> Response:
-        return 200, "text/plain", b"ok\n"
+        """Alive: 200. Degraded outputs (market data, Kafka publishing) are named, still with 200."""
+        fan = self.fanout
+        problems = []
+        if fan is not None and fan.sink_error is not None and not fan.sink_up:
+            problems.append(f"market data degraded: {fan.sink_error}")
+        if fan is not None and fan.kafka_error is not None:
+            problems.append(f"kafka publishing retrying: {fan.kafka_error}")
+        body = ("degraded: " + "; ".join(problems) + "\n") if problems else "ok\n"
+        return 200, "text/plain", body.encode()
 
     def _readyz(self) -> Response:
         problems = []
@@ -352,7 +377,8 @@ class Daemon:
                 "last_snapshot_age_s": (round(time.monotonic() - self._last_snapshot[symbol], 3)
                                         if symbol in self._last_snapshot else None),
             }
-        body = msgspec.json.encode({"ready": self.ready, "instruments": out}) + b"\n"
+        body = msgspec.json.encode({"ready": self.ready, "instruments": out,
+                                    "publishing": self.fanout.status() if self.fanout else None}) + b"\n"
         return 200, "application/json", body
 
 
@@ -376,6 +402,27 @@ def make_store(settings: Settings) -> PostgresStore | SqliteStore:
     return PostgresStore(settings.postgres.dsn, settings.instruments, pool_size=settings.postgres.pool_size,
                          snapshot_keep=settings.engine.snapshot_keep,
                          connect_options=connect_options(settings.postgres))
+
+
+def _fanout(settings: Settings, store: Store, kafka: KafkaEventPublisher | None,
+            metrics: Metrics) -> Publisher | None:
+    """The publisher task's set-up; None when nothing is published (no Kafka events, no Redis)."""
+    r = settings.redis
+    if kafka is None or not settings.kafka.publish_events:
+        kafka = None
+    if kafka is None and not r.enabled:
+        return None
+    sink = None
+    if r.enabled:
+        from exchange.adapters.redis import RedisSink
+
+        sink = RedisSink(r)
+        metrics.marketdata_up.set(1)
+    progress = store if hasattr(store, "published_seqs") and hasattr(store, "record_published") else None
+    return Publisher(settings.instrument_map(), kafka=kafka, sink=sink,
+                     names=r.channel, depth=r.book_depth, queue_size=settings.journal.publish_queue_size,
+                     heartbeat_s=r.heartbeat_interval_s, book_refresh_s=r.book_refresh_ms / 1000,
+                     progress=progress, metrics=metrics)  # type: ignore[arg-type]
 
 
 def run_daemon(settings: Settings) -> int:

@@ -136,6 +136,19 @@ def _cmd_admin(args: argparse.Namespace) -> int:
              else f"applied ({summary[args.action]}); {where}"), file=sys.stderr)
     return 1 if rejected else 0
 
+def _cmd_watch(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from exchange import watch
+
+    settings = _load(args)
+    if args.instrument not in settings.instrument_map():
+        raise ConfigError(f"unknown instrument {args.instrument!r}; {settings.source} defines "
+                          + ", ".join(sorted(settings.instrument_map())))
+    if args.check:
+        return asyncio.run(watch.check(settings, args.instrument, seconds=args.seconds or 2.0))
+    return asyncio.run(watch.watch(settings, args.instrument, levels=args.levels, seconds=args.seconds))
+
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from exchange.demo import run_demo
@@ -214,6 +227,20 @@ def build_parser() -> argparse.ArgumentParser:
     adm.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the daemon (default 30)")
     adm.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML configuration file")
     adm.set_defaults(func=_cmd_admin)
+
+    wt = sub.add_parser("watch", help="follow an instrument's market data from Redis: book, spread, trades",
+                        description="Follow the market-data sync procedure (README: Market data) and show the top "
+                                    "of the book, the spread and the latest trades live; gaps and resyncs are "
+                                    "reported. --check compares the local book with the persisted one.")
+    wt.add_argument("instrument", help="the instrument's symbol, e.g. BTC-USD")
+    wt.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML configuration file ([redis], [postgres])")
+    wt.add_argument("--levels", type=int, default=10, help="levels shown per side")
+    wt.add_argument("--seconds", type=float, help="stop after this long (with --check: follow this long first, "
+                                                  "default 2)")
+    wt.add_argument("--check", action="store_true",
+                    help="compare the local book with the book persisted in PostgreSQL at the same seq; "
+                         "exit 1 on any difference")
+    wt.set_defaults(func=_cmd_watch)
     return parser
 
 

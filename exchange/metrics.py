@@ -13,7 +13,7 @@ Labels stay bounded: ``instrument`` (configured), ``reason`` (an enum),
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -95,6 +95,17 @@ class Metrics:
                                   "Connections re-established after a failure", ["target"], registry=r)
         self.dependency_up = Gauge("exchange_dependency_up", "1 when the last health probe reached the dependency",
                                    ["dependency"], registry=r)
+        # fan-out (exchange.fanout)
+        self.publish_queue = Gauge("exchange_publish_queue_batches", "Durable batches waiting for the publisher",
+                                   registry=r)
+        self.published_seq = Gauge("exchange_published_seq", "Published through this seq (Kafka and market data)",
+                                   ["instrument"], registry=r)
+        self.marketdata_up = Gauge("exchange_marketdata_up", "1 while the market-data sink (Redis) is reachable",
+                                   registry=r)
+        self.marketdata_messages = Counter("exchange_marketdata_commands_total",
+                                           "Market-data messages and book-key writes sent", registry=r)
+        self.republished = Counter("exchange_republished_events_total",
+                                   "Events published again at start-up after the stored watermark", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -105,6 +116,10 @@ class Metrics:
         if n:
             self.orders_received.labels(instrument).inc(n)
         self.queue_depth_gauge.labels(instrument).set(depth)
+
+    def published(self, seqs: Mapping[str, int]) -> None:
+        for instrument, seq in seqs.items():
+            self.published_seq.labels(instrument).set(seq)
 
     def consumer_paused(self, paused: bool) -> None:
         self.consumer_paused_gauge.set(1 if paused else 0)

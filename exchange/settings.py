@@ -35,6 +35,7 @@ __all__ = [
     "LogSettings",
     "PostgresSettings",
     "PublisherSettings",
+    "RedisSettings",
     "Settings",
     "SourceSettings",
     "StorageSettings",
@@ -59,7 +60,9 @@ class KafkaSettings:
     events_topic: str = "order-events"
     dead_letter_topic: str = "orders.dlq"
     group_id: str = "exchange"
-    publish_events: bool = True  # durable order events to events_topic
+    publish_events: bool = True  # durable order events to events_topic, trades to trades_topic
+    trades_topic: str = "trades"  # keyed by instrument; "" publishes no trades topic
+    batch_records: bool = True  # one record per client (events) / instrument (trades) per round; false: per event
     fetch_max_wait_ms: int = 10  # how long a fetch may wait for data (a latency floor on brokers that do not wake it)
     session_timeout_ms: int = 10_000  # how soon the group notices a dead daemon
     heartbeat_interval_ms: int = 3_000
@@ -111,6 +114,7 @@ class JournalSettings:
     max_events: int = 5000  # a batch is committed when it holds this many events ...
     linger_ms: float = 2.0  # ... or when its first item has waited this long
     queue_size: int = 256  # chunks between the loops and the writer (back-pressure bound)
+    publish_queue_size: int = 64  # durable batches waiting for the publishers before the writer waits
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +132,44 @@ class HttpSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RedisSettings:
+    """Market-data fan-out over Redis pub/sub (see README "Market data")."""
+
+    enabled: bool = False
+    url: str = "redis://127.0.0.1:6379/0"
+    username: str = ""
+    password: str = ""  # EXCHANGE_REDIS_PASSWORD overrides; never logged
+    tls: bool = False
+    tls_ca_file: str = ""  # CA bundle to verify the server with (default: the system's)
+    prefix: str = "md."
+    l2_channel: str = "{prefix}{instrument}.l2"
+    l3_channel: str = "{prefix}{instrument}.l3"
+    trades_channel: str = "{prefix}{instrument}.trades"
+    bbo_channel: str = "{prefix}{instrument}.bbo"
+    heartbeat_channel: str = "{prefix}{instrument}.heartbeat"
+    book_key: str = "{prefix}{instrument}.book"
+    book_depth: int = 0  # levels per side in the book key and the l2 view; 0: the whole book
+    book_refresh_ms: float = 100.0  # the book key is rewritten at most this often (and on every heartbeat)
+    heartbeat_interval_s: float = 1.0
+    connect_timeout_s: float = 1.0
+
+    def name(self, template: str, instrument: str) -> str:
+        """A channel or key name for an instrument."""
+        return template.format(prefix=self.prefix, instrument=instrument)
+
+    def channel(self, kind: str, instrument: str) -> str:
+        """The channel of ``kind`` (l2, l3, trades, bbo, heartbeat; "book": the book key) for ``instrument``."""
+        return self.name(self.book_key if kind == "book" else getattr(self, f"{kind}_channel"), instrument)
+
+    def redacted_url(self) -> str:
+        """The URL without a password, for logs."""
+        scheme, sep, rest = self.url.partition("://")
+        if "@" in rest:
+            rest = "***@" + rest.rpartition("@")[2]
+        return scheme + sep + rest
+
+
+@dataclass(frozen=True, slots=True)
 class LogSettings:
     level: str = "info"
     format: str = "auto"  # json | console | auto (console on a terminal)
@@ -142,6 +184,7 @@ class Settings:
     engine: EngineSettings = EngineSettings()
     http: HttpSettings = HttpSettings()
     log: LogSettings = LogSettings()
+    redis: RedisSettings = RedisSettings()
     source: Path | None = None
     storage: StorageSettings = StorageSettings()
     order_source: SourceSettings = SourceSettings()  # the [source] section (``source`` is the file read)
@@ -253,6 +296,7 @@ ENV_OVERRIDES: dict[tuple[str, str], str] = {
     ("kafka", "sasl_password"): "EXCHANGE_KAFKA_SASL_PASSWORD",
     ("postgres", "dsn"): "EXCHANGE_POSTGRES_DSN",
     ("postgres", "password"): "EXCHANGE_POSTGRES_PASSWORD",
+    ("redis", "password"): "EXCHANGE_REDIS_PASSWORD",
 }
 
 # allowed values of string settings: (section, key) -> choices
@@ -270,7 +314,7 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 
 # settings that name files: they must exist when set
 _FILES = {("kafka", "ssl_cafile"), ("kafka", "ssl_certfile"), ("kafka", "ssl_keyfile"),
-          ("postgres", "sslrootcert"), ("postgres", "sslcert"), ("postgres", "sslkey")}
+          ("postgres", "sslrootcert"), ("postgres", "sslcert"), ("postgres", "sslkey"), ("redis", "tls_ca_file")}
 
 
 def _overridden(section: T, name: str, env: Mapping[str, str]) -> T:
@@ -307,11 +351,12 @@ def load_settings(path: str | Path, env: Mapping[str, str] | None = None) -> Set
     instruments = parse_instruments(top.get("instruments", list), str(path))
     sections: dict[str, Any] = {name: _overridden(_section(top, name, cls), name, env) for name, cls in (
         ("kafka", KafkaSettings), ("postgres", PostgresSettings), ("journal", JournalSettings),
-        ("engine", EngineSettings), ("http", HttpSettings), ("log", LogSettings))}
+        ("engine", EngineSettings), ("http", HttpSettings), ("log", LogSettings), ("redis", RedisSettings))}
     adapters: dict[str, Any] = {name: _section(top, name, cls) for name, cls in (
         ("storage", StorageSettings), ("source", SourceSettings), ("publisher", PublisherSettings))}
     for name, section in (sections | adapters).items():
         _validate(name, section, str(path))
+    _validate_redis(sections["redis"], str(path))
     settings = Settings(instruments=instruments, source=path, storage=adapters["storage"],
                         order_source=adapters["source"], publisher=adapters["publisher"], **sections)
     top.finish()
@@ -330,6 +375,24 @@ def _check_adapters(settings: Settings, where: str) -> None:
                           "sends dead letters and rejections through the Kafka publisher")
     if settings.storage.kind == "sqlite" and not settings.storage.path:
         raise ConfigError(f"{where} [storage]: 'path' must name the SQLite file")
+
+
+def _validate_redis(redis: RedisSettings, where: str) -> None:
+    """Channel and key templates use only {prefix} and {instrument}, and name the instrument."""
+    for f in fields(RedisSettings):
+        if f.name.endswith(("_channel", "_key")):
+            template = getattr(redis, f.name)
+            try:
+                probe = template.format(prefix="", instrument="X")
+            except (KeyError, IndexError, ValueError):
+                probe = ""
+            if "{instrument}" not in template or not probe:
+                raise ConfigError(f"{where} [redis]: {f.name!r} must contain {{instrument}} and may use only "
+                                  f"{{prefix}} and {{instrument}}; got {template!r}")
+    if redis.book_depth < 0:
+        raise ConfigError(f"{where} [redis]: 'book_depth' must be 0 (the whole book) or positive")
+    if redis.heartbeat_interval_s <= 0:
+        raise ConfigError(f"{where} [redis]: 'heartbeat_interval_s' must be positive")
 
 
 # ------------------------------------------------------------------ printing, with secrets masked

@@ -21,7 +21,9 @@ consumer.
 
 :class:`KafkaEventPublisher` publishes durable events to the order-events topic,
 keyed by client id so that each client's events stay in order (a fill goes to
-both its maker's and its taker's key). When an order is resubmitted (same client
+both its maker's and its taker's key), and every fill to the trades topic keyed
+by instrument. It is driven by :class:`exchange.fanout.Publisher`, off the
+commit path. When an order is resubmitted (same client
 order id), the duplicate is rejected and the sender also gets an
 ``order_status`` message with the original order's current state, so a producer
 that retried learns the outcome of its first submission.
@@ -36,12 +38,13 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
+from aiokafka.partitioner import DefaultPartitioner
 
-from exchange.codec import WireError, decode_command, encode, event_to_wire, parse_json
+from exchange.codec import WireEncoder, WireError, decode_command, encode, event_to_wire, parse_json
 from exchange.engine import Control, Inbound, InstrumentLoop
 from exchange.events import OrderFilled, OrderRejected
 from exchange.instruments import Instrument
-from exchange.journal import Batch, InputPosition
+from exchange.journal import Applied, Batch, InputPosition
 from exchange.logging import get_logger
 from exchange.offsets import OffsetTracker, start_offset
 from exchange.settings import KafkaSettings
@@ -75,6 +78,8 @@ def client_options(kafka: KafkaSettings) -> dict[str, Any]:
 
 
 _POLL_MS = 50
+_log = get_logger("exchange.kafka")
+_PER_RECORD = 200  # events per batched record: well under the producer's 256 KiB batches
 _MAX_RECORDS = 1000  # per poll: bounds how long routing holds the event loop (a few ms)
 
 
@@ -395,19 +400,25 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 class KafkaEventPublisher:
-    """Publishes durable events (and unsequenced rejections, and dead letters) to Kafka."""
+    """Publishes durable events and trades (and unsequenced rejections, and dead letters) to Kafka."""
 
     def __init__(self, *, bootstrap_servers: str, events_topic: str, instruments: Mapping[str, Instrument],
                  client_options: Mapping[str, Any] | None = None, publish_events: bool = True,
-                 order_states: OrderStates | None = None, metrics: Any = None) -> None:
+                 order_states: OrderStates | None = None, metrics: Any = None, trades_topic: str = "",
+                 batch_records: bool = True) -> None:
         self._bootstrap = bootstrap_servers
         self._metrics = metrics
+        self.batch_records = batch_records
         self.events_topic = events_topic
+        self.trades_topic = trades_topic
         self._specs = instruments
         self._options = dict(client_options or {})
         self._publish_events = publish_events
         self._order_states = order_states
         self._producer: AIOKafkaProducer | None = None
+        self._partitioner = _CachedPartitioner()
+        self._encoders: dict[str, WireEncoder] = {}
+        self._partition_cache: dict[str, list[int]] = {}
         self.published = 0
 
     async def start(self) -> None:
@@ -427,48 +438,78 @@ class KafkaEventPublisher:
             raise RuntimeError("publisher not started")
         return self._producer
 
-    async def on_durable(self, batch: Batch) -> None:
-        """Writer listener: publish the batch's events, each to its clients' keys.
+    async def publish(self, applied: Sequence[Applied]) -> None:
+        """Publish durable events to their clients' keys and trades keyed by instrument; wait for the acks.
 
-        A failure is counted (``exchange_publish_failures_total{target="kafka"}``)
-        and raised: the daemon stops, and the next start publishes again from
-        the durable journal (at-least-once; ``seq`` tells duplicates apart).
+        With ``batch_records`` (the default) one record carries a client's events of the round,
+        ``{"type": "events", "events": [...]}`` (and one record an instrument's trades,
+        ``{"type": "trades", "instrument": ..., "trades": [...]}``), at most ``_PER_RECORD`` each:
+        per-record overhead on the daemon's single thread is what limits a publisher, so records
+        are batched like the Redis channels. Without it, one record per event (and per trade).
+        Records go into one batch per topic partition (``create_batch``/``send_batch``, the default
+        partitioner on the key, as ``send`` would choose). Raises ``KafkaError`` when the broker does
+        not take them; the caller sends the same events again (at-least-once: consumers drop what
+        they have by ``(instrument, seq)``).
         """
         if not self._publish_events:
             return
-        try:
-            await self._publish(batch)
-        except Exception:
-            if self._metrics is not None:
-                self._metrics.publish_failed("kafka")
-            raise
-
-    async def _publish(self, batch: Batch) -> None:
         producer = self._require()
-        futures = []
-        topic = self.events_topic
-        for item in batch.applied:
-            spec = self._specs.get(item.instrument)
+        topics = [self.events_topic, *([self.trades_topic] if self.trades_topic else [])]
+        out = _Batches(producer, self._partitioner, {t: await self._partitions(t) for t in topics})
+        topic, trades_topic = self.events_topic, self.trades_topic
+        by_client: dict[str, list[bytes]] = {}
+        by_instrument: dict[str, list[bytes]] = {}
+        encoders = self._encoders
+        for item in applied:
+            encoder = encoders.get(item.instrument)
+            if encoder is None:
+                encoder = encoders[item.instrument] = WireEncoder(self._specs[item.instrument])
             for event in item.events:
-                value = encode(event_to_wire(event, spec))
-                headers = [("instrument", item.instrument.encode()), ("seq", str(event.seq).encode())]
+                value = encoder.encode(event)
                 if type(event) is OrderFilled:
-                    keys = {event.maker_client_id, event.taker_client_id}
+                    maker, taker = event.maker_client_id, event.taker_client_id
+                    keys = (maker,) if maker == taker else (maker, taker) if maker < taker else (taker, maker)
+                    if trades_topic:
+                        by_instrument.setdefault(item.instrument, []).append(value)
                 else:
-                    keys = {event.client_id}  # type: ignore[union-attr]
-                futures.extend([await producer.send(topic, value, key=key.encode(), headers=headers)
-                                for key in sorted(keys)])
-        if futures:
-            await asyncio.gather(*futures)
-            self.published += len(futures)
-        await self._original_outcomes(batch)
+                    keys = (event.client_id,)  # type: ignore[union-attr]
+                for key in keys:
+                    by_client.setdefault(key, []).append(value)
+        n = 0
+        if self.batch_records:
+            for key, values in by_client.items():
+                for i in range(0, len(values), _PER_RECORD):
+                    await out.add(topic, key.encode(), b'{"type":"events","events":['
+                                  + b",".join(values[i: i + _PER_RECORD]) + b"]}", [])
+            for instrument, values in by_instrument.items():
+                for i in range(0, len(values), _PER_RECORD):
+                    await out.add(trades_topic, instrument.encode(), b'{"type":"trades","instrument":'
+                                  + encode(instrument) + b',"trades":[' + b",".join(values[i: i + _PER_RECORD])
+                                  + b"]}", [])
+        else:
+            for key, values in by_client.items():
+                for value in values:
+                    await out.add(topic, key.encode(), value, [])
+            for instrument, values in by_instrument.items():
+                for value in values:
+                    await out.add(trades_topic, instrument.encode(), value, [])
+        n = sum(map(len, by_client.values())) + sum(map(len, by_instrument.values()))
+        await out.flush()
+        self.published += n
+        await self._original_outcomes(applied)
 
-    async def _original_outcomes(self, batch: Batch) -> None:
+    async def _partitions(self, topic: str) -> list[int]:
+        parts = self._partition_cache.get(topic)
+        if parts is None:
+            parts = self._partition_cache[topic] = sorted(await self._require().partitions_for(topic))
+        return parts
+
+    async def _original_outcomes(self, applied: Sequence[Applied]) -> None:
         """A resubmitted order is rejected as a duplicate; its sender also gets the original's state again."""
         if self._order_states is None:
             return
         wanted: dict[str, dict[int, str]] = {}
-        for item in batch.applied:
+        for item in applied:
             for event in item.events:
                 if (type(event) is OrderRejected and event.reason is RejectReason.DUPLICATE_CLIENT_ORDER_ID
                         and event.order_id is not None):
@@ -483,9 +524,71 @@ class KafkaEventPublisher:
                      reason: RejectReason, text: str, ts_ns: int) -> None:
         """An unsequenced rejection (seq 0) for input no instrument's loop will see."""
         event = OrderRejected(instrument or "", 0, ts_ns, client_id, client_order_id, None, "place", reason, text)
-        await self._require().send_and_wait(self.events_topic, encode(event_to_wire(event, None)),
-                                            key=client_id.encode())
+        await self._send_and_wait(self.events_topic, encode(event_to_wire(event, None)), client_id.encode(), [])
 
     async def send_raw(self, topic: str, value: bytes | None, key: bytes | None,
                        headers: list[tuple[str, bytes]]) -> None:
-        await self._require().send_and_wait(topic, value, key=key, headers=headers)
+        await self._send_and_wait(topic, value, key, headers)
+
+    async def _send_and_wait(self, topic: str, value: bytes | None, key: bytes | None,
+                             headers: list[tuple[str, bytes]]) -> None:
+        """One record, retried while the broker's error is retriable (a leader moving, a topic being created)."""
+        delay = 0.05
+        for attempt in range(1, 11):
+            try:
+                await self._require().send_and_wait(topic, value, key=key, headers=headers)
+                return
+            except KafkaError as exc:
+                if not getattr(exc, "retriable", False) or attempt == 10:
+                    raise
+                _log.warning("producing a record failed; retrying", topic=topic, attempt=attempt, error=repr(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+
+class _Batches:
+    """One record batch per (topic, partition), sent when full and at :meth:`flush`; acks awaited there."""
+
+    def __init__(self, producer: AIOKafkaProducer, partitioner: _CachedPartitioner,
+                 partitions: dict[str, list[int]]) -> None:
+        self._producer = producer
+        self._partitioner = partitioner
+        self._parts = partitions
+        self._open: dict[tuple[str, int], Any] = {}
+        self._sent: list[Any] = []
+
+    async def add(self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+        parts = self._parts[topic]
+        partition = self._partitioner(key, parts, parts)
+        batch = self._open.get((topic, partition))
+        if batch is None:
+            batch = self._open[(topic, partition)] = self._producer.create_batch()
+        if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:  # full: send it
+            self._sent.append(await self._producer.send_batch(batch, topic, partition=partition))
+            batch = self._open[(topic, partition)] = self._producer.create_batch()
+            if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+                raise ValueError(f"a record of {len(value)} bytes does not fit a producer batch")
+
+    async def flush(self) -> None:
+        for (topic, partition), batch in self._open.items():
+            if batch.record_count():
+                self._sent.append(await self._producer.send_batch(batch, topic, partition=partition))
+        self._open.clear()
+        if self._sent:
+            await asyncio.gather(*self._sent)
+
+
+class _CachedPartitioner:
+    """The default partitioner (murmur2 of the key, as Java clients), remembered per key: keys repeat a lot."""
+
+    def __init__(self) -> None:
+        self._hash = DefaultPartitioner()
+        self._known: dict[tuple[bytes, int], int] = {}
+
+    def __call__(self, key: bytes, partitions: list[int], available: list[int]) -> int:
+        found = self._known.get((key, len(partitions)))
+        if found is None:
+            if len(self._known) >= 100_000:
+                self._known.clear()
+            found = self._known[(key, len(partitions))] = self._hash(key, partitions, available)
+        return found

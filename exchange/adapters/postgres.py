@@ -550,6 +550,29 @@ class PostgresStore:
                  "remaining": spec.lots_to_qty(r["remaining_lots"]), "accepted_seq": r["created_seq"]}
                 for r in rows]
 
+    # ------------------------------------------------------- publish watermark
+
+    async def published_seqs(self) -> dict[str, int]:
+        """The fan-out's "published through seq" per instrument (see :mod:`exchange.fanout`)."""
+        pool = self._require_pool()
+        try:
+            rows = await pool.fetch("SELECT instrument, seq FROM publish_progress", timeout=self.command_timeout)
+        except Exception as exc:
+            raise _unavailable(exc, "reading the publish watermark") from exc
+        return {r["instrument"]: r["seq"] for r in rows}
+
+    async def record_published(self, seqs: Mapping[str, int]) -> None:
+        """Store the watermark (never moving it back)."""
+        pool = self._require_pool()
+        names = sorted(seqs)
+        try:
+            await pool.execute(
+                "INSERT INTO publish_progress (instrument, seq) SELECT * FROM unnest($1::text[], $2::bigint[]) "
+                "ON CONFLICT (instrument) DO UPDATE SET seq = GREATEST(publish_progress.seq, EXCLUDED.seq), "
+                "updated_at = now()", names, [seqs[n] for n in names], timeout=self.command_timeout)
+        except Exception as exc:
+            raise _unavailable(exc, "storing the publish watermark") from exc
+
     # ------------------------------------------------------------------ history
 
     async def latest_snapshot(self, instrument: str, max_seq: int | None = None) -> SnapshotRequest | None:

@@ -29,7 +29,9 @@ def free_port() -> int:
 def write_config(path: Path, *, instruments: Sequence[Instrument], bootstrap: str, dsn: str, topic: str,
                  group_id: str, http_port: int, snapshot_interval_s: float = 60.0, max_events: int = 5000,
                  linger_ms: float = 2.0, publish_events: bool = True, queue_size: int = 10_000,
-                 journal_queue: int = 256, fetch_max_wait_ms: int = 10) -> Path:
+                 journal_queue: int = 256, fetch_max_wait_ms: int = 10, redis_url: str | None = None,
+                 redis: dict[str, Any] | None = None) -> Path:
+    """A daemon configuration; ``redis_url`` turns market data on (``redis``: more ``[redis]`` keys)."""
     lines = []
     for spec in instruments:
         lines += [
@@ -49,6 +51,7 @@ def write_config(path: Path, *, instruments: Sequence[Instrument], bootstrap: st
         f'orders_topic = "{topic}"',
         f'events_topic = "{topic}.events"',
         f'dead_letter_topic = "{topic}.dlq"',
+        f'trades_topic = "{topic}.trades"',
         f'group_id = "{group_id}"',
         f"publish_events = {'true' if publish_events else 'false'}",
         "session_timeout_ms = 1000",
@@ -75,6 +78,9 @@ def write_config(path: Path, *, instruments: Sequence[Instrument], bootstrap: st
         'format = "json"',
         'level = "info"',
     ]
+    if redis_url is not None:
+        lines += ["", "[redis]", "enabled = true", f'url = "{redis_url}"']
+        lines += [f"{key} = {json.dumps(value)}" for key, value in (redis or {}).items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 

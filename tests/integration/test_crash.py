@@ -59,7 +59,7 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(kafka: KafkaBrok
                                                                  tmp_path: Path) -> None:
     rng = random.Random(SEED)
     topic = f"orders-{uuid.uuid4().hex[:8]}"
-    kafka.create_topics({topic: 3, f"{topic}.events": 1, f"{topic}.dlq": 1})
+    kafka.create_topics({topic: 3, f"{topic}.events": 1, f"{topic}.trades": 1, f"{topic}.dlq": 1})
     messages: list[dict[str, Any] | bytes] = list(
         OrderFlow(INSTRUMENTS, seed=SEED, malformed_every=997).messages(N_MESSAGES))
     exchange, expected = replay_messages(messages, INSTRUMENTS)

@@ -33,7 +33,14 @@ INSTRUMENTS = (
 )
 
 
-async def _read_all(bootstrap: str, topic: str, expect_at_least: int, wait_s: float = 20.0) -> list[Any]:
+def _events_in(record: Any) -> int:
+    value = json.loads(record.value)
+    return len(value["events"]) if value["type"] == "events" else 1
+
+
+async def _read_all(bootstrap: str, topic: str, expect_at_least: int, wait_s: float = 20.0,
+                    count: Any = None) -> list[Any]:
+    """Records of ``topic`` until ``count`` (default: one per record) adds up to ``expect_at_least``."""
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
                                 enable_auto_commit=False, fetch_max_wait_ms=10, group_id=None)
     await consumer.start()
@@ -41,10 +48,12 @@ async def _read_all(bootstrap: str, topic: str, expect_at_least: int, wait_s: fl
     try:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
-        while len(records) < expect_at_least and loop.time() < deadline:
+        seen = 0
+        while seen < expect_at_least and loop.time() < deadline:
             batch = await consumer.getmany(timeout_ms=200)
             for recs in batch.values():
                 records.extend(recs)
+                seen += sum(count(r) for r in recs) if count else len(recs)
     finally:
         await consumer.stop()
     return records
@@ -53,7 +62,7 @@ async def _read_all(bootstrap: str, topic: str, expect_at_least: int, wait_s: fl
 def test_daemon_applies_stores_publishes_and_stops_cleanly(kafka: KafkaBroker, pg_dsn: str,
                                                             tmp_path: Path) -> None:
     topic = f"orders-{uuid.uuid4().hex[:8]}"
-    kafka.create_topics({topic: 3, f"{topic}.events": 3, f"{topic}.dlq": 1})
+    kafka.create_topics({topic: 3, f"{topic}.events": 3, f"{topic}.trades": 1, f"{topic}.dlq": 1})
     messages: list[dict[str, Any] | bytes] = list(OrderFlow(INSTRUMENTS, seed=11, malformed_every=500).messages(3000))
     messages[100:100] = [b"this is not json", b'{"op": "place", "client_id": "zed"}']
     asyncio.run(produce(kafka.bootstrap_servers, topic, messages))
@@ -101,14 +110,18 @@ def test_daemon_applies_stores_publishes_and_stops_cleanly(kafka: KafkaBroker, p
     duplicates = [e for evs in expected.values() for e in evs
                   if isinstance(e, OrderRejected) and e.reason is RejectReason.DUPLICATE_CLIENT_ORDER_ID]
     assert duplicates, "the flow should resubmit some orders"
-    events = asyncio.run(_read_all(kafka.bootstrap_servers, f"{topic}.events", published + 1 + len(duplicates)))
-    values = [json.loads(r.value) for r in events]
-    assert sum(1 for v in values if v["seq"] > 0 and v["type"] != "order_status") == published
+    records = asyncio.run(_read_all(kafka.bootstrap_servers, f"{topic}.events", published + 1 + len(duplicates),
+                                    count=_events_in))
+    # a record carries one client's events of a publishing round ({"type": "events", "events": [...]})
+    keyed = [(r.key.decode(), v) for r in records
+             for v in (lambda obj: obj["events"] if obj["type"] == "events" else [obj])(json.loads(r.value))]
+    assert sum(1 for _, v in keyed if v["seq"] > 0 and v["type"] != "order_status") == published
+    assert all(key in (v.get("client_id"), v.get("maker_client_id"), v.get("taker_client_id"))
+               for key, v in keyed if v["type"] != "order_status")
     # a resubmitted order is rejected, and its sender hears the original order's state again
-    statuses = {(r.key.decode(), v["order_id"]) for r, v in zip(events, values, strict=True)
-                if v["type"] == "order_status"}
+    statuses = {(key, v["order_id"]) for key, v in keyed if v["type"] == "order_status"}
     assert {(d.client_id, d.order_id) for d in duplicates} <= statuses
-    rejections = [json.loads(r.value) for r in events if r.key == b"zed"]
+    rejections = [v for key, v in keyed if key == "zed"]
     assert rejections, "the sender of a malformed order got no rejection"
     assert rejections[0]["type"] == "rejected"
     assert rejections[0]["seq"] == 0

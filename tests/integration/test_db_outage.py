@@ -41,7 +41,7 @@ def test_database_outage_applies_back_pressure_and_recovers(kafka: KafkaBroker, 
                                                             tmp_path: Path) -> None:
     database = pg_dsn.rpartition("/")[2]
     topic = f"orders-{uuid.uuid4().hex[:8]}"
-    kafka.create_topics({topic: 2, f"{topic}.events": 1, f"{topic}.dlq": 1})
+    kafka.create_topics({topic: 2, f"{topic}.events": 1, f"{topic}.trades": 1, f"{topic}.dlq": 1})
     flow = OrderFlow(INSTRUMENTS, seed=3)
     first: list[dict[str, Any] | bytes] = list(flow.messages(1000))
     second: list[dict[str, Any] | bytes] = list(flow.messages(4000))

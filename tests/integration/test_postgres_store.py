@@ -84,7 +84,7 @@ def test_migrations_apply_once_and_rerun_is_a_no_op(pg_dsn: str) -> None:
         tables = {r["tablename"] for r in await fetch(
             pg_dsn, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
         assert {"orders", "order_events", "trades", "positions", "engine_progress", "input_offsets", "snapshots",
-                "schema_migrations"} <= tables
+                "schema_migrations", "publish_progress"} <= tables
         indexes = {r["indexname"] for r in await fetch(
             pg_dsn, "SELECT indexname FROM pg_indexes WHERE schemaname = 'public'")}
         assert {"orders_client_order_idx", "orders_open_idx", "orders_finished_idx",
@@ -231,5 +231,21 @@ def test_the_numeric_wire_codec_agrees_with_postgresql(pg_dsn: str) -> None:
             assert _decode_numeric(numeric_binary(-5, 2)) == Decimal("-0.05")
         finally:
             await conn.close()
+
+    run(scenario())
+
+
+def test_publish_watermark_is_stored_and_never_moves_back(pg_dsn: str) -> None:
+    async def scenario() -> None:
+        store = await migrated_store(pg_dsn)
+        try:
+            assert await store.published_seqs() == {}
+            await store.record_published({"AAA-USD": 10, "BBB-USD": 3})
+            await store.record_published({"AAA-USD": 7})
+            assert await store.published_seqs() == {"AAA-USD": 10, "BBB-USD": 3}
+            await store.record_published({"AAA-USD": 12})
+            assert (await store.published_seqs())["AAA-USD"] == 12
+        finally:
+            await store.stop()
 
     run(scenario())
