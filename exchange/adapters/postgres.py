@@ -232,11 +232,14 @@ class PostgresStore:
     loading and checks may use another). ``snapshot_keep`` snapshots are kept
     per instrument. ``command_timeout`` bounds every statement and
     ``connect_timeout`` every connection attempt and pool acquisition (seconds).
+    Batches of up to ``one_statement_max_events`` events commit in one round trip
+    (:meth:`_commit_one_statement`); larger ones by COPY, which is cheaper per row:
+    ``bench/commit.py`` puts the crossover between 80 and 300 events here.
     """
 
     def __init__(self, dsn: str, instruments: Iterable[Instrument], *, pool_size: int = 4, snapshot_keep: int = 3,
                  command_timeout: float = 60.0, connect_timeout: float = 10.0,
-                 application_name: str = "exchange", one_statement_max_events: int = 1000,
+                 application_name: str = "exchange", one_statement_max_events: int = 250,
                  connect_options: Mapping[str, Any] | None = None) -> None:
         if snapshot_keep < 1:
             raise ValueError("snapshot_keep must be at least 1")
