@@ -27,17 +27,12 @@ import asyncpg
 
 from exchange.adapters.postgres import PostgresStore
 from exchange.codec import decode_command
-from exchange.instruments import Instrument
 from exchange.journal import Applied, Batch, InputPosition
 from exchange.matching import Exchange
 from exchange.testing.flow import OrderFlow
 
-INSTRUMENTS = (
-    Instrument.from_decimals("BTC-USD", tick_size="0.01", lot_size="0.001", max_qty="1000", price_band_bps=300,
-                             stp_default="cancel_resting"),
-    Instrument.from_decimals("ETH-USD", tick_size="0.01", lot_size="0.01", max_qty="10000"),
-    Instrument.from_decimals("SOL-USD", tick_size="0.001", lot_size="1", max_qty="100000"),
-)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from e2e import INSTRUMENTS  # the same three instruments as the end-to-end benchmark
 
 
 def say(text: str) -> None:

@@ -21,6 +21,7 @@ from exchange import (
     Event,
     Instrument,
     MatchingEngine,
+    OrderFilled,
     OrderType,
     PlaceOrder,
     RejectInput,
@@ -29,7 +30,8 @@ from exchange import (
     StpMode,
     TimeInForce,
 )
-from exchange.journal import Applied, Batch, InputPosition, SnapshotRequest
+from exchange.journal import Applied, Batch, InputPosition, Position, SnapshotRequest
+from exchange.positions import apply_fill
 
 TOPIC = "orders"
 
@@ -164,3 +166,15 @@ def fills(events: Sequence[Event]) -> list[Any]:
     from exchange import OrderFilled
 
     return [e for e in events if isinstance(e, OrderFilled)]
+
+
+def positions_from_fills(events: Sequence[Event]) -> dict[tuple[str, str], Position]:
+    """Every client's position per instrument, recomputed from the fills alone."""
+    out: dict[tuple[str, str], Position] = {}
+    for e in events:
+        if isinstance(e, OrderFilled):
+            maker_side = Side.SELL if e.aggressor_side is Side.BUY else Side.BUY
+            for client, side in ((e.maker_client_id, maker_side), (e.taker_client_id, e.aggressor_side)):
+                key = (e.instrument, client)
+                out[key] = apply_fill(out.get(key, Position()), side, e.price_ticks, e.qty_lots)
+    return out

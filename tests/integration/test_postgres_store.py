@@ -12,12 +12,11 @@ from typing import Any
 import asyncpg
 import pytest
 
-from exchange import Event, Instrument, OrderFilled, Side
+from exchange import Instrument
 from exchange.adapters.postgres import PostgresStore
 from exchange.journal import Batch, Position, StoreUnavailable
 from exchange.migrations import available
-from exchange.positions import apply_fill
-from tests.integration._workload import SPECS, Workload
+from tests.integration._workload import SPECS, Workload, positions_from_fills
 
 pytestmark = pytest.mark.integration
 
@@ -113,17 +112,6 @@ def test_concurrent_migrators_apply_each_migration_once(pg_dsn: str) -> None:
 # against both stores and both PostgreSQL commit paths in test_stores.py; what is PostgreSQL's own is here)
 
 
-def _positions_from_fills(events: list[Event]) -> dict[tuple[str, str], Position]:
-    out: dict[tuple[str, str], Position] = {}
-    for e in events:
-        if isinstance(e, OrderFilled):
-            maker_side = Side.SELL if e.aggressor_side is Side.BUY else Side.BUY
-            for client, side in ((e.maker_client_id, maker_side), (e.taker_client_id, e.aggressor_side)):
-                key = (e.instrument, client)
-                out[key] = apply_fill(out.get(key, Position()), side, e.price_ticks, e.qty_lots)
-    return out
-
-
 def test_terminated_connection_mid_commit_is_retriable_and_the_retry_writes_once(pg_dsn: str) -> None:
     work = Workload(seed=5)
     batches = work.batches(600, max_batch=100)
@@ -170,7 +158,7 @@ def test_terminated_connection_mid_commit_is_retriable_and_the_retry_writes_once
             assert recovered[spec.symbol].state == work.engines[spec.symbol].export_state()
         stored = {(r["instrument"], r["client_id"]): Position(int(r["net_lots"]), int(r["cost"]), int(r["realized"]))
                   for r in await fetch(pg_dsn, "SELECT * FROM positions")}
-        assert stored == _positions_from_fills(produced)
+        assert stored == positions_from_fills(produced)
 
     run(scenario())
 

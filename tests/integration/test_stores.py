@@ -45,7 +45,7 @@ from exchange.journal import Applied, Batch, History, InputPosition, Position, S
 from exchange.positions import apply_fill
 from recovery.rebuild import RecoveryError, recover
 from recovery.verify import verify_store
-from tests.integration._workload import SPECS, Workload
+from tests.integration._workload import SPECS, Workload, positions_from_fills
 
 pytestmark = pytest.mark.integration
 
@@ -236,17 +236,6 @@ def test_batch_commit_writes_exactly_the_expected_rows(backend: Backend) -> None
 # ------------------------------------------------------- the big round trip
 
 
-def _positions_from_fills(events: list[Event]) -> dict[tuple[str, str], Position]:
-    out: dict[tuple[str, str], Position] = {}
-    for e in events:
-        if isinstance(e, OrderFilled):
-            maker_side = Side.SELL if e.aggressor_side is Side.BUY else Side.BUY
-            for client, side in ((e.maker_client_id, maker_side), (e.taker_client_id, e.aggressor_side)):
-                key = (e.instrument, client)
-                out[key] = apply_fill(out.get(key, Position()), side, e.price_ticks, e.qty_lots)
-    return out
-
-
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_random_stream_round_trips_through_storage(backend: Backend, seed: int) -> None:
     work = Workload(seed=seed)
@@ -277,7 +266,7 @@ def test_random_stream_round_trips_through_storage(backend: Backend, seed: int) 
                 key = (t["instrument"], client)
                 from_trades[key] = apply_fill(from_trades.get(key, Position()), side, t["price_ticks"],
                                               t["qty_lots"])
-        assert from_trades == _positions_from_fills(work.events)
+        assert from_trades == positions_from_fills(work.events)
         stored = stored_positions(await fetch("SELECT * FROM positions"))
         assert stored == from_trades
         steps = {spec.symbol: (Decimal(spec.tick_size), Decimal(spec.lot_size)) for spec in SPECS}
@@ -390,7 +379,7 @@ def test_a_batch_whose_acknowledgement_was_lost_is_not_written_twice(backend: Ba
         assert count == len(produced)
         for spec in SPECS:
             assert recovered[spec.symbol].state == work.engines[spec.symbol].export_state()
-        assert stored_positions(await backend.fetch("SELECT * FROM positions")) == _positions_from_fills(produced)
+        assert stored_positions(await backend.fetch("SELECT * FROM positions")) == positions_from_fills(produced)
 
     run(scenario())
 
