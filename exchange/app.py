@@ -20,14 +20,14 @@ import asyncio
 import gc
 import signal
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from exchange.adapters.kafka import KafkaEventPublisher, OrderSource, client_options
 from exchange.engine import Control, InstrumentLoop, JournalItem
-from exchange.fanout import Publisher
+from exchange.fanout import MemorySink, Publisher, Sink
 from exchange.http import HttpServer, Response
 from exchange.instruments import Instrument
 from exchange.journal import Batch, History, Recovered, Store
@@ -36,7 +36,7 @@ from exchange.matching import MatchingEngine
 from exchange.metrics import Metrics
 from exchange.settings import Settings
 from exchange.sources import Source
-from exchange.writer import DurableListener, JournalWriter
+from exchange.writer import JournalWriter
 
 if TYPE_CHECKING:
     from exchange.adapters.postgres import PostgresStore
@@ -49,14 +49,14 @@ _PROBE_TIMEOUT_S = 3.0
 
 
 class Daemon:
-    """``listeners`` are extra durable-batch listeners (for example the demo's live view)."""
+    """``marketdata`` is the in-process market-data bus when ``[publisher] marketdata = "memory"`` (else
+    None): in-process consumers (the demo's live view) subscribe to it before :meth:`run`."""
 
-    def __init__(self, settings: Settings, *, store: Store | None = None,
-                 listeners: Sequence[DurableListener] = ()) -> None:
+    def __init__(self, settings: Settings, *, store: Store | None = None) -> None:
         self.settings = settings
         self.metrics = Metrics()
         self._store = store
-        self._listeners = list(listeners)
+        self.marketdata = MemorySink() if settings.publisher.marketdata == "memory" else None
         self.recovery: dict[str, Recovered] = {}  # what start-up recovery loaded, per instrument
         self._log = get_logger("exchange.daemon")
         self._stop = asyncio.Event()
@@ -90,7 +90,7 @@ class Daemon:
                                         order_states=getattr(store, "order_states", None),
                                         trades_topic=s.kafka.trades_topic, batch_records=s.kafka.batch_records) \
             if s.publisher.kind == "kafka" else None
-        fanout = self.fanout = _fanout(s, store, publisher, self.metrics)
+        fanout = self.fanout = _fanout(s, store, publisher, self.marketdata, self.metrics)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
@@ -134,8 +134,7 @@ class Daemon:
                 fanout.add_listener(source.on_durable)
             writer = self.writer = JournalWriter(
                 store, journal, max_events=s.journal.max_events, linger_ms=s.journal.linger_ms, metrics=self.metrics,
-                listeners=[fanout.on_durable if fanout is not None else source.on_durable, self._on_durable,
-                           *self._listeners])
+                listeners=[fanout.on_durable if fanout is not None else source.on_durable, self._on_durable])
             await source.start()
             ping = getattr(store, "ping", None)
             if ping is not None:
@@ -404,21 +403,29 @@ def make_store(settings: Settings) -> PostgresStore | SqliteStore:
                          connect_options=connect_options(settings.postgres))
 
 
-def _fanout(settings: Settings, store: Store, kafka: KafkaEventPublisher | None,
+def _fanout(settings: Settings, store: Store, kafka: KafkaEventPublisher | None, memory: MemorySink | None,
             metrics: Metrics) -> Publisher | None:
-    """The publisher task's set-up; None when nothing is published (no Kafka events, no Redis)."""
+    """The publisher task's set-up; None when nothing is published (no Kafka events, no market data).
+
+    Market data goes to Redis or to the in-process bus ``memory``; either way the channel and key names,
+    depth, refresh and heartbeat come from ``[redis]``. The bus keeps nothing across a restart (its
+    consumers start from the book key), so it alone needs no watermark and nothing is re-published.
+    """
     r = settings.redis
     if kafka is None or not settings.kafka.publish_events:
         kafka = None
-    if kafka is None and not r.enabled:
-        return None
-    sink = None
+    sink: Sink | None = memory
     if r.enabled:
         from exchange.adapters.redis import RedisSink
 
         sink = RedisSink(r)
+    if kafka is None and sink is None:
+        return None
+    if sink is not None:
         metrics.marketdata_up.set(1)
-    progress = store if hasattr(store, "published_seqs") and hasattr(store, "record_published") else None
+    needs_watermark = kafka is not None or r.enabled
+    progress = store if needs_watermark and hasattr(store, "published_seqs") and hasattr(store, "record_published") \
+        else None
     return Publisher(settings.instrument_map(), kafka=kafka, sink=sink,
                      names=r.channel, depth=r.book_depth, queue_size=settings.journal.publish_queue_size,
                      heartbeat_s=r.heartbeat_interval_s, book_refresh_s=r.book_refresh_ms / 1000,

@@ -180,8 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the daemon on the embedded default (SQLite, order generator) with a live view",
                           description="Run the daemon with no servers: SQLite storage, an in-process order "
-                                      "generator, and a live view of the durable books. Ctrl-C stops it cleanly; "
-                                      "the next start recovers from the store.")
+                                      "generator, an in-process market-data bus, and a live view that follows "
+                                      "it. Ctrl-C stops it cleanly; the next start recovers from the store.")
     demo.add_argument("--config", default=str(DEMO_CONFIG), help=f"TOML configuration file (default: {DEMO_CONFIG})")
     demo.add_argument("--headless", action="store_true",
                       help="print plain lines once a second instead of a live screen (default when stdout is not "

@@ -1,21 +1,28 @@
 """``exchange demo``: the daemon on the embedded default, with a live terminal view.
 
 The demo is the real daemon (:class:`exchange.app.Daemon`: recovery, matching
-loops, journal writer, shutdown) with the adapters ``config/demo.toml`` chooses:
-a SQLite file for storage, the in-process order generator as the source, and no
-Kafka publisher. The view is one more listener of durable batches: it follows
-each instrument's book through the durable events with the same
-:class:`recovery.events.EventApplier` recovery uses, so what it shows -- best
-bid and offer, spread, trades and orders per second, and the generator's
-sent-to-durable latency -- is what has been committed, never ahead of it.
+loops, journal writer, fan-out, shutdown) with the adapters ``config/demo.toml``
+chooses: a SQLite file for storage, the in-process order generator as the
+source, no Kafka publisher, and the in-process market-data bus
+(``[publisher] marketdata = "memory"``, :class:`exchange.fanout.MemorySink`)
+instead of Redis. The view is a market-data consumer of that bus, like
+``exchange watch`` is of Redis: per instrument it subscribes to the ``l2``,
+``trades`` and ``heartbeat`` channels, reads the book key and keeps a local
+book with :class:`exchange.booksync.BookSync` (duplicates at or below its seq
+dropped, a resync from the key on a gap). What it shows -- best bid and offer,
+spread, trades per second -- comes from those messages, which the fan-out
+sends only after the events are durable; orders per second and the
+sent-to-published latency are the generator's own measurement (from handing a
+command to its loop to the round that published its events).
 
 On start it says whether it started fresh or recovered (orders loaded, seq and
 state hash per instrument); Ctrl-C (SIGINT) or SIGTERM takes the daemon's
-normal shutdown (drain the queues, final snapshot, commit, summary), and a
-summary of the run follows, with the same state hashes the next start will
-recover. ``--headless`` prints plain lines once a second instead of redrawing a
-screen (it is the default when stdout is not a terminal); ``--seconds N`` stops
-by itself N seconds after the daemon became ready.
+normal shutdown (drain the queues, final snapshot, commit, publish, summary),
+and a summary of the run follows, with the same state hashes the next start
+will recover, and per instrument whether the view's book, synced from the bus,
+equals the engine's. ``--headless`` prints plain lines once a second instead of
+redrawing a screen (it is the default when stdout is not a terminal);
+``--seconds N`` stops by itself N seconds after the daemon became ready.
 """
 
 from __future__ import annotations
@@ -26,76 +33,118 @@ import random
 import sys
 import time
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import TextIO
 
+import msgspec
+
 from exchange.app import Daemon
-from exchange.events import OrderFilled
+from exchange.booksync import BookSync
 from exchange.instruments import Instrument
-from exchange.journal import Batch
 from exchange.logging import configure_logging
+from exchange.marketdata import MarketData
 from exchange.settings import ConfigError, Settings
-from recovery.events import EventApplier
 
 __all__ = ["LiveView", "run_demo"]
 
 _WINDOW_S = 2.0  # rates and live percentiles cover the last two seconds
 _RESERVOIR = 100_000  # latency samples kept per instrument for the run's summary
+_RESYNC_WAIT_S = 0.05  # a book key older than the buffered stream is read again this much later
 _HIDE_CURSOR, _SHOW_CURSOR, _HOME, _CLEAR_LINE, _CLEAR_BELOW = "\x1b[?25l", "\x1b[?25h", "\x1b[H", "\x1b[K", "\x1b[J"
+_decode = msgspec.json.Decoder().decode
 
 
 @dataclass(slots=True)
 class _Instrument:
-    """What the view knows of one instrument: its durable book and counters."""
+    """One instrument as the view follows it: its subscription and local book from the bus."""
 
     spec: Instrument
-    book: EventApplier
-    start_seq: int
-    trades: int = 0
-    orders: int = 0  # commands from the source made durable
+    book_key: str
+    queue: asyncio.Queue[bytes]
+    sync: BookSync
+    next_attempt: float = 0.0  # when to read the book key again while not synced
 
 
 class LiveView:
-    """A durable-batch listener that keeps per-instrument books, counts and latencies for display."""
+    """A market-data consumer of the daemon's in-process bus, plus the generator's counts and latencies.
 
-    def __init__(self, specs: Sequence[Instrument]) -> None:
-        self.daemon: Daemon | None = None  # set before the daemon runs: the view reads its recovery and source
-        self._specs = list(specs)
-        self._inst: dict[str, _Instrument] = {}
+    It subscribes when constructed, before the daemon runs, so it sees every message from the first;
+    :meth:`follow` consumes until cancelled, :meth:`drain` takes what is left once the daemon stopped.
+    """
+
+    def __init__(self, daemon: Daemon) -> None:
+        bus = daemon.marketdata
+        if bus is None:
+            raise ConfigError(f"{daemon.settings.source}: exchange demo shows the in-process market-data bus; set "
+                              "[publisher] marketdata = \"memory\" (and [redis] enabled = false), as config/demo.toml "
+                              "does")
+        self.daemon = daemon
+        self._bus = bus
+        names = daemon.settings.redis.channel
+        self._inst = {spec.symbol: _Instrument(spec, names("book", spec.symbol),
+                                               bus.subscribe(*(names(kind, spec.symbol)
+                                                               for kind in ("l2", "trades", "heartbeat"))),
+                                               BookSync(spec.symbol))
+                      for spec in daemon.settings.instruments}
         self._history: deque[tuple[float, dict[str, tuple[int, int]]]] = deque()  # (time, symbol -> counts)
-        self._recent: dict[str, deque[tuple[float, int]]] = {s.symbol: deque() for s in specs}  # (time, ns)
-        self._reservoir: dict[str, list[int]] = {s.symbol: [] for s in specs}
-        self._seen: dict[str, int] = dict.fromkeys(self._reservoir, 0)
+        self._recent: dict[str, deque[tuple[float, int]]] = {s: deque() for s in self._inst}  # (time, ns)
+        self._reservoir: dict[str, list[int]] = {s: [] for s in self._inst}
+        self._seen: dict[str, int] = dict.fromkeys(self._inst, 0)  # the generator's orders published
         self._rng = random.Random(0)
-        self.started_at: float | None = None  # monotonic time the daemon became ready
 
-    # ------------------------------------------------------------ the listener
+    # ------------------------------------------------------------ the consumer
 
-    def _ensure_books(self) -> dict[str, _Instrument]:
-        if not self._inst:
-            for spec in self._specs:
-                assert self.daemon is not None
-                rec = self.daemon.recovery[spec.symbol]
-                self._inst[spec.symbol] = _Instrument(spec, EventApplier(spec, rec.state), rec.state.seq)
-        return self._inst
+    async def follow(self) -> None:
+        """Consume every instrument's subscription until cancelled."""
+        async with asyncio.TaskGroup() as tg:
+            for inst in self._inst.values():
+                tg.create_task(self._follow(inst), name=f"view-{inst.spec.symbol}")
 
-    async def on_durable(self, batch: Batch) -> None:
-        inst = self._ensure_books()
-        for item in batch.applied:
-            state = inst[item.instrument]
-            if item.events:
-                state.book.apply_all(item.events)
-                state.trades += sum(1 for e in item.events if type(e) is OrderFilled)
-            if item.position is not None:
-                state.orders += 1
+    async def _follow(self, inst: _Instrument) -> None:
+        while True:
+            if not inst.sync.synced:
+                self._resync(inst)
+                with contextlib.suppress(TimeoutError):
+                    self._on_message(inst, await asyncio.wait_for(inst.queue.get(), _RESYNC_WAIT_S))
+                continue
+            self._on_message(inst, await inst.queue.get())
+
+    def drain(self) -> None:
+        """Take the messages still queued (the daemon has stopped: nothing more comes), then sync if needed."""
+        for inst in self._inst.values():
+            while not inst.queue.empty():
+                self._on_message(inst, inst.queue.get_nowait())
+            if not inst.sync.synced:
+                inst.next_attempt = 0.0
+                self._resync(inst)
+
+    def _on_message(self, inst: _Instrument, raw: bytes) -> None:
+        inst.sync.on_message(_decode(raw))  # on a gap it forgets its book: _follow reads the key again
+
+    def _resync(self, inst: _Instrument) -> None:
+        now = time.monotonic()
+        if now < inst.next_attempt:
+            return
+        raw = self._bus.keys.get(inst.book_key)
+        if raw is None or not inst.sync.on_book(_decode(raw)):  # no key yet, or older than the stream
+            inst.next_attempt = now + _RESYNC_WAIT_S
 
     # ------------------------------------------------------------ sampling
 
+    def _start(self, symbol: str) -> tuple[int, int]:
+        """(seq, last trade id) the run started from."""
+        state = self.daemon.recovery[symbol].state
+        return state.seq, state.next_trade_id - 1
+
+    def _trades(self, symbol: str) -> int:
+        """Trades published since the start, by trade id (+1 per trade; ids a lost message skipped count too)."""
+        last = self._inst[symbol].sync.last_trade_id
+        return max(0, last - self._start(symbol)[1]) if last is not None else 0
+
     def _take_latencies(self, now: float) -> None:
-        source = self.daemon.source if self.daemon is not None else None
-        samples = getattr(source, "latencies", None)
+        samples = getattr(self.daemon.source, "latencies", None)
         if samples is None:
             return
         while samples:
@@ -116,48 +165,64 @@ class LiveView:
     def rows(self) -> list[dict[str, str]]:
         """One row per instrument, formatted for display."""
         now = time.monotonic()
-        inst = self._ensure_books()
         self._take_latencies(now)
-        counts = {symbol: (i.trades, i.orders) for symbol, i in inst.items()}
+        counts = {symbol: (self._trades(symbol), self._seen[symbol]) for symbol in self._inst}
         self._history.append((now, counts))
         while len(self._history) > 1 and self._history[1][0] <= now - _WINDOW_S:
             self._history.popleft()
         then, old = self._history[0]
         elapsed = now - then
         out = []
-        for symbol, i in inst.items():
-            spec = i.spec
-            book = i.book.book
-            bid, ask = book.best_bid(), book.best_ask()
+        for symbol, inst in self._inst.items():
+            sync = inst.sync
+            bids, asks = sync.levels(True, 1), sync.levels(False, 1)
             trades_s = orders_s = "-"
             if elapsed > 0:
-                trades_s = f"{(i.trades - old[symbol][0]) / elapsed:,.0f}"
-                orders_s = f"{(i.orders - old[symbol][1]) / elapsed:,.0f}"
+                trades_s = f"{(counts[symbol][0] - old[symbol][0]) / elapsed:,.0f}"
+                orders_s = f"{(counts[symbol][1] - old[symbol][1]) / elapsed:,.0f}"
             p50, p99 = _percentiles([ns for _, ns in self._recent[symbol]])
             out.append({
                 "instrument": symbol,
-                "bid": f"{spec.lots_to_qty(book.bids.peekitem(0)[1].total_lots)} @ {spec.ticks_to_price(bid)}"
-                       if bid is not None else "-",
-                "ask": f"{spec.ticks_to_price(ask)} x {spec.lots_to_qty(book.asks.peekitem(0)[1].total_lots)}"
-                       if ask is not None else "-",
-                "spread": spec.ticks_to_price(ask - bid) if bid is not None and ask is not None else "-",
+                "bid": f"{bids[0][1]} @ {bids[0][0]}" if bids else "-",
+                "ask": f"{asks[0][0]} x {asks[0][1]}" if asks else "-",
+                "spread": str(Decimal(asks[0][0]) - Decimal(bids[0][0])) if bids and asks else "-",
                 "trades/s": trades_s, "orders/s": orders_s, "p50": p50, "p99": p99,
-                "seq": str(i.book.seq), "resting": str(len(book)),
+                "seq": str(sync.seq) if sync.synced else "syncing", "levels": str(len(sync.bids) + len(sync.asks)),
+                "resyncs": str(sync.resyncs),
             })
         return out
 
     def summary(self, elapsed_s: float) -> list[str]:
-        """The run's totals per instrument, and the durable state a restart will recover."""
-        inst = self._ensure_books()
+        """The run's totals per instrument, the durable state a restart will recover (the engines' after
+        the final snapshot), and whether the view's book from the bus equals the engine's."""
         self._take_latencies(time.monotonic())
         lines = []
-        for symbol, i in inst.items():
+        for symbol in self._inst:
+            engine = self.daemon.loops[symbol].engine
+            orders = self._seen[symbol]
             p50, p99 = _percentiles(self._reservoir[symbol])
-            rate = f"{i.orders / elapsed_s:,.0f}" if elapsed_s > 0 else "-"
-            lines.append(f"  {symbol}: {i.orders} orders ({rate}/s), {i.trades} trades, latency p50 {p50} p99 {p99}; "
-                         f"seq {i.start_seq} -> {i.book.seq}, {len(i.book.book)} resting, "
-                         f"state hash {i.book.state_hash()}")
+            rate = f"{orders / elapsed_s:,.0f}" if elapsed_s > 0 else "-"
+            lines.append(f"  {symbol}: {orders} orders ({rate}/s), {self._trades(symbol)} trades, latency p50 {p50} "
+                         f"p99 {p99}; seq {self._start(symbol)[0]} -> {engine.seq}, {len(engine.book)} resting, "
+                         f"state hash {engine.state_hash()}")
+        for symbol, inst in self._inst.items():
+            lines.append(f"  {symbol} market data: {self._compare(inst)}")
         return lines
+
+    def _compare(self, inst: _Instrument) -> str:
+        engine = self.daemon.loops[inst.spec.symbol].engine
+        sync = inst.sync
+        problems = f"{sync.gaps} gaps, {sync.resyncs} resyncs, {sync.duplicates} duplicates dropped"
+        if sync.seq != engine.seq:
+            return f"the view's book is at seq {sync.seq}, the engine's at {engine.seq} ({problems})"
+        truth = MarketData(inst.spec, engine.export_state(), depth=sync.depth)
+        differ = [side for buy, side in ((True, "bid"), (False, "ask"))
+                  if sync.levels(buy) != truth.levels(buy, sync.depth)]
+        if differ:
+            return f"the view's book DIFFERS from the engine's at seq {engine.seq} on the " \
+                   f"{' and '.join(differ)} side ({problems})"
+        return f"the view's book (from the bus) equals the engine's at seq {engine.seq}: {len(sync.bids)} bid and " \
+               f"{len(sync.asks)} ask levels ({problems})"
 
 
 def _percentiles(samples: list[int]) -> tuple[str, str]:
@@ -168,7 +233,7 @@ def _percentiles(samples: list[int]) -> tuple[str, str]:
     return f"{pick[0] / 1e6:.1f}ms", f"{pick[1] / 1e6:.1f}ms"
 
 
-_COLUMNS = ("instrument", "bid", "ask", "spread", "trades/s", "orders/s", "p50", "p99", "seq", "resting")
+_COLUMNS = ("instrument", "bid", "ask", "spread", "trades/s", "orders/s", "p50", "p99", "seq", "levels", "resyncs")
 
 
 def _table(rows: list[dict[str, str]]) -> list[str]:
@@ -220,10 +285,10 @@ async def _show(view: LiveView, daemon: Daemon, settings: Settings, out: TextIO,
                 for r in rows:
                     print(f"t={elapsed:5.1f}s {r['instrument']}: bid {r['bid']}  ask {r['ask']}  spread {r['spread']}  "
                           f"trades/s {r['trades/s']}  orders/s {r['orders/s']}  p50 {r['p50']}  p99 {r['p99']}  "
-                          f"seq {r['seq']}", file=out)
+                          f"seq {r['seq']}  resyncs {r['resyncs']}", file=out)
                 out.flush()
             else:
-                lines = [*intro, "", f"{elapsed:6.1f} s -- the durable books"
+                lines = [*intro, "", f"{elapsed:6.1f} s -- the books from the market-data bus"
                          + ("" if daemon.ready else "  (stopping: draining, final snapshot)"), "", *_table(rows),
                          "", "Ctrl-C to stop (the next start recovers from the store)"]
                 out.write(_HOME + "".join(line + _CLEAR_LINE + "\n" for line in lines) + _CLEAR_BELOW)
@@ -238,24 +303,28 @@ async def _show(view: LiveView, daemon: Daemon, settings: Settings, out: TextIO,
 
 
 async def _demo(settings: Settings, out: TextIO, *, headless: bool, seconds: float | None) -> int:
-    view = LiveView(settings.instruments)
-    daemon = view.daemon = Daemon(settings, listeners=[view.on_durable])
+    daemon = Daemon(settings)
+    view = LiveView(daemon)  # subscribes now: it sees every message the daemon publishes
     done = asyncio.Event()
-
-    async def run_daemon() -> int:
-        try:
-            return await daemon.run()
-        finally:
-            done.set()
 
     if not headless:
         out.write(_HOME + _CLEAR_BELOW)
     async with asyncio.TaskGroup() as tg:
+        following = tg.create_task(view.follow(), name="market-data view")
+
+        async def run_daemon() -> int:
+            try:
+                return await daemon.run()
+            finally:
+                done.set()
+                following.cancel()
+
         code_task = tg.create_task(run_daemon(), name="daemon")
         shown = tg.create_task(_show(view, daemon, settings, out, headless=headless, seconds=seconds, done=done),
                                name="view")
     code = code_task.result()
-    if daemon.recovery:
+    if daemon.loops:
+        view.drain()  # the fan-out published everything durable before the daemon returned
         print(f"stopped after {shown.result():.1f} s; durable state (the next start recovers it):", file=out)
         for line in view.summary(shown.result()):
             print(line, file=out)

@@ -104,10 +104,13 @@ class MemorySink:
     async def ping(self) -> None:
         return None
 
-    def subscribe(self, channel: str, maxsize: int = 10_000) -> asyncio.Queue[bytes]:
-        """A queue that gets every message published to ``channel`` from now on (dropped when full)."""
+    def subscribe(self, *channels: str, maxsize: int = 10_000) -> asyncio.Queue[bytes]:
+        """A queue that gets every message published to any of ``channels`` from now on, in the order
+        published (like one Redis subscription; so a heartbeat never overtakes the ``l2`` before it).
+        When the queue is full messages are dropped: the subscriber sees a gap and resyncs."""
         queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize)
-        self._subscribers.setdefault(channel, []).append(queue)
+        for channel in channels:
+            self._subscribers.setdefault(channel, []).append(queue)
         return queue
 
     async def send(self, commands: Sequence[Outgoing]) -> None:

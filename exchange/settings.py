@@ -106,7 +106,10 @@ class SourceSettings:
 
 @dataclass(frozen=True, slots=True)
 class PublisherSettings:
-    kind: str = "kafka"  # kafka: durable events to [kafka] events_topic | none: in-process listeners only
+    kind: str = "kafka"  # kafka: durable events to [kafka] events_topic | none: no order events or trades to Kafka
+    # redis: market data over Redis pub/sub when [redis] enabled (else none) | memory: an in-process bus
+    # (exchange.fanout.MemorySink, Daemon.marketdata) with the same channels, key and messages
+    marketdata: str = "redis"
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,6 +313,7 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("storage", "synchronous"): ("full", "normal"),
     ("source", "kind"): ("kafka", "generator"),
     ("publisher", "kind"): ("kafka", "none"),
+    ("publisher", "marketdata"): ("redis", "memory"),
 }
 
 # settings that name files: they must exist when set
@@ -373,6 +377,9 @@ def _check_adapters(settings: Settings, where: str) -> None:
     if settings.order_source.kind == "kafka" and settings.publisher.kind != "kafka":
         raise ConfigError(f"{where} [publisher]: kind 'none' needs [source] kind 'generator': the Kafka source "
                           "sends dead letters and rejections through the Kafka publisher")
+    if settings.publisher.marketdata == "memory" and settings.redis.enabled:
+        raise ConfigError(f"{where} [publisher]: marketdata 'memory' publishes in process, not to Redis: set "
+                          "[redis] enabled = false, or marketdata = \"redis\"")
     if settings.storage.kind == "sqlite" and not settings.storage.path:
         raise ConfigError(f"{where} [storage]: 'path' must name the SQLite file")
 

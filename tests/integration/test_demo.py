@@ -2,7 +2,8 @@
 
 - it runs headless for a few seconds and produces trades; a restart recovers the
   very books the first run left (same seq and state hash per instrument) and
-  goes on from there;
+  goes on from there; both times the view's books, kept from the in-process
+  market-data bus with the sync procedure, equal the engines' books at the end;
 - killed with SIGKILL mid-run, the store passes ``exchange recover --verify``, a
   restart recovers and continues, and every stored event equals what the same
   seeded flow gives when applied straight to fresh engines: nothing lost,
@@ -34,6 +35,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]
 SUMMARY = re.compile(r"^  (\S+): (\d+) orders .*?, (\d+) trades, .*; seq (\d+) -> (\d+), (\d+) resting, "
                      r"state hash (\w+)$", re.M)
+MARKET_DATA = re.compile(r"^  (\S+) market data: (.*)$", re.M)
 RECOVERED = re.compile(r"^  (\S+): seq (\d+), (\d+) open orders, state hash (\w+)$", re.M)
 
 
@@ -79,6 +81,12 @@ def test_demo_produces_trades_and_a_restart_recovers_the_same_books(tmp_path: Pa
         assert start == 0
         assert seq > orders
     assert '"event": "stopped"' in first.stderr  # the daemon's own shutdown path and summary line
+    # the view's books, kept from the in-process market-data bus, equal the engines' at their final seq
+    views = dict(MARKET_DATA.findall(first.stdout))
+    assert sorted(views) == sorted(symbols), first.stdout[-2000:]
+    for symbol, verdict in views.items():
+        assert verdict.startswith(f"the view's book (from the bus) equals the engine's at seq {ran[symbol][3]}:"), \
+            (symbol, verdict)
 
     second = demo(config, "--seconds", "2")
     assert second.returncode == 0, second.stderr[-3000:]
@@ -86,6 +94,9 @@ def test_demo_produces_trades_and_a_restart_recovers_the_same_books(tmp_path: Pa
     back = recovered(second.stdout)
     assert back == {symbol: (seq, resting, digest) for symbol, (_, _, _, seq, resting, digest) in ran.items()}
     went_on = summary(second.stdout)
+    verdicts = MARKET_DATA.findall(second.stdout)
+    assert len(verdicts) == len(symbols), second.stdout[-2000:]
+    assert all("equals the engine's" in v for _, v in verdicts), verdicts
     for symbol, (orders, _, start, seq, _, _) in went_on.items():
         assert start == ran[symbol][3]
         assert orders > 0

@@ -21,11 +21,15 @@ def config(tmp_path: Path, text: str) -> Path:
 def test_the_shipped_configurations() -> None:
     demo = load_settings(ROOT / "config" / "demo.toml")
     assert (demo.storage.kind, demo.order_source.kind, demo.publisher.kind) == ("sqlite", "generator", "none")
+    assert (demo.publisher.marketdata, demo.redis.enabled) == ("memory", False)  # the in-process bus
     assert demo.storage.path == ".exchange/demo.sqlite"
     assert demo.storage.synchronous == "full"
     assert demo.order_source.rate > 0
     served = load_settings(ROOT / "config" / "exchange.toml")  # no adapter sections: the servers, as before
     assert (served.storage.kind, served.order_source.kind, served.publisher.kind) == ("postgres", "kafka", "kafka")
+    assert (served.publisher.marketdata, served.redis.enabled) == ("redis", True)
+    compose = load_settings(ROOT / "config" / "compose.toml")  # no [redis] section: no market data, as before
+    assert (compose.publisher.marketdata, compose.redis.enabled) == ("redis", False)
 
 
 def test_generator_settings_are_read(tmp_path: Path) -> None:
@@ -48,6 +52,9 @@ def test_generator_settings_are_read(tmp_path: Path) -> None:
     ('[source]\nkind = "generator"\nclients = 0\n', "'clients' must be at least 1"),
     ('[publisher]\nkind = "none"\n', "kind 'none' needs [source] kind 'generator'"),
     ('[storage]\nkind = "sqlite"\npath = ""\n', "'path' must name the SQLite file"),
+    ('[publisher]\nmarketdata = "zeromq"\n', "[publisher]: 'marketdata' must be one of 'redis', 'memory'; got"),
+    ('[publisher]\nmarketdata = "memory"\n[redis]\nenabled = true\n',
+     "marketdata 'memory' publishes in process, not to Redis: set [redis] enabled = false"),
 ])
 def test_bad_adapter_settings_name_the_file_and_the_key(tmp_path: Path, text: str, message: str) -> None:
     path = config(tmp_path, text)
