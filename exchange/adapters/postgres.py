@@ -3,11 +3,12 @@
 :class:`PostgresStore` implements :class:`~exchange.journal.Store` (and
 :class:`~exchange.journal.History` for recovery) with asyncpg.
 
-One :meth:`~PostgresStore.commit` is ONE transaction and a handful of round
-trips whatever the batch size: events, trades and new orders go in by binary
-COPY; the pre-existing orders the batch touched are changed by one
-``UPDATE ... FROM`` over a JSON array of rows; positions, counters, offsets and
-snapshots by one ``INSERT ... SELECT ... ON CONFLICT`` each. The rows come from
+One :meth:`~PostgresStore.commit` is ONE transaction. A small batch is one
+round trip: a call of ``exchange_commit_batch`` (migration 003) with the whole
+batch as one JSON document. A large one (or one with snapshots) is a handful of
+round trips whatever its size: events, trades and new orders go in by binary
+COPY, then the same function changes the pre-existing orders, positions,
+counters and offsets, then the snapshots are written. The rows come from
 the pure :func:`exchange.storage_rows.derive_rows`. Per-row Python work is kept
 to building tuples: the NUMERIC columns of COPied rows are pre-encoded and
 cached (see "NUMERIC on the wire" below) and the updated rows' decimals are
@@ -99,61 +100,6 @@ _SQL_COMMIT_BATCH = "SELECT exchange_commit_batch($1::text::json)"
 
 _SQL_POSITIONS = """
 SELECT instrument, client_id, net_lots, cost, realized FROM positions WHERE instrument = ANY($1::text[])"""
-
-# The batch's changes to pre-existing orders and its positions travel as ONE JSON array of arrays each:
-# msgspec writes it in a fraction of a microsecond per row, where asyncpg's array parameters cost
-# ~2 us per row of Python (an isinstance check against collections.abc for every element); the server
-# unpacks either about as fast. Decimal columns are computed here from the ticks/lots and the
-# instruments' steps ($2-$4: one row per instrument).
-_SQL_UPDATE_ORDERS = """
-UPDATE orders AS o SET
-    remaining_lots = u.remaining_lots,
-    filled_lots = o.filled_lots + u.filled_delta,
-    qty_lots = COALESCE(u.qty_lots, o.qty_lots),
-    price_ticks = COALESCE(u.price_ticks, o.price_ticks),
-    priority = COALESCE(u.priority, o.priority),
-    -- an order that is no longer open must not change: NULL violates NOT NULL and fails the batch
-    status = CASE WHEN o.status IN ('open', 'partially_filled') THEN COALESCE(u.status, o.status) END,
-    updated_seq = u.updated_seq,
-    updated_ts_ns = u.updated_ts_ns,
-    price = CASE WHEN u.price_ticks IS NULL THEN o.price ELSE u.price_ticks * s.tick END,
-    qty = CASE WHEN u.qty_lots IS NULL THEN o.qty ELSE u.qty_lots * s.lot END
-FROM (
-    SELECT e->>0 AS instrument, (e->>1)::bigint AS order_id, (e->>2)::bigint AS remaining_lots,
-           (e->>3)::bigint AS filled_delta, (e->>4)::bigint AS qty_lots, (e->>5)::bigint AS price_ticks,
-           (e->>6)::bigint AS priority, e->>7 AS status, (e->>8)::bigint AS updated_seq,
-           (e->>9)::bigint AS updated_ts_ns
-    FROM jsonb_array_elements($1::text::jsonb) AS e
-) AS u
-JOIN unnest($2::text[], $3::numeric[], $4::numeric[]) AS s(instrument, tick, lot) ON s.instrument = u.instrument
-WHERE o.instrument = u.instrument AND o.order_id = u.order_id"""
-
-_SQL_POSITIONS_UPSERT = """
-INSERT INTO positions (client_id, instrument, net_lots, cost, realized, net_qty, realized_pnl, updated_seq)
-SELECT u.client_id, u.instrument, u.net_lots, u.cost, u.realized, u.net_lots * s.lot, u.realized * s.tick * s.lot,
-       u.updated_seq
-FROM (
-    SELECT e->>0 AS client_id, e->>1 AS instrument, (e->>2)::numeric AS net_lots, (e->>3)::numeric AS cost,
-           (e->>4)::numeric AS realized, (e->>5)::bigint AS updated_seq
-    FROM jsonb_array_elements($1::text::jsonb) AS e
-) AS u
-JOIN unnest($2::text[], $3::numeric[], $4::numeric[]) AS s(instrument, tick, lot) ON s.instrument = u.instrument
-ON CONFLICT (client_id, instrument) DO UPDATE SET
-    net_lots = EXCLUDED.net_lots, cost = EXCLUDED.cost, realized = EXCLUDED.realized,
-    net_qty = EXCLUDED.net_qty, realized_pnl = EXCLUDED.realized_pnl, updated_seq = EXCLUDED.updated_seq"""
-
-_SQL_PROGRESS_UPSERT = """
-INSERT INTO engine_progress (instrument, seq, next_order_id, next_trade_id, halted, updated_at)
-SELECT i, s, o, t, h, now()
-FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::boolean[]) AS u(i, s, o, t, h)
-ON CONFLICT (instrument) DO UPDATE SET
-    seq = EXCLUDED.seq, next_order_id = EXCLUDED.next_order_id, next_trade_id = EXCLUDED.next_trade_id,
-    halted = EXCLUDED.halted, updated_at = EXCLUDED.updated_at"""
-
-_SQL_OFFSETS_UPSERT = """
-INSERT INTO input_offsets (instrument, topic, partition, last_offset)
-SELECT * FROM unnest($1::text[], $2::text[], $3::integer[], $4::bigint[])
-ON CONFLICT (instrument, topic, partition) DO UPDATE SET last_offset = EXCLUDED.last_offset"""
 
 _SQL_SNAPSHOTS_INSERT = """
 INSERT INTO snapshots (instrument, seq, state_hash, order_count, state)
@@ -268,11 +214,6 @@ class PostgresStore:
     def _server_scale(self, spec: Instrument) -> Scale:
         return self._server_scales[spec.symbol]
 
-    def _steps(self, symbols: Iterable[str]) -> tuple[list[str], list[bytes], list[bytes]]:
-        """The ``(instrument, tick, lot)`` arrays the statements that compute decimals join with."""
-        names = sorted(symbols)
-        return names, [self._scales[n].price(1) for n in names], [self._scales[n].qty(1) for n in names]
-
     # ---------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
@@ -342,8 +283,8 @@ class PostgresStore:
         pool = self._require_pool()
         symbols = sorted(last)
         if (not batch.snapshots and all(symbol in self._progress for symbol in symbols)
-                and sum(len(item.events) for item in batch.applied) <= self.one_statement_max_events
-                and await self._commit_one_statement(pool, batch, symbols, last)):
+                and sum(len(item.events) for item in batch.applied) <= self.one_statement_max_events):
+            await self._commit_one_statement(pool, batch, symbols, last)
             return
         rows: BatchRows | None = None
         loaded: dict[str, dict[str, Position]] = {}  # instruments whose state this attempt read from the database
@@ -374,6 +315,8 @@ class PostgresStore:
             raise
         except RowError as exc:
             raise StoreUnavailable(f"batch refused: {exc}", retriable=False) from exc
+        except asyncpg.PostgresError as exc:
+            raise _commit_error(exc, last) from exc
         except Exception as exc:
             raise _unavailable(exc, f"committing a batch (last seq {last})") from exc
         # durable: adopt the new counters and positions
@@ -385,8 +328,8 @@ class PostgresStore:
                 self._positions.setdefault(symbol, {}).update(changed)
 
     async def _commit_one_statement(self, pool: asyncpg.Pool, batch: Batch, symbols: list[str],
-                                    last: dict[str, int]) -> bool:
-        """A small batch in ONE round trip: ``exchange_commit_batch`` (migration 002) in its own transaction.
+                                    last: dict[str, int]) -> None:
+        """A small batch in ONE round trip: ``exchange_commit_batch`` (migration 003) in its own transaction.
 
         A batch of a few dozen events spends most of a multi-statement commit
         waiting on round trips (about ten, each a scheduling hop on a busy
@@ -394,24 +337,11 @@ class PostgresStore:
         microseconds), the server computes the decimal columns, and the function
         checks the sequence and the updated-row count itself. Batches with
         snapshots or more than ``one_statement_max_events`` events, and the first
-        batch of an instrument this store has not loaded, take the COPY path; so
-        does (returning False) a batch that halts or resumes an instrument: the
-        function leaves ``engine_progress.halted`` as it is (migration 003 added it).
+        batch of an instrument this store has not loaded, take the COPY path.
         """
         try:
             rows = derive_rows(batch, self.specs, self._progress, self._positions, self._server_scale)
-            if any(p.halted != self._progress[symbol].halted for symbol, p in rows.progress.items()):
-                return False
-            progress = [(symbol, rows.first_seq[symbol], p.seq, p.next_order_id, p.next_trade_id)
-                        for symbol, p in sorted(rows.progress.items())]
-            steps = self._step_rows
-            doc = _encode_json({
-                "progress": progress, "steps": [steps[symbol] for symbol in sorted({r[0] for r in progress}
-                                                                                   | set(symbols))],
-                "events": rows.events, "trades": rows.trades, "orders": rows.new_orders,
-                "updates": rows.order_updates, "positions": rows.position_rows,
-                "offsets": [(*key, offset) for key, offset in sorted(rows.offsets.items())],
-            }).decode()
+            doc = self._document(rows, copied=False)
             async with pool.acquire(timeout=self.connect_timeout) as conn:
                 answer = await conn.fetchval(_SQL_COMMIT_BATCH, doc)
         except StoreUnavailable:
@@ -419,9 +349,7 @@ class PostgresStore:
         except RowError as exc:
             raise StoreUnavailable(f"batch refused: {exc}", retriable=False) from exc
         except asyncpg.PostgresError as exc:
-            if exc.sqlstate == "EXU01":
-                raise _rows_missing(exc.args[0] if exc.args else str(exc)) from exc
-            raise _unavailable(exc, f"committing a batch (last seq {last})") from exc
+            raise _commit_error(exc, last) from exc
         except Exception as exc:
             raise _unavailable(exc, f"committing a batch (last seq {last})") from exc
         if answer is not None:  # nothing was written: the stored sequence is not where the batch starts
@@ -433,14 +361,29 @@ class PostgresStore:
                 self._progress.pop(symbol, None)
                 self._positions.pop(symbol, None)
             _log.warning("batch already durable; commit acknowledged without writing", last_seq=last)
-            return True
+            return
         self.one_statement_commits += 1
         for symbol, prog in rows.progress.items():
             self._progress[symbol] = prog
             changed = rows.positions.get(symbol)
             if changed:
                 self._positions.setdefault(symbol, {}).update(changed)
-        return True
+
+    def _document(self, rows: BatchRows, *, copied: bool) -> str:
+        """The batch as ``exchange_commit_batch`` takes it; without events, trades and new orders if ``copied``.
+
+        One JSON document: msgspec writes it in a fraction of a microsecond per row, where asyncpg's array
+        parameters cost about 2 us per row of Python (an isinstance check for every element).
+        """
+        return _encode_json({
+            "progress": [(symbol, rows.first_seq[symbol], p.seq, p.next_order_id, p.next_trade_id, p.halted)
+                         for symbol, p in sorted(rows.progress.items())],
+            "steps": list(self._step_rows.values()),
+            "events": [] if copied else rows.events, "trades": [] if copied else rows.trades,
+            "orders": [] if copied else rows.new_orders,
+            "updates": rows.order_updates, "positions": rows.position_rows,
+            "offsets": [(*key, offset) for key, offset in sorted(rows.offsets.items())],
+        }).decode()
 
     async def _write(self, conn: _Conn, rows: BatchRows) -> None:
         """Every row of one batch on one connection inside its transaction."""
@@ -450,25 +393,10 @@ class PostgresStore:
             await conn.copy_records_to_table("trades", records=rows.trades, columns=TRADE_COLUMNS)
         if rows.new_orders:
             await conn.copy_records_to_table("orders", records=rows.new_orders, columns=ORDER_COLUMNS)
-        if rows.order_updates:
-            status = await conn.execute(_SQL_UPDATE_ORDERS, _json(rows.order_updates),
-                                        *self._steps({u[0] for u in rows.order_updates}))
-            done = int(status.rsplit(" ", 1)[-1])
-            if done != len(rows.order_updates):
-                raise _rows_missing(f"{len(rows.order_updates)} stored orders should change but only {done} of "
-                                    "their rows were found")
-        if rows.position_rows:
-            await conn.execute(_SQL_POSITIONS_UPSERT, _json(rows.position_rows),
-                               *self._steps({p[1] for p in rows.position_rows}))
-        if rows.progress:
-            items = sorted(rows.progress.items())
-            await conn.execute(_SQL_PROGRESS_UPSERT, [s for s, _ in items], [p.seq for _, p in items],
-                               [p.next_order_id for _, p in items], [p.next_trade_id for _, p in items],
-                               [p.halted for _, p in items])
-        if rows.offsets:
-            keys = sorted(rows.offsets)
-            await conn.execute(_SQL_OFFSETS_UPSERT, [k[0] for k in keys], [k[1] for k in keys],
-                               [k[2] for k in keys], [rows.offsets[k] for k in keys])
+        # the rest -- updated orders, positions, counters, offsets -- as the one-statement path writes it
+        if await conn.fetchval(_SQL_COMMIT_BATCH, self._document(rows, copied=True)) is not None:
+            raise StoreUnavailable("the stored sequence moved while this transaction held its lock; another "
+                                   "writer? Stop the daemon and run `exchange recover --verify`.", retriable=False)
         if rows.snapshots:
             await conn.execute(_SQL_SNAPSHOTS_INSERT, *_columns(rows.snapshots, 5))
             await conn.execute(_SQL_SNAPSHOTS_PRUNE, sorted({s[0] for s in rows.snapshots}), self.snapshot_keep)
@@ -627,6 +555,13 @@ class PostgresStore:
                 pending.cancel()
 
 
+def _commit_error(exc: asyncpg.PostgresError, last: dict[str, int]) -> StoreUnavailable:
+    """A server error during a commit; ``EXU01`` is exchange_commit_batch finding stored orders missing."""
+    if exc.sqlstate == "EXU01":
+        return _rows_missing(exc.args[0] if exc.args else str(exc))
+    return _unavailable(exc, f"committing a batch (last seq {last})")
+
+
 def _rows_missing(what: str) -> StoreUnavailable:
     return StoreUnavailable(
         f"{what}: the orders table does not match the event stream (rows deleted, finished or edited by "
@@ -645,11 +580,6 @@ def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
 
 
 _encode_json = msgspec.json.Encoder().encode
-
-
-def _json(rows: list[tuple[Any, ...]]) -> str:
-    """Rows as one JSON array of arrays (unpacked by ``jsonb_array_elements`` in the statement)."""
-    return _encode_json(rows).decode()
 
 
 def _unavailable(exc: BaseException, doing: str) -> StoreUnavailable:

@@ -1,13 +1,14 @@
--- 002_commit_function: a small journal batch in ONE round trip.
+-- 003_commit_function: a journal batch's rows in ONE statement.
 --
 -- The journal writer commits a batch every few milliseconds. Under a light load a batch holds a few
 -- dozen events, and the multi-statement path (BEGIN, lock, three COPYs, four set-based statements,
 -- COMMIT) spends most of its time on round trips, not on work. This function does the same work in
 -- one statement, which PostgreSQL runs as its own transaction: the store sends the whole batch as one
 -- JSON document (see exchange/adapters/postgres.py, "the one-statement path") and gets back NULL when
--- it was written. Large batches and batches with snapshots still take the COPY path.
+-- it was written. Large batches COPY their events, trades and new orders first, inside a transaction,
+-- and then call this function for the rest (the events, trades and orders arrays are empty then).
 --
--- The document: {"progress": [[instrument, first_seq, last_seq, next_order_id, next_trade_id], ...],
+-- The document: {"progress": [[instrument, first_seq, last_seq, next_order_id, next_trade_id, halted], ...],
 --   "steps": [[instrument, tick, lot], ...],  -- decimal strings; the server computes price/qty columns
 --   "events": [[instrument, seq, ts_ns, type, order_id, client_id, payload_base64], ...],
 --   "trades": [[...TRADE_COLUMNS...]], "orders": [[...ORDER_COLUMNS...]],  -- price, qty: ignored (computed)
@@ -106,12 +107,12 @@ BEGIN
         net_lots = EXCLUDED.net_lots, cost = EXCLUDED.cost, realized = EXCLUDED.realized,
         net_qty = EXCLUDED.net_qty, realized_pnl = EXCLUDED.realized_pnl, updated_seq = EXCLUDED.updated_seq;
 
-    INSERT INTO engine_progress (instrument, seq, next_order_id, next_trade_id, updated_at)
-    SELECT e->>0, (e->>2)::bigint, (e->>3)::bigint, (e->>4)::bigint, now()
+    INSERT INTO engine_progress (instrument, seq, next_order_id, next_trade_id, halted, updated_at)
+    SELECT e->>0, (e->>2)::bigint, (e->>3)::bigint, (e->>4)::bigint, (e->>5)::boolean, now()
     FROM jsonb_array_elements(d->'progress') AS e
     ON CONFLICT (instrument) DO UPDATE SET
         seq = EXCLUDED.seq, next_order_id = EXCLUDED.next_order_id, next_trade_id = EXCLUDED.next_trade_id,
-        updated_at = EXCLUDED.updated_at;
+        halted = EXCLUDED.halted, updated_at = EXCLUDED.updated_at;
 
     INSERT INTO input_offsets (instrument, topic, partition, last_offset)
     SELECT e->>0, e->>1, (e->>2)::integer, (e->>3)::bigint
