@@ -30,7 +30,7 @@ def write_config(path: Path, *, instruments: Sequence[Instrument], bootstrap: st
                  group_id: str, http_port: int, snapshot_interval_s: float = 60.0, max_events: int = 5000,
                  linger_ms: float = 2.0, publish_events: bool = True, queue_size: int = 10_000,
                  journal_queue: int = 256, fetch_max_wait_ms: int = 10, redis_url: str | None = None,
-                 redis: dict[str, Any] | None = None) -> Path:
+                 redis: dict[str, Any] | None = None, log_level: str = "info") -> Path:
     """A daemon configuration; ``redis_url`` turns market data on (``redis``: more ``[redis]`` keys)."""
     lines = []
     for spec in instruments:
@@ -76,7 +76,7 @@ def write_config(path: Path, *, instruments: Sequence[Instrument], bootstrap: st
         "",
         "[log]",
         'format = "json"',
-        'level = "info"',
+        f'level = "{log_level}"',
     ]
     if redis_url is not None:
         lines += ["", "[redis]", "enabled = true", f'url = "{redis_url}"']
