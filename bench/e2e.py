@@ -215,7 +215,10 @@ async def latency_phase(args: argparse.Namespace, dsn: str, daemon: DaemonProces
         await asyncio.gather(*futures)
         final = expect.final()
         deadline = time.monotonic() + 60
-        while not all(done.get(sym, 0) >= seq for done in [await progress(conn)] for sym, seq in final.items()):
+        while True:
+            done = await progress(conn)
+            if all(done.get(sym, 0) >= seq for sym, seq in final.items()):
+                break
             daemon.check_alive()
             assert time.monotonic() < deadline, "the daemon did not catch up within 60 s"
             await asyncio.sleep(0.01)
