@@ -54,6 +54,11 @@ __all__ = ["MemorySink", "Outgoing", "Progress", "Publisher", "Sink", "SinkUnava
 Outgoing = tuple[str, str, bytes]  # ("publish", channel, message) or ("set", key, value)
 ChannelNames = Callable[[str, str], str]  # (kind, instrument) -> channel or key name ("book" is the key)
 _MAX_ROUND = 64  # batches taken per round at most (bounds one round's work)
+# A round stops taking batches once it holds this many events. A round's work runs on the daemon's one
+# thread between awaits, and the journal writer waits behind it: rounds of a few batches, and a yield
+# after each instrument's market data and every _YIELD_EVERY encoded events, keep the commit path moving.
+_ROUND_EVENTS = 2000
+_YIELD_EVERY = 1000
 
 
 class SinkUnavailable(Exception):
@@ -256,12 +261,14 @@ class Publisher:
                 continue
             batches: list[Batch] = []
             item: Batch | None = first
+            n_events = 0
             while True:
                 if item is None:
                     done = True
                     break
                 batches.append(item)
-                if len(batches) >= _MAX_ROUND or queue.empty():
+                n_events += sum(len(a.events) for a in item.applied)
+                if len(batches) >= _MAX_ROUND or n_events >= _ROUND_EVENTS or queue.empty():
                     break
                 item = queue.get_nowait()
             if batches:
@@ -323,6 +330,8 @@ class Publisher:
         for symbol, events in per.items():
             builder = self.builders[symbol]
             messages = builder.apply(events)
+            if len(events) >= _YIELD_EVERY:
+                await asyncio.sleep(0)  # let the journal writer and the loops run between instruments
             if not self.sink_up:
                 continue
             assert names is not None

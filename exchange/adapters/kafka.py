@@ -80,6 +80,7 @@ def client_options(kafka: KafkaSettings) -> dict[str, Any]:
 _POLL_MS = 50
 _log = get_logger("exchange.kafka")
 _PER_RECORD = 200  # events per batched record: well under the producer's 256 KiB batches
+_YIELD_EVERY = 1000  # encoded events between yields to the event loop
 _MAX_RECORDS = 1000  # per poll: bounds how long routing holds the event loop (a few ms)
 
 
@@ -460,10 +461,15 @@ class KafkaEventPublisher:
         by_client: dict[str, list[bytes]] = {}
         by_instrument: dict[str, list[bytes]] = {}
         encoders = self._encoders
+        encoded = 0
         for item in applied:
             encoder = encoders.get(item.instrument)
             if encoder is None:
                 encoder = encoders[item.instrument] = WireEncoder(self._specs[item.instrument])
+            encoded += len(item.events)
+            if encoded >= _YIELD_EVERY:
+                encoded = 0
+                await asyncio.sleep(0)  # the daemon's one thread: let the journal writer and the loops run
             for event in item.events:
                 value = encoder.encode(event)
                 if type(event) is OrderFilled:

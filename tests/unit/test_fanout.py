@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from exchange.fanout import MemorySink, Publisher, SinkUnavailable
+from exchange.fanout import _ROUND_EVENTS, MemorySink, Publisher, SinkUnavailable
 from exchange.journal import Applied, Batch
 from exchange.settings import ConfigError, RedisSettings, load_settings
 from tests.integration._workload import SPECS, Workload
@@ -103,6 +103,38 @@ def test_a_slow_output_blocks_the_writer_and_loses_nothing() -> None:
         for symbol in pub.published:
             assert pub.published[symbol] == work.engines[symbol].seq
         assert pub.kafka_error is None
+
+    asyncio.run(main())
+
+
+class RoundOutput:
+    """Records how many events each publish call (one round) carried."""
+
+    def __init__(self) -> None:
+        self.rounds: list[int] = []
+
+    async def publish(self, applied: Sequence[Applied]) -> None:
+        self.rounds.append(sum(len(a.events) for a in applied))
+
+
+def test_a_backlog_is_published_in_rounds_of_bounded_size() -> None:
+    """A round runs on the daemon's one thread; a backlog must not become one long round."""
+    async def main() -> None:
+        work = Workload(seed=5)
+        batches = work.batches(3000, max_batch=200, snapshot_every=0)  # fewer than _MAX_ROUND batches
+        output = RoundOutput()
+        pub = await _publisher(output, MemorySink(), queue_size=len(batches) + 1)
+        for batch in batches:  # the whole backlog is queued before the publisher runs
+            await pub.on_durable(batch)
+        await pub.close()
+        await pub.run()
+        total = sum(len(a.events) for b in batches for a in b.applied)
+        assert sum(output.rounds) == total > 4000
+        biggest_batch = max(sum(len(a.events) for a in b.applied) for b in batches)
+        assert len(output.rounds) > 1
+        assert max(output.rounds) < _ROUND_EVENTS + biggest_batch
+        for symbol in pub.published:
+            assert pub.published[symbol] == work.engines[symbol].seq
 
     asyncio.run(main())
 
