@@ -39,7 +39,7 @@ import asyncpg
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from bench.e2e import INSTRUMENTS, preload, say
+from bench.e2e import INSTRUMENTS, _admin, preload, say
 from exchange.testing.broker import KafkaBroker
 from exchange.testing.flow import OrderFlow
 
@@ -168,14 +168,6 @@ async def latency(args: argparse.Namespace, bootstrap: str, flow: OrderFlow, loo
           f"max {latencies[-1]:.1f} ms (send to durable commit)", flush=True)
 
 
-async def admin(dsn: str, sql: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--orders", type=int, default=200_000, help="messages preloaded for phase 1")
@@ -186,13 +178,13 @@ def main() -> None:
     args = parser.parse_args()
     db = f"exchange_floor_{uuid.uuid4().hex[:8]}"
     dsn = args.pg.rpartition("/")[0] + "/" + db
-    asyncio.run(admin(args.pg, f'CREATE DATABASE "{db}"'))
+    asyncio.run(_admin(args.pg, f'CREATE DATABASE "{db}"'))
     try:
         with KafkaBroker() as broker:
             broker.create_topics({TOPIC: 3})
             asyncio.run(run(args, broker.bootstrap_servers, dsn))
     finally:
-        asyncio.run(admin(args.pg, f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
+        asyncio.run(_admin(args.pg, f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
 
 
 if __name__ == "__main__":
