@@ -55,8 +55,9 @@ Outgoing = tuple[str, str, bytes]  # ("publish", channel, message) or ("set", ke
 ChannelNames = Callable[[str, str], str]  # (kind, instrument) -> channel or key name ("book" is the key)
 _MAX_ROUND = 64  # batches taken per round at most (bounds one round's work)
 # A round stops taking batches once it holds this many events. A round's work runs on the daemon's one
-# thread between awaits, and the journal writer waits behind it: rounds of a few batches, and a yield
-# after each instrument's market data and every _YIELD_EVERY encoded events, keep the commit path moving.
+# thread between awaits, and the journal writer waits behind it: short rounds, a yield after an
+# instrument's market data of at least _YIELD_EVERY events, and one every 1,000 events the Kafka
+# publisher encodes (exchange/adapters/kafka.py) keep the commit path moving.
 _ROUND_EVENTS = 2000
 _YIELD_EVERY = 1000
 
