@@ -292,13 +292,21 @@ class Daemon:
         wall_clock = self.source is not None and self.source.wall_clock_timestamps  # else the source measures
         per_instrument: dict[str, list[Any]] = {}
         partition_of = self._partition_of  # one instrument's orders all come from one partition (key = instrument)
+        latencies: list[float] = []
         for item in batch.applied:
-            per_instrument.setdefault(item.instrument, []).extend(item.events)
+            events = item.events
             pos = item.position
             if pos is not None:
                 partition_of[item.instrument] = (pos.topic, pos.partition)
-                if wall_clock and item.events:
-                    m.order_latency.observe(max(0, now_ns - item.events[0].ts_ns) / 1e9)
+                if wall_clock and events:
+                    latencies.append(max(0, now_ns - events[0].ts_ns) / 1e9)
+            if events:
+                lst = per_instrument.get(item.instrument)
+                if lst is None:
+                    lst = per_instrument[item.instrument] = []
+                lst += events
+        if latencies:
+            m.order_latency.observe_many(latencies)
         for symbol, events in per_instrument.items():
             m.count_events(symbol, events)
         now = time.monotonic()

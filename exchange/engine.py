@@ -27,7 +27,7 @@ from exchange.matching import MatchingEngine
 __all__ = ["Control", "Inbound", "InstrumentLoop", "JournalItem"]
 
 JournalItem = Applied | SnapshotRequest
-_CHUNK = 512  # commands applied per wake-up before yielding to the event loop
+_CHUNK = 128  # commands applied per wake-up before yielding to the event loop
 
 
 class Inbound(msgspec.Struct, frozen=True, gc=False):
@@ -94,6 +94,14 @@ class InstrumentLoop:
             if self._metrics is not None:
                 self._metrics.commands_applied(self.symbol, applied, queue.qsize())
             if out:
-                await self._journal.put(out)
+                journal = self._journal
+                if journal.full():
+                    await journal.put(out)  # back-pressure: waits for the writer
+                else:
+                    journal.put_nowait(out)
+                    # yield: neither put() with room nor get() on a non-empty queue suspends, so without
+                    # this a loop with a backlog would apply all of it in one go, holding up every other
+                    # task (the journal writer's round trips above all) for tens of milliseconds
+                    await asyncio.sleep(0)
             if stop:
                 return

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import msgspec
 
@@ -25,8 +25,8 @@ from exchange.events import Event
 from exchange.instruments import Instrument
 from exchange.matching import EngineState
 
-__all__ = ["Applied", "Batch", "History", "InputPosition", "Position", "Recovered", "SnapshotRequest", "Store",
-           "StoreUnavailable"]
+__all__ = ["Applied", "Batch", "History", "InputPosition", "Position", "PreparingStore", "Recovered",
+           "SnapshotRequest", "Store", "StoreUnavailable"]
 
 
 class InputPosition(msgspec.Struct, frozen=True, gc=False):
@@ -128,6 +128,21 @@ class Store(Protocol):
     async def commit(self, batch: Batch) -> None:
         """Make the batch durable in one transaction, or raise :class:`StoreUnavailable`."""
         ...
+
+
+@runtime_checkable
+class PreparingStore(Protocol):
+    """A store that can do a batch's CPU work before its turn to commit (see ``JournalWriter.run``).
+
+    ``prepare`` is called with each batch, in order, before that batch's ``commit``, possibly while
+    the previous batch's commit is still in flight; it returns what ``commit`` takes as ``prepared``
+    (or None: ``commit`` then does all the work itself). ``commit`` must stay correct whatever
+    happened in between: ``prepared`` is a hint, never a promise.
+    """
+
+    def prepare(self, batch: Batch) -> object: ...
+
+    async def commit(self, batch: Batch, prepared: Any = None) -> None: ...
 
 
 @runtime_checkable

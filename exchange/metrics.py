@@ -13,13 +13,57 @@ Labels stay bounded: ``instrument`` (configured), ``reason`` (an enum),
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from exchange.events import Event, OrderAccepted, OrderFilled, OrderRejected
 
-__all__ = ["Metrics"]
+__all__ = ["BulkHistogram", "Metrics"]
+
+
+class BulkHistogram:
+    """A histogram without labels that takes a whole batch of observations in one call.
+
+    ``prometheus_client.Histogram.observe`` takes a lock and walks the buckets
+    for every value: about 5 us. The order latency is observed once per command
+    when its batch is durable, 200,000 times for 200,000 orders, which cost the
+    writer's coroutine about 7 % of the daemon's thread (py-spy). The daemon
+    observes from its one event-loop thread only, so plain counters suffice here;
+    the exposition is the same as a ``Histogram``'s (``_bucket``, ``_count``,
+    ``_sum``).
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._bounds = (*sorted(buckets), float("inf"))
+        self._labels: list[str] = [floatToGoString(b) for b in self._bounds]  # type: ignore[no-untyped-call]
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+        registry.register(self)
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect_left(self._bounds, value)] += 1
+        self._sum += value
+
+    def observe_many(self, values: Iterable[float]) -> None:
+        counts, bounds = self._counts, self._bounds
+        total = 0.0
+        for value in values:
+            counts[bisect_left(bounds, value)] += 1
+            total += value
+        self._sum += total
+
+    def collect(self) -> Iterator[Metric]:
+        cumulative, buckets = 0, []
+        for label, count in zip(self._labels, self._counts, strict=True):
+            cumulative += count
+            buckets.append((label, float(cumulative)))
+        yield HistogramMetricFamily(self._name, self._documentation, buckets=buckets, sum_value=self._sum)
 
 
 class Metrics:
@@ -35,11 +79,11 @@ class Metrics:
         self.traded_lots = Counter("exchange_traded_lots_total", "Traded quantity in lots", ["instrument"],
                                    registry=r)
         self.events = Counter("exchange_events_total", "Events made durable", ["instrument"], registry=r)
-        self.order_latency = Histogram("exchange_order_latency_seconds",
-                                       "From the input's timestamp to its batch being durable",
-                                       buckets=(.001, .002, .005, .01, .015, .02, .025, .03, .04, .05, .1, .25, .5,
-                                                1, 2.5, 5, 10),
-                                       registry=r)
+        self.order_latency = BulkHistogram("exchange_order_latency_seconds",
+                                           "From the input's timestamp to its batch being durable",
+                                           buckets=(.001, .002, .005, .01, .015, .02, .025, .03, .04, .05, .1, .25,
+                                                    .5, 1, 2.5, 5, 10),
+                                           registry=r)
         self.queue_depth_gauge = Gauge("exchange_queue_depth", "Commands waiting in an instrument's queue",
                                        ["instrument"], registry=r)
         self.book_orders = Gauge("exchange_book_orders", "Resting orders", ["instrument"], registry=r)

@@ -20,15 +20,21 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple, cast
 
 from exchange.engine import JournalItem
-from exchange.journal import Applied, Batch, SnapshotRequest, Store, StoreUnavailable
+from exchange.journal import Applied, Batch, PreparingStore, SnapshotRequest, Store, StoreUnavailable
 from exchange.logging import get_logger
 
 __all__ = ["JournalWriter"]
 
 DurableListener = Callable[[Batch], Awaitable[None]]
+_SETTLED = object()  # _get_or_settle: the commit in flight ended before a chunk came
+
+
+class _InFlight(NamedTuple):
+    task: asyncio.Task[None]
+    batch: Batch
 
 
 class JournalWriter:
@@ -36,6 +42,7 @@ class JournalWriter:
                  linger_ms: float = 2.0, backoff_max_s: float = 5.0,
                  listeners: Sequence[DurableListener] = (), metrics: Any = None) -> None:
         self._store = store
+        self._preparing = store if isinstance(store, PreparingStore) else None
         self._queue = queue
         self._max_events = max_events
         self._linger_s = linger_ms / 1000
@@ -55,34 +62,104 @@ class JournalWriter:
         self._listeners.append(listener)
 
     async def run(self) -> None:
-        """Commit batches until a ``None`` sentinel arrives on the queue (after the loops stopped)."""
+        """Commit batches until a ``None`` sentinel arrives on the queue (after the loops stopped).
+
+        One commit is in flight at a time, as a task. While it runs, the writer gathers the next
+        batch; if that batch is full before the commit ends, the store prepares its rows then
+        (:class:`~exchange.journal.PreparingStore`), so their CPU work overlaps the database's
+        work on the batch before. A batch that is not full keeps gathering until the commit in
+        flight ends (then at most ``linger_ms`` more), so under moderate load a batch holds what
+        arrived during the previous commit, as without the overlap. The listeners of a durable
+        batch run once the next commit has started, always in batch order.
+        """
         queue = self._queue
+        prepare = self._preparing.prepare if self._preparing is not None else None
+        inflight: _InFlight | None = None
         done = False
-        while not done:
-            first = await queue.get()
-            if first is None:
-                return
-            applied: list[Applied] = []
-            snapshots: list[SnapshotRequest] = []
-            n_events = self._take(first, applied, snapshots)
-            deadline = time.monotonic() + self._linger_s
-            while n_events < self._max_events:
-                if queue.empty():
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    try:
-                        chunk = await asyncio.wait_for(queue.get(), remaining)
-                    except TimeoutError:
-                        break
+        try:
+            while not done:
+                first: object
+                if inflight is None:
+                    first = await queue.get()
                 else:
-                    chunk = queue.get_nowait()
-                if chunk is None:
-                    done = True
+                    first, inflight = await self._get_or_settle(inflight)
+                    if first is _SETTLED:
+                        continue
+                if first is None:
                     break
-                n_events += self._take(chunk, applied, snapshots)
-            if applied or snapshots:
-                await self._commit(Batch(applied, snapshots), n_events)
+                applied: list[Applied] = []
+                snapshots: list[SnapshotRequest] = []
+                n_events = self._take(cast(list[JournalItem], first), applied, snapshots)
+                deadline = time.monotonic() + self._linger_s
+                while n_events < self._max_events:
+                    chunk: object
+                    if not queue.empty():
+                        chunk = queue.get_nowait()
+                    elif inflight is not None:  # keep gathering while the previous commit runs
+                        chunk, inflight = await self._get_or_settle(inflight)
+                        if chunk is _SETTLED:  # it ended: from now on, at most the linger
+                            deadline = time.monotonic() + self._linger_s
+                            continue
+                    else:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        try:
+                            chunk = await asyncio.wait_for(queue.get(), remaining)
+                        except TimeoutError:
+                            break
+                    if chunk is None:
+                        done = True
+                        break
+                    n_events += self._take(cast(list[JournalItem], chunk), applied, snapshots)
+                if not applied and not snapshots:
+                    continue
+                batch = Batch(applied, snapshots)
+                prepared = None
+                if prepare is not None:
+                    try:
+                        prepared = prepare(batch)  # overlaps the commit in flight, if any
+                    except Exception:  # the commit derives the rows again and reports the error
+                        prepared = None
+                previous = inflight
+                if previous is not None:
+                    await previous.task  # raises if that commit failed for good
+                inflight = _InFlight(asyncio.create_task(self._commit(batch, n_events, prepared),
+                                                         name="journal-commit"), batch)
+                if previous is not None:
+                    await asyncio.sleep(0)  # let the commit send its first statement before the listeners run
+                    await self._notify(previous.batch)  # while the next commit runs
+            if inflight is not None:
+                await inflight.task
+                await self._notify(inflight.batch)
+                inflight = None
+        finally:
+            if inflight is not None and not inflight.task.done():
+                inflight.task.cancel()
+                await asyncio.gather(inflight.task, return_exceptions=True)
+
+    async def _get_or_settle(self, inflight: _InFlight) -> tuple[object, _InFlight | None]:
+        """The next chunk from the queue, or, if the commit in flight ends first, ``_SETTLED``: that
+        commit's outcome is raised if it failed for good, else its listeners have run."""
+        queue = self._queue
+        if not queue.empty():
+            return queue.get_nowait(), inflight
+        if not inflight.task.done():
+            getter = asyncio.ensure_future(queue.get())
+            try:
+                await asyncio.wait((getter, inflight.task), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not getter.done():
+                    getter.cancel()  # Queue.get takes the item only when it resumes: nothing is lost
+            if getter.done() and not getter.cancelled():
+                return getter.result(), inflight
+        await inflight.task
+        await self._notify(inflight.batch)
+        return _SETTLED, None
+
+    async def _notify(self, batch: Batch) -> None:
+        for listener in self._listeners:
+            await listener(batch)
 
     @staticmethod
     def _take(chunk: list[JournalItem], applied: list[Applied], snapshots: list[SnapshotRequest]) -> int:
@@ -95,14 +172,17 @@ class JournalWriter:
                 snapshots.append(item)  # type: ignore[arg-type]
         return n
 
-    async def _commit(self, batch: Batch, n_events: int) -> None:
+    async def _commit(self, batch: Batch, n_events: int, prepared: object = None) -> None:
         delay = 0.05
         attempt = 0
         while True:
             attempt += 1
             started = time.perf_counter()
             try:
-                await self._store.commit(batch)
+                if prepared is not None and self._preparing is not None:
+                    await self._preparing.commit(batch, prepared)
+                else:
+                    await self._store.commit(batch)
             except StoreUnavailable as exc:
                 if not exc.retriable:
                     self._log.critical("journal commit failed and cannot be retried; stopping", error=str(exc))
@@ -134,5 +214,3 @@ class JournalWriter:
         self.events += n_events
         if self._metrics is not None:
             self._metrics.batch_committed(n_events, elapsed)
-        for listener in self._listeners:
-            await listener(batch)

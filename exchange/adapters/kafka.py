@@ -81,6 +81,7 @@ _POLL_MS = 50
 _log = get_logger("exchange.kafka")
 _PER_RECORD = 200  # events per batched record: well under the producer's 256 KiB batches
 _YIELD_EVERY = 1000  # encoded events between yields to the event loop
+_ROUTE_SLICE = 200  # records routed between yields to the event loop
 _MAX_RECORDS = 1000  # per poll: bounds how long routing holds the event loop (a few ms)
 
 
@@ -164,6 +165,7 @@ class OrderSource:
                 now_ms = time.time() * 1000
                 for batch in records.values():
                     metrics.consume_delay.observe(max(0.0, now_ms - batch[0].timestamp) / 1000)
+            routed = 0
             for tp, batch in records.items():
                 for record in batch:
                     pending = self._route(consumer, tp, record)
@@ -171,6 +173,9 @@ class OrderSource:
                         await pending
                     if self._stopping.is_set():
                         break
+                    routed += 1
+                    if routed % _ROUTE_SLICE == 0:
+                        await asyncio.sleep(0)  # let the journal writer's round trips through
             if not self.caught_up:
                 self._check_caught_up(consumer)
             now = time.monotonic()

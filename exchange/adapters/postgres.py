@@ -45,7 +45,9 @@ import asyncio
 import ssl
 import struct
 import time
+from collections import ChainMap
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -73,7 +75,7 @@ from exchange.storage_rows import (
 )
 from exchange.types import Side, StpMode
 
-__all__ = ["PostgresStore", "connect_options"]
+__all__ = ["PostgresStore", "PreparedBatch", "connect_options"]
 
 _log = structlog.get_logger("exchange.store")
 _recovery_log = structlog.get_logger("exchange.recovery")  # loading is part of recovery
@@ -171,6 +173,18 @@ def connect_options(postgres: PostgresSettings) -> dict[str, Any]:
     return options
 
 
+@dataclass(slots=True, eq=False)
+class PreparedBatch:
+    """A batch's rows derived ahead of its commit (:meth:`PostgresStore.prepare`), and what they assumed."""
+
+    rows: BatchRows
+    basis: dict[str, Progress]  # per instrument of the batch, the counters the rows continue
+    generation: int
+    one_statement: bool  # small enough for exchange_commit_batch alone
+    document: str  # exchange_commit_batch's argument (without the COPied rows unless one_statement)
+    last: dict[str, int]  # the batch's last seq per instrument
+
+
 class PostgresStore:
     """Durable storage in PostgreSQL (see the module docstring).
 
@@ -206,6 +220,10 @@ class PostgresStore:
         self._server_scales = {symbol: _ServerScale(spec) for symbol, spec in self.specs.items()}
         self._step_rows = {symbol: (symbol, format(sc.tick, "f"), format(sc.lot, "f"))
                            for symbol, sc in self._server_scales.items()}
+        # batches prepared ahead and not yet committed, oldest first (see prepare()); the generation
+        # moves whenever the cached state is dropped, which invalidates everything prepared before
+        self._ahead: list[PreparedBatch] = []
+        self._generation = 0
         self.one_statement_commits = 0  # how many batches took the one-statement path (tests, metrics)
 
     def _scale(self, spec: Instrument) -> Scale:
@@ -274,23 +292,99 @@ class PostgresStore:
 
     # ------------------------------------------------------------------- commit
 
-    async def commit(self, batch: Batch) -> None:
-        """Make ``batch`` durable in one transaction, or raise :class:`StoreUnavailable`."""
-        last = batch.last_seq()
+    def prepare(self, batch: Batch) -> PreparedBatch | None:
+        """Derive ``batch``'s rows now, as if every batch prepared or committing before it were durable.
+
+        The journal writer calls this while the previous batch's commit is in flight, so the CPU work
+        of a batch (its rows, the COPY path's tuples, the JSON document) overlaps the database's
+        work on the one before it. The rows are computed from the committed counters and positions
+        with the rows of the batches prepared and not yet committed laid over them, and carry that
+        basis: :meth:`commit` uses them only if the committed state is still exactly that basis
+        when their turn comes, and derives them again otherwise. None if an instrument of the batch
+        has not been loaded (its state is read inside the committing transaction).
+        """
+        prepared = self._derive(batch, batch.last_seq(), ahead=True)
+        if prepared is not None:
+            self._ahead.append(prepared)
+        return prepared
+
+    def _derive(self, batch: Batch, last: dict[str, int], *, ahead: bool) -> PreparedBatch | None:
+        progress: Mapping[str, Progress] = self._progress
+        positions: Mapping[str, Mapping[str, Position]] = self._positions
+        if any(symbol not in progress for symbol in last):
+            return None
+        if ahead and self._ahead:  # lay the uncommitted batches' outcome over the committed state
+            progress, positions = dict(progress), dict(positions)
+            for earlier in self._ahead:
+                progress.update(earlier.rows.progress)
+                for symbol, changed in earlier.rows.positions.items():
+                    positions[symbol] = ChainMap(changed, positions.get(symbol) or {})  # type: ignore[arg-type]
+        one = (not batch.snapshots
+               and sum(len(item.events) for item in batch.applied) <= self.one_statement_max_events)
+        try:
+            rows = derive_rows(batch, self.specs, progress, positions, self._server_scale if one else self._scale)
+        except RowError as exc:
+            raise StoreUnavailable(f"batch refused: {exc}", retriable=False) from exc
+        return PreparedBatch(rows, {symbol: progress[symbol] for symbol in last}, self._generation, one,
+                             self._document(rows, copied=not one), last)
+
+    def _usable(self, prepared: PreparedBatch) -> bool:
+        """Were ``prepared``'s rows derived from exactly the state that is committed now?"""
+        return prepared.generation == self._generation and all(
+            self._progress.get(symbol) == basis for symbol, basis in prepared.basis.items())
+
+    def _settled(self, prepared: PreparedBatch | None) -> None:
+        """``prepared`` was committed (or replaced): it no longer lies over the committed state; nor does
+        anything prepared whose batch the committed counters have passed (committed without its rows)."""
+        if self._ahead:
+            progress = self._progress
+            self._ahead = [p for p in self._ahead if p is not prepared and any(
+                symbol in progress and progress[symbol].seq < prog.seq for symbol, prog in p.rows.progress.items())]
+
+    def _forget(self, symbols: Iterable[str]) -> None:
+        """Drop the cached state of ``symbols`` (reloaded from the database) and every prepared batch."""
+        for symbol in symbols:
+            self._progress.pop(symbol, None)
+            self._positions.pop(symbol, None)
+        self._generation += 1
+        self._ahead.clear()
+
+    def _adopt(self, rows: BatchRows) -> None:
+        """``rows`` are durable: the committed counters and positions move to their end."""
+        for symbol, prog in rows.progress.items():
+            self._progress[symbol] = prog
+            changed = rows.positions.get(symbol)
+            if changed:
+                self._positions.setdefault(symbol, {}).update(changed)
+
+    async def commit(self, batch: Batch, prepared: PreparedBatch | None = None) -> None:
+        """Make ``batch`` durable in one transaction, or raise :class:`StoreUnavailable`.
+
+        ``prepared`` is what :meth:`prepare` returned for this very batch (a retry passes it again).
+        """
+        last = prepared.last if prepared is not None else batch.last_seq()
         if last and all(symbol in self._progress and self._progress[symbol].seq >= seq
                         for symbol, seq in last.items()):
+            self._settled(prepared)
             return  # this store already committed it: a retry after success
+        if prepared is not None and not self._usable(prepared):
+            self._settled(prepared)
+            prepared = None
+        now = prepared if prepared is not None else self._derive(batch, last, ahead=False)
         pool = self._require_pool()
         symbols = sorted(last)
-        if (not batch.snapshots and all(symbol in self._progress for symbol in symbols)
-                and sum(len(item.events) for item in batch.applied) <= self.one_statement_max_events):
-            await self._commit_one_statement(pool, batch, symbols, last)
-            return
-        rows: BatchRows | None = None
+        if now is not None and now.one_statement:
+            await self._commit_one_statement(pool, now, symbols, last)
+        else:
+            await self._commit_copy(pool, batch, now, symbols, last)
+        self._settled(prepared)
+
+    async def _commit_copy(self, pool: asyncpg.Pool, batch: Batch, prepared: PreparedBatch | None,
+                           symbols: list[str], last: dict[str, int]) -> None:
+        rows = prepared.rows if prepared is not None else None
+        document = prepared.document if prepared is not None else None
         loaded: dict[str, dict[str, Position]] = {}  # instruments whose state this attempt read from the database
         try:
-            if all(symbol in self._progress for symbol in symbols):
-                rows = derive_rows(batch, self.specs, self._progress, self._positions, self._scale)
             async with pool.acquire(timeout=self.connect_timeout) as conn, conn.transaction():
                 stored = {r["instrument"]: Progress(r["seq"], r["next_order_id"], r["next_trade_id"], r["halted"])
                           for r in await conn.fetch(_SQL_PROGRESS_LOCK, symbols)}
@@ -305,12 +399,10 @@ class PostgresStore:
                 if already_durable(rows, stored):
                     # an earlier attempt committed but its acknowledgement was lost: nothing to write;
                     # forget the cached state of these instruments, it is reloaded from the database
-                    for symbol in symbols:
-                        self._progress.pop(symbol, None)
-                        self._positions.pop(symbol, None)
+                    self._forget(symbols)
                     _log.warning("batch already durable; commit acknowledged without writing", last_seq=last)
                     return
-                await self._write(conn, rows)
+                await self._write(conn, rows, document or self._document(rows, copied=True))
         except StoreUnavailable:
             raise
         except RowError as exc:
@@ -321,13 +413,9 @@ class PostgresStore:
             raise _unavailable(exc, f"committing a batch (last seq {last})") from exc
         # durable: adopt the new counters and positions
         self._positions.update(loaded)
-        for symbol, prog in rows.progress.items():
-            self._progress[symbol] = prog
-            changed = rows.positions.get(symbol)
-            if changed:
-                self._positions.setdefault(symbol, {}).update(changed)
+        self._adopt(rows)
 
-    async def _commit_one_statement(self, pool: asyncpg.Pool, batch: Batch, symbols: list[str],
+    async def _commit_one_statement(self, pool: asyncpg.Pool, prepared: PreparedBatch, symbols: list[str],
                                     last: dict[str, int]) -> None:
         """A small batch in ONE round trip: ``exchange_commit_batch`` (migration 003) in its own transaction.
 
@@ -339,15 +427,12 @@ class PostgresStore:
         snapshots or more than ``one_statement_max_events`` events, and the first
         batch of an instrument this store has not loaded, take the COPY path.
         """
+        rows = prepared.rows
         try:
-            rows = derive_rows(batch, self.specs, self._progress, self._positions, self._server_scale)
-            doc = self._document(rows, copied=False)
             async with pool.acquire(timeout=self.connect_timeout) as conn:
-                answer = await conn.fetchval(_SQL_COMMIT_BATCH, doc)
+                answer = await conn.fetchval(_SQL_COMMIT_BATCH, prepared.document)
         except StoreUnavailable:
             raise
-        except RowError as exc:
-            raise StoreUnavailable(f"batch refused: {exc}", retriable=False) from exc
         except asyncpg.PostgresError as exc:
             raise _commit_error(exc, last) from exc
         except Exception as exc:
@@ -357,17 +442,11 @@ class PostgresStore:
             if not already_durable(rows, stored):  # raises if it is neither durable nor next
                 raise StoreUnavailable(f"batch refused by the database although it continues {stored}",
                                        retriable=False)
-            for symbol in symbols:
-                self._progress.pop(symbol, None)
-                self._positions.pop(symbol, None)
+            self._forget(symbols)
             _log.warning("batch already durable; commit acknowledged without writing", last_seq=last)
             return
         self.one_statement_commits += 1
-        for symbol, prog in rows.progress.items():
-            self._progress[symbol] = prog
-            changed = rows.positions.get(symbol)
-            if changed:
-                self._positions.setdefault(symbol, {}).update(changed)
+        self._adopt(rows)
 
     def _document(self, rows: BatchRows, *, copied: bool) -> str:
         """The batch as ``exchange_commit_batch`` takes it; without events, trades and new orders if ``copied``.
@@ -385,8 +464,8 @@ class PostgresStore:
             "offsets": [(*key, offset) for key, offset in sorted(rows.offsets.items())],
         }).decode()
 
-    async def _write(self, conn: _Conn, rows: BatchRows) -> None:
-        """Every row of one batch on one connection inside its transaction."""
+    async def _write(self, conn: _Conn, rows: BatchRows, document: str) -> None:
+        """Every row of one batch on one connection inside its transaction (``document``: the rest, as JSON)."""
         if rows.events:
             await conn.copy_records_to_table("order_events", records=rows.events, columns=EVENT_COLUMNS)
         if rows.trades:
@@ -394,7 +473,7 @@ class PostgresStore:
         if rows.new_orders:
             await conn.copy_records_to_table("orders", records=rows.new_orders, columns=ORDER_COLUMNS)
         # the rest -- updated orders, positions, counters, offsets -- as the one-statement path writes it
-        if await conn.fetchval(_SQL_COMMIT_BATCH, self._document(rows, copied=True)) is not None:
+        if await conn.fetchval(_SQL_COMMIT_BATCH, document) is not None:
             raise StoreUnavailable("the stored sequence moved while this transaction held its lock; another "
                                    "writer? Stop the daemon and run `exchange recover --verify`.", retriable=False)
         if rows.snapshots:

@@ -163,6 +163,70 @@ def test_terminated_connection_mid_commit_is_retriable_and_the_retry_writes_once
     run(scenario())
 
 
+async def commit_one_ahead(store: PostgresStore, batches: list[Batch]) -> None:
+    """As the journal writer does under load: each batch is prepared before the previous one commits."""
+    prepared = [store.prepare(batches[0])] if batches else []
+    for i, batch in enumerate(batches):
+        if i + 1 < len(batches):
+            prepared.append(store.prepare(batches[i + 1]))
+        await store.commit(batch, prepared[i])
+
+
+def test_batches_prepared_ahead_write_what_batches_committed_one_by_one_write(pg_dsn: str) -> None:
+    """Rows derived while the previous batch is still uncommitted continue its counters and positions;
+    a retried commit reuses them; a preparation whose basis went away (here: the acknowledgement of a
+    commit was lost, so the store dropped its cached state) is derived again, never written as it was."""
+    work = Workload(seed=11)
+    batches = work.batches(900, max_batch=80)
+    half = len(batches) // 2
+
+    async def scenario() -> None:
+        writer = await migrated_store(pg_dsn)
+        ahead = await migrated_store(pg_dsn)
+        try:
+            await ahead.load(SPECS)
+            await commit_one_ahead(ahead, batches[:half])
+            # another store commits the next batch: `ahead` then commits it again as if its acknowledgement
+            # had been lost, with the following batch already prepared on top of it
+            await writer.load(SPECS)
+            await writer.commit(batches[half])
+            first = ahead.prepare(batches[half])
+            second = ahead.prepare(batches[half + 1])
+            assert first is not None
+            assert second is not None
+            await ahead.commit(batches[half], first)  # already durable: nothing written, caches dropped
+            assert not ahead._usable(second)
+            await ahead.commit(batches[half + 1], second)  # stale basis: derived again from the database
+            # a commit that fails after its rows were prepared is retried with the same preparation
+            rest = batches[half + 2:]
+            retried = ahead.prepare(rest[0])
+            await ahead.stop()
+            with pytest.raises(StoreUnavailable) as info:
+                await ahead.commit(rest[0], retried)
+            assert info.value.retriable
+            await ahead.start()
+            await ahead.commit(rest[0], retried)
+            await commit_one_ahead(ahead, rest[1:])
+            assert ahead._ahead == []  # nothing prepared is left lying over the committed state
+            recovered = await ahead.load(SPECS)
+        finally:
+            await writer.stop()
+            await ahead.stop()
+        produced = [e for b in batches for a in b.applied for e in a.events]
+        rows = await fetch(pg_dsn, "SELECT instrument, seq FROM order_events ORDER BY instrument, seq")
+        assert [(r["instrument"], r["seq"]) for r in rows] == sorted((e.instrument, e.seq) for e in produced)
+        for spec in SPECS:
+            assert recovered[spec.symbol].state == work.engines[spec.symbol].export_state()
+        stored = {(r["instrument"], r["client_id"]): Position(int(r["net_lots"]), int(r["cost"]), int(r["realized"]))
+                  for r in await fetch(pg_dsn, "SELECT * FROM positions")}
+        assert stored == positions_from_fills(produced)
+        fills = [e for e in produced if type(e).__name__ == "OrderFilled"]
+        assert fills
+        assert len(await fetch(pg_dsn, "SELECT trade_id FROM trades")) == len(fills)
+
+    run(scenario())
+
+
 def test_unmigrated_database_says_to_migrate(pg_dsn: str) -> None:
     async def scenario() -> None:
         async with PostgresStore(pg_dsn, SPECS) as store:
