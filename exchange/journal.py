@@ -15,6 +15,7 @@ is retried with the very same batch until it succeeds.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -137,12 +138,16 @@ class PreparingStore(Protocol):
     ``prepare`` is called with each batch, in order, before that batch's ``commit``, possibly while
     the previous batch's commit is still in flight; it returns what ``commit`` takes as ``prepared``
     (or None: ``commit`` then does all the work itself). ``commit`` must stay correct whatever
-    happened in between: ``prepared`` is a hint, never a promise.
+    happened in between: ``prepared`` is a hint, never a promise. ``server_side`` tells the writer
+    when the commit has sent what it had to send, so that its CPU work then does not delay the
+    commit's round trips.
     """
 
     def prepare(self, batch: Batch) -> object: ...
 
-    async def commit(self, batch: Batch, prepared: Any = None) -> None: ...
+    async def commit(self, batch: Batch, prepared: Any = None, *, server_side: asyncio.Event | None = None) -> None:
+        """As :meth:`Store.commit`; sets ``server_side`` (if given) once the rest is the server's work."""
+        ...
 
 
 @runtime_checkable

@@ -64,13 +64,15 @@ class JournalWriter:
     async def run(self) -> None:
         """Commit batches until a ``None`` sentinel arrives on the queue (after the loops stopped).
 
-        One commit is in flight at a time, as a task. While it runs, the writer gathers the next
-        batch; if that batch is full before the commit ends, the store prepares its rows then
-        (:class:`~exchange.journal.PreparingStore`), so their CPU work overlaps the database's
-        work on the batch before. A batch that is not full keeps gathering until the commit in
-        flight ends (then at most ``linger_ms`` more), so under moderate load a batch holds what
-        arrived during the previous commit, as without the overlap. The listeners of a durable
-        batch run once the next commit has started, always in batch order.
+        One commit is in flight at a time, as a task. Once it has sent its rows and what is left is
+        the server's work (a :class:`~exchange.journal.PreparingStore` says when), the writer runs
+        the previous batch's listeners and gathers the next batch; if that batch is full before the
+        commit ends, the store prepares its rows then, so their CPU work overlaps the database's work
+        on the batch before. (CPU work any earlier would hold up the commit's own round trips: the
+        writer shares one thread with the matching loops.) A batch that is not full keeps gathering
+        until the commit in flight ends (then at most ``linger_ms`` more), so under moderate load a
+        batch holds what arrived during the previous commit, as without the overlap. Listeners run
+        once per batch, in batch order, after its commit.
         """
         queue = self._queue
         prepare = self._preparing.prepare if self._preparing is not None else None
@@ -124,11 +126,14 @@ class JournalWriter:
                 previous = inflight
                 if previous is not None:
                     await previous.task  # raises if that commit failed for good
-                inflight = _InFlight(asyncio.create_task(self._commit(batch, n_events, prepared),
+                server_side = asyncio.Event()
+                inflight = _InFlight(asyncio.create_task(self._commit(batch, n_events, prepared, server_side),
                                                          name="journal-commit"), batch)
+                # CPU work here (listeners, preparing the next batch) would hold up the commit's round trips
+                # while the server has nothing to do; so it waits until the server is busy with the rest
+                await server_side.wait()
                 if previous is not None:
-                    await asyncio.sleep(0)  # let the commit send its first statement before the listeners run
-                    await self._notify(previous.batch)  # while the next commit runs
+                    await self._notify(previous.batch)  # while the server works on the next commit
             if inflight is not None:
                 await inflight.task
                 await self._notify(inflight.batch)
@@ -172,18 +177,33 @@ class JournalWriter:
                 snapshots.append(item)  # type: ignore[arg-type]
         return n
 
-    async def _commit(self, batch: Batch, n_events: int, prepared: object = None) -> None:
+    async def _commit(self, batch: Batch, n_events: int, prepared: object = None,
+                      server_side: asyncio.Event | None = None) -> None:
+        """Commit ``batch``, retrying while retriable; ``server_side`` is set once what is left of the
+        commit is the server's work (a preparing store says when), or an attempt failed, or it ended."""
+        try:
+            await self._commit_retrying(batch, n_events, prepared, server_side)
+        finally:
+            if server_side is not None:
+                server_side.set()
+
+    async def _commit_retrying(self, batch: Batch, n_events: int, prepared: object,
+                               server_side: asyncio.Event | None) -> None:
         delay = 0.05
         attempt = 0
         while True:
             attempt += 1
             started = time.perf_counter()
             try:
-                if prepared is not None and self._preparing is not None:
-                    await self._preparing.commit(batch, prepared)
+                if self._preparing is not None:
+                    await self._preparing.commit(batch, prepared, server_side=server_side)
                 else:
+                    if server_side is not None:
+                        server_side.set()
                     await self._store.commit(batch)
             except StoreUnavailable as exc:
+                if server_side is not None:
+                    server_side.set()  # backing off: nothing to hold the listeners for
                 if not exc.retriable:
                     self._log.critical("journal commit failed and cannot be retried; stopping", error=str(exc))
                     raise

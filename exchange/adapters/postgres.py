@@ -303,30 +303,39 @@ class PostgresStore:
         when their turn comes, and derives them again otherwise. None if an instrument of the batch
         has not been loaded (its state is read inside the committing transaction).
         """
-        prepared = self._derive(batch, batch.last_seq(), ahead=True)
+        prepared = self._derive(batch, ahead=True)
         if prepared is not None:
             self._ahead.append(prepared)
         return prepared
 
-    def _derive(self, batch: Batch, last: dict[str, int], *, ahead: bool) -> PreparedBatch | None:
+    def _derive(self, batch: Batch, *, ahead: bool) -> PreparedBatch | None:
         progress: Mapping[str, Progress] = self._progress
         positions: Mapping[str, Mapping[str, Position]] = self._positions
-        if any(symbol not in progress for symbol in last):
-            return None
         if ahead and self._ahead:  # lay the uncommitted batches' outcome over the committed state
             progress, positions = dict(progress), dict(positions)
             for earlier in self._ahead:
                 progress.update(earlier.rows.progress)
                 for symbol, changed in earlier.rows.positions.items():
                     positions[symbol] = ChainMap(changed, positions.get(symbol) or {})  # type: ignore[arg-type]
-        one = (not batch.snapshots
-               and sum(len(item.events) for item in batch.applied) <= self.one_statement_max_events)
+        one = not batch.snapshots and self._small(batch)
         try:
             rows = derive_rows(batch, self.specs, progress, positions, self._server_scale if one else self._scale)
         except RowError as exc:
             raise StoreUnavailable(f"batch refused: {exc}", retriable=False) from exc
-        return PreparedBatch(rows, {symbol: progress[symbol] for symbol in last}, self._generation, one,
-                             self._document(rows, copied=not one), last)
+        if any(symbol not in self._progress for symbol in rows.progress):
+            return None  # not loaded: the commit reads its state inside the transaction
+        return PreparedBatch(rows, {symbol: progress[symbol] for symbol in rows.progress}, self._generation, one,
+                             self._document(rows, copied=not one),
+                             {symbol: prog.seq for symbol, prog in rows.progress.items()})
+
+    def _small(self, batch: Batch) -> bool:
+        """At most ``one_statement_max_events`` events (counting stops there)."""
+        n, limit = 0, self.one_statement_max_events
+        for item in batch.applied:
+            n += len(item.events)
+            if n > limit:
+                return False
+        return True
 
     def _usable(self, prepared: PreparedBatch) -> bool:
         """Were ``prepared``'s rows derived from exactly the state that is committed now?"""
@@ -357,10 +366,13 @@ class PostgresStore:
             if changed:
                 self._positions.setdefault(symbol, {}).update(changed)
 
-    async def commit(self, batch: Batch, prepared: PreparedBatch | None = None) -> None:
+    async def commit(self, batch: Batch, prepared: PreparedBatch | None = None, *,
+                     server_side: asyncio.Event | None = None) -> None:
         """Make ``batch`` durable in one transaction, or raise :class:`StoreUnavailable`.
 
         ``prepared`` is what :meth:`prepare` returned for this very batch (a retry passes it again).
+        ``server_side`` is set when the last statement, ``exchange_commit_batch``, is sent: from
+        then on the commit waits for the server only.
         """
         last = prepared.last if prepared is not None else batch.last_seq()
         if last and all(symbol in self._progress and self._progress[symbol].seq >= seq
@@ -370,17 +382,17 @@ class PostgresStore:
         if prepared is not None and not self._usable(prepared):
             self._settled(prepared)
             prepared = None
-        now = prepared if prepared is not None else self._derive(batch, last, ahead=False)
+        now = prepared if prepared is not None else self._derive(batch, ahead=False)
         pool = self._require_pool()
         symbols = sorted(last)
         if now is not None and now.one_statement:
-            await self._commit_one_statement(pool, now, symbols, last)
+            await self._commit_one_statement(pool, now, symbols, last, server_side)
         else:
-            await self._commit_copy(pool, batch, now, symbols, last)
+            await self._commit_copy(pool, batch, now, symbols, last, server_side)
         self._settled(prepared)
 
     async def _commit_copy(self, pool: asyncpg.Pool, batch: Batch, prepared: PreparedBatch | None,
-                           symbols: list[str], last: dict[str, int]) -> None:
+                           symbols: list[str], last: dict[str, int], server_side: asyncio.Event | None) -> None:
         rows = prepared.rows if prepared is not None else None
         document = prepared.document if prepared is not None else None
         loaded: dict[str, dict[str, Position]] = {}  # instruments whose state this attempt read from the database
@@ -402,7 +414,7 @@ class PostgresStore:
                     self._forget(symbols)
                     _log.warning("batch already durable; commit acknowledged without writing", last_seq=last)
                     return
-                await self._write(conn, rows, document or self._document(rows, copied=True))
+                await self._write(conn, rows, document or self._document(rows, copied=True), server_side)
         except StoreUnavailable:
             raise
         except RowError as exc:
@@ -416,7 +428,7 @@ class PostgresStore:
         self._adopt(rows)
 
     async def _commit_one_statement(self, pool: asyncpg.Pool, prepared: PreparedBatch, symbols: list[str],
-                                    last: dict[str, int]) -> None:
+                                    last: dict[str, int], server_side: asyncio.Event | None) -> None:
         """A small batch in ONE round trip: ``exchange_commit_batch`` (migration 003) in its own transaction.
 
         A batch of a few dozen events spends most of a multi-statement commit
@@ -430,6 +442,8 @@ class PostgresStore:
         rows = prepared.rows
         try:
             async with pool.acquire(timeout=self.connect_timeout) as conn:
+                if server_side is not None:
+                    server_side.set()
                 answer = await conn.fetchval(_SQL_COMMIT_BATCH, prepared.document)
         except StoreUnavailable:
             raise
@@ -464,7 +478,8 @@ class PostgresStore:
             "offsets": [(*key, offset) for key, offset in sorted(rows.offsets.items())],
         }).decode()
 
-    async def _write(self, conn: _Conn, rows: BatchRows, document: str) -> None:
+    async def _write(self, conn: _Conn, rows: BatchRows, document: str,
+                     server_side: asyncio.Event | None = None) -> None:
         """Every row of one batch on one connection inside its transaction (``document``: the rest, as JSON)."""
         if rows.events:
             await conn.copy_records_to_table("order_events", records=rows.events, columns=EVENT_COLUMNS)
@@ -473,6 +488,8 @@ class PostgresStore:
         if rows.new_orders:
             await conn.copy_records_to_table("orders", records=rows.new_orders, columns=ORDER_COLUMNS)
         # the rest -- updated orders, positions, counters, offsets -- as the one-statement path writes it
+        if server_side is not None and not rows.snapshots:
+            server_side.set()
         if await conn.fetchval(_SQL_COMMIT_BATCH, document) is not None:
             raise StoreUnavailable("the stored sequence moved while this transaction held its lock; another "
                                    "writer? Stop the daemon and run `exchange recover --verify`.", retriable=False)

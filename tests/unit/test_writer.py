@@ -80,9 +80,11 @@ class GatedStore:
         self.log.append(("prepare", _last(batch)))
         return _last(batch)
 
-    async def commit(self, batch: Batch, prepared: object = None) -> None:
+    async def commit(self, batch: Batch, prepared: object = None, *, server_side: asyncio.Event | None = None) -> None:
         assert prepared in (None, _last(batch))
         self.log.append(("commit", _last(batch)))
+        if server_side is not None:
+            server_side.set()  # all that is left is "the server's" (the gate's)
         gate = asyncio.Event()
         self.gates.append(gate)
         await gate.wait()
@@ -143,3 +145,58 @@ def test_the_next_full_batch_is_prepared_while_a_commit_is_in_flight_and_listene
 
     _, heard = asyncio.run(scenario())
     assert heard == [3, 6, 8]
+
+
+class TwoStepStore(GatedStore):
+    """Each commit first "sends its rows" (until the test opens ``sent``), then waits for "the server"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[asyncio.Event] = []
+
+    async def commit(self, batch: Batch, prepared: object = None, *, server_side: asyncio.Event | None = None) -> None:
+        self.log.append(("commit", _last(batch)))
+        sent = asyncio.Event()
+        self.sent.append(sent)
+        await sent.wait()
+        assert server_side is not None
+        server_side.set()
+        gate = asyncio.Event()
+        self.gates.append(gate)
+        await gate.wait()
+        self.log.append(("durable", _last(batch)))
+
+
+def test_listeners_and_the_next_preparation_wait_until_the_commit_in_flight_has_sent_its_rows() -> None:
+    """The writer shares its thread with the commit's round trips: its CPU work waits for server-side time."""
+
+    async def scenario() -> list[tuple[str, int]]:
+        engine = make_engine()
+        store = TwoStepStore()
+
+        async def listener(batch: Batch) -> None:
+            store.log.append(("listener", _last(batch)))
+
+        queue: asyncio.Queue[list[JournalItem] | None] = asyncio.Queue()
+        writer = JournalWriter(store, queue, max_events=2, linger_ms=0, listeners=[listener])  # type: ignore[arg-type]
+        task = asyncio.create_task(writer.run())
+        await queue.put(_chunk(engine, 2))
+        await queue.put(_chunk(engine, 2))
+        await _settle()
+        assert store.log == [("prepare", 2), ("commit", 2)]  # 3-4 is waiting, not prepared yet
+        store.sent[0].set()
+        await _settle()
+        assert store.log[2:] == [("prepare", 4)]
+        store.gates[0].set()
+        await _settle()
+        assert store.log[3:] == [("durable", 2), ("commit", 4)]  # 1-2's listeners wait for 3-4's rows to go
+        store.sent[1].set()
+        await _settle()
+        assert store.log[5:] == [("listener", 2)]
+        store.gates[1].set()
+        await queue.put(None)
+        await task
+        return store.log
+
+    log = asyncio.run(scenario())
+    assert log[-2:] == [("durable", 4), ("listener", 4)]
