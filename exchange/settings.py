@@ -116,7 +116,7 @@ class PublisherSettings:
 class JournalSettings:
     max_events: int = 5000  # a batch is committed when it holds this many events ...
     linger_ms: float = 2.0  # ... or when its first item has waited this long
-    queue_size: int = 256  # chunks between the loops and the writer (back-pressure bound)
+    queue_size: int = 256  # chunks (up to 128 commands each) between the loops and the writer (back-pressure bound)
     publish_queue_size: int = 64  # durable batches waiting for the publishers before the writer waits
 
 
