@@ -112,6 +112,19 @@ def test_concurrent_migrators_apply_each_migration_once(pg_dsn: str) -> None:
 # against both stores and both PostgreSQL commit paths in test_stores.py; what is PostgreSQL's own is here)
 
 
+async def assert_stored_exactly(dsn: str, batches: list[Batch], work: Workload, recovered: dict[str, Any]) -> list[Any]:
+    """Every event once, the recovered books equal the engines', positions equal the fills'; the events."""
+    produced = [e for b in batches for a in b.applied for e in a.events]
+    rows = await fetch(dsn, "SELECT instrument, seq FROM order_events ORDER BY instrument, seq")
+    assert [(r["instrument"], r["seq"]) for r in rows] == sorted((e.instrument, e.seq) for e in produced)
+    for spec in SPECS:
+        assert recovered[spec.symbol].state == work.engines[spec.symbol].export_state()
+    stored = {(r["instrument"], r["client_id"]): Position(int(r["net_lots"]), int(r["cost"]), int(r["realized"]))
+              for r in await fetch(dsn, "SELECT * FROM positions")}
+    assert stored == positions_from_fills(produced)
+    return produced
+
+
 def test_terminated_connection_mid_commit_is_retriable_and_the_retry_writes_once(pg_dsn: str) -> None:
     work = Workload(seed=5)
     batches = work.batches(600, max_batch=100)
@@ -151,14 +164,7 @@ def test_terminated_connection_mid_commit_is_retriable_and_the_retry_writes_once
             recovered = await store.load(SPECS)
         finally:
             await store.stop()
-        produced = [e for b in batches for a in b.applied for e in a.events]
-        rows = await fetch(pg_dsn, "SELECT instrument, seq FROM order_events ORDER BY instrument, seq")
-        assert [(r["instrument"], r["seq"]) for r in rows] == sorted((e.instrument, e.seq) for e in produced)
-        for spec in SPECS:
-            assert recovered[spec.symbol].state == work.engines[spec.symbol].export_state()
-        stored = {(r["instrument"], r["client_id"]): Position(int(r["net_lots"]), int(r["cost"]), int(r["realized"]))
-                  for r in await fetch(pg_dsn, "SELECT * FROM positions")}
-        assert stored == positions_from_fills(produced)
+        await assert_stored_exactly(pg_dsn, batches, work, recovered)
 
     run(scenario())
 
@@ -212,14 +218,7 @@ def test_batches_prepared_ahead_write_what_batches_committed_one_by_one_write(pg
         finally:
             await writer.stop()
             await ahead.stop()
-        produced = [e for b in batches for a in b.applied for e in a.events]
-        rows = await fetch(pg_dsn, "SELECT instrument, seq FROM order_events ORDER BY instrument, seq")
-        assert [(r["instrument"], r["seq"]) for r in rows] == sorted((e.instrument, e.seq) for e in produced)
-        for spec in SPECS:
-            assert recovered[spec.symbol].state == work.engines[spec.symbol].export_state()
-        stored = {(r["instrument"], r["client_id"]): Position(int(r["net_lots"]), int(r["cost"]), int(r["realized"]))
-                  for r in await fetch(pg_dsn, "SELECT * FROM positions")}
-        assert stored == positions_from_fills(produced)
+        produced = await assert_stored_exactly(pg_dsn, batches, work, recovered)
         fills = [e for e in produced if type(e).__name__ == "OrderFilled"]
         assert fills
         assert len(await fetch(pg_dsn, "SELECT trade_id FROM trades")) == len(fills)
