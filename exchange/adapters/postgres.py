@@ -182,7 +182,6 @@ class PreparedBatch:
     generation: int
     one_statement: bool  # small enough for exchange_commit_batch alone
     document: str  # exchange_commit_batch's argument (without the COPied rows unless one_statement)
-    last: dict[str, int]  # the batch's last seq per instrument
 
 
 class PostgresStore:
@@ -325,8 +324,7 @@ class PostgresStore:
         if any(symbol not in self._progress for symbol in rows.progress):
             return None  # not loaded: the commit reads its state inside the transaction
         return PreparedBatch(rows, {symbol: progress[symbol] for symbol in rows.progress}, self._generation, one,
-                             self._document(rows, copied=not one),
-                             {symbol: prog.seq for symbol, prog in rows.progress.items()})
+                             self._document(rows, copied=not one))
 
     def _small(self, batch: Batch) -> bool:
         """At most ``one_statement_max_events`` events (counting stops there)."""
@@ -374,7 +372,8 @@ class PostgresStore:
         ``server_side`` is set when the last statement, ``exchange_commit_batch``, is sent: from
         then on the commit waits for the server only.
         """
-        last = prepared.last if prepared is not None else batch.last_seq()
+        last = ({symbol: prog.seq for symbol, prog in prepared.rows.progress.items()} if prepared is not None
+                else batch.last_seq())  # the batch's last seq per instrument
         if last and all(symbol in self._progress and self._progress[symbol].seq >= seq
                         for symbol, seq in last.items()):
             self._settled(prepared)
