@@ -140,12 +140,15 @@ class PreparingStore(Protocol):
     (or None: ``commit`` then does all the work itself). ``commit`` must stay correct whatever
     happened in between: ``prepared`` is a hint, never a promise. ``server_side`` tells the writer
     when the commit has sent what it had to send, so that its CPU work then does not delay the
-    commit's round trips.
+    commit's round trips. ``after`` is the previous batch's commit when that is still in flight:
+    ``commit`` may start on its own rows meanwhile, but the batch must not become durable before
+    ``after`` has succeeded, and if ``after`` fails, ``commit`` fails (retriably) with nothing written.
     """
 
     def prepare(self, batch: Batch) -> object: ...
 
-    async def commit(self, batch: Batch, prepared: Any = None, *, server_side: asyncio.Event | None = None) -> None:
+    async def commit(self, batch: Batch, prepared: Any = None, *, server_side: asyncio.Event | None = None,
+                     after: asyncio.Future[None] | None = None) -> None:
         """As :meth:`Store.commit`; sets ``server_side`` (if given) once the rest is the server's work."""
         ...
 

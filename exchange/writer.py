@@ -64,19 +64,23 @@ class JournalWriter:
     async def run(self) -> None:
         """Commit batches until a ``None`` sentinel arrives on the queue (after the loops stopped).
 
-        One commit is in flight at a time, as a task. Once it has sent its rows and what is left is
-        the server's work (a :class:`~exchange.journal.PreparingStore` says when), the writer runs
-        the previous batch's listeners and gathers the next batch; if that batch is full before the
-        commit ends, the store prepares its rows then, so their CPU work overlaps the database's work
-        on the batch before. (CPU work any earlier would hold up the commit's own round trips: the
-        writer shares one thread with the matching loops.) A batch that is not full keeps gathering
-        until the commit in flight ends (then at most ``linger_ms`` more), so under moderate load a
-        batch holds what arrived during the previous commit, as without the overlap. Listeners run
-        once per batch, in batch order, after its commit.
+        Each commit runs as a task. Once it has sent its rows and what is left is the server's work
+        (a :class:`~exchange.journal.PreparingStore` says when), the writer runs the previous batch's
+        listeners and gathers the next batch; if that batch is full before the commit ends, the store
+        prepares its rows then, so their CPU work overlaps the database's work on the batch before,
+        and starts committing it at once with ``after`` set to the commit still in flight: the store
+        sends the new batch's rows while the server finishes the one before, and makes the new batch
+        durable only after it (so at most two commits are in flight, and they end in order). (CPU work
+        any earlier would hold up the commit's own round trips: the writer shares one thread with the
+        matching loops.) A batch that is not full keeps gathering until the commit in flight ends
+        (then at most ``linger_ms`` more), so under moderate load a batch holds what arrived during the
+        previous commit, as without the overlap. Listeners run once per batch, in batch order, after
+        its commit.
         """
         queue = self._queue
         prepare = self._preparing.prepare if self._preparing is not None else None
         inflight: _InFlight | None = None
+        previous: _InFlight | None = None  # the commit before ``inflight`` while both are in flight
         done = False
         try:
             while not done:
@@ -124,24 +128,29 @@ class JournalWriter:
                     except Exception:  # the commit derives the rows again and reports the error
                         prepared = None
                 previous = inflight
-                if previous is not None:
+                # a prepared batch may start while the commit before it finishes (the store keeps the order)
+                after = previous.task if previous is not None and prepared is not None else None
+                if previous is not None and after is None:
                     await previous.task  # raises if that commit failed for good
                 server_side = asyncio.Event()
-                inflight = _InFlight(asyncio.create_task(self._commit(batch, n_events, prepared, server_side),
+                inflight = _InFlight(asyncio.create_task(self._commit(batch, n_events, prepared, server_side, after),
                                                          name="journal-commit"), batch)
                 # CPU work here (listeners, preparing the next batch) would hold up the commit's round trips
                 # while the server has nothing to do; so it waits until the server is busy with the rest
                 await server_side.wait()
                 if previous is not None:
-                    await self._notify(previous.batch)  # while the server works on the next commit
+                    settled, previous = previous, None
+                    await settled.task  # done by now, unless this commit failed early; raises if it failed
+                    await self._notify(settled.batch)  # while the server works on the next commit
             if inflight is not None:
                 await inflight.task
                 await self._notify(inflight.batch)
                 inflight = None
         finally:
-            if inflight is not None and not inflight.task.done():
-                inflight.task.cancel()
-                await asyncio.gather(inflight.task, return_exceptions=True)
+            running = [c.task for c in (previous, inflight) if c is not None and not c.task.done()]
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
 
     async def _get_or_settle(self, inflight: _InFlight) -> tuple[object, _InFlight | None]:
         """The next chunk from the queue, or, if the commit in flight ends first, ``_SETTLED``: that
@@ -178,17 +187,18 @@ class JournalWriter:
         return n
 
     async def _commit(self, batch: Batch, n_events: int, prepared: object = None,
-                      server_side: asyncio.Event | None = None) -> None:
+                      server_side: asyncio.Event | None = None, after: asyncio.Task[None] | None = None) -> None:
         """Commit ``batch``, retrying while retriable; ``server_side`` is set once what is left of the
-        commit is the server's work (a preparing store says when), or an attempt failed, or it ended."""
+        commit is the server's work (a preparing store says when), or an attempt failed, or it ended.
+        ``after``: the commit before, still in flight (the store makes this batch durable after it)."""
         try:
-            await self._commit_retrying(batch, n_events, prepared, server_side)
+            await self._commit_retrying(batch, n_events, prepared, server_side, after)
         finally:
             if server_side is not None:
                 server_side.set()
 
     async def _commit_retrying(self, batch: Batch, n_events: int, prepared: object,
-                               server_side: asyncio.Event | None) -> None:
+                               server_side: asyncio.Event | None, after: asyncio.Task[None] | None) -> None:
         delay = 0.05
         attempt = 0
         while True:
@@ -196,7 +206,7 @@ class JournalWriter:
             started = time.perf_counter()
             try:
                 if self._preparing is not None:
-                    await self._preparing.commit(batch, prepared, server_side=server_side)
+                    await self._preparing.commit(batch, prepared, server_side=server_side, after=after)
                 else:
                     if server_side is not None:
                         server_side.set()

@@ -224,6 +224,7 @@ class PostgresStore:
         self._ahead: list[PreparedBatch] = []
         self._generation = 0
         self.one_statement_commits = 0  # how many batches took the one-statement path (tests, metrics)
+        self.overlapped_commits = 0  # COPY-path commits started while the one before was in flight
 
     def _scale(self, spec: Instrument) -> Scale:
         return self._scales[spec.symbol]
@@ -365,15 +366,27 @@ class PostgresStore:
                 self._positions.setdefault(symbol, {}).update(changed)
 
     async def commit(self, batch: Batch, prepared: PreparedBatch | None = None, *,
-                     server_side: asyncio.Event | None = None) -> None:
+                     server_side: asyncio.Event | None = None, after: asyncio.Future[None] | None = None) -> None:
         """Make ``batch`` durable in one transaction, or raise :class:`StoreUnavailable`.
 
         ``prepared`` is what :meth:`prepare` returned for this very batch (a retry passes it again).
         ``server_side`` is set when the last statement, ``exchange_commit_batch``, is sent: from
-        then on the commit waits for the server only.
+        then on the commit waits for the server only. ``after`` is the commit of the batch before,
+        if it is still in flight: a prepared batch then COPies its new rows meanwhile (see
+        :meth:`_commit_overlapped`), and nothing of it becomes durable before ``after`` has.
         """
         last = ({symbol: prog.seq for symbol, prog in prepared.rows.progress.items()} if prepared is not None
                 else batch.last_seq())  # the batch's last seq per instrument
+        if after is not None and not after.done() and prepared is not None and self._overlappable(prepared):
+            try:
+                await self._commit_overlapped(self._require_pool(), prepared, last, server_side, after)
+            except _Stale:  # the batch before did not end as prepared for: derive the rows again
+                pass
+            else:
+                self._settled(prepared)
+                return
+        if after is not None:
+            await _succeeded(after)
         if last and all(symbol in self._progress and self._progress[symbol].seq >= seq
                         for symbol, seq in last.items()):
             self._settled(prepared)
@@ -389,6 +402,46 @@ class PostgresStore:
         else:
             await self._commit_copy(pool, batch, now, symbols, last, server_side)
         self._settled(prepared)
+
+    def _overlappable(self, prepared: PreparedBatch) -> bool:
+        """May ``prepared`` be COPied while the commit before it is in flight? (It must be a COPY-path
+        batch without snapshots, of loaded instruments, prepared since the caches were last dropped.)"""
+        return (not prepared.one_statement and not prepared.rows.snapshots
+                and prepared.generation == self._generation
+                and all(symbol in self._progress for symbol in prepared.basis))
+
+    async def _commit_overlapped(self, pool: asyncpg.Pool, prepared: PreparedBatch, last: dict[str, int],
+                                 server_side: asyncio.Event | None, after: asyncio.Future[None]) -> None:
+        """The COPY path, started while ``after`` (the commit before) is still in flight.
+
+        The batch's new rows -- events, trades, new orders: keys no other batch has -- are COPied in
+        this transaction while the server finishes the batch before (its set-based statements and
+        its COMMIT, half of a large commit's time). Only once ``after`` has succeeded, and the
+        committed counters are exactly the ones the rows were prepared on, does
+        ``exchange_commit_batch`` run: it locks the instruments' progress, checks that the batch
+        continues the stored sequence, and writes the rest. So the batches still become durable one
+        after the other, in order; anything else rolls this transaction back, and :class:`_Stale`
+        sends the caller to the ordinary path. A batch that is already durable cannot get here (a
+        retry runs after ``after`` has ended, on the ordinary path, which checks for that first).
+        """
+        rows = prepared.rows
+        try:
+            async with pool.acquire(timeout=self.connect_timeout) as conn, conn.transaction():
+                await self._copy_new_rows(conn, rows)
+                await _succeeded(after)
+                if not self._usable(prepared):
+                    raise _Stale
+                if server_side is not None:
+                    server_side.set()
+                await self._finish(conn, rows, prepared.document)
+        except (StoreUnavailable, _Stale):
+            raise
+        except asyncpg.PostgresError as exc:
+            raise _commit_error(exc, last) from exc
+        except Exception as exc:
+            raise _unavailable(exc, f"committing a batch (last seq {last})") from exc
+        self.overlapped_commits += 1
+        self._adopt(rows)
 
     async def _commit_copy(self, pool: asyncpg.Pool, batch: Batch, prepared: PreparedBatch | None,
                            symbols: list[str], last: dict[str, int], server_side: asyncio.Event | None) -> None:
@@ -480,15 +533,24 @@ class PostgresStore:
     async def _write(self, conn: _Conn, rows: BatchRows, document: str,
                      server_side: asyncio.Event | None = None) -> None:
         """Every row of one batch on one connection inside its transaction (``document``: the rest, as JSON)."""
+        await self._copy_new_rows(conn, rows)
+        if server_side is not None and not rows.snapshots:
+            server_side.set()
+        await self._finish(conn, rows, document)
+
+    @staticmethod
+    async def _copy_new_rows(conn: _Conn, rows: BatchRows) -> None:
+        """The batch's new rows (events, trades, new orders) by COPY."""
         if rows.events:
             await conn.copy_records_to_table("order_events", records=rows.events, columns=EVENT_COLUMNS)
         if rows.trades:
             await conn.copy_records_to_table("trades", records=rows.trades, columns=TRADE_COLUMNS)
         if rows.new_orders:
             await conn.copy_records_to_table("orders", records=rows.new_orders, columns=ORDER_COLUMNS)
-        # the rest -- updated orders, positions, counters, offsets -- as the one-statement path writes it
-        if server_side is not None and not rows.snapshots:
-            server_side.set()
+
+    async def _finish(self, conn: _Conn, rows: BatchRows, document: str) -> None:
+        """After the COPYs: the rest -- updated orders, positions, counters, offsets -- as the one-statement
+        path writes it, then the batch's snapshots."""
         if await conn.fetchval(_SQL_COMMIT_BATCH, document) is not None:
             raise StoreUnavailable("the stored sequence moved while this transaction held its lock; another "
                                    "writer? Stop the daemon and run `exchange recover --verify`.", retriable=False)
@@ -661,6 +723,18 @@ def _rows_missing(what: str) -> StoreUnavailable:
     return StoreUnavailable(
         f"{what}: the orders table does not match the event stream (rows deleted, finished or edited by "
         "hand?). Run `exchange recover --verify` and repair before restarting.", retriable=False)
+
+
+class _Stale(Exception):
+    """An overlapped commit's rows no longer continue the committed state: derive them again."""
+
+
+async def _succeeded(commit: asyncio.Future[None]) -> None:
+    """Wait for the commit before (without taking its outcome from its owner); raise if it failed."""
+    await asyncio.wait((commit,))
+    if commit.cancelled() or commit.exception() is not None:
+        raise StoreUnavailable("the batch before this one did not commit; this one waits for its retry",
+                               retriable=True)
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:

@@ -226,6 +226,80 @@ def test_batches_prepared_ahead_write_what_batches_committed_one_by_one_write(pg
     run(scenario())
 
 
+async def commit_overlapped(store: PostgresStore, batches: list[Batch]) -> None:
+    """As the journal writer does under load: each batch is prepared and its commit started while the
+    commit before it is still in flight."""
+    before: asyncio.Task[None] | None = None
+    for batch in batches:
+        task = asyncio.create_task(store.commit(batch, store.prepare(batch), after=before))
+        if before is not None:
+            await before
+        before = task
+    if before is not None:
+        await before
+
+
+def test_a_batch_started_while_the_one_before_commits_becomes_durable_after_it(pg_dsn: str,
+                                                                               commit_path: str) -> None:
+    """The COPY path sends a batch's new rows while the commit before it is in flight, and writes the
+    rest only once that one is durable; if it is not (failed, or durable without the state the rows
+    continue), nothing of the batch is written and it is derived again."""
+    work = Workload(seed=17)
+    batches = work.batches(1200, max_batch=80)
+    third = len(batches) // 3
+
+    async def scenario() -> None:
+        store = await migrated_store(pg_dsn)
+        other = await migrated_store(pg_dsn)
+        try:
+            await store.load(SPECS)
+            await commit_overlapped(store, batches[:third])
+            # all but the first, except batches with snapshots (they take the ordinary path)
+            expected = sum(1 for batch in batches[1:third] if not batch.snapshots) if commit_path == "copy" else 0
+            assert store.overlapped_commits == expected
+            assert expected > 0 or commit_path != "copy"
+            # the commit before fails: the batch started behind it writes nothing, and goes through later
+            a, b = batches[third], batches[third + 1]
+            prepared_a, prepared_b = store.prepare(a), store.prepare(b)
+            failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            started = asyncio.create_task(store.commit(b, prepared_b, after=failed))
+            await asyncio.sleep(0.2)  # its COPYs are done, it waits for `failed`
+            failed.set_exception(StoreUnavailable("lost", retriable=True))
+            with pytest.raises(StoreUnavailable) as info:
+                await started
+            assert info.value.retriable
+            stored = await fetch(pg_dsn, "SELECT count(*) AS n FROM order_events")
+            assert stored[0]["n"] == sum(len(x.events) for batch in batches[:third] for x in batch.applied)
+            await store.commit(a, prepared_a)
+            await store.commit(b, prepared_b)
+            overlapped = store.overlapped_commits
+            # the batch before was not prepared, so the rows of the one behind it continue the state before
+            # it: they are derived again once it is durable (written as they were, the batch is refused)
+            c, d = batches[third + 2], batches[third + 3]
+            prepared_d = store.prepare(d)
+            first = asyncio.create_task(store.commit(c))
+            await store.commit(d, prepared_d, after=first)
+            await first
+            # the commit before is acknowledged without writing (its acknowledgement was lost, another
+            # store wrote it): the store drops its caches, and the batch behind it is derived again
+            e, f = batches[third + 4], batches[third + 5]
+            await other.load(SPECS)
+            await other.commit(e)
+            first = asyncio.create_task(store.commit(e, store.prepare(e)))
+            await store.commit(f, store.prepare(f), after=first)
+            await first
+            assert store.overlapped_commits == overlapped
+            await commit_overlapped(store, batches[third + 6:])
+            assert store._ahead == []
+            recovered = await store.load(SPECS)
+        finally:
+            await store.stop()
+            await other.stop()
+        await assert_stored_exactly(pg_dsn, batches, work, recovered)
+
+    run(scenario())
+
+
 def test_unmigrated_database_says_to_migrate(pg_dsn: str) -> None:
     async def scenario() -> None:
         async with PostgresStore(pg_dsn, SPECS) as store:

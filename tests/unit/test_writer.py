@@ -12,7 +12,7 @@ import structlog
 
 from exchange.adapters.sqlite import SqliteStore
 from exchange.engine import JournalItem
-from exchange.journal import Applied, Batch, InputPosition
+from exchange.journal import Applied, Batch, InputPosition, StoreUnavailable
 from exchange.logging import configure_logging
 from exchange.matching import MatchingEngine
 from exchange.writer import JournalWriter
@@ -80,15 +80,25 @@ class GatedStore:
         self.log.append(("prepare", _last(batch)))
         return _last(batch)
 
-    async def commit(self, batch: Batch, prepared: object = None, *, server_side: asyncio.Event | None = None) -> None:
+    async def commit(self, batch: Batch, prepared: object = None, *, server_side: asyncio.Event | None = None,
+                     after: asyncio.Future[None] | None = None) -> None:
         assert prepared in (None, _last(batch))
-        self.log.append(("commit", _last(batch)))
+        self.log.append(("commit", _last(batch)))  # "sends its rows"
+        await _after(after)
         if server_side is not None:
             server_side.set()  # all that is left is "the server's" (the gate's)
         gate = asyncio.Event()
         self.gates.append(gate)
         await gate.wait()
         self.log.append(("durable", _last(batch)))
+
+
+async def _after(commit: asyncio.Future[None] | None) -> None:
+    """What a store owes ``after``: nothing durable before it, and a retriable failure if it failed."""
+    if commit is not None:
+        await asyncio.wait((commit,))
+        if commit.cancelled() or commit.exception() is not None:
+            raise StoreUnavailable("the batch before failed", retriable=True)
 
 
 def _last(batch: Batch) -> int:
@@ -105,7 +115,7 @@ async def _settle() -> None:
         await asyncio.sleep(0)
 
 
-def test_the_next_full_batch_is_prepared_while_a_commit_is_in_flight_and_listeners_keep_batch_order() -> None:
+def test_the_next_full_batch_starts_while_a_commit_is_in_flight_and_listeners_keep_batch_order() -> None:
     async def scenario() -> tuple[list[tuple[str, int]], list[int]]:
         engine = make_engine()
         store = GatedStore()
@@ -120,13 +130,15 @@ def test_the_next_full_batch_is_prepared_while_a_commit_is_in_flight_and_listene
         task = asyncio.create_task(writer.run())
         await queue.put(_chunk(engine, 3))  # seq 1-3: committed at once
         await _settle()
-        await queue.put(_chunk(engine, 3))  # seq 4-6: full while 1-3 is in flight: prepared now
+        await queue.put(_chunk(engine, 3))  # seq 4-6: full while 1-3 is in flight: prepared and started now
         await _settle()
-        assert store.log == [("prepare", 3), ("commit", 3), ("prepare", 6)]
+        assert store.log == [("prepare", 3), ("commit", 3), ("prepare", 6), ("commit", 6)]
+        assert writer.batches == 0
+        assert len(store.gates) == 1
         store.gates[0].set()
         await _settle()
-        # 4-6 commits as soon as 1-3 is durable; 1-3's listeners run while it does
-        assert store.log[3:] == [("durable", 3), ("commit", 6), ("listener", 3)]
+        # 1-3 is durable, then 4-6 goes on; 1-3's listeners run while it does
+        assert store.log[4:] == [("durable", 3), ("listener", 3)]
         await queue.put(_chunk(engine, 1))  # seq 7: not full, keeps gathering while 4-6 is in flight
         await _settle()
         await queue.put(_chunk(engine, 1))  # seq 8
@@ -154,11 +166,13 @@ class TwoStepStore(GatedStore):
         super().__init__()
         self.sent: list[asyncio.Event] = []
 
-    async def commit(self, batch: Batch, prepared: object = None, *, server_side: asyncio.Event | None = None) -> None:
+    async def commit(self, batch: Batch, prepared: object = None, *, server_side: asyncio.Event | None = None,
+                     after: asyncio.Future[None] | None = None) -> None:
         self.log.append(("commit", _last(batch)))
         sent = asyncio.Event()
         self.sent.append(sent)
         await sent.wait()
+        await _after(after)
         assert server_side is not None
         server_side.set()
         gate = asyncio.Event()
@@ -186,10 +200,10 @@ def test_listeners_and_the_next_preparation_wait_until_the_commit_in_flight_has_
         assert store.log == [("prepare", 2), ("commit", 2)]  # 3-4 is waiting, not prepared yet
         store.sent[0].set()
         await _settle()
-        assert store.log[2:] == [("prepare", 4)]
+        assert store.log[2:] == [("prepare", 4), ("commit", 4)]  # 3-4 sends its rows while 1-2 finishes
         store.gates[0].set()
         await _settle()
-        assert store.log[3:] == [("durable", 2), ("commit", 4)]  # 1-2's listeners wait for 3-4's rows to go
+        assert store.log[4:] == [("durable", 2)]  # 1-2's listeners wait for 3-4's rows to go
         store.sent[1].set()
         await _settle()
         assert store.log[5:] == [("listener", 2)]
@@ -200,3 +214,52 @@ def test_listeners_and_the_next_preparation_wait_until_the_commit_in_flight_has_
 
     log = asyncio.run(scenario())
     assert log[-2:] == [("durable", 4), ("listener", 4)]
+
+
+class FailingFirstStore(GatedStore):
+    """The first commit fails for good once the test opens its gate."""
+
+    async def commit(self, batch: Batch, prepared: object = None, *, server_side: asyncio.Event | None = None,
+                     after: asyncio.Future[None] | None = None) -> None:
+        if _last(batch) == 2:
+            self.log.append(("commit", 2))
+            assert after is None
+            assert server_side is not None
+            server_side.set()
+            gate = asyncio.Event()
+            self.gates.append(gate)
+            await gate.wait()
+            raise StoreUnavailable("disk full", retriable=False)
+        await super().commit(batch, prepared, server_side=server_side, after=after)
+
+
+def test_a_batch_started_behind_a_commit_that_fails_for_good_never_becomes_durable() -> None:
+    async def scenario() -> tuple[FailingFirstStore, list[int], BaseException | None]:
+        engine = make_engine()
+        store = FailingFirstStore()
+        heard: list[int] = []
+
+        async def listener(batch: Batch) -> None:
+            heard.append(_last(batch))
+
+        queue: asyncio.Queue[list[JournalItem] | None] = asyncio.Queue()
+        writer = JournalWriter(store, queue, max_events=2, linger_ms=0, listeners=[listener])  # type: ignore[arg-type]
+        task = asyncio.create_task(writer.run())
+        await queue.put(_chunk(engine, 2))
+        await _settle()
+        await queue.put(_chunk(engine, 2))  # 3-4 starts behind 1-2
+        await _settle()
+        assert ("commit", 4) in store.log
+        store.gates[0].set()  # 1-2 fails for good
+        error: BaseException | None = None
+        try:
+            await asyncio.wait_for(task, 5)
+        except StoreUnavailable as exc:
+            error = exc
+        return store, heard, error
+
+    store, heard, error = asyncio.run(scenario())
+    assert error is not None
+    assert "disk full" in str(error)
+    assert heard == []
+    assert not any(what == "durable" for what, _ in store.log)
