@@ -263,3 +263,38 @@ def test_a_batch_started_behind_a_commit_that_fails_for_good_never_becomes_durab
     assert "disk full" in str(error)
     assert heard == []
     assert not any(what == "durable" for what, _ in store.log)
+
+
+def test_a_commit_started_behind_another_is_timed_from_when_that_one_was_durable() -> None:
+    """The commit-time metric (and the slow-commit warning) is the time a batch added, not its overlap."""
+
+    class Timings:
+        def __init__(self) -> None:
+            self.elapsed: list[float] = []
+
+        def batch_committed(self, n_events: int, elapsed: float) -> None:
+            self.elapsed.append(elapsed)
+
+    async def scenario() -> list[float]:
+        engine = make_engine()
+        store = GatedStore()
+        timings = Timings()
+        queue: asyncio.Queue[list[JournalItem] | None] = asyncio.Queue()
+        writer = JournalWriter(store, queue, max_events=2, linger_ms=0, metrics=timings)  # type: ignore[arg-type]
+        task = asyncio.create_task(writer.run())
+        await queue.put(_chunk(engine, 2))
+        await _settle()
+        await queue.put(_chunk(engine, 2))  # started behind the first
+        await _settle()
+        await asyncio.sleep(0.3)
+        store.gates[0].set()  # the first took 0.3 s
+        await _settle()
+        await asyncio.sleep(0.02)
+        store.gates[1].set()  # the second ends 0.02 s later
+        await queue.put(None)
+        await task
+        return timings.elapsed
+
+    first, second = asyncio.run(scenario())
+    assert first >= 0.3
+    assert second < 0.2
