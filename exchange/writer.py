@@ -73,10 +73,11 @@ class JournalWriter:
         sends the new batch's rows while the server finishes the one before, and makes the new batch
         durable only after it (so at most two commits are in flight, and they end in order). (CPU work
         any earlier would hold up the commit's own round trips: the writer shares one thread with the
-        matching loops.) A batch that is not full keeps gathering until the commit in flight ends
-        (then at most ``linger_ms`` more), so under moderate load a batch holds what arrived during the
-        previous commit, as without the overlap. Listeners run once per batch, in batch order, after
-        its commit.
+        matching loops.) A batch that is not full keeps gathering until the commit in flight ends and
+        then goes at once (it has gathered for a whole commit: lingering on would only add latency), so
+        under moderate load a batch holds what arrived during the previous commit. Only an idle
+        writer waits up to ``linger_ms`` after a batch's first item. Listeners run once per batch, in
+        batch order, after its commit.
         """
         queue = self._queue
         prepare = self._preparing.prepare if self._preparing is not None else None
@@ -104,8 +105,8 @@ class JournalWriter:
                         chunk = queue.get_nowait()
                     elif inflight is not None:  # keep gathering while the previous commit runs
                         chunk, inflight = await self._get_or_settle(inflight)
-                        if chunk is _SETTLED:  # it ended: from now on, at most the linger
-                            deadline = time.monotonic() + self._linger_s
+                        if chunk is _SETTLED:  # it ended: this batch gathered for as long; it goes now
+                            deadline = time.monotonic()
                             continue
                     else:
                         remaining = deadline - time.monotonic()

@@ -298,3 +298,31 @@ def test_a_commit_started_behind_another_is_timed_from_when_that_one_was_durable
     first, second = asyncio.run(scenario())
     assert first >= 0.3
     assert second < 0.2
+
+
+def test_a_batch_gathered_while_a_commit_was_in_flight_goes_as_soon_as_that_commit_ends() -> None:
+    """It has gathered for a whole commit already: lingering on would only add latency. (An idle writer
+    still lingers for the first item's batch.)"""
+
+    async def scenario() -> list[tuple[str, int]]:
+        engine = make_engine()
+        store = GatedStore()
+        queue: asyncio.Queue[list[JournalItem] | None] = asyncio.Queue()
+        writer = JournalWriter(store, queue, max_events=100, linger_ms=300)  # type: ignore[arg-type]
+        task = asyncio.create_task(writer.run())
+        await queue.put(_chunk(engine, 1))
+        await asyncio.sleep(0.1)
+        await queue.put(_chunk(engine, 1))  # within the idle writer's linger: the same batch
+        await asyncio.sleep(0.3)
+        assert store.log == [("prepare", 2), ("commit", 2)]
+        await queue.put(_chunk(engine, 1))  # gathered while 1-2 is in flight
+        await _settle()
+        store.gates[0].set()
+        await _settle()
+        log = list(store.log)  # a few event-loop turns later, far less than the linger
+        store.gates[1].set()
+        await queue.put(None)
+        await task
+        return log
+
+    assert asyncio.run(scenario())[2:] == [("durable", 2), ("prepare", 3), ("commit", 3)]
