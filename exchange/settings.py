@@ -374,6 +374,9 @@ def _check_adapters(settings: Settings, where: str) -> None:
         raise ConfigError(f"{where} [source]: 'rate' must be a positive number of orders per second")
     if settings.order_source.clients < 1:
         raise ConfigError(f"{where} [source]: 'clients' must be at least 1")
+    if settings.postgres.pool_size < 1:
+        raise ConfigError(f"{where} [postgres]: 'pool_size' must be at least 1 (4 is the default; the journal "
+                          "overlaps its commits only with 2 or more)")
     if settings.order_source.kind == "kafka" and settings.publisher.kind != "kafka":
         raise ConfigError(f"{where} [publisher]: kind 'none' needs [source] kind 'generator': the Kafka source "
                           "sends dead letters and rejections through the Kafka publisher")

@@ -187,8 +187,8 @@ class PreparedBatch:
 class PostgresStore:
     """Durable storage in PostgreSQL (see the module docstring).
 
-    ``pool_size`` bounds the connections (the journal uses one at a time;
-    loading and checks may use another). ``snapshot_keep`` snapshots are kept
+    ``pool_size`` bounds the connections (the journal uses up to two at a time,
+    one per commit in flight; loading, checks and lookups may use another). ``snapshot_keep`` snapshots are kept
     per instrument. ``command_timeout`` bounds every statement and
     ``connect_timeout`` every connection attempt and pool acquisition (seconds).
     Batches of up to ``one_statement_max_events`` events commit in one round trip
@@ -405,8 +405,10 @@ class PostgresStore:
 
     def _overlappable(self, prepared: PreparedBatch) -> bool:
         """May ``prepared`` be COPied while the commit before it is in flight? (It must be a COPY-path
-        batch without snapshots, of loaded instruments, prepared since the caches were last dropped.)"""
-        return (not prepared.one_statement and not prepared.rows.snapshots
+        batch without snapshots, of loaded instruments, prepared since the caches were last dropped;
+        and the pool must have a connection for each: with one, a retry of the commit before would
+        wait for the connection this one holds while it waits for that retry.)"""
+        return (self.pool_size >= 2 and not prepared.one_statement and not prepared.rows.snapshots
                 and prepared.generation == self._generation
                 and all(symbol in self._progress for symbol in prepared.basis))
 

@@ -300,6 +300,28 @@ def test_a_batch_started_while_the_one_before_commits_becomes_durable_after_it(p
     run(scenario())
 
 
+def test_a_pool_of_one_connection_never_overlaps_commits(pg_dsn: str) -> None:
+    """A batch started behind another holds a connection while it waits; with one connection, a retry of the
+    commit before it could never get one, so such a store commits one batch at a time."""
+    work = Workload(seed=19)
+    batches = work.batches(400, max_batch=80)
+
+    async def scenario() -> None:
+        store = PostgresStore(pg_dsn, SPECS, pool_size=1, one_statement_max_events=_commit_path["max"])
+        await store.start()
+        try:
+            await store.migrate()
+            await store.load(SPECS)
+            await commit_overlapped(store, batches)
+            assert store.overlapped_commits == 0
+            recovered = await store.load(SPECS)
+        finally:
+            await store.stop()
+        await assert_stored_exactly(pg_dsn, batches, work, recovered)
+
+    run(scenario())
+
+
 def test_unmigrated_database_says_to_migrate(pg_dsn: str) -> None:
     async def scenario() -> None:
         async with PostgresStore(pg_dsn, SPECS) as store:

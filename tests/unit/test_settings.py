@@ -58,6 +58,8 @@ def test_a_value_outside_its_choices_is_refused(tmp_path: Path) -> None:
         load_settings(write(tmp_path, "[kafka]\nsecurity_protocol = 'TLS'\n"), env={})
     with pytest.raises(ConfigError, match=r"\[postgres\]: 'sslmode' must be one of"):
         load_settings(write(tmp_path, "[postgres]\nsslmode = 'on'\n"), env={})
+    with pytest.raises(ConfigError, match=r"\[postgres\]: 'pool_size' must be at least 1"):
+        load_settings(write(tmp_path, "[postgres]\npool_size = 0\n"), env={})
 
 
 def test_sasl_needs_credentials_and_files_must_exist(tmp_path: Path) -> None:
