@@ -30,6 +30,10 @@ __all__ = ["JournalWriter"]
 
 DurableListener = Callable[[Batch], Awaitable[None]]
 _SETTLED = object()  # _get_or_settle: the commit in flight ended before a chunk came
+# a commit is logged as slow past 100 ms plus 20 us per event (200 ms for a full batch of 5,000): catching up,
+# full batches take 100 - 200 ms each here, and a warning for every one of them would only be noise
+_SLOW_S = 0.1
+_SLOW_PER_EVENT_S = 20e-6
 
 
 class _InFlight(NamedTuple):
@@ -233,7 +237,7 @@ class JournalWriter:
             # this batch added (what throughput and the commit-time metric are about)
             elapsed = ended - max(started, self._durable_at)
             self._durable_at = ended
-            if elapsed >= 0.1:
+            if elapsed >= _SLOW_S + n_events * _SLOW_PER_EVENT_S:
                 self._log.warning("slow journal commit", commit_ms=round(elapsed * 1000, 1), events=n_events,
                                   snapshots=len(batch.snapshots))
             if self.degraded:

@@ -326,3 +326,35 @@ def test_a_batch_gathered_while_a_commit_was_in_flight_goes_as_soon_as_that_comm
         return log
 
     assert asyncio.run(scenario())[2:] == [("durable", 2), ("prepare", 3), ("commit", 3)]
+
+
+def test_a_commit_is_slow_past_100_ms_plus_20_us_per_event() -> None:
+    """A full batch while catching up is not "slow" at 110 ms; a batch of one event is."""
+
+    async def scenario() -> list[dict[str, object]]:
+        stream = io.StringIO()
+        saved = structlog.get_config()
+        configure_logging("info", "json", stream=stream)
+        try:
+            engine = make_engine()
+            store = GatedStore()
+            queue: asyncio.Queue[list[JournalItem] | None] = asyncio.Queue()
+            writer = JournalWriter(store, queue, max_events=10_000, linger_ms=0)  # type: ignore[arg-type]
+            task = asyncio.create_task(writer.run())
+            await queue.put(_chunk(engine, 1))
+            await _settle()
+            await asyncio.sleep(0.15)
+            store.gates[0].set()  # 150 ms for one event: slow
+            await _settle()
+            await queue.put(_chunk(engine, 3000))
+            await _settle()
+            await asyncio.sleep(0.11)
+            store.gates[1].set()  # 110 ms for 3,000 events: its bound is 160 ms
+            await queue.put(None)
+            await task
+        finally:
+            structlog.configure(**saved)
+        return [json.loads(line) for line in stream.getvalue().splitlines() if line.startswith("{")]
+
+    slow = [line for line in asyncio.run(scenario()) if line["event"] == "slow journal commit"]
+    assert [line["events"] for line in slow] == [1]
