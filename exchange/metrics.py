@@ -90,7 +90,8 @@ class Metrics:
         self.book_levels = Gauge("exchange_book_levels", "Price levels", ["instrument", "side"], registry=r)
         self.batch_events = Histogram("exchange_journal_batch_events", "Events per journal batch",
                                       buckets=(1, 10, 50, 100, 500, 1000, 2000, 5000, 10000), registry=r)
-        self.commit_seconds = Histogram("exchange_journal_commit_seconds", "Journal commit duration",
+        self.commit_seconds = Histogram("exchange_journal_commit_seconds",
+                                        "Journal commit duration (from the previous commit's end if it started before)",
                                         buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .25, .5, 1),
                                         registry=r)
         self.consume_delay = Histogram("exchange_consume_delay_seconds",
