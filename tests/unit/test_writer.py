@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -93,6 +94,13 @@ class GatedStore:
         self.log.append(("durable", _last(batch)))
 
 
+def _run_writer(store: object, **options: Any) -> tuple[asyncio.Queue[list[JournalItem] | None], asyncio.Task[None]]:
+    """A writer over ``store`` running as a task (call it inside the event loop), with its queue."""
+    queue: asyncio.Queue[list[JournalItem] | None] = asyncio.Queue()
+    writer = JournalWriter(store, queue, **options)  # type: ignore[arg-type]
+    return queue, asyncio.create_task(writer.run())
+
+
 async def _after(commit: asyncio.Future[None] | None) -> None:
     """What a store owes ``after``: nothing durable before it, and a retriable failure if it failed."""
     if commit is not None:
@@ -125,16 +133,13 @@ def test_the_next_full_batch_starts_while_a_commit_is_in_flight_and_listeners_ke
             store.log.append(("listener", _last(batch)))
             heard.append(_last(batch))
 
-        queue: asyncio.Queue[list[JournalItem] | None] = asyncio.Queue()
-        writer = JournalWriter(store, queue, max_events=3, linger_ms=0, listeners=[listener])  # type: ignore[arg-type]
-        task = asyncio.create_task(writer.run())
+        queue, task = _run_writer(store, max_events=3, linger_ms=0, listeners=[listener])
         await queue.put(_chunk(engine, 3))  # seq 1-3: committed at once
         await _settle()
         await queue.put(_chunk(engine, 3))  # seq 4-6: full while 1-3 is in flight: prepared and started now
         await _settle()
         assert store.log == [("prepare", 3), ("commit", 3), ("prepare", 6), ("commit", 6)]
-        assert writer.batches == 0
-        assert len(store.gates) == 1
+        assert len(store.gates) == 1  # 4-6 has sent its rows and waits for 1-3
         store.gates[0].set()
         await _settle()
         # 1-3 is durable, then 4-6 goes on; 1-3's listeners run while it does
@@ -191,9 +196,7 @@ def test_listeners_and_the_next_preparation_wait_until_the_commit_in_flight_has_
         async def listener(batch: Batch) -> None:
             store.log.append(("listener", _last(batch)))
 
-        queue: asyncio.Queue[list[JournalItem] | None] = asyncio.Queue()
-        writer = JournalWriter(store, queue, max_events=2, linger_ms=0, listeners=[listener])  # type: ignore[arg-type]
-        task = asyncio.create_task(writer.run())
+        queue, task = _run_writer(store, max_events=2, linger_ms=0, listeners=[listener])
         await queue.put(_chunk(engine, 2))
         await queue.put(_chunk(engine, 2))
         await _settle()
@@ -242,9 +245,7 @@ def test_a_batch_started_behind_a_commit_that_fails_for_good_never_becomes_durab
         async def listener(batch: Batch) -> None:
             heard.append(_last(batch))
 
-        queue: asyncio.Queue[list[JournalItem] | None] = asyncio.Queue()
-        writer = JournalWriter(store, queue, max_events=2, linger_ms=0, listeners=[listener])  # type: ignore[arg-type]
-        task = asyncio.create_task(writer.run())
+        queue, task = _run_writer(store, max_events=2, linger_ms=0, listeners=[listener])
         await queue.put(_chunk(engine, 2))
         await _settle()
         await queue.put(_chunk(engine, 2))  # 3-4 starts behind 1-2
@@ -279,9 +280,7 @@ def test_a_commit_started_behind_another_is_timed_from_when_that_one_was_durable
         engine = make_engine()
         store = GatedStore()
         timings = Timings()
-        queue: asyncio.Queue[list[JournalItem] | None] = asyncio.Queue()
-        writer = JournalWriter(store, queue, max_events=2, linger_ms=0, metrics=timings)  # type: ignore[arg-type]
-        task = asyncio.create_task(writer.run())
+        queue, task = _run_writer(store, max_events=2, linger_ms=0, metrics=timings)
         await queue.put(_chunk(engine, 2))
         await _settle()
         await queue.put(_chunk(engine, 2))  # started behind the first
@@ -307,9 +306,7 @@ def test_a_batch_gathered_while_a_commit_was_in_flight_goes_as_soon_as_that_comm
     async def scenario() -> list[tuple[str, int]]:
         engine = make_engine()
         store = GatedStore()
-        queue: asyncio.Queue[list[JournalItem] | None] = asyncio.Queue()
-        writer = JournalWriter(store, queue, max_events=100, linger_ms=300)  # type: ignore[arg-type]
-        task = asyncio.create_task(writer.run())
+        queue, task = _run_writer(store, max_events=100, linger_ms=300)
         await queue.put(_chunk(engine, 1))
         await asyncio.sleep(0.1)
         await queue.put(_chunk(engine, 1))  # within the idle writer's linger: the same batch
@@ -338,9 +335,7 @@ def test_a_commit_is_slow_past_100_ms_plus_20_us_per_event() -> None:
         try:
             engine = make_engine()
             store = GatedStore()
-            queue: asyncio.Queue[list[JournalItem] | None] = asyncio.Queue()
-            writer = JournalWriter(store, queue, max_events=10_000, linger_ms=0)  # type: ignore[arg-type]
-            task = asyncio.create_task(writer.run())
+            queue, task = _run_writer(store, max_events=10_000, linger_ms=0)
             await queue.put(_chunk(engine, 1))
             await _settle()
             await asyncio.sleep(0.15)
