@@ -405,12 +405,11 @@ class PostgresStore:
 
     def _overlappable(self, prepared: PreparedBatch) -> bool:
         """May ``prepared`` be COPied while the commit before it is in flight? (It must be a COPY-path
-        batch without snapshots, of loaded instruments, prepared since the caches were last dropped;
-        and the pool must have a connection for each: with one, a retry of the commit before would
-        wait for the connection this one holds while it waits for that retry.)"""
+        batch without snapshots, prepared since the caches were last dropped -- so its instruments are
+        still loaded; and the pool must have a connection for each: with one, a retry of the commit
+        before would wait for the connection this one holds while it waits for that retry.)"""
         return (self.pool_size >= 2 and not prepared.one_statement and not prepared.rows.snapshots
-                and prepared.generation == self._generation
-                and all(symbol in self._progress for symbol in prepared.basis))
+                and prepared.generation == self._generation)
 
     async def _commit_overlapped(self, pool: asyncpg.Pool, prepared: PreparedBatch, last: dict[str, int],
                                  server_side: asyncio.Event | None, after: asyncio.Future[None]) -> None:
