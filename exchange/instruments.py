@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from exchange.types import RejectReason, StpMode
 
@@ -35,6 +35,10 @@ _MAX_SCALE = 18  # at most this many fraction digits
 
 _POW10: tuple[int, ...] = tuple(10**n for n in range(_MAX_SCALE + _MAX_DIGITS + 1))
 _DECIMAL = re.compile(r"([0-9]+)(?:\.([0-9]+))?")
+# decimal strings already converted, per instrument: prices cluster around the market and sizes repeat, so
+# most messages hit (the e2e flow has about 750 distinct prices and 150 sizes in 200,000 orders); a full
+# cache is emptied and refills, so memory stays bounded whatever the input
+_CACHE_MAX = 65_536
 
 
 class ConversionError(ValueError):
@@ -121,6 +125,9 @@ class Instrument:
     price_band_bps: int | None = None
     stp_default: StpMode = StpMode.NONE
     dedupe_window: int = 1_000_000
+    # decimal string -> ticks / lots, for strings converted without error (see _CACHE_MAX); not part of the spec
+    _ticks_of: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _lots_of: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def from_decimals(
@@ -181,13 +188,33 @@ class Instrument:
 
     def price_to_ticks(self, value: object) -> int:
         """``"101.25"`` -> ticks. Raises :class:`ConversionError` (``invalid_price``)."""
-        return _to_steps(value, "price", RejectReason.INVALID_PRICE, self.tick_units, self.tick_scale,
-                         self.tick_size, MAX_PRICE_TICKS)
+        if type(value) is not str:
+            return _to_steps(value, "price", RejectReason.INVALID_PRICE, self.tick_units, self.tick_scale,
+                             MAX_PRICE_TICKS)
+        cache = self._ticks_of
+        ticks = cache.get(value)
+        if ticks is None:
+            ticks = _to_steps(value, "price", RejectReason.INVALID_PRICE, self.tick_units, self.tick_scale,
+                              MAX_PRICE_TICKS)
+            if len(cache) >= _CACHE_MAX:
+                cache.clear()
+            cache[value] = ticks
+        return ticks
 
     def qty_to_lots(self, value: object) -> int:
         """``"0.5"`` -> lots. Raises :class:`ConversionError` (``invalid_quantity``)."""
-        return _to_steps(value, "quantity", RejectReason.INVALID_QUANTITY, self.lot_units, self.lot_scale,
-                         self.lot_size, MAX_QTY_LOTS)
+        if type(value) is not str:
+            return _to_steps(value, "quantity", RejectReason.INVALID_QUANTITY, self.lot_units, self.lot_scale,
+                             MAX_QTY_LOTS)
+        cache = self._lots_of
+        lots = cache.get(value)
+        if lots is None:
+            lots = _to_steps(value, "quantity", RejectReason.INVALID_QUANTITY, self.lot_units, self.lot_scale,
+                             MAX_QTY_LOTS)
+            if len(cache) >= _CACHE_MAX:
+                cache.clear()
+            cache[value] = lots
+        return lots
 
     def ticks_to_price(self, ticks: int) -> str:
         """Ticks -> decimal string with the tick's number of decimals."""
@@ -198,8 +225,7 @@ class Instrument:
         return _format(lots * self.lot_units, self.lot_scale)
 
 
-def _to_steps(value: object, what: str, reason: RejectReason, step_units: int, step_scale: int,
-              step_text: str, cap: int) -> int:
+def _to_steps(value: object, what: str, reason: RejectReason, step_units: int, step_scale: int, cap: int) -> int:
     units, scale = parse_decimal(value, what, reason)
     # value / step = (units / 10**scale) / (step_units / 10**step_scale)
     # value / step = (units / 10**scale) / (step_units / 10**step_scale), in integers only
@@ -208,7 +234,7 @@ def _to_steps(value: object, what: str, reason: RejectReason, step_units: int, s
     else:
         steps, rest = divmod(units, step_units * _POW10[scale - step_scale])
     if rest:
-        raise ConversionError(reason, f"{what} {value} is not a multiple of {step_text}")
+        raise ConversionError(reason, f"{what} {value} is not a multiple of {_format(step_units, step_scale)}")
     if steps == 0:
         raise ConversionError(reason, f"{what} must be greater than zero, got {value}")
     if steps > cap:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from exchange import ConversionError, Instrument, RejectReason, StpMode
+from exchange import ConversionError, Instrument, RejectReason, StpMode, instruments
 from exchange.instruments import MAX_PRICE_TICKS, MAX_QTY_LOTS
 
 INVALID_PRICE = RejectReason.INVALID_PRICE
@@ -237,3 +239,41 @@ def test_round_trips(step: str, n: int) -> None:
     assert s.qty_to_lots(s.lots_to_qty(n)) == n
     text = s.ticks_to_price(n)
     assert s.ticks_to_price(s.price_to_ticks(text)) == text
+
+
+# ------------------------------------------------------------------ the conversion cache
+
+_DECIMALS = st.one_of(
+    st.from_regex(r"[0-9]{1,6}(\.[0-9]{0,4})?", fullmatch=True),  # mostly valid, some off the grid or zero
+    st.sampled_from(["", "-1", "1e3", "NaN", " 1", "1.2.3", "0", "0.00"]),
+)
+
+
+@given(st.lists(_DECIMALS, min_size=1, max_size=40))
+def test_cached_conversions_equal_fresh_ones_and_errors_are_never_cached(texts: list[str]) -> None:
+    cached = spec("0.05", "0.001")
+    for text in texts + texts:  # the second pass reads what the first one cached
+        fresh = spec("0.05", "0.001")  # a new spec has an empty cache
+        for convert, again in ((cached.price_to_ticks, fresh.price_to_ticks), (cached.qty_to_lots, fresh.qty_to_lots)):
+            try:
+                expected: object = again(text)
+            except ConversionError as exc:
+                expected = (exc.reason, exc.text)
+            try:
+                got: object = convert(text)
+            except ConversionError as exc:
+                got = (exc.reason, exc.text)
+            assert got == expected
+    assert cached == spec("0.05", "0.001")  # the cache is not part of the spec's value
+    assert hash(cached) == hash(spec("0.05", "0.001"))
+
+
+def test_conversion_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(instruments, "_CACHE_MAX", 3)
+    s = spec()
+    for n in range(1, 10):
+        assert s.price_to_ticks(f"{n}.01") == n * 100 + 1
+        assert s.qty_to_lots(str(n)) == n
+        assert len(s._ticks_of) <= 3
+        assert len(s._lots_of) <= 3
+    assert s.price_to_ticks("1.01") == 101  # emptied and refilled, still exact
