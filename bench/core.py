@@ -3,17 +3,24 @@
     python bench/core.py                 # 200,000-command flow, commands per second
     python bench/core.py --memory        # one million resting orders, resident memory
     python bench/core.py --baseline      # the bare SortedDict-of-deques loop, for scale
+    python bench/core.py --decode        # the edge instead: wire message -> command, per second
 
 The flow is deterministic (seeded): limit orders around a moving mid price,
 cancels of live orders, amends, market orders and IOC limits that sweep several
 levels, with the resting book held near a thousand orders. The commands are
 generated first (not timed); the timed part is ``engine.apply`` alone, with
 every event built exactly as the daemon gets it.
+
+``--decode`` times the daemon's edge instead: parsing a wire message (JSON bytes,
+as a Kafka record holds it) and decoding it into a command, with its decimal
+price and quantity converted to ticks and lots, over ``bench/e2e.py``'s seeded
+flow of three instruments.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import random
 import resource
@@ -197,6 +204,31 @@ def memory(n_orders: int, levels_per_side: int) -> None:
           f"{(total - base) * 1024 * 1024 / n_orders:,.0f} bytes per order)")
 
 
+def decode(n: int, seed: int, repeat: int) -> None:
+    import msgspec
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from e2e import INSTRUMENTS  # the same three instruments and flow as the end-to-end benchmark
+
+    from exchange.codec import decode_command, parse_json
+    from exchange.testing.flow import OrderFlow
+
+    flow = OrderFlow(INSTRUMENTS, seed=seed)
+    messages = [msgspec.json.encode(flow.next()) for _ in range(n)]
+    best = float("inf")
+    for run in range(repeat):
+        specs = {s.symbol: dataclasses.replace(s) for s in INSTRUMENTS}  # copies with nothing converted yet
+        gc.collect()
+        start = time.perf_counter()
+        for raw in messages:
+            decode_command(parse_json(raw), specs, ts_ns=1)
+        elapsed = time.perf_counter() - start
+        best = min(best, elapsed)
+        print(f"  run {run + 1}/{repeat}: {n / elapsed:,.0f} messages/s", file=sys.stderr)
+    print(f"decode: {n:,} wire messages, {n / best:,.0f} messages/s ({best / n * 1e6:.2f} us each), "
+          f"best of {repeat}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--commands", type=int, default=200_000)
@@ -204,11 +236,15 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="timed runs; the best is reported")
     parser.add_argument("--baseline", action="store_true", help="also time the bare loop with no events")
     parser.add_argument("--memory", action="store_true", help="measure one million resting orders instead")
+    parser.add_argument("--decode", action="store_true", help="time wire message -> command instead")
     parser.add_argument("--orders", type=int, default=1_000_000, help="resting orders for --memory")
     parser.add_argument("--levels", type=int, default=2_000, help="price levels per side for --memory")
     args = parser.parse_args()
     if args.memory:
         memory(args.orders, args.levels)
+        return
+    if args.decode:
+        decode(args.commands, args.seed, args.repeat)
         return
     print(f"generating {args.commands:,} commands (seed {args.seed})", file=sys.stderr)
     commands = generate(args.commands, args.seed)
