@@ -188,33 +188,13 @@ class Instrument:
 
     def price_to_ticks(self, value: object) -> int:
         """``"101.25"`` -> ticks. Raises :class:`ConversionError` (``invalid_price``)."""
-        if type(value) is not str:
-            return _to_steps(value, "price", RejectReason.INVALID_PRICE, self.tick_units, self.tick_scale,
-                             MAX_PRICE_TICKS)
-        cache = self._ticks_of
-        ticks = cache.get(value)
-        if ticks is None:
-            ticks = _to_steps(value, "price", RejectReason.INVALID_PRICE, self.tick_units, self.tick_scale,
-                              MAX_PRICE_TICKS)
-            if len(cache) >= _CACHE_MAX:
-                cache.clear()
-            cache[value] = ticks
-        return ticks
+        return _cached_steps(self._ticks_of, value, "price", RejectReason.INVALID_PRICE, self.tick_units,
+                             self.tick_scale, MAX_PRICE_TICKS)
 
     def qty_to_lots(self, value: object) -> int:
         """``"0.5"`` -> lots. Raises :class:`ConversionError` (``invalid_quantity``)."""
-        if type(value) is not str:
-            return _to_steps(value, "quantity", RejectReason.INVALID_QUANTITY, self.lot_units, self.lot_scale,
-                             MAX_QTY_LOTS)
-        cache = self._lots_of
-        lots = cache.get(value)
-        if lots is None:
-            lots = _to_steps(value, "quantity", RejectReason.INVALID_QUANTITY, self.lot_units, self.lot_scale,
-                             MAX_QTY_LOTS)
-            if len(cache) >= _CACHE_MAX:
-                cache.clear()
-            cache[value] = lots
-        return lots
+        return _cached_steps(self._lots_of, value, "quantity", RejectReason.INVALID_QUANTITY, self.lot_units,
+                             self.lot_scale, MAX_QTY_LOTS)
 
     def ticks_to_price(self, ticks: int) -> str:
         """Ticks -> decimal string with the tick's number of decimals."""
@@ -223,6 +203,20 @@ class Instrument:
     def lots_to_qty(self, lots: int) -> str:
         """Lots -> decimal string with the lot's number of decimals."""
         return _format(lots * self.lot_units, self.lot_scale)
+
+
+def _cached_steps(cache: dict[str, int], value: object, what: str, reason: RejectReason, step_units: int,
+                  step_scale: int, cap: int) -> int:
+    """:func:`_to_steps`, remembering decimal strings converted without error in ``cache``."""
+    if type(value) is not str:
+        return _to_steps(value, what, reason, step_units, step_scale, cap)
+    steps = cache.get(value)
+    if steps is None:
+        steps = _to_steps(value, what, reason, step_units, step_scale, cap)
+        if len(cache) >= _CACHE_MAX:
+            cache.clear()
+        cache[value] = steps
+    return steps
 
 
 def _to_steps(value: object, what: str, reason: RejectReason, step_units: int, step_scale: int, cap: int) -> int:
