@@ -37,8 +37,9 @@ _POW10: tuple[int, ...] = tuple(10**n for n in range(_MAX_SCALE + _MAX_DIGITS + 
 _DECIMAL = re.compile(r"([0-9]+)(?:\.([0-9]+))?")
 # decimal strings already converted, per instrument: prices cluster around the market and sizes repeat, so
 # most messages hit (the e2e flow has about 750 distinct prices and 150 sizes in 200,000 orders); a full
-# cache is emptied and refills, so memory stays bounded whatever the input
-_CACHE_MAX = 65_536
+# cache is emptied and refills, so whatever the input it holds at most this many strings of each kind
+# (both full: about a megabyte per instrument)
+_CACHE_MAX = 4096
 
 
 class ConversionError(ValueError):
