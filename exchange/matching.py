@@ -113,29 +113,51 @@ class EngineState(msgspec.Struct, frozen=True):
 class DedupeWindow:
     """The client order ids of the most recently finished orders, oldest evicted first.
 
-    ``ids`` maps ``(client_id, client_order_id)`` to the order id; the matching
-    hot path reads it directly. Recovery's event applier keeps one too, so both
-    rebuild the same window.
+    ``ids`` maps a client id to that client's finished client order ids, each to
+    its order id; the matching hot path reads it directly. Recovery's event
+    applier keeps one too, so both rebuild the same window.
+
+    Nested dictionaries and two queues of strings, not ``(client_id,
+    client_order_id)`` tuples: the window holds up to a million entries per
+    instrument, and each tuple would be an object the garbage collector tracks.
+    Every order adds one, so they filled the collector's young generation and each
+    young collection (30 - 60 ms each here, with the daemon's threshold) traversed tens
+    of thousands of them: the worst latency of ``bench/e2e.py``'s phase 2. Strings,
+    and dictionaries holding only strings and integers, are not tracked.
     """
 
-    __slots__ = ("_fifo", "ids", "size")
+    __slots__ = ("_clients", "_coids", "ids", "size")
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.ids: dict[tuple[str, str], int] = {}
-        self._fifo: deque[tuple[str, str]] = deque()
+        self.ids: dict[str, dict[str, int]] = {}
+        self._clients: deque[str] = deque()  # oldest first; with _coids, the window's entries
+        self._coids: deque[str] = deque()
 
     def remember(self, client_id: str, client_order_id: str, order_id: int) -> None:
         if self.size:
-            key = (client_id, client_order_id)
-            self.ids[key] = order_id
-            self._fifo.append(key)
-            if len(self._fifo) > self.size:
-                del self.ids[self._fifo.popleft()]
+            done = self.ids.get(client_id)
+            if done is None:
+                done = self.ids[client_id] = {}
+            done[client_order_id] = order_id
+            self._clients.append(client_id)
+            self._coids.append(client_order_id)
+            if len(self._clients) > self.size:
+                client = self._clients.popleft()
+                done = self.ids[client]
+                del done[self._coids.popleft()]
+                if not done:
+                    del self.ids[client]
+
+    def get(self, client_id: str, client_order_id: str) -> int | None:
+        """The order id a finished order in the window had, or None."""
+        done = self.ids.get(client_id)
+        return done.get(client_order_id) if done is not None else None
 
     def entries(self) -> list[tuple[str, str, int]]:
         """``(client_id, client_order_id, order_id)``, oldest first (as in :class:`EngineState`)."""
-        return [(c, k, self.ids[(c, k)]) for c, k in self._fifo]
+        ids = self.ids
+        return [(c, k, ids[c][k]) for c, k in zip(self._clients, self._coids, strict=True)]
 
 
 def engine_state_hash(book: OrderBook, halted: bool) -> str:
@@ -185,7 +207,7 @@ class MatchingEngine:
         self.halted = False
         self._live: dict[str, dict[str, Order]] = {}  # client -> client order id -> live order
         self._dedupe = DedupeWindow(spec.dedupe_window)
-        self._done = self._dedupe.ids  # finished (client, client order id) -> order id
+        self._done = self._dedupe.ids  # finished: client -> client order id -> order id
         self._remember = self._dedupe.remember
         self._expiries: list[tuple[int, int]] = []  # heap of (expire_ns, order_id)
         self._handlers: dict[type[Any], Callable[[Any, list[Event]], None]] = {
@@ -296,12 +318,12 @@ class MatchingEngine:
             and client.__class__ is str
             and client
             and (live is None or coid not in live)
-        ) or (client, coid) in self._done:
+        ) or ((done := self._done.get(client)) is not None and coid in done):
             error = self._place_error(cmd)
             if error is not None:
                 original = None
                 if error[0] is RejectReason.DUPLICATE_CLIENT_ORDER_ID:  # point the sender at the original order
-                    original = live[coid].order_id if live and coid in live else self._done.get((client, coid))
+                    original = live[coid].order_id if live and coid in live else self._dedupe.get(client, coid)
                 self._reject(events, ts, client, coid, original, "place", error[0], error[1])
                 return
             # well-formed but off the fast path (market, FOK, GTD, post-only, enum from a plain str)
@@ -388,9 +410,10 @@ class MatchingEngine:
         if live is not None and coid in live:
             return (RejectReason.DUPLICATE_CLIENT_ORDER_ID,
                     f"client order id {coid!r} is already live as order {live[coid].order_id}")
-        if (client, coid) in self._done:
+        original = self._dedupe.get(client, coid)
+        if original is not None:
             return (RejectReason.DUPLICATE_CLIENT_ORDER_ID,
-                    f"client order id {coid!r} was already used by order {self._done[client, coid]}")
+                    f"client order id {coid!r} was already used by order {original}")
         return None
 
     def _cancel(self, cmd: CancelOrder, events: list[Event]) -> None:
@@ -630,7 +653,7 @@ class MatchingEngine:
             live = self._live.get(client)
             order = live.get(coid) if live else None
             if order is None:
-                if (client, coid) in self._done:
+                if self._dedupe.get(client, coid) is not None:
                     error = (RejectReason.TOO_LATE, f"order {coid!r} is no longer open")
                 else:
                     error = (RejectReason.UNKNOWN_ORDER, f"no open order with client order id {coid!r}")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 
 import pytest
 
 from exchange import CancelAll, CancelOrder, ClearBook, Command, Exchange, MatchingEngine, RejectReason
+from exchange.matching import DedupeWindow
 
 from ._helpers import (
     ALICE,
@@ -131,6 +133,36 @@ def test_dedupe_window_zero_remembers_only_live_ids() -> None:
         canceled(5, 2, "x1", BUY, 100, 1),
         rejected(6, RejectReason.UNKNOWN_ORDER, "x1", command="cancel"),
     ]
+
+
+def test_dedupe_window_evicts_oldest_first_across_clients_and_drops_emptied_clients() -> None:
+    window = DedupeWindow(3)
+    for client, coid, oid in [("a", "1", 1), ("b", "1", 2), ("a", "2", 3), ("c", "9", 4)]:
+        window.remember(client, coid, oid)
+    assert window.entries() == [("b", "1", 2), ("a", "2", 3), ("c", "9", 4)]
+    assert (window.get("a", "1"), window.get("a", "2"), window.get("b", "1")) == (None, 3, 2)
+    window.remember("d", "1", 5)  # evicts b's only entry: b is gone, so the clients do not pile up
+    assert sorted(window.ids) == ["a", "c", "d"]
+    assert window.get("b", "1") is None
+
+
+def test_dedupe_window_adds_nothing_for_the_garbage_collector_to_track() -> None:
+    """Every finished order enters the window; a tracked object per entry filled the collector's young
+    generation, and each young collection traversed them all (the daemon's worst pauses)."""
+    window = DedupeWindow(100_000)
+    window.remember("warm", "up", 1)
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()  # a collection would untrack tuples of strings on its own and hide them
+    try:
+        tracked = len(gc.get_objects())
+        for i in range(20_000):
+            window.remember(f"client-{i % 20}", f"o{i}", i + 2)
+        assert len(gc.get_objects()) - tracked < 100
+    finally:
+        if enabled:
+            gc.enable()
+    assert len(window.entries()) == 20_001
 
 
 # ------------------------------------------------------------------- cancel
