@@ -4,6 +4,7 @@
     python bench/core.py --memory        # one million resting orders, resident memory
     python bench/core.py --baseline      # the bare SortedDict-of-deques loop, for scale
     python bench/core.py --decode        # the edge instead: wire message -> command, per second
+    python bench/core.py --snapshot      # a periodic snapshot's work on the event loop, full dedupe window
 
 The flow is deterministic (seeded): limit orders around a moving mid price,
 cancels of live orders, amends, market orders and IOC limits that sweep several
@@ -15,6 +16,12 @@ every event built exactly as the daemon gets it.
 as a Kafka record holds it) and decoding it into a command, with its decimal
 price and quantity converted to ticks and lots, over ``bench/e2e.py``'s seeded
 flow of three instruments.
+
+``--snapshot`` fills an engine's dedupe window with ``--orders`` finished orders
+(IOC orders that do not cross a book of a thousand resting ones) and times what a
+periodic snapshot costs the daemon's event loop: the engine's image, its state
+hash and its JSON encoding, as the snapshot and the journal writer make them;
+then the same with the dedupe window in the image, as snapshots held it before.
 """
 
 from __future__ import annotations
@@ -229,6 +236,35 @@ def decode(n: int, seed: int, repeat: int) -> None:
           f"best of {repeat}")
 
 
+def snapshot(n_finished: int, repeat: int) -> None:
+    import msgspec
+
+    spec = dataclasses.replace(SPEC, dedupe_window=n_finished)
+    engine = MatchingEngine(spec)
+    mid = 1_000_000
+    for i in range(1000):
+        engine.apply(PlaceOrder(SYMBOL, f"maker{i % 50}", f"rest-{i}", Side.BUY, OrderType.LIMIT, mid - 1 - i % 100,
+                                1 + i % 10, TimeInForce.GTC, i + 1))
+    report_every = max(1, n_finished // 5)
+    for i in range(n_finished):
+        engine.apply(PlaceOrder(SYMBOL, f"client{i % 500}", f"order-{i:09d}", Side.SELL, OrderType.LIMIT, mid + 1,
+                                1, TimeInForce.IOC, 1000 + i))  # rests nowhere: finished, remembered
+        if (i + 1) % report_every == 0:
+            print(f"  finished {i + 1:,} orders", file=sys.stderr, flush=True)
+    encode = msgspec.json.Encoder().encode
+    for window, label in ((False, "snapshot (book, counters, halted)"), (True, "with the dedupe window")):
+        best = float("inf")
+        for _ in range(repeat):
+            gc.collect()
+            start = time.perf_counter()
+            state = engine.export_state(window=window)
+            engine.state_hash()
+            raw = encode(state)
+            best = min(best, time.perf_counter() - start)
+        print(f"{label}: {len(state.orders):,} resting orders, {len(state.done):,} window entries: "
+              f"{best * 1000:,.1f} ms, {len(raw) / 1e6:,.2f} MB encoded (best of {repeat})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--commands", type=int, default=200_000)
@@ -237,7 +273,9 @@ def main() -> None:
     parser.add_argument("--baseline", action="store_true", help="also time the bare loop with no events")
     parser.add_argument("--memory", action="store_true", help="measure one million resting orders instead")
     parser.add_argument("--decode", action="store_true", help="time wire message -> command instead")
-    parser.add_argument("--orders", type=int, default=1_000_000, help="resting orders for --memory")
+    parser.add_argument("--snapshot", action="store_true", help="time a snapshot with a full dedupe window instead")
+    parser.add_argument("--orders", type=int, default=1_000_000,
+                        help="resting orders for --memory; finished orders (the window) for --snapshot")
     parser.add_argument("--levels", type=int, default=2_000, help="price levels per side for --memory")
     args = parser.parse_args()
     if args.memory:
@@ -245,6 +283,9 @@ def main() -> None:
         return
     if args.decode:
         decode(args.commands, args.seed, args.repeat)
+        return
+    if args.snapshot:
+        snapshot(args.orders, args.repeat)
         return
     print(f"generating {args.commands:,} commands (seed {args.seed})", file=sys.stderr)
     commands = generate(args.commands, args.seed)

@@ -351,6 +351,7 @@ def run_once(args: argparse.Namespace, fanout: bool) -> dict[str, Any]:
             config = write_config(tmp / "e2e.toml", instruments=INSTRUMENTS, bootstrap=broker.bootstrap_servers,
                                   dsn=dsn, topic=topic, group_id="bench", http_port=port, publish_events=publish,
                                   linger_ms=args.linger_ms, fetch_max_wait_ms=args.fetch_wait_ms,
+                                  snapshot_interval_s=args.snapshot_interval_s,
                                   redis_url=redis_url, log_level="debug")  # "batch durable" lines
             daemon = DaemonProcess(config, port, tmp / "daemon.log")
             flow = OrderFlow(INSTRUMENTS, seed=args.seed, start_ts_ns=time.time_ns() // 1_000_000 * 1_000_000)
@@ -408,6 +409,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--linger-ms", type=float, default=2.0, help="the daemon's journal.linger_ms")
     parser.add_argument("--fetch-wait-ms", type=int, default=10, help="the daemon's kafka.fetch_max_wait_ms")
+    parser.add_argument("--snapshot-interval-s", type=float, default=60.0,
+                        help="the daemon's engine.snapshot_interval_s (the default's first snapshots come after "
+                             "phase 2; 10 puts two rounds of them into it)")
     args = parser.parse_args()
 
     if not args.fanout:

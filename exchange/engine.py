@@ -57,7 +57,7 @@ class InstrumentLoop:
         self._snapshot_seq = -1  # seq of the last snapshot taken; an unchanged book is not taken again
 
     def snapshot(self) -> SnapshotRequest:
-        state = self.engine.export_state()
+        state = self.engine.export_state(window=False)  # the orders table keeps the dedupe window
         self._snapshot_seq = state.seq
         return SnapshotRequest(self.symbol, state, self.engine.state_hash())
 

@@ -99,6 +99,14 @@ class EngineState(msgspec.Struct, frozen=True):
     FIFO within a level). ``done`` lists the remembered finished orders as
     ``(client_id, client_order_id, order_id)``, oldest first. ``halted``: an
     operator halted trading (see :class:`exchange.commands.HaltInstrument`).
+
+    ``done_complete`` is False when ``done`` holds only the most recent part of
+    the dedupe window: a periodic snapshot leaves the window out (up to a million
+    entries an instrument: copying and storing them every minute held the event
+    loop for half a second; the orders table keeps the finished orders, and
+    recovery loads the window from there), and a replay from such a snapshot
+    knows only what finished after it, until a whole window has. An engine never
+    starts from an incomplete window (:meth:`MatchingEngine.from_state` refuses).
     """
 
     instrument: str
@@ -108,6 +116,7 @@ class EngineState(msgspec.Struct, frozen=True):
     orders: list[RestingOrder]
     done: list[tuple[str, str, int]] = []
     halted: bool = False
+    done_complete: bool = True  # (last, with a default: stored snapshots from before it decode as complete)
 
 
 class DedupeWindow:
@@ -250,8 +259,12 @@ class MatchingEngine:
         halted flag."""
         return engine_state_hash(self.book, self.halted)
 
-    def export_state(self) -> EngineState:
-        """A snapshot of the engine from which :meth:`from_state` rebuilds it exactly."""
+    def export_state(self, *, window: bool = True) -> EngineState:
+        """A snapshot of the engine from which :meth:`from_state` rebuilds it exactly; without the dedupe
+        window if not ``window`` (what the periodic snapshots store: see :class:`EngineState`)."""
+        if not window:
+            return EngineState(self.symbol, self.seq, self.next_order_id, self.next_trade_id,
+                               resting_orders(self.book), [], self.halted, done_complete=False)
         return EngineState(self.symbol, self.seq, self.next_order_id, self.next_trade_id,
                            resting_orders(self.book), self._dedupe.entries(), self.halted)
 
@@ -263,6 +276,9 @@ class MatchingEngine:
         """
         if state.instrument != spec.symbol:
             raise ValueError(f"state of {state.instrument!r} cannot restore the {spec.symbol!r} engine")
+        if not state.done_complete:
+            raise ValueError(f"{spec.symbol}: this state (seq {state.seq}) leaves out the dedupe window, as "
+                             "snapshots do; an engine restored from it would accept duplicate client order ids")
         engine = cls(spec)
         engine.seq = state.seq
         engine.next_order_id = state.next_order_id

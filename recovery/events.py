@@ -24,8 +24,11 @@ Rules (one event at a time, sequence numbers strictly +1):
 
 A finished order enters the dedupe window (``(client_id, client_order_id,
 order_id)``, oldest first, at most ``Instrument.dedupe_window``), exactly as
-the engine remembers it. Any event that does not fit (a gap in the seq, an
-unknown order, a quantity that does not add up) raises :class:`ReplayError`.
+the engine remembers it. Started from a snapshot, which leaves the window out,
+the applier's window holds only the orders finished since, and its image says
+so (``EngineState.done_complete``) until a whole window has finished. Any event
+that does not fit (a gap in the seq, an unknown order, a quantity that does not
+add up) raises :class:`ReplayError`.
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ class EventApplier:
         self._transient: dict[int, tuple[str, str]] = {}  # accepted orders that never rest, until they end
         self._dedupe = DedupeWindow(spec.dedupe_window)
         self._remember = self._dedupe.remember
+        self._done_complete = state.done_complete  # else: until the window is full
         for r in state.orders:
             self.book.add(Order(r.order_id, r.client_id, r.client_order_id, Side(r.side), r.price_ticks, r.qty_lots,
                                 r.remaining_lots, r.priority, r.expire_ns, r.post_only, StpMode(r.stp)))
@@ -124,8 +128,10 @@ class EventApplier:
         if self._transient:
             raise ReplayError(f"{self.symbol}: orders {sorted(self._transient)} are still being processed at seq "
                               f"{self.seq}; an image exists only between two commands")
+        done = self._dedupe.entries()
         return EngineState(self.symbol, self.seq, self.next_order_id, self.next_trade_id,
-                           resting_orders(self.book), self._dedupe.entries(), self.halted)
+                           resting_orders(self.book), done, self.halted,
+                           done_complete=self._done_complete or len(done) >= self.spec.dedupe_window)
 
     @property
     def done(self) -> list[tuple[str, str, int]]:

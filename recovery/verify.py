@@ -79,7 +79,8 @@ class VerifyReport:
                                  res.error or res.note))
                 else:
                     rows.append((rep.instrument, res.source, str(st.seq), str(st.next_order_id),
-                                 str(st.next_trade_id), str(len(st.orders)), str(len(st.done)),
+                                 str(st.next_trade_id), str(len(st.orders)),
+                                 str(len(st.done)) + ("" if st.done_complete else " recent"),
                                  res.state_hash or "-", res.note))
         widths = [max(len(header[i]), *(len(r[i]) for r in rows)) if rows else len(header[i])
                   for i in range(len(header))]

@@ -143,11 +143,13 @@ class Workload:
         self.offsets[symbol] += 1
         return Applied(symbol, events, InputPosition(TOPIC, self.partition[symbol], self.offsets[symbol]))
 
-    def snapshot(self, symbol: str) -> SnapshotRequest:
+    def snapshot(self, symbol: str, *, window: bool = False) -> SnapshotRequest:
+        """As the daemon takes it (without the dedupe window), or with it if ``window`` (as earlier versions)."""
         engine = self.engines[symbol]
-        return SnapshotRequest(symbol, engine.export_state(), engine.state_hash())
+        return SnapshotRequest(symbol, engine.export_state(window=window), engine.state_hash())
 
-    def batches(self, commands: int, *, max_batch: int = 120, snapshot_every: int = 5) -> list[Batch]:
+    def batches(self, commands: int, *, max_batch: int = 120, snapshot_every: int = 5,
+                snapshot_window: bool = False) -> list[Batch]:
         """Apply ``commands`` random commands; cut the outcomes into batches, with snapshots now and then."""
         out: list[Batch] = []
         left = commands
@@ -157,7 +159,7 @@ class Workload:
             applied = [self.apply(self.command()) for _ in range(size)]
             snaps: list[SnapshotRequest] = []
             if snapshot_every and len(out) % snapshot_every == snapshot_every - 1:
-                snaps = [self.snapshot(s) for s in self.engines if self.rng.random() < 0.8]
+                snaps = [self.snapshot(s, window=snapshot_window) for s in self.engines if self.rng.random() < 0.8]
             out.append(Batch(applied, snaps))
         return out
 

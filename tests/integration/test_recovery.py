@@ -13,8 +13,9 @@ from structlog.testing import capture_logs
 from exchange import MatchingEngine
 from exchange.adapters.postgres import PostgresStore
 from exchange.journal import Batch, SnapshotRequest
+from exchange.matching import EngineState
 from recovery.events import EventApplier, ReplayError
-from recovery.rebuild import RecoveryError, recover
+from recovery.rebuild import RecoveryError, describe_difference, recover
 from recovery.verify import verify
 from tests.integration._workload import SPECS, Workload
 
@@ -74,13 +75,46 @@ def test_applier_starts_from_a_snapshot_and_refuses_events_that_do_not_fit() -> 
         EventApplier(spec).apply_all(tail)  # events of orders it never saw
 
 
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"window {s.dedupe_window}")
+def test_applier_from_a_snapshot_without_the_window_knows_the_orders_finished_since(spec: Any) -> None:
+    """The daemon's snapshots leave the dedupe window out: a replay from one rebuilds the book and counters
+    exactly, and of the window only its tail, which must agree with the whole window (and says it is partial
+    until a whole window has finished since the snapshot)."""
+    work = Workload(seed=11)
+    for _ in range(400):
+        work.apply(work.command(spec.symbol))
+    engine = work.engines[spec.symbol]
+    snapshot = msgspec.json.decode(msgspec.json.encode(engine.export_state(window=False)), type=EngineState)
+    assert (snapshot.done, snapshot.done_complete) == ([], False)
+    with pytest.raises(ValueError, match="dedupe window"):
+        MatchingEngine.from_state(spec, snapshot)  # an engine must never start without its window
+
+    applier = EventApplier(spec, snapshot)
+    for _ in range(300):
+        applier.apply_all(work.apply(work.command(spec.symbol)).events)
+    whole, part = engine.export_state(), applier.export_state()
+    assert (part.seq, part.next_order_id, part.next_trade_id, part.orders, part.halted) == (
+        whole.seq, whole.next_order_id, whole.next_trade_id, whole.orders, whole.halted)
+    assert part.done
+    assert part.done == whole.done[len(whole.done) - len(part.done):]
+    assert part.done_complete == (len(part.done) == spec.dedupe_window)  # AAA: 1,000,000; BBB: 7
+    assert describe_difference(part, whole, "replay", "engine") == ""
+
+    forged = msgspec.structs.replace(part, done=[(c, k, oid + 1) for c, k, oid in part.done])
+    assert "dedupe window differs" in describe_difference(forged, whole, "replay", "engine")
+    longer = msgspec.structs.replace(part, done=whole.done + whole.done[-1:], done_complete=False)
+    assert "dedupe window differs" in describe_difference(longer, whole, "replay", "engine")
+
+
 # ------------------------------------------------------------ recover()
 
 
 @pytest.mark.integration
-def test_recover_checks_every_instrument_and_reports_progress(pg_dsn: str) -> None:
+@pytest.mark.parametrize("snapshot_window", [False, True], ids=["daemon snapshots", "snapshots with the window"])
+def test_recover_checks_every_instrument_and_reports_progress(pg_dsn: str, snapshot_window: bool) -> None:
+    """Snapshots with the dedupe window are what earlier versions stored: a database may still hold them."""
     work = Workload(seed=21)
-    batches = work.batches(3_000, max_batch=200, snapshot_every=4)
+    batches = work.batches(3_000, max_batch=200, snapshot_every=4, snapshot_window=snapshot_window)
 
     async def scenario() -> None:
         await store_batches(pg_dsn, batches)
