@@ -102,8 +102,8 @@ class EngineState(msgspec.Struct, frozen=True):
 
     ``done_complete`` is False when ``done`` holds only the most recent part of
     the dedupe window: a periodic snapshot leaves the window out (up to a million
-    entries an instrument: copying and storing them every minute held the event
-    loop for half a second; the orders table keeps the finished orders, and
+    entries an instrument: copying and encoding them every minute held the event
+    loop for about 0.4 s; the orders table keeps the finished orders, and
     recovery loads the window from there), and a replay from such a snapshot
     knows only what finished after it, until a whole window has. An engine never
     starts from an incomplete window (:meth:`MatchingEngine.from_state` refuses).
@@ -129,10 +129,10 @@ class DedupeWindow:
     Nested dictionaries and two queues of strings, not ``(client_id,
     client_order_id)`` tuples: the window holds up to a million entries per
     instrument, and each tuple would be an object the garbage collector tracks.
-    Every order adds one, so they filled the collector's young generation and each
-    young collection (30 - 60 ms each here, with the daemon's threshold) traversed tens
-    of thousands of them: the worst latency of ``bench/e2e.py``'s phase 2. Strings,
-    and dictionaries holding only strings and integers, are not tracked.
+    Every order adds one, so they filled the collector's young generation, and a
+    young collection (30 - 60 ms here, with the daemon's threshold) traversing tens
+    of thousands of them fell into every 20 s of ``bench/e2e.py``'s phase 2.
+    Strings, and dictionaries holding only strings and integers, are not tracked.
     """
 
     __slots__ = ("_clients", "_coids", "ids", "size")
