@@ -16,16 +16,24 @@ units). Rules of :func:`apply_fill`:
 
 Every fill updates two positions, the maker's (opposite the aggressor side)
 and the taker's (the aggressor side); a self-trade updates one client twice.
+:func:`apply_fills` folds a stream of events into positions that way: it is
+what the journal's commits do to the ``positions`` table, and what
+``exchange recover --verify`` checks that table against.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, MutableMapping
+
+from exchange.events import Event, OrderFilled
 from exchange.journal import Position
 from exchange.types import Side
 
-__all__ = ["apply_fill"]
+__all__ = ["apply_fill", "apply_fills"]
 
 _BUY = Side.BUY
+_SELL = Side.SELL
+_FLAT = Position(0, 0, 0)
 
 
 def apply_fill(position: Position, side: Side, price_ticks: int, lots: int) -> Position:
@@ -45,3 +53,15 @@ def apply_fill(position: Position, side: Side, price_ticks: int, lots: int) -> P
         return Position(net + signed, cost - removed, realized)
     rest = signed + (size if signed < 0 else -size)  # the part that opens the other way
     return Position(rest, price_ticks * rest, realized)
+
+
+def apply_fills(positions: MutableMapping[str, Position], events: Iterable[Event]) -> None:
+    """Fold the fills among ``events`` into ``positions`` (client -> position): the maker first, then the taker."""
+    for ev in events:
+        if type(ev) is OrderFilled:
+            taker_side = ev.aggressor_side
+            maker_side = _SELL if taker_side is _BUY or taker_side == "buy" else _BUY
+            price, lots = ev.price_ticks, ev.qty_lots
+            maker, taker = ev.maker_client_id, ev.taker_client_id
+            positions[maker] = apply_fill(positions.get(maker, _FLAT), maker_side, price, lots)
+            positions[taker] = apply_fill(positions.get(taker, _FLAT), taker_side, price, lots)

@@ -21,12 +21,13 @@ replays, one line per second.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
+from exchange.events import Event
 from exchange.instruments import Instrument
 from exchange.journal import History, Recovered, SnapshotRequest, Store
 from exchange.matching import EngineState, MatchingEngine
@@ -53,10 +54,13 @@ class ReplayResult:
 
 
 async def replay_stored(store: History, spec: Instrument, upto_seq: int, *, snapshot: SnapshotRequest | None,
-                        log: Any = None, what: str = "replaying events") -> ReplayResult:
+                        log: Any = None, what: str = "replaying events",
+                        observe: Callable[[Sequence[Event]], None] | None = None) -> ReplayResult:
     """``snapshot`` (or nothing) plus the stored events after it up to ``upto_seq``, through the applier.
 
-    Raises :class:`ReplayError` when the events do not fit or end before ``upto_seq``.
+    ``observe`` is called with every chunk of events once the applier has taken it (verify folds the
+    fills into positions with it). Raises :class:`ReplayError` when the events do not fit or end before
+    ``upto_seq``.
     """
     symbol = spec.symbol
     applier = EventApplier(spec, snapshot.state if snapshot is not None else None)
@@ -64,6 +68,8 @@ async def replay_stored(store: History, spec: Instrument, upto_seq: int, *, snap
     started = last_log = time.monotonic()
     async for chunk in store.read_events(symbol, start, upto_seq):
         applier.apply_all(chunk)
+        if observe is not None:
+            observe(chunk)
         now = time.monotonic()
         if log is not None and now - last_log >= _LOG_EVERY_S:
             last_log = now

@@ -8,12 +8,14 @@
     the reference, since the events are the journal of record.
 
 Each source's seq, counters, open orders, dedupe window size and state hash are
-reported, and whether they all agree. Nothing is written.
+reported, and whether they all agree. The full replay also folds every fill into
+client positions (:func:`exchange.positions.apply_fills`), and the positions table
+must hold exactly those. Nothing is written.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -21,8 +23,9 @@ import structlog
 
 from exchange.adapters.postgres import PostgresStore, connect_options
 from exchange.instruments import Instrument
-from exchange.journal import History, Store, StoreUnavailable
+from exchange.journal import History, Position, Store, StoreUnavailable
 from exchange.matching import EngineState, MatchingEngine
+from exchange.positions import apply_fills
 from exchange.settings import PostgresSettings
 from recovery.events import EventApplier, ReplayError
 from recovery.rebuild import describe_difference, replay_stored
@@ -53,6 +56,7 @@ class InstrumentReport:
     durable_seq: int
     results: list[SourceResult] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    positions_checked: int | None = None  # clients whose stored position was compared with the fills
 
     @property
     def ok(self) -> bool:
@@ -90,7 +94,9 @@ class VerifyReport:
         lines.append("")
         for rep in self.instruments:
             if rep.ok:
-                lines.append(f"{rep.instrument}: OK, all sources agree at seq {rep.durable_seq}")
+                checked = ("" if rep.positions_checked is None else
+                           f"; the positions of {rep.positions_checked} clients match the fills")
+                lines.append(f"{rep.instrument}: OK, all sources agree at seq {rep.durable_seq}{checked}")
             else:
                 lines.append(f"{rep.instrument}: MISMATCH")
                 lines += [f"  - {p}" for p in rep.problems]
@@ -132,13 +138,20 @@ async def _verify_one(store: VerifiableStore, spec: Instrument) -> InstrumentRep
     except ReplayError as exc:
         report.results.append(SourceResult("snapshot+events", error=str(exc)))
 
-    # (c) everything from the first event: the reference
+    # (c) everything from the first event: the reference; its fills give every client's position
+    from_fills: dict[str, Position] = {}
     try:
-        replay = await replay_stored(store, spec, durable, snapshot=None, log=_log, what="verify: full replay")
+        replay = await replay_stored(store, spec, durable, snapshot=None, log=_log, what="verify: full replay",
+                                     observe=lambda chunk: apply_fills(from_fills, chunk))
         report.results.append(SourceResult("full replay", replay.state, replay.state_hash,
                                            f"{replay.events} events from seq 1"))
     except ReplayError as exc:
         report.results.append(SourceResult("full replay", error=str(exc)))
+    else:
+        report.positions_checked = len(rec.positions.keys() | from_fills.keys())
+        differ = _positions_differ(rec.positions, from_fills)
+        if differ:
+            report.problems.append(differ)
 
     for res in report.results:
         if res.error is not None:
@@ -182,6 +195,23 @@ async def verify_store(store: VerifiableStore, instruments: Sequence[Instrument]
     except StoreUnavailable as exc:
         return _unreadable(exc)
     return report
+
+
+def _positions_differ(stored: Mapping[str, Position], from_fills: Mapping[str, Position]) -> str:
+    """Which clients' stored positions are not what the fills make of them ("" when all are)."""
+    clients = stored.keys() | from_fills.keys()
+    differ = sorted(c for c in clients if stored.get(c) != from_fills.get(c))
+    if not differ:
+        return ""
+
+    def show(p: Position | None) -> str:
+        return "no row" if p is None else f"net {p.net_lots} lots, cost {p.cost}, realized {p.realized}"
+
+    listed = "; ".join(f"{c}: stored {show(stored.get(c))}, from the fills {show(from_fills.get(c))}"
+                       for c in differ[:5])
+    more = f"; and {len(differ) - 5} more" if len(differ) > 5 else ""
+    return (f"positions: {len(differ)} of {len(clients)} clients differ from the fills in the events "
+            f"({listed}{more})")
 
 
 def _unreadable(exc: StoreUnavailable) -> VerifyReport:

@@ -554,6 +554,47 @@ def test_recover_and_verify_agree_on_a_healthy_store_and_catch_a_corrupted_row(b
     run(scenario())
 
 
+def test_verify_checks_every_position_against_the_fills(backend: Backend) -> None:
+    work = Workload(seed=27)
+    batches = work.batches(900, max_batch=100, snapshot_every=0)
+    expected = positions_from_fills(work.events)
+    spec = SPECS[0]
+    clients = sorted(client for (symbol, client) in expected if symbol == spec.symbol)
+    assert len(clients) >= 2, "the workload must trade"
+    changed, dropped = clients[0], clients[1]
+
+    async def scenario() -> None:
+        store = await backend.store()
+        try:
+            for batch in batches:
+                await store.commit(batch)
+            report = await verify_store(store, SPECS)
+            assert report.ok, report.render()
+            for inst in report.instruments:
+                assert inst.positions_checked == sum(1 for (symbol, _) in expected if symbol == inst.instrument)
+            assert f"the positions of {len(clients)} clients match the fills" in report.render()
+
+            await backend.execute(f"UPDATE positions SET net_lots = net_lots + 1 WHERE instrument = '{spec.symbol}' "
+                                  f"AND client_id = '{changed}'")
+            await backend.execute(f"DELETE FROM positions WHERE instrument = '{spec.symbol}' "
+                                  f"AND client_id = '{dropped}'")
+            report = await verify_store(store, SPECS)
+            assert not report.ok
+            problems = {inst.instrument: inst.problems for inst in report.instruments}
+            assert all(problems[s.symbol] == [] for s in SPECS[1:]), report.render()
+            (problem,) = problems[spec.symbol]
+            right = expected[(spec.symbol, changed)]
+            assert problem.startswith(f"positions: 2 of {len(clients)} clients differ from the fills")
+            assert (f"{changed}: stored net {right.net_lots + 1} lots, cost {right.cost}, realized {right.realized}, "
+                    f"from the fills net {right.net_lots} lots") in problem
+            assert f"{dropped}: stored no row, from the fills net" in problem
+            assert "MISMATCH" in report.render()
+        finally:
+            await store.stop()
+
+    run(scenario())
+
+
 # ------------------------------------------------------------- SQLite's own
 
 

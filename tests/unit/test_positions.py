@@ -8,9 +8,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from exchange.events import OrderFilled
 from exchange.journal import Position
-from exchange.positions import apply_fill
-from exchange.types import Side
+from exchange.positions import apply_fill, apply_fills
+from exchange.types import Side, StpMode
+from tests.unit._helpers import ALICE, BOB, buy, make_engine, sell
 
 BUY, SELL = Side.BUY, Side.SELL
 FLAT = Position()
@@ -49,6 +51,20 @@ def fills(position: Position, *steps: tuple[Side, int, int]) -> Position:
 )
 def test_apply_fill(steps: list[tuple[Side, int, int]], expected: Position) -> None:
     assert fills(FLAT, *steps) == expected
+
+
+def test_apply_fills_folds_an_engines_fills_maker_first() -> None:
+    engine = make_engine()
+    events = [*engine.apply(sell("a1", 100, 5, client=ALICE)),
+              *engine.apply(buy("b1", 100, 3, client=BOB)),  # bob buys 3 from alice
+              *engine.apply(buy("a2", 101, 2, client=ALICE, stp=StpMode.NONE)),  # alice buys 2 from herself
+              *engine.apply(sell("b2", 90, 1, client=BOB))]  # rests: nothing to trade against
+    assert [type(e) for e in events].count(OrderFilled) == 2
+    positions: dict[str, Position] = {"carol": Position(1, 50, 0)}  # folded into, not replaced
+    apply_fills(positions, events)
+    # alice: sold 3 at 100; then, as the maker, sold 2 more (short 5, cost -500) and, as the taker, bought
+    # 2 back at 100: 2/5 of the cost removed, nothing realized
+    assert positions == {"carol": Position(1, 50, 0), ALICE: Position(-3, -300, 0), BOB: Position(3, 300, 0)}
 
 
 def test_side_may_be_a_plain_string() -> None:
