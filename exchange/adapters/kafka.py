@@ -318,12 +318,17 @@ class OrderSource:
         return out
 
     async def probe(self, timeout_s: float) -> None:
-        """Raise if the brokers cannot be reached (a metadata request, bounded by ``timeout_s``)."""
+        """Raise if the consumer group's coordinator cannot be reached within ``timeout_s``.
+
+        The request is an OffsetFetch of the orders topic's first partition: a few bytes each way, answered
+        by the broker the group's offsets live on. (A metadata request for all topics would grow with the
+        cluster, every probe interval.)
+        """
         consumer = self._consumer
         if consumer is None:
             raise ConnectionError("the consumer is not started")
         async with asyncio.timeout(timeout_s):
-            await consumer.topics()
+            await consumer.committed(TopicPartition(self.topic, 0))
 
     async def on_durable(self, batch: Batch) -> None:
         """Writer listener: these commands are durable, their offsets may be committed."""

@@ -578,16 +578,19 @@ def test_verify_checks_every_position_against_the_fills(backend: Backend) -> Non
                                   f"AND client_id = '{changed}'")
             await backend.execute(f"DELETE FROM positions WHERE instrument = '{spec.symbol}' "
                                   f"AND client_id = '{dropped}'")
+            await backend.execute(f"INSERT INTO positions (client_id, instrument, net_lots, cost, realized, net_qty, "
+                                  f"realized_pnl, updated_seq) VALUES ('ghost', '{spec.symbol}', 0, 0, 5, 0, 0, 1)")
             report = await verify_store(store, SPECS)
             assert not report.ok
             problems = {inst.instrument: inst.problems for inst in report.instruments}
             assert all(problems[s.symbol] == [] for s in SPECS[1:]), report.render()
             (problem,) = problems[spec.symbol]
             right = expected[(spec.symbol, changed)]
-            assert problem.startswith(f"positions: 2 of {len(clients)} clients differ from the fills")
+            assert problem.startswith(f"positions: 3 of {len(clients) + 1} clients differ from the fills")
             assert (f"{changed}: stored net {right.net_lots + 1} lots, cost {right.cost}, realized {right.realized}, "
                     f"from the fills net {right.net_lots} lots") in problem
             assert f"{dropped}: stored no row, from the fills net" in problem
+            assert "ghost: stored net 0 lots, cost 0, realized 5, from the fills no row" in problem
             assert "MISMATCH" in report.render()
         finally:
             await store.stop()
