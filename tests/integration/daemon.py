@@ -11,11 +11,11 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from exchange.instruments import Instrument
 
@@ -163,6 +163,33 @@ class DaemonProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
         except OSError:
             return "(no log)"
+
+
+async def read_topic(bootstrap: str, topic: str, expect_at_least: int, *, wait_s: float = 20.0,
+                     count: Callable[[Any], int] | None = None, linger_s: float = 0.0) -> list[Any]:
+    """Every record of ``topic`` from its start, until ``count`` (default: one per record) adds up to
+    ``expect_at_least`` and ``linger_s`` more have passed (for duplicates that may follow), or ``wait_s``."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                enable_auto_commit=False, fetch_max_wait_ms=10, group_id=None)
+    await consumer.start()
+    records: list[Any] = []
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        seen = 0
+        enough_at = None
+        while loop.time() < deadline:
+            batch = await consumer.getmany(timeout_ms=200)
+            for recs in batch.values():
+                records.extend(recs)
+                seen += sum(count(r) for r in recs) if count else len(recs)
+            if seen >= expect_at_least:
+                enough_at = enough_at if enough_at is not None else loop.time()
+                if loop.time() >= enough_at + linger_s:
+                    break
+    finally:
+        await consumer.stop()
+    return records
 
 
 async def produce(bootstrap: str, topic: str, messages: Iterable[dict[str, Any] | bytes]) -> dict[int, int]:

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer
 
 from exchange.events import OrderFilled, OrderRejected
 from exchange.instruments import Instrument
@@ -19,7 +18,7 @@ from exchange.testing.broker import KafkaBroker
 from exchange.testing.flow import OrderFlow
 from exchange.types import RejectReason
 from recovery.verify import verify
-from tests.integration.daemon import DaemonProcess, free_port, produce, write_config
+from tests.integration.daemon import DaemonProcess, free_port, produce, read_topic, write_config
 from tests.integration.expect import encoded, replay_messages, stored_state, wait_for_seq
 
 pytestmark = pytest.mark.integration
@@ -36,27 +35,6 @@ INSTRUMENTS = (
 def _events_in(record: Any) -> int:
     value = json.loads(record.value)
     return len(value["events"]) if value["type"] == "events" else 1
-
-
-async def _read_all(bootstrap: str, topic: str, expect_at_least: int, wait_s: float = 20.0,
-                    count: Any = None) -> list[Any]:
-    """Records of ``topic`` until ``count`` (default: one per record) adds up to ``expect_at_least``."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                enable_auto_commit=False, fetch_max_wait_ms=10, group_id=None)
-    await consumer.start()
-    records: list[Any] = []
-    try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait_s
-        seen = 0
-        while seen < expect_at_least and loop.time() < deadline:
-            batch = await consumer.getmany(timeout_ms=200)
-            for recs in batch.values():
-                records.extend(recs)
-                seen += sum(count(r) for r in recs) if count else len(recs)
-    finally:
-        await consumer.stop()
-    return records
 
 
 def test_daemon_applies_stores_publishes_and_stops_cleanly(kafka: KafkaBroker, pg_dsn: str,
@@ -102,7 +80,7 @@ def test_daemon_applies_stores_publishes_and_stops_cleanly(kafka: KafkaBroker, p
     # undecodable and unknown-instrument messages went to the dead-letter topic; the identifiable
     # sender of a malformed message got a rejection on the events topic
     n_bad = 2 + sum(1 for m in messages if isinstance(m, dict) and m.get("instrument") == "NOPE-USD")
-    dead = asyncio.run(_read_all(kafka.bootstrap_servers, f"{topic}.dlq", n_bad))
+    dead = asyncio.run(read_topic(kafka.bootstrap_servers, f"{topic}.dlq", n_bad))
     assert len(dead) == n_bad
     assert all(dict(r.headers).get("reason") for r in dead)
     published = sum(len({e.maker_client_id, e.taker_client_id}) if isinstance(e, OrderFilled) else 1
@@ -110,7 +88,7 @@ def test_daemon_applies_stores_publishes_and_stops_cleanly(kafka: KafkaBroker, p
     duplicates = [e for evs in expected.values() for e in evs
                   if isinstance(e, OrderRejected) and e.reason is RejectReason.DUPLICATE_CLIENT_ORDER_ID]
     assert duplicates, "the flow should resubmit some orders"
-    records = asyncio.run(_read_all(kafka.bootstrap_servers, f"{topic}.events", published + 1 + len(duplicates),
+    records = asyncio.run(read_topic(kafka.bootstrap_servers, f"{topic}.events", published + 1 + len(duplicates),
                                     count=_events_in))
     # a record carries one client's events of a publishing round ({"type": "events", "events": [...]})
     keyed = [(r.key.decode(), v) for r in records

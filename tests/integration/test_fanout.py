@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 import redis
-from aiokafka import AIOKafkaConsumer
 
 from exchange.instruments import Instrument
 from exchange.matching import Exchange
@@ -28,7 +27,7 @@ from exchange.settings import RedisSettings
 from exchange.testing.broker import KafkaBroker
 from exchange.testing.flow import OrderFlow
 from exchange.watch import Follower
-from tests.integration.daemon import DaemonProcess, free_port, produce, write_config
+from tests.integration.daemon import DaemonProcess, free_port, produce, read_topic, write_config
 from tests.integration.expect import replay_messages, stored_progress, wait_for_seq
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -328,7 +327,8 @@ def _kill_and_restart(kafka: KafkaBroker, pg_dsn: str, redis_server: RedisServer
         code = daemon.terminate(timeout=60)
     assert code == 0, daemon.tail()
     # the trades topic (keyed by instrument): every trade at least once, exactly once after deduplication
-    records = asyncio.run(_read_topic(kafka.bootstrap_servers, f"{topic}.trades", len(trades)))
+    records = asyncio.run(read_topic(kafka.bootstrap_servers, f"{topic}.trades", len(trades), wait_s=30.0,
+                                     count=lambda r: len(json.loads(r.value)["trades"]), linger_s=1.0))
     values = [json.loads(r.value) for r in records]
     assert all(v["type"] == "trades" and v["instrument"] == r.key.decode() for r, v in zip(records, values,
                                                                                             strict=True))
@@ -338,23 +338,3 @@ def _kill_and_restart(kafka: KafkaBroker, pg_dsn: str, redis_server: RedisServer
     return republished
 
 
-async def _read_topic(bootstrap: str, topic: str, expect_at_least: int, wait_s: float = 30.0) -> list[Any]:
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                enable_auto_commit=False, fetch_max_wait_ms=10, group_id=None)
-    await consumer.start()
-    records: list[Any] = []
-    try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait_s
-        idle_until = None
-        while loop.time() < deadline:
-            batch = await consumer.getmany(timeout_ms=200)
-            got = [r for recs in batch.values() for r in recs]
-            records.extend(got)
-            if sum(len(json.loads(r.value)["trades"]) for r in records) >= expect_at_least:
-                idle_until = idle_until or loop.time() + 1.0  # a little longer: duplicates may follow
-                if loop.time() >= idle_until:
-                    break
-    finally:
-        await consumer.stop()
-    return records
