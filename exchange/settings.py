@@ -115,7 +115,7 @@ class PublisherSettings:
 @dataclass(frozen=True, slots=True)
 class JournalSettings:
     max_events: int = 5000  # a batch is committed when it holds this many events ...
-    linger_ms: float = 2.0  # ... or when its first item has waited this long (an idle writer; see JournalWriter.run)
+    linger_ms: float = 2.0  # ... or when its first item has waited this long (see JournalWriter.run)
     queue_size: int = 256  # chunks (up to 128 commands each) between the loops and the writer (back-pressure bound)
     publish_queue_size: int = 64  # durable batches waiting for the publishers before the writer waits
 

@@ -30,6 +30,7 @@ __all__ = ["JournalWriter"]
 
 DurableListener = Callable[[Batch], Awaitable[None]]
 _SETTLED = object()  # _get_or_settle: the commit in flight ended before a chunk came
+_LINGERED = object()  # _get_or_settle: neither came within the batch's linger
 # a commit is logged as slow past 100 ms plus 20 us per event (200 ms for a full batch of 5,000): catching up,
 # full batches take 100 - 200 ms each here, and a warning for every one of them would only be noise
 _SLOW_S = 0.1
@@ -71,17 +72,17 @@ class JournalWriter:
 
         Each commit runs as a task. Once it has sent its rows and what is left is the server's work
         (a :class:`~exchange.journal.PreparingStore` says when), the writer runs the previous batch's
-        listeners and gathers the next batch; if that batch is full before the commit ends, the store
-        prepares its rows then, so their CPU work overlaps the database's work on the batch before,
-        and starts committing it at once with ``after`` set to the commit still in flight: the store
-        sends the new batch's rows while the server finishes the one before, and makes the new batch
-        durable only after it (so at most two commits are in flight, and they end in order). (CPU work
-        any earlier would hold up the commit's own round trips: the writer shares one thread with the
-        matching loops.) A batch that is not full keeps gathering until the commit in flight ends and
-        then goes at once (it has gathered for a whole commit: lingering on would only add latency), so
-        under moderate load a batch holds what arrived during the previous commit. Only an idle
-        writer waits up to ``linger_ms`` after a batch's first item. Listeners run once per batch, in
-        batch order, after its commit.
+        listeners and gathers the next batch. That batch goes when it is full, or when the commit in
+        flight ends (it has gathered for a whole commit: lingering on would only add latency), or
+        ``linger_ms`` after its first item, whichever comes first. (An idle writer, too, waits up to
+        ``linger_ms`` after a batch's first item.) If the commit before is still in flight then, the
+        store prepares the new batch's rows, so their CPU work overlaps the database's work on the
+        batch before, and starts committing it at once with ``after`` set to the commit in flight:
+        the store sends the new batch's rows while the server finishes the one before, and makes the
+        new batch durable only after it (so at most two commits are in flight, and they end in
+        order). (CPU work any earlier would hold up the commit's own round trips: the writer shares
+        one thread with the matching loops.) Listeners run once per batch, in batch order, after its
+        commit.
         """
         queue = self._queue
         prepare = self._preparing.prepare if self._preparing is not None else None
@@ -107,11 +108,16 @@ class JournalWriter:
                     chunk: object
                     if not queue.empty():
                         chunk = queue.get_nowait()
-                    elif inflight is not None:  # keep gathering while the previous commit runs
-                        chunk, inflight = await self._get_or_settle(inflight)
+                    elif inflight is not None:  # keep gathering while the previous commit runs ...
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            break  # ... for at most the linger: then this batch goes behind it
+                        chunk, inflight = await self._get_or_settle(inflight, remaining)
                         if chunk is _SETTLED:  # it ended: this batch gathered for as long; it goes now
                             deadline = time.monotonic()
                             continue
+                        if chunk is _LINGERED:
+                            break
                     else:
                         remaining = deadline - time.monotonic()
                         if remaining <= 0:
@@ -158,21 +164,25 @@ class JournalWriter:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
 
-    async def _get_or_settle(self, inflight: _InFlight) -> tuple[object, _InFlight | None]:
+    async def _get_or_settle(self, inflight: _InFlight,
+                             within_s: float | None = None) -> tuple[object, _InFlight | None]:
         """The next chunk from the queue, or, if the commit in flight ends first, ``_SETTLED``: that
-        commit's outcome is raised if it failed for good, else its listeners have run."""
+        commit's outcome is raised if it failed for good, else its listeners have run; ``_LINGERED``
+        if neither came within ``within_s`` seconds."""
         queue = self._queue
         if not queue.empty():
             return queue.get_nowait(), inflight
         if not inflight.task.done():
             getter = asyncio.ensure_future(queue.get())
             try:
-                await asyncio.wait((getter, inflight.task), return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait((getter, inflight.task), timeout=within_s, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 if not getter.done():
                     getter.cancel()  # Queue.get takes the item only when it resumes: nothing is lost
             if getter.done() and not getter.cancelled():
                 return getter.result(), inflight
+            if not inflight.task.done():
+                return _LINGERED, inflight
         await inflight.task
         await self._notify(inflight.batch)
         return _SETTLED, None

@@ -4,8 +4,8 @@
 :class:`~exchange.journal.History` for recovery) with asyncpg.
 
 One :meth:`~PostgresStore.commit` is ONE transaction. A small batch is one
-round trip: a call of ``exchange_commit_batch`` (migration 003) with the whole
-batch as one JSON document. A large one (or one with snapshots) is a handful of
+round trip: a call of ``exchange_commit_batch`` (migrations 003 and 005) with the
+whole batch as one JSON document. A large one (or one with snapshots) is a handful of
 round trips whatever its size: events, trades and new orders go in by binary
 COPY, then the same function changes the pre-existing orders, positions,
 counters and offsets, then the snapshots are written. The rows come from
@@ -46,11 +46,11 @@ import ssl
 import struct
 import time
 from collections import ChainMap
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import asyncpg
 import msgspec
@@ -85,6 +85,7 @@ if TYPE_CHECKING:
 
 _Conn: TypeAlias = "asyncpg.Connection | PoolConnectionProxy[asyncpg.Record]"
 
+_T = TypeVar("_T")
 _RETRIABLE_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
 # connection-time refusals an operator clears without touching the daemon: database not accepting
 # connections (ALLOW_CONNECTIONS false, shutting down), lock timeouts, a database being restored
@@ -98,7 +99,10 @@ _SQL_PROGRESS_LOCK = """
 SELECT instrument, seq, next_order_id, next_trade_id, halted FROM engine_progress
 WHERE instrument = ANY($1::text[]) ORDER BY instrument FOR UPDATE"""
 
-_SQL_COMMIT_BATCH = "SELECT exchange_commit_batch($1::text::json)"
+_SQL_COMMIT_BATCH = "SELECT exchange_commit_batch($1::text::jsonb, $2::integer)"
+# how long a batch sent behind the commit before it may wait, in the server, for that one to become durable;
+# the store cancels the wait as soon as that commit fails, so this only bounds a wait nobody cancels
+_BEHIND_WAIT_MS = 10_000
 
 _SQL_POSITIONS = """
 SELECT instrument, client_id, net_lots, cost, realized FROM positions WHERE instrument = ANY($1::text[])"""
@@ -182,6 +186,9 @@ class PreparedBatch:
     generation: int
     one_statement: bool  # small enough for exchange_commit_batch alone
     document: str  # exchange_commit_batch's argument (without the COPied rows unless one_statement)
+    number: int = 0  # this store's count of prepared batches when this one was
+    behind: int | None = None  # the number of the prepared batch whose outcome the rows continue, if uncommitted
+    sent: bool = False  # its commit goes ahead with exactly these rows (never derived again)
 
 
 class PostgresStore:
@@ -223,8 +230,9 @@ class PostgresStore:
         # moves whenever the cached state is dropped, which invalidates everything prepared before
         self._ahead: list[PreparedBatch] = []
         self._generation = 0
+        self._prepared_count = 0  # numbers the prepared batches (PreparedBatch.number)
         self.one_statement_commits = 0  # how many batches took the one-statement path (tests, metrics)
-        self.overlapped_commits = 0  # COPY-path commits started while the one before was in flight
+        self.overlapped_commits = 0  # commits started while the one before was in flight
 
     def _scale(self, spec: Instrument) -> Scale:
         return self._scales[spec.symbol]
@@ -303,6 +311,7 @@ class PostgresStore:
         when their turn comes, and derives them again otherwise. None if an instrument of the batch
         has not been loaded (its state is read inside the committing transaction).
         """
+        self._prepared_count += 1
         prepared = self._derive(batch, ahead=True)
         if prepared is not None:
             self._ahead.append(prepared)
@@ -325,7 +334,8 @@ class PostgresStore:
         if any(symbol not in self._progress for symbol in rows.progress):
             return None  # not loaded: the commit reads its state inside the transaction
         return PreparedBatch(rows, {symbol: progress[symbol] for symbol in rows.progress}, self._generation, one,
-                             self._document(rows, copied=not one))
+                             self._document(rows, copied=not one), self._prepared_count,
+                             self._ahead[-1].number if ahead and self._ahead else None)
 
     def _small(self, batch: Batch) -> bool:
         """At most ``one_statement_max_events`` events (counting stops there)."""
@@ -372,7 +382,7 @@ class PostgresStore:
         ``prepared`` is what :meth:`prepare` returned for this very batch (a retry passes it again).
         ``server_side`` is set when the last statement, ``exchange_commit_batch``, is sent: from
         then on the commit waits for the server only. ``after`` is the commit of the batch before,
-        if it is still in flight: a prepared batch then COPies its new rows meanwhile (see
+        if it is still in flight: a prepared batch then sends its new rows meanwhile (see
         :meth:`_commit_overlapped`), and nothing of it becomes durable before ``after`` has.
         """
         last = ({symbol: prog.seq for symbol, prog in prepared.rows.progress.items()} if prepared is not None
@@ -393,7 +403,12 @@ class PostgresStore:
             return  # this store already committed it: a retry after success
         if prepared is not None and not self._usable(prepared):
             self._settled(prepared)
+            # it is derived again, so whatever was prepared on its rows is stale too
+            self._generation += 1
+            self._ahead.clear()
             prepared = None
+        elif prepared is not None:
+            prepared.sent = True
         now = prepared if prepared is not None else self._derive(batch, ahead=False)
         pool = self._require_pool()
         symbols = sorted(last)
@@ -404,20 +419,35 @@ class PostgresStore:
         self._settled(prepared)
 
     def _overlappable(self, prepared: PreparedBatch) -> bool:
-        """May ``prepared`` be COPied while the commit before it is in flight? (It must be a COPY-path
-        batch without snapshots, prepared since the caches were last dropped -- so its instruments are
-        still loaded; and the pool must have a connection for each: with one, a retry of the commit
-        before would wait for the connection this one holds while it waits for that retry.)"""
-        return (self.pool_size >= 2 and not prepared.one_statement and not prepared.rows.snapshots
-                and prepared.generation == self._generation)
+        """May ``prepared`` be sent while the commit before it is in flight? It must be a batch without
+        snapshots, prepared since the caches were last dropped -- so its instruments are still loaded --
+        on the outcome of a prepared batch that is still uncommitted: the one in flight. (Prepared on the
+        committed state while an unprepared batch commits, its rows would take the same keys as that
+        one's.) A one-statement batch is written by the server as soon as the stored sequence reaches
+        its start, without the COPY path's check of the basis here, so the commit before must also go
+        ahead with exactly its prepared rows: prepared on rows that are then derived again, its
+        positions would continue rows that are never written, at the same seqs.
+        And the pool must have a connection for each: with one, a retry of the commit before would
+        wait for the connection this one holds while it waits for that retry."""
+        behind = prepared.behind
+        return (self.pool_size >= 2 and not prepared.rows.snapshots and prepared.generation == self._generation
+                and behind is not None
+                and any(p.number == behind and (p.sent or not prepared.one_statement) for p in self._ahead))
 
     async def _commit_overlapped(self, pool: asyncpg.Pool, prepared: PreparedBatch, last: dict[str, int],
                                  server_side: asyncio.Event | None, after: asyncio.Future[None]) -> None:
-        """The COPY path, started while ``after`` (the commit before) is still in flight.
+        """A batch started while ``after`` (the commit before) is still in flight.
 
-        The batch's new rows -- events, trades, new orders: keys no other batch has -- are COPied in
-        this transaction while the server finishes the batch before (its set-based statements and
-        its COMMIT, half of a large commit's time). Only once ``after`` has succeeded, and the
+        Its new rows -- events, trades, new orders: keys no other batch has -- go in while the server
+        finishes the batch before; the rest waits until that one is durable.
+
+        A one-statement batch sends ``exchange_commit_batch`` at once, with a wait: the server inserts
+        the new rows, then waits for the stored sequence to reach the seq the batch continues, and
+        writes the rest (see :meth:`_commit_one_statement`).
+
+        A COPY-path batch COPies its new rows in this transaction while the server finishes the batch
+        before (its set-based statements and its COMMIT, half of a large commit's time). Only once
+        ``after`` has succeeded, and the
         committed counters are exactly the ones the rows were prepared on, does
         ``exchange_commit_batch`` run: it locks the instruments' progress, checks that the batch
         continues the stored sequence, and writes the rest. So the batches still become durable one
@@ -425,6 +455,11 @@ class PostgresStore:
         sends the caller to the ordinary path. A batch that is already durable cannot get here (a
         retry runs after ``after`` has ended, on the ordinary path, which checks for that first).
         """
+        if prepared.one_statement:
+            prepared.sent = True
+            await self._commit_one_statement(pool, prepared, sorted(last), last, server_side, after)
+            self.overlapped_commits += 1
+            return
         rows = prepared.rows
         try:
             async with pool.acquire(timeout=self.connect_timeout) as conn, conn.transaction():
@@ -432,6 +467,7 @@ class PostgresStore:
                 await _succeeded(after)
                 if not self._usable(prepared):
                     raise _Stale
+                prepared.sent = True
                 if server_side is not None:
                     server_side.set()
                 await self._finish(conn, rows, prepared.document)
@@ -481,8 +517,9 @@ class PostgresStore:
         self._adopt(rows)
 
     async def _commit_one_statement(self, pool: asyncpg.Pool, prepared: PreparedBatch, symbols: list[str],
-                                    last: dict[str, int], server_side: asyncio.Event | None) -> None:
-        """A small batch in ONE round trip: ``exchange_commit_batch`` (migration 003) in its own transaction.
+                                    last: dict[str, int], server_side: asyncio.Event | None,
+                                    after: asyncio.Future[None] | None = None) -> None:
+        """A small batch in ONE round trip: ``exchange_commit_batch`` (migration 005) in its own transaction.
 
         A batch of a few dozen events spends most of a multi-statement commit
         waiting on round trips (about ten, each a scheduling hop on a busy
@@ -491,17 +528,37 @@ class PostgresStore:
         checks the sequence and the updated-row count itself. Batches with
         snapshots or more than ``one_statement_max_events`` events, and the first
         batch of an instrument this store has not loaded, take the COPY path.
+
+        ``after``: the commit before, still in flight. The statement goes at once and the server makes
+        the batch durable only after that one (migration 005: it inserts the new rows, then waits for
+        the stored sequence to reach the batch's start). If ``after`` fails meanwhile, the statement is
+        cancelled and this commit fails as retriable (a retry after a lost acknowledgement finds the
+        batch already durable); if the server finds the stored sequence elsewhere, :class:`_Stale`.
+        Once written, the caches adopt the batch only if ``after`` ended as this batch was prepared
+        for; else they are dropped and reloaded.
         """
         rows = prepared.rows
         try:
             async with pool.acquire(timeout=self.connect_timeout) as conn:
                 if server_side is not None:
                     server_side.set()
-                answer = await conn.fetchval(_SQL_COMMIT_BATCH, prepared.document)
+                if after is None:
+                    answer = await conn.fetchval(_SQL_COMMIT_BATCH, prepared.document, 0)
+                else:
+                    answer = await _behind(conn.fetchval(_SQL_COMMIT_BATCH, prepared.document, _BEHIND_WAIT_MS),
+                                           after)
         except StoreUnavailable:
             raise
         except asyncpg.PostgresError as exc:
-            raise _commit_error(exc, last) from exc
+            if exc.sqlstate != "EXU02":
+                raise _commit_error(exc, last) from exc
+            if after is not None:
+                # the commit before did not end where this batch starts within the wait (slow, or failing
+                # and retried): the ordinary path waits for it. The rows it commits are still exactly
+                # its prepared ones, so this batch's come out the same if derived again, and a batch
+                # already sent behind this one stays right.
+                raise _Stale from exc
+            answer = getattr(exc, "detail", None) or "{}"  # rolled back: as if nothing was written
         except Exception as exc:
             raise _unavailable(exc, f"committing a batch (last seq {last})") from exc
         if answer is not None:  # nothing was written: the stored sequence is not where the batch starts
@@ -513,6 +570,14 @@ class PostgresStore:
             _log.warning("batch already durable; commit acknowledged without writing", last_seq=last)
             return
         self.one_statement_commits += 1
+        if after is not None:
+            # durable after the commit before, by the server's check of the sequence; but the caches are
+            # only this batch's basis once that commit has also ended here as prepared for (it may have
+            # been acknowledged without writing, and dropped them): else they are reloaded
+            await asyncio.wait((after,))
+            if not self._usable(prepared):
+                self._forget(symbols)
+                return
         self._adopt(rows)
 
     def _document(self, rows: BatchRows, *, copied: bool) -> str:
@@ -552,9 +617,8 @@ class PostgresStore:
     async def _finish(self, conn: _Conn, rows: BatchRows, document: str) -> None:
         """After the COPYs: the rest -- updated orders, positions, counters, offsets -- as the one-statement
         path writes it, then the batch's snapshots."""
-        if await conn.fetchval(_SQL_COMMIT_BATCH, document) is not None:
-            raise StoreUnavailable("the stored sequence moved while this transaction held its lock; another "
-                                   "writer? Stop the daemon and run `exchange recover --verify`.", retriable=False)
+        if await conn.fetchval(_SQL_COMMIT_BATCH, document, 0) is not None:
+            raise _moved()
         if rows.snapshots:
             await conn.execute(_SQL_SNAPSHOTS_INSERT, *_columns(rows.snapshots, 5))
             await conn.execute(_SQL_SNAPSHOTS_PRUNE, sorted({s[0] for s in rows.snapshots}), self.snapshot_keep)
@@ -714,10 +778,18 @@ class PostgresStore:
 
 
 def _commit_error(exc: asyncpg.PostgresError, last: dict[str, int]) -> StoreUnavailable:
-    """A server error during a commit; ``EXU01`` is exchange_commit_batch finding stored orders missing."""
+    """A server error during a commit; ``EXU01`` is exchange_commit_batch finding stored orders missing,
+    ``EXU02`` the stored sequence not where the batch starts although this transaction checked it."""
     if exc.sqlstate == "EXU01":
         return _rows_missing(exc.args[0] if exc.args else str(exc))
+    if exc.sqlstate == "EXU02":
+        return _moved()
     return _unavailable(exc, f"committing a batch (last seq {last})")
+
+
+def _moved() -> StoreUnavailable:
+    return StoreUnavailable("the stored sequence moved while this transaction held its lock; another writer? "
+                            "Stop the daemon and run `exchange recover --verify`.", retriable=False)
 
 
 def _rows_missing(what: str) -> StoreUnavailable:
@@ -728,6 +800,27 @@ def _rows_missing(what: str) -> StoreUnavailable:
 
 class _Stale(Exception):
     """An overlapped commit's rows no longer continue the committed state: derive them again."""
+
+
+async def _behind(statement: Coroutine[Any, Any, _T], before: asyncio.Future[None]) -> _T:
+    """Run ``statement`` (a commit the server makes durable after ``before``) while watching ``before``:
+    if that one fails first, cancel the statement (its transaction rolls back, unless the server had
+    already committed it, which a retry then finds) and fail as retriable."""
+    task = asyncio.ensure_future(statement)
+    try:
+        await asyncio.wait((task, before), return_when=asyncio.FIRST_COMPLETED)
+        if not task.done() and (before.cancelled() or before.exception() is not None):
+            task.cancel()
+            await asyncio.wait((task,))
+            if task.cancelled() or task.exception() is not None:
+                if not task.cancelled():
+                    task.exception()  # seen
+                raise StoreUnavailable("the batch before this one did not commit; this one waits for its retry",
+                                       retriable=True)
+        return await task
+    finally:
+        if not task.done():  # this commit itself was cancelled
+            task.cancel()
 
 
 async def _succeeded(commit: asyncio.Future[None]) -> None:

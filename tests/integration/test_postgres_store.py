@@ -6,6 +6,7 @@ The store contract both stores share is tested in ``test_stores.py``.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from decimal import Decimal
 from typing import Any
 
@@ -13,9 +14,11 @@ import asyncpg
 import pytest
 
 from exchange import Instrument
+from exchange.adapters import postgres
 from exchange.adapters.postgres import PostgresStore
 from exchange.journal import Batch, Position, StoreUnavailable
 from exchange.migrations import available
+from exchange.testing.commits import commit_two_in_flight
 from tests.integration._workload import SPECS, Workload, positions_from_fills
 
 pytestmark = pytest.mark.integration
@@ -42,7 +45,7 @@ async def execute(dsn: str, sql: str) -> None:
 
 
 # Every test that commits runs on both commit paths: small batches in one statement (the function of
-# migration 002; it needs the instrument's counters loaded, as the daemon's recovery does), and the
+# migrations 003 and 005; it needs the instrument's counters loaded, as the daemon's recovery does), and the
 # multi-statement COPY path that large batches and snapshots take.
 COMMIT_PATHS = {"one-statement": 1000, "copy": 0}
 _commit_path = {"max": 1000}
@@ -226,24 +229,12 @@ def test_batches_prepared_ahead_write_what_batches_committed_one_by_one_write(pg
     run(scenario())
 
 
-async def commit_overlapped(store: PostgresStore, batches: list[Batch]) -> None:
-    """As the journal writer does under load: each batch is prepared and its commit started while the
-    commit before it is still in flight."""
-    before: asyncio.Task[None] | None = None
-    for batch in batches:
-        task = asyncio.create_task(store.commit(batch, store.prepare(batch), after=before))
-        if before is not None:
-            await before
-        before = task
-    if before is not None:
-        await before
-
-
 def test_a_batch_started_while_the_one_before_commits_becomes_durable_after_it(pg_dsn: str,
                                                                                commit_path: str) -> None:
-    """The COPY path sends a batch's new rows while the commit before it is in flight, and writes the
-    rest only once that one is durable; if it is not (failed, or durable without the state the rows
-    continue), nothing of the batch is written and it is derived again."""
+    """A batch sends its new rows while the commit before it is in flight (by COPY, or inside
+    exchange_commit_batch, which then waits for its turn), and writes the rest only once that one is
+    durable; if it is not (failed, or durable without the state the rows continue), nothing of the
+    batch is written and it is derived again."""
     work = Workload(seed=17)
     batches = work.batches(1200, max_batch=80)
     third = len(batches) // 3
@@ -253,17 +244,27 @@ def test_a_batch_started_while_the_one_before_commits_becomes_durable_after_it(p
         other = await migrated_store(pg_dsn)
         try:
             await store.load(SPECS)
-            await commit_overlapped(store, batches[:third])
-            # all but the first, except batches with snapshots (they take the ordinary path)
-            expected = sum(1 for batch in batches[1:third] if not batch.snapshots) if commit_path == "copy" else 0
-            assert store.overlapped_commits == expected
-            assert expected > 0 or commit_path != "copy"
+            await commit_two_in_flight(store, batches[:third])
+            # all but the first, except batches with snapshots (they take the ordinary path) and the batches
+            # after them (a commit with snapshots has sent its rows only when it ends)
+            expected = sum(1 for before, batch in itertools.pairwise(batches[:third])
+                           if not batch.snapshots and not before.snapshots)
+            if commit_path == "copy":
+                assert store.overlapped_commits == expected > 0
+            else:  # a small commit may end before the one behind it starts: then there is nothing to overlap
+                assert 0 < store.overlapped_commits <= expected
             # the commit before fails: the batch started behind it writes nothing, and goes through later
             a, b = batches[third], batches[third + 1]
             prepared_a, prepared_b = store.prepare(a), store.prepare(b)
+            prepared_a.sent = True  # as if its commit had gone ahead with these rows: b goes behind it
             failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             started = asyncio.create_task(store.commit(b, prepared_b, after=failed))
-            await asyncio.sleep(0.2)  # its COPYs are done, it waits for `failed`
+            await asyncio.sleep(0.2)  # its new rows are in (COPY, or the server's statement), it waits
+            assert not started.done()
+            if commit_path == "one-statement":  # in the server, for the stored sequence to reach its start
+                waiting = await fetch(pg_dsn, "SELECT count(*) AS n FROM pg_stat_activity "
+                                              "WHERE state = 'active' AND query LIKE 'SELECT exchange_commit_batch%'")
+                assert waiting[0]["n"] == 1
             failed.set_exception(StoreUnavailable("lost", retriable=True))
             with pytest.raises(StoreUnavailable) as info:
                 await started
@@ -289,12 +290,86 @@ def test_a_batch_started_while_the_one_before_commits_becomes_durable_after_it(p
             await store.commit(f, store.prepare(f), after=first)
             await first
             assert store.overlapped_commits == overlapped
-            await commit_overlapped(store, batches[third + 6:])
+            await commit_two_in_flight(store, batches[third + 6:])
             assert store._ahead == []
             recovered = await store.load(SPECS)
         finally:
             await store.stop()
             await other.stop()
+        await assert_stored_exactly(pg_dsn, batches, work, recovered)
+
+    run(scenario())
+
+
+def test_a_batch_behind_a_commit_that_does_not_end_waits_for_it_without_writing(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch sent behind a commit that does not end in time: a one-statement batch gives up in the
+    server after its wait (nothing of it written, no statement left running), a COPY-path batch waits
+    in the store with its rows uncommitted; either goes through once that commit has ended."""
+    monkeypatch.setattr(postgres, "_BEHIND_WAIT_MS", 200)
+    work = Workload(seed=29)
+    batches = work.batches(300, max_batch=60)
+
+    async def scenario() -> None:
+        store = await migrated_store(pg_dsn)
+        try:
+            await store.load(SPECS)
+            await commit_two_in_flight(store, batches[:-2])
+            a, b = batches[-2:]
+            prepared_a, prepared_b = store.prepare(a), store.prepare(b)
+            assert prepared_a is not None
+            assert prepared_b is not None
+            prepared_a.sent = True  # as if its commit had gone ahead with these rows: b goes behind it
+            slow: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            started = asyncio.create_task(store.commit(b, prepared_b, after=slow))
+            await asyncio.sleep(0.6)  # past the server's wait: the store waits for `slow`
+            assert not started.done()
+            active = await fetch(pg_dsn, "SELECT count(*) AS n FROM pg_stat_activity "
+                                         "WHERE state = 'active' AND query LIKE 'SELECT exchange_commit_batch%'")
+            assert active[0]["n"] == 0
+            stored = await fetch(pg_dsn, "SELECT count(*) AS n FROM order_events")
+            assert stored[0]["n"] == sum(len(x.events) for batch in batches[:-2] for x in batch.applied)
+            await store.commit(a, prepared_a)
+            slow.set_result(None)
+            await started
+            assert store.overlapped_commits < len(batches) - 2
+            recovered = await store.load(SPECS)
+        finally:
+            await store.stop()
+        await assert_stored_exactly(pg_dsn, batches, work, recovered)
+
+    run(scenario())
+
+
+def test_rows_prepared_on_a_batch_that_is_derived_again_are_derived_again_too(pg_dsn: str, commit_path: str) -> None:
+    """A batch prepared while an unprepared one commits continues a stale state; it is derived again
+    when its turn comes, with the same seqs (they are its events') but other positions. A batch prepared
+    on its rows meanwhile must not be written as prepared (by the server's sequence check alone, or the
+    COPY path's check of the counters): its positions would continue rows that were never written."""
+    work = Workload(seed=23)
+    batches = work.batches(900, max_batch=60)
+    start = len(batches) // 2
+
+    async def scenario() -> None:
+        store = await migrated_store(pg_dsn)
+        try:
+            await store.load(SPECS)
+            await commit_two_in_flight(store, batches[:start])
+            end = start + (len(batches) - start) // 3 * 3
+            for k in range(start, end, 3):
+                h, i, j = batches[k:k + 3]
+                first = asyncio.create_task(store.commit(h))  # not prepared
+                prepared_i = store.prepare(i)  # on the state before h: derived again
+                prepared_j = store.prepare(j)  # on prepared_i's rows
+                sent = asyncio.Event()
+                second = asyncio.create_task(store.commit(i, prepared_i, server_side=sent, after=first))
+                await asyncio.wait((asyncio.create_task(sent.wait()), second), return_when=asyncio.FIRST_COMPLETED)
+                await store.commit(j, prepared_j, after=second)
+                await asyncio.gather(first, second)
+            await commit_two_in_flight(store, batches[end:])
+            recovered = await store.load(SPECS)
+        finally:
+            await store.stop()
         await assert_stored_exactly(pg_dsn, batches, work, recovered)
 
     run(scenario())
@@ -312,7 +387,7 @@ def test_a_pool_of_one_connection_never_overlaps_commits(pg_dsn: str) -> None:
         try:
             await store.migrate()
             await store.load(SPECS)
-            await commit_overlapped(store, batches)
+            await commit_two_in_flight(store, batches)
             assert store.overlapped_commits == 0
             recovered = await store.load(SPECS)
         finally:

@@ -133,8 +133,8 @@ def test_the_next_full_batch_starts_while_a_commit_is_in_flight_and_listeners_ke
             store.log.append(("listener", _last(batch)))
             heard.append(_last(batch))
 
-        queue, task = _run_writer(store, max_events=3, linger_ms=0, listeners=[listener])
-        await queue.put(_chunk(engine, 3))  # seq 1-3: committed at once
+        queue, task = _run_writer(store, max_events=3, linger_ms=300, listeners=[listener])
+        await queue.put(_chunk(engine, 3))  # seq 1-3: full, committed at once
         await _settle()
         await queue.put(_chunk(engine, 3))  # seq 4-6: full while 1-3 is in flight: prepared and started now
         await _settle()
@@ -144,7 +144,7 @@ def test_the_next_full_batch_starts_while_a_commit_is_in_flight_and_listeners_ke
         await _settle()
         # 1-3 is durable, then 4-6 goes on; 1-3's listeners run while it does
         assert store.log[4:] == [("durable", 3), ("listener", 3)]
-        await queue.put(_chunk(engine, 1))  # seq 7: not full, keeps gathering while 4-6 is in flight
+        await queue.put(_chunk(engine, 1))  # seq 7: not full, keeps gathering while 4-6 is in flight (< 300 ms)
         await _settle()
         await queue.put(_chunk(engine, 1))  # seq 8
         await _settle()
@@ -323,6 +323,51 @@ def test_a_batch_gathered_while_a_commit_was_in_flight_goes_as_soon_as_that_comm
         return log
 
     assert asyncio.run(scenario())[2:] == [("durable", 2), ("prepare", 3), ("commit", 3)]
+
+
+def test_a_batch_gathered_while_a_commit_is_in_flight_goes_behind_it_after_the_linger() -> None:
+    """A batch need not wait for a slow commit to end: linger_ms after its first item it is prepared and
+    started behind the commit in flight, and becomes durable after it (listeners in batch order)."""
+
+    async def scenario() -> tuple[list[tuple[str, int]], list[int], list[bool]]:
+        engine = make_engine()
+        store = GatedStore()
+        heard: list[int] = []
+        behind: list[bool] = []
+        commit = store.commit
+
+        async def watched(batch: Batch, prepared: object = None, *, server_side: asyncio.Event | None = None,
+                          after: asyncio.Future[None] | None = None) -> None:
+            behind.append(after is not None and not after.done())
+            await commit(batch, prepared, server_side=server_side, after=after)
+
+        store.commit = watched  # type: ignore[method-assign]
+
+        async def listener(batch: Batch) -> None:
+            heard.append(_last(batch))
+
+        queue, task = _run_writer(store, max_events=100, linger_ms=50, listeners=[listener])
+        await queue.put(_chunk(engine, 2))
+        await asyncio.sleep(0.1)  # the idle writer's linger: 1-2 goes alone
+        assert store.log == [("prepare", 2), ("commit", 2)]
+        await queue.put(_chunk(engine, 1))  # gathered while 1-2 is in flight ...
+        await _settle()
+        assert store.log[2:] == []
+        await asyncio.sleep(0.1)  # ... for the linger: then it goes behind 1-2
+        assert store.log[2:] == [("prepare", 3), ("commit", 3)]
+        assert len(store.gates) == 1  # 3 has sent its rows and waits for 1-2 (as a store owes ``after``)
+        store.gates[0].set()
+        await _settle()
+        store.gates[1].set()
+        await _settle()
+        await queue.put(None)
+        await task
+        return store.log, heard, behind
+
+    log, heard, behind = asyncio.run(scenario())
+    assert log[4:] == [("durable", 2), ("durable", 3)]
+    assert heard == [2, 3]
+    assert behind == [False, True]
 
 
 def test_a_commit_is_slow_past_100_ms_plus_20_us_per_event() -> None:
