@@ -813,8 +813,6 @@ async def _behind(statement: Coroutine[Any, Any, _T], before: asyncio.Future[Non
             task.cancel()
             await asyncio.wait((task,))
             if task.cancelled() or task.exception() is not None:
-                if not task.cancelled():
-                    task.exception()  # seen
                 raise StoreUnavailable("the batch before this one did not commit; this one waits for its retry",
                                        retriable=True)
         return await task

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 from exchange.journal import Batch, PreparingStore
 
-__all__ = ["commit_two_in_flight"]
+__all__ = ["commit_two_in_flight", "until_sent"]
 
 
 async def commit_two_in_flight(store: PreparingStore, batches: Sequence[Batch],
@@ -26,10 +26,19 @@ async def commit_two_in_flight(store: PreparingStore, batches: Sequence[Batch],
             task.add_done_callback(_timer(times, started))
         if before is not None:
             await before
-        await asyncio.wait((asyncio.create_task(sent.wait()), task), return_when=asyncio.FIRST_COMPLETED)
+        await until_sent(sent, task)
         before = task
     if before is not None:
         await before
+
+
+async def until_sent(sent: asyncio.Event, commit: asyncio.Task[None]) -> None:
+    """Wait until ``commit`` has sent its rows (its ``server_side`` event) or has ended without."""
+    waiter = asyncio.create_task(sent.wait())
+    try:
+        await asyncio.wait((waiter, commit), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
 
 
 def _timer(times: list[float], started: float) -> Callable[[asyncio.Task[None]], None]:

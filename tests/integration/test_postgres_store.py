@@ -18,7 +18,7 @@ from exchange.adapters import postgres
 from exchange.adapters.postgres import PostgresStore
 from exchange.journal import Batch, Position, StoreUnavailable
 from exchange.migrations import available
-from exchange.testing.commits import commit_two_in_flight
+from exchange.testing.commits import commit_two_in_flight, until_sent
 from tests.integration._workload import SPECS, Workload, positions_from_fills
 
 pytestmark = pytest.mark.integration
@@ -363,7 +363,7 @@ def test_rows_prepared_on_a_batch_that_is_derived_again_are_derived_again_too(pg
                 prepared_j = store.prepare(j)  # on prepared_i's rows
                 sent = asyncio.Event()
                 second = asyncio.create_task(store.commit(i, prepared_i, server_side=sent, after=first))
-                await asyncio.wait((asyncio.create_task(sent.wait()), second), return_when=asyncio.FIRST_COMPLETED)
+                await until_sent(sent, second)
                 await store.commit(j, prepared_j, after=second)
                 await asyncio.gather(first, second)
             await commit_two_in_flight(store, batches[end:])
