@@ -58,7 +58,7 @@ class Follower:
         channels = [s.channel(kind, self.instrument) for kind in ("l2", "trades", "heartbeat")]
         while not stop.is_set():
             client = redis_client(s, socket_timeout=None)
-            pubsub = client.pubsub()
+            pubsub: Any = client.pubsub()  # Any: redis-py's stubs for aclose() differ between releases
             try:
                 await pubsub.subscribe(*channels)
                 self.connected = True
@@ -85,7 +85,7 @@ class Follower:
                 await _sleep_unless(stop, 0.2)
             finally:
                 with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
                 with contextlib.suppress(RedisError, OSError):
                     await client.aclose()
 
