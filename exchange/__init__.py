@@ -23,6 +23,7 @@ from exchange.commands import (
     ResumeInstrument,
 )
 from exchange.events import (
+    BookCleared,
     Event,
     InstrumentHalted,
     InstrumentResumed,
@@ -39,6 +40,7 @@ from exchange.types import CancelReason, OrderType, RejectReason, Side, StpMode,
 
 __all__ = [
     "AmendOrder",
+    "BookCleared",
     "CancelAll",
     "CancelOrder",
     "CancelReason",

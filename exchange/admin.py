@@ -1,36 +1,47 @@
 """``exchange admin``: operator actions, sent in order with the instrument's orders.
 
-An action is a message on the orders topic keyed by the instrument, exactly as
-an order for that instrument would be, so it lands in the same partition and
-the instrument's loop applies it between the same two orders in every run,
-recovery and replay (see the README for why not a separate topic):
+An action is a message on the orders topic keyed by the instrument and sent to
+the instrument's partition (murmur2 of the key, as for its orders: the same
+:func:`~exchange.adapters.kafka.partition_for` the daemon checks), so the
+instrument's loop applies it between the same two orders in every run, recovery
+and replay (see the README for why not a separate topic):
 
 - ``halt`` / ``resume``: ``{"op": "halt", "instrument", "client_id": operator, "text"}``;
-- ``cancel-all``: ``{"op": "clear", "instrument"}`` (every order, reason
-  ``cleared``), or with ``--client`` ``{"op": "cancel_all", "instrument", "client_id"}``;
-- ``snapshot``: ``{"op": "snapshot", "instrument"}``.
+- ``cancel-all``: ``{"op": "clear", "instrument", "client_id": operator, "text"}``
+  (every order, reason ``cleared``), or with ``--client``
+  ``{"op": "cancel_all", "instrument", "client_id": client, "operator"}``;
+- ``snapshot``: ``{"op": "snapshot", "instrument", "client_id": operator}``.
 
-Then it waits (``--timeout``) until the daemon's consumer group has committed
-an offset past the message, which the daemon does only once the command is
-durable, and prints the events it caused from the events topic (their
-``ts_ns`` is the message's timestamp).
+Every action is signed (:mod:`exchange.auth`) with a key from
+``EXCHANGE_ADMIN_KEYS`` (``--key-id`` picks one when there are several), its
+signing time the message's Kafka timestamp. Then it waits (``--timeout``) until
+the daemon's consumer group has committed an offset past the message, which the
+daemon does only once the command is durable, and prints the events it caused
+from the events topic (their ``ts_ns`` is the message's timestamp).
+
+``accept-offset`` is different: it is for an orders partition the daemon does not
+read because its log lost data (``/readyz`` names it). It records the operator's
+request to continue that partition from a stated offset in the store, waits
+until the daemon has applied (or refused) it, and prints the outcome.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from exchange.adapters.kafka import client_options
+from exchange.adapters.kafka import client_options, partition_for
+from exchange.auth import ENV_KEYS, parse_keys, sign
 from exchange.codec import encode, parse_json
-from exchange.settings import Settings
+from exchange.journal import InputLedger, InputReset
+from exchange.settings import ConfigError, Settings
 
-__all__ = ["ACTIONS", "AdminOutcome", "admin_message", "run_admin"]
+__all__ = ["ACTIONS", "AdminOutcome", "admin_message", "run_accept_offset", "run_admin", "signing_key"]
 
 ACTIONS = ("halt", "resume", "snapshot", "cancel-all")
 
@@ -45,16 +56,31 @@ class AdminOutcome:
 
 def admin_message(action: str, instrument: str, *, operator: str, client: str | None = None,
                   text: str = "") -> dict[str, Any]:
-    """The wire message for one action (see the module docstring)."""
+    """The wire message for one action (see the module docstring), unsigned."""
     if action in ("halt", "resume"):
         return {"op": action, "instrument": instrument, "client_id": operator, "text": text}
     if action == "snapshot":
-        return {"op": "snapshot", "instrument": instrument}
+        return {"op": "snapshot", "instrument": instrument, "client_id": operator}
     if action == "cancel-all":
         if client:
-            return {"op": "cancel_all", "instrument": instrument, "client_id": client}
-        return {"op": "clear", "instrument": instrument}
+            return {"op": "cancel_all", "instrument": instrument, "client_id": client, "operator": operator}
+        return {"op": "clear", "instrument": instrument, "client_id": operator, "text": text}
     raise ValueError(f"unknown action {action!r}; one of {', '.join(ACTIONS)}")
+
+
+def signing_key(env: Mapping[str, str], key_id: str | None) -> tuple[str, bytes]:
+    """The key ``exchange admin`` signs with: ``key_id``, or the only one in ``EXCHANGE_ADMIN_KEYS``."""
+    keys = parse_keys(env.get(ENV_KEYS))
+    if not keys:
+        raise ConfigError(f"{ENV_KEYS} is not set: operator actions must be signed with a key the daemon also has "
+                          "(key_id:secret)")
+    if key_id is None:
+        if len(keys) > 1:
+            raise ConfigError(f"{ENV_KEYS} holds several keys ({', '.join(sorted(keys))}): pick one with --key-id")
+        key_id = next(iter(keys))
+    if key_id not in keys:
+        raise ConfigError(f"--key-id {key_id!r} is not in {ENV_KEYS} ({', '.join(sorted(keys))})")
+    return key_id, keys[key_id]
 
 
 def _wanted(message: dict[str, Any], ts_ns: int) -> Callable[[dict[str, Any]], bool]:
@@ -70,7 +96,7 @@ def _wanted(message: dict[str, Any], ts_ns: int) -> Callable[[dict[str, Any]], b
         if op in ("halt", "resume"):
             return bool(kind == ("halted" if op == "halt" else "resumed"))
         if op == "clear":
-            return bool(kind == "canceled" and event.get("reason") == "cleared")
+            return bool(kind == "cleared" or (kind == "canceled" and event.get("reason") == "cleared"))
         if op == "cancel_all":
             return bool(kind == "canceled" and event.get("reason") == "requested"
                         and event.get("client_id") == message["client_id"])
@@ -109,8 +135,10 @@ async def _read_to_end(consumer: AIOKafkaConsumer, partitions: list[TopicPartiti
             return out
 
 
-async def run_admin(settings: Settings, message: dict[str, Any], *, timeout_s: float = 30.0) -> AdminOutcome:
-    """Send ``message`` and wait for the daemon to apply it; see the module docstring."""
+async def run_admin(settings: Settings, message: dict[str, Any], *, timeout_s: float = 30.0,
+                    key: tuple[str, bytes] | None = None) -> AdminOutcome:
+    """Sign ``message`` with ``key`` (unsigned if None), send it to its instrument's partition and wait for the
+    daemon to apply it; see the module docstring."""
     k = settings.kafka
     options = client_options(k)
     events_consumer = AIOKafkaConsumer(bootstrap_servers=k.bootstrap_servers, enable_auto_commit=False,
@@ -131,7 +159,11 @@ async def run_admin(settings: Settings, message: dict[str, Any], *, timeout_s: f
             for tp in partitions:
                 events_consumer.seek(tp, ends[tp])
         ts_ms = time.time_ns() // 1_000_000
+        if key is not None:
+            message = sign(message, key[0], key[1], ts_ms)
+        parts = sorted(await producer.partitions_for(k.orders_topic))
         meta = await producer.send_and_wait(k.orders_topic, encode(message), key=message["instrument"].encode(),
+                                            partition=parts[partition_for(message["instrument"], len(parts))],
                                             timestamp_ms=ts_ms)
         sent = TopicPartition(k.orders_topic, meta.partition)
         match = _wanted(message, ts_ms * 1_000_000)
@@ -153,3 +185,17 @@ async def run_admin(settings: Settings, message: dict[str, Any], *, timeout_s: f
     finally:
         for client in (producer, group, events_consumer):
             await client.stop()
+
+
+async def run_accept_offset(ledger: InputLedger, topic: str, partition: int, offset: int, *, operator: str,
+                            reason: str, timeout_s: float = 30.0) -> InputReset:
+    """Record the request and wait until the daemon decided it (status ``applied`` or ``refused``); the
+    request as it then stands (still ``requested`` if no daemon decided it in time)."""
+    reset = await ledger.request_input_reset(topic, partition, offset, operator, reason)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.25)
+        for row in await ledger.input_resets(topic, pending=False):
+            if row.id == reset.id and row.status != "requested":
+                return row
+    return reset

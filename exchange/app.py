@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -25,12 +26,13 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from exchange.adapters.kafka import KafkaEventPublisher, OrderSource, client_options
+from exchange.adapters.kafka import Incident, KafkaEventPublisher, OrderSource, client_options
+from exchange.auth import ENV_KEYS, Verifier, parse_keys
 from exchange.engine import Control, InstrumentLoop, JournalItem
 from exchange.fanout import MemorySink, Publisher, Sink
 from exchange.http import HttpServer, Response
 from exchange.instruments import Instrument
-from exchange.journal import Batch, History, Recovered, Store
+from exchange.journal import Batch, History, InputLedger, Recovered, Store, StoreUnavailable
 from exchange.logging import configure_logging, get_logger
 from exchange.matching import MatchingEngine
 from exchange.metrics import Metrics
@@ -46,14 +48,18 @@ __all__ = ["Daemon", "make_store"]
 
 _PROBE_INTERVAL_S = 2.0  # how often each dependency is checked for /readyz
 _PROBE_TIMEOUT_S = 3.0
+_STARTUP_RETRY_S = 60.0  # how long start-up waits for a store that answers retriable errors
 
 
 class Daemon:
     """``marketdata`` is the in-process market-data bus when ``[publisher] marketdata = "memory"`` (else
     None): in-process consumers (the demo's live view) subscribe to it before :meth:`run`."""
 
-    def __init__(self, settings: Settings, *, store: Store | None = None) -> None:
+    def __init__(self, settings: Settings, *, store: Store | None = None,
+                 env: Mapping[str, str] | None = None) -> None:
         self.settings = settings
+        # operator keys (EXCHANGE_ADMIN_KEYS), read once: a malformed value stops the start with what to fix
+        self.admin_keys = parse_keys((os.environ if env is None else env).get(ENV_KEYS))
         self.metrics = Metrics()
         self._store = store
         self.marketdata = MemorySink() if settings.publisher.marketdata == "memory" else None
@@ -88,7 +94,8 @@ class Daemon:
                                         instruments=specs, publish_events=s.kafka.publish_events,
                                         client_options=kafka_options, metrics=self.metrics,
                                         order_states=getattr(store, "order_states", None),
-                                        trades_topic=s.kafka.trades_topic, batch_records=s.kafka.batch_records) \
+                                        trades_topic=s.kafka.trades_topic, batch_records=s.kafka.batch_records,
+                                        max_record_bytes=s.kafka.max_record_bytes) \
             if s.publisher.kind == "kafka" else None
         fanout = self.fanout = _fanout(s, store, publisher, self.marketdata, self.metrics)
         loop = asyncio.get_running_loop()
@@ -98,14 +105,7 @@ class Daemon:
             if http is not None:
                 await http.start()
                 self._log.info("http endpoints listening", host=s.http.host, port=http.port)
-            await store.start()
-            if s.postgres.migrate_on_start or s.storage.kind == "sqlite":  # the embedded file needs no operator
-                applied = await store.migrate()
-                if applied:
-                    self._log.info("migrations applied", names=applied)
-            from recovery.rebuild import recover
-
-            recovered = self.recovery = await recover(store, s.instruments, metrics=self.metrics)
+            recovered = self.recovery = await self._open_and_recover(store)
             self.recovered = True
             # What recovery loaded lives for the whole run: keep it out of every future collection,
             # and collect the young generation less often (the hot path makes no reference cycles).
@@ -126,7 +126,7 @@ class Daemon:
                                for (topic, partition), offset in rec.offsets.items()}
             if publisher is not None:
                 await publisher.start()
-            source = self.source = self._make_source(specs, applied_offsets, publisher, kafka_options)
+            source = self.source = self._make_source(specs, applied_offsets, publisher, kafka_options, store)
             # With publishing, input offsets are marked durable only once the events are published (the
             # fan-out calls source.on_durable): a committed input offset then also means its events were
             # published (exchange admin relies on it).
@@ -135,6 +135,8 @@ class Daemon:
             writer = self.writer = JournalWriter(
                 store, journal, max_events=s.journal.max_events, linger_ms=s.journal.linger_ms, metrics=self.metrics,
                 listeners=[fanout.on_durable if fanout is not None else source.on_durable, self._on_durable])
+            if isinstance(source, OrderSource):  # each batch stores how far each orders partition is done
+                writer.partition_progress = source.partition_progress
             await source.start()
             ping = getattr(store, "ping", None)
             if ping is not None:
@@ -179,8 +181,36 @@ class Daemon:
                 except Exception as exc:
                     self._log.warning("closing a connection failed", what=name, error=repr(exc))
 
+    async def _open_and_recover(self, store: Store) -> dict[str, Recovered]:
+        """Connect, migrate (if configured) and recover. A transient store error (the database restarting, a
+        connection the server ended during the load) is retried with backoff for up to ``_STARTUP_RETRY_S``,
+        each attempt logged; anything else, or a database still away after that, stops the start."""
+        from recovery.rebuild import recover
+
+        s = self.settings
+        deadline = time.monotonic() + _STARTUP_RETRY_S
+        delay = 0.2
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await store.start()
+                if s.postgres.migrate_on_start or s.storage.kind == "sqlite":  # the embedded file needs no operator
+                    applied = await store.migrate()
+                    if applied:
+                        self._log.info("migrations applied", names=applied)
+                return await recover(store, s.instruments, metrics=self.metrics)
+            except StoreUnavailable as exc:
+                if not exc.retriable or time.monotonic() + delay > deadline:
+                    raise
+                self._log.warning("the store is not available for recovery yet; retrying", attempt=attempt,
+                                  retry_in_s=round(delay, 2), error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
     def _make_source(self, specs: Mapping[str, Instrument], applied_offsets: dict[tuple[str, str, int], int],
-                     publisher: KafkaEventPublisher | None, kafka_options: Mapping[str, Any]) -> Source:
+                     publisher: KafkaEventPublisher | None, kafka_options: Mapping[str, Any],
+                     store: Store) -> Source:
         s = self.settings
         if s.order_source.kind == "generator":
             from exchange.adapters.generator import GeneratorSource
@@ -190,6 +220,12 @@ class Daemon:
                                    clients=s.order_source.clients, metrics=self.metrics,
                                    on_caught_up=self._caught_up)
         assert publisher is not None, "the settings require the Kafka publisher with the Kafka source"
+        verifier = Verifier(self.admin_keys)
+        if verifier.key_ids:
+            self._log.info("operator actions: signed ones are applied", key_ids=verifier.key_ids)
+        else:
+            self._log.warning(f"no operator keys ({ENV_KEYS}): halt, resume, clear and snapshot requests are "
+                              "refused (not_authorized); set it to key_id:secret to allow signed ones")
         return OrderSource(
             bootstrap_servers=s.kafka.bootstrap_servers, topic=s.kafka.orders_topic,
             group_id=s.kafka.group_id, loops=self.loops, instruments=specs, applied_offsets=applied_offsets,
@@ -197,7 +233,8 @@ class Daemon:
             client_options={**kafka_options, "session_timeout_ms": s.kafka.session_timeout_ms,
                             "fetch_max_wait_ms": s.kafka.fetch_max_wait_ms,
                             "heartbeat_interval_ms": s.kafka.heartbeat_interval_ms},
-            on_caught_up=self._caught_up)
+            on_caught_up=self._caught_up, verifier=verifier, max_message_bytes=s.kafka.max_message_bytes,
+            ledger=store if isinstance(store, InputLedger) else None)
 
     async def _shutdown(self, source: Source, source_task: asyncio.Task[None], timer: asyncio.Task[None],
                         loop_tasks: list[asyncio.Task[None]], journal: asyncio.Queue[list[JournalItem] | None],
@@ -340,9 +377,14 @@ class Daemon:
         if self.writer is not None and self.writer.degraded:
             unreachable[self.settings.storage.kind] = self.writer.last_error or "commits are failing"
         problems += [f"{name}: {error}" for name, error in sorted(unreachable.items())]
+        problems += [incident.describe() for _, incident in sorted(self._incidents().items())]
         body = msgspec.json.encode({"ready": not problems, "problems": problems,
                                     "unreachable": sorted(unreachable)}) + b"\n"
         return (503 if problems else 200), "application/json", body
+
+    def _incidents(self) -> Mapping[tuple[str, int], Incident]:
+        """Orders partitions the source does not read because their log lost data."""
+        return self.source.incidents if isinstance(self.source, OrderSource) else {}
 
     def _metrics_page(self) -> Response:
         now = time.monotonic()
@@ -384,7 +426,10 @@ class Daemon:
                 "last_snapshot_age_s": (round(time.monotonic() - self._last_snapshot[symbol], 3)
                                         if symbol in self._last_snapshot else None),
             }
-        body = msgspec.json.encode({"ready": self.ready, "instruments": out,
+        incidents = [{"topic": i.topic, "partition": i.partition, "problem": i.problem, "since": i.since}
+                     for _, i in sorted(self._incidents().items())]
+        body = msgspec.json.encode({"ready": self.ready and not incidents, "instruments": out,
+                                    "input_incidents": incidents,
                                     "publishing": self.fanout.status() if self.fanout else None}) + b"\n"
         return 200, "application/json", body
 
@@ -441,9 +486,17 @@ def _fanout(settings: Settings, store: Store, kafka: KafkaEventPublisher | None,
 
 
 def run_daemon(settings: Settings) -> int:
+    """``exchange run``: 0 after a clean shutdown; 1 after one critical log line naming the error that stopped it."""
+    from exchange.logging import capture_uncaught, log_fatal
+
     configure_logging(settings.log.level, settings.log.format)
+    capture_uncaught()
     try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return asyncio.run(Daemon(settings).run())
-    return uvloop.run(Daemon(settings).run())
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+            return asyncio.run(Daemon(settings).run())
+        return uvloop.run(Daemon(settings).run())
+    except Exception as exc:  # the process ends here: one JSON line with the reason, not a plain traceback
+        log_fatal(exc)
+        return 1

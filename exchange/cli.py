@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -38,8 +39,22 @@ def _replay_instruments(args: argparse.Namespace) -> tuple[Instrument, ...]:
 
 def _cmd_replay(args: argparse.Namespace) -> int:
     from exchange import replay
+    from exchange.auth import ENV_KEYS, Verifier, parse_keys
+    from exchange.router import DEFAULT_MAX_MESSAGE_BYTES
 
-    return replay.run(args.file, _replay_instruments(args))
+    instruments = _replay_instruments(args)
+    verifier = None
+    if args.verify_signatures:
+        keys = parse_keys(os.environ.get(ENV_KEYS))
+        if not keys:
+            print(f"exchange replay: --verify-signatures without {ENV_KEYS}: every operator action will be refused "
+                  "(not_authorized), as the daemon refuses them without keys", file=sys.stderr)
+        verifier = Verifier(keys)
+    max_bytes = DEFAULT_MAX_MESSAGE_BYTES
+    if args.config and not args.symbol:
+        with contextlib.suppress(ConfigError):  # the daemon's own limit, when the file is a whole configuration
+            max_bytes = load_settings(args.config).kafka.max_message_bytes
+    return replay.run(args.file, instruments, verifier=verifier, max_message_bytes=max_bytes)
 
 
 def _load(args: argparse.Namespace) -> Settings:
@@ -110,16 +125,17 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
 def _cmd_admin(args: argparse.Namespace) -> int:
     import asyncio
 
-    from exchange.admin import admin_message, run_admin
+    from exchange.admin import admin_message, run_admin, signing_key
 
     settings = _load(args)
     if args.instrument not in settings.instrument_map():
         raise ConfigError(f"{args.instrument!r} is not an instrument of {args.config} "
                           f"({', '.join(settings.instrument_map())})")
-    if args.client and args.action != "cancel-all":
-        raise ConfigError("--client goes with cancel-all only")
-    message = admin_message(args.action, args.instrument, operator=args.operator, client=args.client, text=args.text)
-    outcome = asyncio.run(run_admin(settings, message, timeout_s=args.timeout))
+    client = getattr(args, "client", None)
+    key = signing_key(os.environ, args.key_id)
+    message = admin_message(args.action, args.instrument, operator=args.operator, client=client,
+                            text=getattr(args, "text", ""))
+    outcome = asyncio.run(run_admin(settings, message, timeout_s=args.timeout, key=key))
     where = f"{settings.kafka.orders_topic}[{outcome.partition}] offset {outcome.offset}"
     for event in outcome.events:
         print(msgspec.json.encode(event).decode())
@@ -135,6 +151,46 @@ def _cmd_admin(args: argparse.Namespace) -> int:
           + (f"rejected ({rejected[0].get('reason')}: {rejected[0].get('text')})" if rejected
              else f"applied ({summary[args.action]}); {where}"), file=sys.stderr)
     return 1 if rejected else 0
+
+
+def _cmd_accept_offset(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from exchange.admin import run_accept_offset
+    from exchange.app import make_store
+    from exchange.journal import InputLedger, InputReset
+
+    settings = _load(args)
+    topic = args.topic or settings.kafka.orders_topic
+    if args.partition < 0 or args.offset < 0:
+        raise ConfigError("the partition and the offset must not be negative")
+    if not args.reason:
+        raise ConfigError("--reason is required: it is journaled with the decision (what happened to the topic)")
+
+    async def accept() -> InputReset:
+        store = make_store(settings)
+        await store.start()
+        try:
+            await store.migrate()  # the input_resets table, should the daemon not have created it yet
+            assert isinstance(store, InputLedger)
+            return await run_accept_offset(store, topic, args.partition, args.offset, operator=args.operator,
+                                           reason=args.reason, timeout_s=args.timeout)
+        finally:
+            await store.stop()
+
+    reset = asyncio.run(accept())
+    where = f"{topic}[{args.partition}]"
+    if reset.status == "applied":
+        print(f"exchange admin: accept-offset {where}: {reset.note}", file=sys.stderr)
+        return 0
+    if reset.status == "refused":
+        print(f"exchange admin: accept-offset {where}: {reset.note}", file=sys.stderr)
+        return 1
+    print(f"exchange admin: accept-offset {where}: recorded as request {reset.id}, but no daemon has applied it "
+          f"within {args.timeout:g} s. A daemon applies it only while it holds that partition and does not read it "
+          "(see its /readyz); it stays recorded and is applied when one does.", file=sys.stderr)
+    return 1
+
 
 def _cmd_watch(args: argparse.Namespace) -> int:
     import asyncio
@@ -176,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--band-bps", type=int, help="market-order price band in basis points (with --symbol)")
     rp.add_argument("--stp", default="none", choices=[m.value for m in StpMode],
                     help="default self-trade prevention mode (with --symbol)")
+    rp.add_argument("--verify-signatures", action="store_true",
+                    help="check operator actions' signatures as the daemon does (keys from EXCHANGE_ADMIN_KEYS; "
+                         "each line's ts_ns is its time); default: the file is trusted, actions apply unsigned")
     rp.set_defaults(func=_cmd_replay)
 
     demo = sub.add_parser("demo", help="the daemon on the embedded default (SQLite, order generator) with a live view",
@@ -214,19 +273,40 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML configuration file")
     chk.set_defaults(func=_cmd_config_check)
 
-    adm = sub.add_parser("admin", help="operator actions: halt, resume, snapshot, cancel-all",
-                         description="Send an operator action through the orders topic, in order with the "
+    adm = sub.add_parser("admin", help="operator actions: halt, resume, snapshot, cancel-all, accept-offset",
+                         description="Send a signed operator action through the orders topic, in order with the "
                                      "instrument's orders, wait until the daemon has applied it and print the "
-                                     "events it caused. Exit 1 if it was rejected or not applied in time.")
-    adm.add_argument("action", choices=("halt", "resume", "snapshot", "cancel-all"))  # exchange.admin.ACTIONS
-    adm.add_argument("instrument")
-    adm.add_argument("--client", help="cancel-all: only this client's orders (default: every order, `cleared`)")
-    adm.add_argument("--operator", default=os.environ.get("USER") or "operator",
-                     help="who asks (recorded in halted/resumed events; default $USER)")
-    adm.add_argument("--text", default="", help="a note recorded with halt/resume, e.g. why")
-    adm.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the daemon (default 30)")
-    adm.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML configuration file")
-    adm.set_defaults(func=_cmd_admin)
+                                     "events it caused. Exit 1 if it was rejected or not applied in time. The key "
+                                     "comes from EXCHANGE_ADMIN_KEYS (key_id:secret), as the daemon's.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--operator", default=os.environ.get("USER") or "operator",
+                        help="who asks (recorded in the events and the journal; default $USER)")
+    common.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the daemon (default 30)")
+    common.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML configuration file")
+    actions = adm.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, summary in (("halt", "stop trading an instrument (cancels still work)"),
+                            ("resume", "trade on against the book as it was"),
+                            ("snapshot", "snapshot the book now"),
+                            ("cancel-all", "cancel every order (`cleared`), or one client's with --client")):
+        act = actions.add_parser(action, parents=[common], help=summary, description=summary)
+        act.add_argument("instrument")
+        act.add_argument("--key-id", help="which key of EXCHANGE_ADMIN_KEYS signs (default: the only one)")
+        if action in ("halt", "resume", "cancel-all"):
+            act.add_argument("--text", default="", help="a note recorded with the action, e.g. why")
+        if action == "cancel-all":
+            act.add_argument("--client", help="only this client's orders (default: every order, reason `cleared`)")
+        act.set_defaults(func=_cmd_admin)
+    acc = actions.add_parser(
+        "accept-offset", parents=[common], help="continue an orders partition whose log lost data from an offset",
+        description="For an orders partition the daemon does not read because its log no longer holds what was "
+                    "applied (/readyz names it): record the request to continue it from OFFSET (every stored "
+                    "offset of the partition becomes OFFSET - 1), wait until the daemon applied or refused it, "
+                    "and print the outcome. Journaled in the store's input_resets table.")
+    acc.add_argument("partition", type=int, help="the orders partition, as /readyz names it")
+    acc.add_argument("--offset", type=int, required=True, help="the first offset to read (0: the new log's start)")
+    acc.add_argument("--topic", help="the orders topic (default: [kafka] orders_topic)")
+    acc.add_argument("--reason", required=True, help="why (journaled): e.g. 'broker restarted without its volume'")
+    acc.set_defaults(func=_cmd_accept_offset)
 
     wt = sub.add_parser("watch", help="follow an instrument's market data from Redis: book, spread, trades",
                         description="Follow the market-data sync procedure (README: Market data) and show the top "
@@ -244,8 +324,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The long-running commands, which configure logging: once they have, everything they write to stderr is
+# a log line, uncaught exceptions included, and a fatal error is one critical line, then exit status 1.
+_LOGGED_COMMANDS = frozenset({"run", "demo", "recover"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logged = args.command in _LOGGED_COMMANDS
+    if logged:
+        from exchange.logging import capture_uncaught
+
+        capture_uncaught()
     try:
         code: int = args.func(args)
     except ConfigError as exc:
@@ -255,6 +345,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except Exception as exc:
+        if not logged:
+            raise
+        from exchange.logging import log_fatal
+
+        log_fatal(exc)
+        return 1
     return code
 
 

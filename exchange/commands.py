@@ -77,10 +77,18 @@ class CancelAll(msgspec.Struct, frozen=True, gc=False):
 
 
 class ClearBook(msgspec.Struct, frozen=True, gc=False):
-    """Operator action: cancel every open order of an instrument (reason ``cleared``)."""
+    """Operator action: cancel every open order of an instrument (reason ``cleared``).
+
+    ``client_id`` names the operator who asked and ``text`` is their note, for the audit trail: the
+    engine answers with a ``cleared`` event (:class:`exchange.events.BookCleared`) before the
+    cancellations, even when the book is empty. (They come after ``ts_ns`` so that
+    ``ClearBook(instrument, ts_ns)`` keeps its meaning.)
+    """
 
     instrument: str
     ts_ns: int = 0
+    client_id: str = ""
+    text: str = ""
 
 
 class HaltInstrument(msgspec.Struct, frozen=True, gc=False):

@@ -16,6 +16,7 @@ import msgspec
 from exchange.types import CancelReason, OrderType, RejectReason, Side, StpMode, TimeInForce
 
 __all__ = [
+    "BookCleared",
     "Event",
     "InstrumentHalted",
     "InstrumentResumed",
@@ -142,5 +143,19 @@ class InstrumentResumed(_Base, frozen=True, gc=False, tag="resumed"):
     text: str
 
 
+class BookCleared(_Base, frozen=True, gc=False, tag="cleared"):
+    """An operator cleared the book: one ``canceled`` event (reason ``cleared``) per open order follows.
+
+    It comes first, with its own seq, and also when the book was empty (``orders`` 0): the operator's
+    action is journaled either way. ``client_id`` is the operator who asked, ``text`` their note,
+    ``orders`` how many orders the clear cancels (GTD orders that expire at the same input expire
+    before it, as for any input, and are not counted).
+    """
+
+    client_id: str
+    text: str
+    orders: int
+
+
 Event = (OrderAccepted | OrderRejected | OrderFilled | OrderCanceled | OrderAmended | OrderExpired
-         | InstrumentHalted | InstrumentResumed)
+         | InstrumentHalted | InstrumentResumed | BookCleared)

@@ -81,9 +81,9 @@ def parse_decimal(value: object, what: str, reason: RejectReason) -> tuple[int, 
     if match is None:
         lowered = text.strip().lower()
         if lowered.lstrip("+-") in ("nan", "inf", "infinity", "snan"):
-            raise ConversionError(reason, f"{what} must be a finite number, got {text!r}")
+            raise ConversionError(reason, f"{what} must be a finite number, got {text[:40]!r}")
         if lowered.startswith("-"):
-            raise ConversionError(reason, f"{what} must be positive, got {text!r}")
+            raise ConversionError(reason, f"{what} must be positive, got {text[:40]!r}")
         raise ConversionError(
             reason,
             f"{what} must be a plain decimal such as \"101.25\" (no sign, exponent or spaces), got {text[:40]!r}",
@@ -112,7 +112,12 @@ class Instrument:
     this many basis points from the best opposite price at their arrival.
     ``stp_default`` applies to orders that do not choose a self-trade prevention
     mode. ``dedupe_window`` is how many finished orders' client order ids are
-    remembered so that a resubmission cannot create a second order.
+    remembered so that a resubmission cannot create a second order, and
+    ``dedupe_per_client`` how many of them one client may hold: a finished order
+    is remembered while it is among its client's ``dedupe_per_client`` most
+    recently finished orders and among the ``dedupe_window`` most recent of those
+    (see :class:`exchange.matching.DedupeWindow`). A value above
+    ``dedupe_window`` behaves as ``dedupe_window``.
     """
 
     symbol: str
@@ -126,6 +131,7 @@ class Instrument:
     price_band_bps: int | None = None
     stp_default: StpMode = StpMode.NONE
     dedupe_window: int = 1_000_000
+    dedupe_per_client: int = 10_000
     # decimal string -> ticks / lots, for strings converted without error (see _CACHE_MAX); not part of the spec
     _ticks_of: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
     _lots_of: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -143,6 +149,7 @@ class Instrument:
         price_band_bps: int | None = None,
         stp_default: StpMode | str = StpMode.NONE,
         dedupe_window: int = 1_000_000,
+        dedupe_per_client: int = 10_000,
     ) -> Instrument:
         """Build a spec from decimal strings; raises ``ValueError`` naming the bad field."""
         if not symbol or not symbol.strip() or len(symbol) > 64:
@@ -163,6 +170,8 @@ class Instrument:
             raise ValueError(f"{symbol}: price_band_bps must be between 1 and 100000, got {price_band_bps}")
         if dedupe_window < 0:
             raise ValueError(f"{symbol}: dedupe_window must not be negative")
+        if dedupe_per_client.__class__ is not int or dedupe_per_client < 1:
+            raise ValueError(f"{symbol}: dedupe_per_client must be an integer of at least 1, got {dedupe_per_client!r}")
         spec = cls(symbol, tick_units, tick_scale, lot_units, lot_scale, stp_default=stp,
                    price_band_bps=price_band_bps, dedupe_window=dedupe_window)
         def limit(name: str, value: str | None, convert: Callable[[object], int], default: int) -> int:
@@ -177,7 +186,7 @@ class Instrument:
         if min_lots > max_lots:
             raise ValueError(f"{symbol}: min_qty {min_qty} is above max_qty {max_qty}")
         return cls(symbol, tick_units, tick_scale, lot_units, lot_scale, min_lots, max_lots,
-                   max_ticks, price_band_bps, stp, dedupe_window)
+                   max_ticks, price_band_bps, stp, dedupe_window, dedupe_per_client)
 
     @property
     def tick_size(self) -> str:
@@ -233,5 +242,8 @@ def _to_steps(value: object, what: str, reason: RejectReason, step_units: int, s
     if steps == 0:
         raise ConversionError(reason, f"{what} must be greater than zero, got {value}")
     if steps > cap:
-        raise ConversionError(reason, f"{what} {str(value)[:40]} is too large")
+        step = _format(step_units, step_scale)
+        raise ConversionError(reason, f"{what} {str(value)[:40]} is too large: at most {cap:.0e} "
+                              f"{'ticks' if what == 'price' else 'lots'} of {step}, which is "
+                              f"{_format(cap * step_units, step_scale)}")
     return steps

@@ -16,7 +16,7 @@ is retried with the very same batch until it succeeds.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -26,8 +26,8 @@ from exchange.events import Event
 from exchange.instruments import Instrument
 from exchange.matching import EngineState
 
-__all__ = ["Applied", "Batch", "History", "InputPosition", "Position", "PreparingStore", "Recovered",
-           "SnapshotRequest", "Store", "StoreUnavailable"]
+__all__ = ["Applied", "Batch", "History", "InputLedger", "InputPosition", "InputReset", "Position", "PreparingStore",
+           "Recovered", "SnapshotRequest", "Store", "StoreUnavailable"]
 
 
 class InputPosition(msgspec.Struct, frozen=True, gc=False):
@@ -65,6 +65,9 @@ class Batch:
 
     applied: Sequence[Applied]
     snapshots: Sequence[SnapshotRequest] = ()
+    # per (topic, partition) of the input: an offset every message up to which is durable (or needed nothing),
+    # stored as the partition's own input_offsets row (instrument "") with the batch
+    partitions: Mapping[tuple[str, int], int] = field(default_factory=dict)
 
     def last_seq(self) -> dict[str, int]:
         """Highest sequence number per instrument in this batch."""
@@ -104,6 +107,18 @@ class StoreUnavailable(Exception):
 
     ``retriable`` is data, not a class hierarchy: the writer retries with backoff
     while it is true, and stops the daemon loudly when it is false.
+
+    A commit is refused for good (``retriable=False``) only for what the batch's
+    own content causes: a value the store cannot hold, a constraint the rows
+    break, a batch that does not continue the stored sequence (another writer),
+    stored rows that do not match the event stream. The database going away is
+    always transient, whatever exception the driver raises for it (a lost or
+    confused connection, a timeout, an error of the server that an operator can
+    put right): ``retriable=True``, and the store makes sure the next attempt
+    gets a working connection. (The journal writer also retries anything a
+    store raises without classifying it.) Outside commits -- opening, migrating,
+    loading at start-up -- a store may refuse more for good: a missing schema or
+    a wrong password must stop a start loudly.
     """
 
     def __init__(self, message: str, *, retriable: bool = True) -> None:
@@ -165,3 +180,41 @@ class History(Protocol):
             Sequence[Event]]:
         """The stored events of ``instrument`` with ``after_seq < seq <= upto_seq``, in order, in chunks."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class InputReset:
+    """An operator's request to continue an orders partition from ``offset`` after its log lost data
+    (``exchange admin accept-offset``); ``status`` is requested, applied or refused (``note`` says why)."""
+
+    id: int
+    topic: str
+    partition: int
+    offset: int
+    operator: str
+    reason: str
+    status: str = "requested"
+    note: str = ""
+
+
+@runtime_checkable
+class InputLedger(Protocol):
+    """What the Kafka source keeps in the store besides the batches: partition offsets and input resets.
+
+    ``input_offsets`` are the stored last offsets of ``topic`` per ``(instrument, partition)``; the
+    partition's own row (every message up to it durable or dead-lettered) has instrument ``""``.
+    """
+
+    async def input_offsets(self, topic: str) -> dict[tuple[str, int], int]: ...
+
+    async def request_input_reset(self, topic: str, partition: int, offset: int, operator: str,
+                                  reason: str) -> InputReset: ...
+
+    async def input_resets(self, topic: str, *, pending: bool = True) -> list[InputReset]: ...
+
+    async def apply_input_reset(self, reset: InputReset, note: str) -> None:
+        """In one transaction: every stored offset of the partition becomes ``offset - 1``, and the
+        request is marked applied with ``note`` (the offsets it replaced and the log it found)."""
+        ...
+
+    async def refuse_input_reset(self, reset: InputReset, note: str) -> None: ...

@@ -20,7 +20,9 @@ subscriber keep up. Every message carries the instrument's sequence numbers:
 - ``l3``: the public order lifecycle of the batch (accepted, filled, canceled,
   amended, expired) and trading halts/resumptions, without client identities;
   same ``prev_seq``/``seq`` chain.
-  Rejections change no book and are not public.
+  Rejections change no book and are not public; nor is an operator's
+  ``cleared`` event by itself (the ``canceled`` events that follow it, reason
+  ``cleared``, are).
 - ``trades``: the batch's trades (only when there are any), each with its
   ``trade_id`` (per instrument, +1 per trade: a gap shows) and ``seq``.
 - ``bbo``: best bid and offer with their quantities, when either changed.
@@ -52,6 +54,7 @@ import msgspec
 from sortedcontainers import SortedDict
 
 from exchange.events import (
+    BookCleared,
     Event,
     InstrumentHalted,
     InstrumentResumed,
@@ -118,7 +121,7 @@ class MarketData:
         self._handlers: dict[type[Any], Callable[[Any, list[dict[str, Any]], list[dict[str, Any]]], None]] = {
             OrderFilled: self._on_fill, OrderAccepted: self._on_accept, OrderCanceled: self._on_cancel,
             OrderExpired: self._on_expire, OrderAmended: self._on_amend, OrderRejected: self._on_reject,
-            InstrumentHalted: self._on_status, InstrumentResumed: self._on_status}
+            InstrumentHalted: self._on_status, InstrumentResumed: self._on_status, BookCleared: self._on_cleared}
         for r in state.orders:
             buy = r.side == "buy"
             self._orders[r.order_id] = [buy, r.price_ticks, r.remaining_lots]
@@ -241,6 +244,9 @@ class MarketData:
 
     def _on_reject(self, ev: OrderRejected, trades: list[dict[str, Any]], l3: list[dict[str, Any]]) -> None:
         return None  # a rejection changes no book and is not public
+
+    def _on_cleared(self, ev: BookCleared, trades: list[dict[str, Any]], l3: list[dict[str, Any]]) -> None:
+        return None  # the operator's audit record; the cancellations that follow change the book
 
     def _fill(self, ev: OrderFilled) -> None:
         maker = self._orders.get(ev.maker_order_id)

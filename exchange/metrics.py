@@ -113,8 +113,14 @@ class Metrics:
         self.recovery_replayed = Gauge("exchange_recovery_messages_replayed", "Input messages replayed",
                                        registry=r)
         self.ready = Gauge("exchange_ready", "1 once recovery and replay are done", registry=r)
-        self.dead_letters = Counter("exchange_dead_letters_total", "Messages sent to the dead-letter topic",
-                                    registry=r)
+        self.dead_letters = Counter("exchange_dead_letters_total", "Messages sent to the dead-letter topic, by reason",
+                                    ["reason"], registry=r)
+        self.input_incidents = Gauge("exchange_input_incidents",
+                                     "Orders partitions not consumed because their log lost data (see /readyz)",
+                                     registry=r)
+        self.records_dropped = Counter("exchange_records_dropped_total",
+                                       "Records the broker refused for what they are (too large, ...) and that were "
+                                       "dropped", ["topic"], registry=r)
         self.orders_matched = Counter("exchange_orders_matched_total",
                                       "Orders (and re-pricing amends) that traded on arrival, once per command",
                                       ["instrument"], registry=r)

@@ -6,20 +6,23 @@ out of order (each instrument's loop and batch moves at its own pace). The
 durable; the committable position is the lowest of those (or one past the
 last dispatched offset when none is pending). Acknowledging is O(1) amortised.
 
-:func:`start_offset` is the read position after a restart: the lowest of
-"one past the last applied offset" over the instruments stored for the
-partition and the consumer group's committed offset (the beginning when there
-is none). Messages an instrument has already applied are skipped by comparing
-with that instrument's own stored offset, so nothing is applied twice and
-nothing is lost — also for an instrument that had not yet made anything durable.
+:func:`plan_partition` is the read position after a restart or an assignment:
+one past the partition's own stored offset (every message up to it is durable
+or dead-lettered; the journal stores it with each batch), checked against the
+log the broker has now. Messages an instrument has already applied are skipped
+by comparing with that instrument's own stored offset, so nothing is applied
+twice and nothing is lost — also for an instrument that had not yet made
+anything durable. A log that lost what the store says was there is a problem
+to report, never a position to jump to.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass
 
-__all__ = ["OffsetTracker", "start_offset"]
+__all__ = ["OffsetTracker", "PartitionPlan", "plan_partition"]
 
 TopicPartition = tuple[str, int]
 
@@ -64,7 +67,10 @@ class OffsetTracker:
             out[tp] = pending[0] if pending else nxt
         return out
 
-    def in_flight(self) -> int:
+    def in_flight(self, tp: TopicPartition | None = None) -> int:
+        """Messages dispatched and not yet durable (of one partition, or of all)."""
+        if tp is not None:
+            return len(self._pending.get(tp, ()))
         return sum(len(p) for p in self._pending.values())
 
     def forget(self, tps: Iterable[TopicPartition]) -> None:
@@ -75,12 +81,51 @@ class OffsetTracker:
             self._next.pop(tp, None)
 
 
-def start_offset(applied: Iterable[int], committed: int | None, beginning: int) -> int:
-    """Where to start reading a partition after a restart (see the module docstring).
+@dataclass(frozen=True, slots=True)
+class PartitionPlan:
+    """Where to read an orders partition from, or why it must not be read (``problem``)."""
 
-    ``applied`` are the last applied offsets of the instruments stored for this
-    partition; ``committed`` is the group's committed offset (None if never).
+    start: int
+    problem: str | None = None
+
+
+def plan_partition(*, applied: Iterable[int], routed: int | None, committed: int | None, log_start: int,
+                   log_end: int) -> PartitionPlan:
+    """Where to start reading a partition, checked against the log the broker has now.
+
+    ``applied``: the last offset each instrument of this partition applied (from the store); ``routed``:
+    the partition's own stored offset (every message up to it is durable or dead-lettered), or None;
+    ``committed``: the consumer group's committed offset, or None; ``log_start``/``log_end``: the
+    partition's first offset and the offset after its last message.
+
+    The read position is ``routed + 1``, or, with no partition offset stored, the lowest of (applied +
+    1) and the committed offset; nothing stored at all: the committed offset, else the log start. A
+    log that no longer holds what this exchange applied (``log_end`` at or below a stored offset), or
+    that lost messages it has not read (``log_start`` above the read position, unless the group
+    committed past them: then they were dead letters, or applied by an instrument that is ahead), is a
+    problem: offsets that went backwards mean the broker lost data, and reading on would skip or
+    re-interpret messages silently.
     """
-    candidates = [offset + 1 for offset in applied]
-    candidates.append(committed if committed is not None else beginning)
-    return max(min(candidates), beginning)
+    applied = list(applied)
+    if routed is not None:
+        start = routed + 1
+    elif applied:
+        start = min([offset + 1 for offset in applied] + ([committed] if committed is not None else []))
+    else:
+        start = committed if committed is not None else log_start
+        if committed is not None and committed > log_end:
+            return PartitionPlan(start, f"the consumer group's committed offset {committed} is beyond the log end "
+                                 f"{log_end}: the topic was recreated or the broker lost data")
+        return PartitionPlan(max(start, log_start))
+    reached = max([offset + 1 for offset in applied] + ([routed + 1] if routed is not None else []))
+    if log_end < reached:
+        return PartitionPlan(start, f"the log ends at offset {log_end}, below offset {reached - 1}, which this "
+                             "exchange has already applied: the broker lost data (restarted without its volume, "
+                             "or the topic was deleted and recreated)")
+    if log_start > start:
+        if committed is not None and committed >= log_start:
+            return PartitionPlan(log_start)  # what was deleted had been handled: the group committed past it
+        return PartitionPlan(start, f"the log starts at offset {log_start}, above offset {start}, the next this "
+                             f"exchange needs: messages {start} - {log_start - 1} were deleted (retention) before "
+                             "they were applied")
+    return PartitionPlan(start)

@@ -64,6 +64,8 @@ class KafkaSettings:
     trades_topic: str = "trades"  # keyed by instrument; "" publishes no trades topic
     batch_records: bool = True  # one record per client (events) / instrument (trades) per round; false: per event
     fetch_max_wait_ms: int = 10  # how long a fetch may wait for data (a latency floor on brokers that do not wake it)
+    max_message_bytes: int = 65_536  # an input message above this is dead-lettered unread (message_too_large)
+    max_record_bytes: int = 1_000_000  # every record the daemon produces stays under this (the broker's limit)
     session_timeout_ms: int = 10_000  # how soon the group notices a dead daemon
     heartbeat_interval_ms: int = 3_000
     # authentication and encryption (aiokafka); see exchange.adapters.kafka.client_options
@@ -257,6 +259,7 @@ def parse_instruments(entries: list[Any], where: str) -> tuple[Instrument, ...]:
                 price_band_bps=t.get("price_band_bps", int, None),
                 stp_default=t.get("stp_default", str, "none"),
                 dedupe_window=t.get("dedupe_window", int, 1_000_000),
+                dedupe_per_client=t.get("dedupe_per_client", int, 10_000),
             )
         except ValueError as exc:
             raise ConfigError(f"{t.where}: {exc}") from None
@@ -377,6 +380,12 @@ def _check_adapters(settings: Settings, where: str) -> None:
     if settings.postgres.pool_size < 1:
         raise ConfigError(f"{where} [postgres]: 'pool_size' must be at least 1 (4 is the default; the journal "
                           "overlaps its commits only with 2 or more)")
+    if settings.kafka.max_message_bytes < 1024:
+        raise ConfigError(f"{where} [kafka]: 'max_message_bytes' must be at least 1024 (an order is a few hundred "
+                          "bytes; 65536 is the default)")
+    if settings.kafka.max_record_bytes < 16_384:
+        raise ConfigError(f"{where} [kafka]: 'max_record_bytes' must be at least 16384 (keep it at or below the "
+                          "brokers' message.max.bytes; 1000000 is the default)")
     if settings.order_source.kind == "kafka" and settings.publisher.kind != "kafka":
         raise ConfigError(f"{where} [publisher]: kind 'none' needs [source] kind 'generator': the Kafka source "
                           "sends dead letters and rejections through the Kafka publisher")
@@ -409,13 +418,22 @@ def _validate_redis(redis: RedisSettings, where: str) -> None:
 
 MASK = "***"
 _SECRET_NAME = re.compile(r"password|secret|token|credential", re.IGNORECASE)
-_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^/@:\s]*:)(?P<secret>[^/@\s]+)(?P<tail>@)")
+# Every pattern here takes time linear in its subject, whatever it holds (log lines carry values from
+# producers). A URL's scheme is matched only from the start of its run of scheme characters (the
+# lookbehind; a scheme is a letter then letters, digits, "+", "-", "."): a bare
+# ``[a-zA-Z][a-zA-Z0-9+.-]*://`` tried at every letter of a run of n letters without "://" takes n²/2 steps
+# (6.7 s for 100 KB). Which spans are masked is the same; the test keeps the old pattern as its reference.
+_SCHEME = r"(?<![a-zA-Z0-9+.-])[0-9+.-]*[a-zA-Z][a-zA-Z0-9+.-]*://"
+_URL_PASSWORD = re.compile(rf"(?P<head>{_SCHEME}[^/@:\s]*:)(?P<secret>[^/@\s]+)(?P<tail>@)")
 _KV_PASSWORD = re.compile(r"(?P<head>\b(?:password|sslpassword)\s*=\s*)(?P<secret>'[^']*'|[^\s&]+)", re.IGNORECASE)
+# A prefix of a longer text may end inside a URL's password whose "@" was cut off (see mask_cut).
+_OPEN_URL_PASSWORD = re.compile(rf"{_SCHEME}[^/@:\s]*:(?P<secret>[^/@\s]+)\Z")
 
 
 def mask_secrets(value: Any, key: str = "") -> Any:
     """``value`` with secrets replaced by ``***``: whole values under secret-sounding keys (at any depth),
-    and the password part of URLs/DSNs (``scheme://user:PASSWORD@host``, ``password=...``) anywhere."""
+    and the password part of URLs/DSNs (``scheme://user:PASSWORD@host``, ``password=...``) anywhere.
+    Linear in the length of every string."""
     if isinstance(value, Mapping):
         return {k: mask_secrets(v, str(k)) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -426,6 +444,41 @@ def mask_secrets(value: Any, key: str = "") -> Any:
         value = _URL_PASSWORD.sub(lambda m: m["head"] + MASK + m["tail"], value)
         return _KV_PASSWORD.sub(lambda m: m["head"] + MASK, value)
     return value
+
+
+def mask_cut(prefix: str) -> str:
+    """``prefix``, the start of a longer text, with a secret that the cut leaves open at its end masked.
+
+    The rest of a cut-off secret is gone, and so is what marks it as one: the ``@`` after a URL's password,
+    the closing quote of ``password='...'``. :func:`mask_secrets` alone would then leave the part before the
+    cut in clear (``postgresql://u:hunt``). An unquoted ``password=hunt`` needs nothing here. Whatever the
+    cut, ``mask_secrets(mask_cut(text[:n]))`` shows no character that ``mask_secrets(text)`` masks."""
+    url = _OPEN_URL_PASSWORD.search(prefix)
+    head = prefix if url is None else prefix[:url.start("secret")]
+    quote = _open_quote(head)
+    if quote is not None:
+        return head[:quote] + MASK
+    return prefix if url is None else head + MASK
+
+
+def _open_quote(text: str) -> int | None:
+    """Where a quoted ``password='...`` value starts that ``text`` does not close, quotes paired as
+    :func:`mask_secrets` pairs them: left to right, once the URL passwords (which may hold quotes) are masked."""
+    pieces: list[str] = []
+    moves: list[tuple[int, int]] = []  # (where a masked URL password ends in the masked text, the shift there)
+    last = moved = 0
+    for m in _URL_PASSWORD.finditer(text):
+        start, end = m.span("secret")
+        pieces += [text[last:start], MASK]
+        moved += len(MASK) - (end - start)
+        moves.append((end + moved, moved))
+        last = end
+    for m in _KV_PASSWORD.finditer("".join(pieces) + text[last:]):
+        secret = m["secret"]
+        if secret[0] == "'" and (len(secret) == 1 or secret[-1] != "'"):  # no closing quote: the fallback matched
+            at = m.start("secret")
+            return at - next((shift for end, shift in reversed(moves) if end <= at), 0)
+    return None
 
 
 def settings_dict(settings: Settings) -> dict[str, Any]:
@@ -450,6 +503,7 @@ def _instrument_dict(spec: Instrument) -> dict[str, Any]:
         d["price_band_bps"] = spec.price_band_bps
     d["stp_default"] = str(spec.stp_default)
     d["dedupe_window"] = spec.dedupe_window
+    d["dedupe_per_client"] = spec.dedupe_per_client
     return d
 
 

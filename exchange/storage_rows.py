@@ -11,7 +11,8 @@
   a ``None`` column keeps the stored value);
 - the new absolute position of every client the batch's fills touched;
 - per instrument, the seq and id counters at the end of the batch, and the
-  highest input offset per topic partition; the batch's snapshots.
+  highest input offset per topic partition; the partitions' own offsets
+  (``Batch.partitions``, instrument ``""``); the batch's snapshots.
 
 Order status rules (``orders.status``):
 
@@ -27,7 +28,10 @@ Order status rules (``orders.status``):
 - ``rejected`` creates a ``rejected`` row (``order_id`` NULL) when the refused
   command was a place, and changes nothing otherwise;
 - ``halted``/``resumed`` change no order; the instrument's ``halted`` flag in
-  its progress row follows them.
+  its progress row follows them;
+- ``cleared`` (the operator's clear, before its cancellations) changes no row
+  but its own ``order_events`` row (``order_id`` NULL, ``client_id`` the
+  operator), like ``halted``/``resumed``.
 
 ``updated_seq`` is the seq of the last event that changed the row, so the
 finished orders ordered by ``(updated_seq, priority)`` are in the order the
@@ -45,6 +49,7 @@ from typing import Any
 import msgspec
 
 from exchange.events import (
+    BookCleared,
     InstrumentHalted,
     InstrumentResumed,
     OrderAccepted,
@@ -339,6 +344,8 @@ def derive_rows(
                 inst.halted = isinstance(ev, InstrumentHalted)
                 events_append((symbol, seq, ts, "halted" if inst.halted else "resumed", None, ev.client_id,
                                encode(ev)))
+            elif isinstance(ev, BookCleared):
+                events_append((symbol, seq, ts, "cleared", None, ev.client_id, encode(ev)))
             else:
                 raise RowError(f"{symbol}: not an event: {ev!r}")
     if inst is not None:
@@ -365,6 +372,8 @@ def derive_rows(
         out.first_seq[symbol] = inst.first_seq
         out.progress[symbol] = Progress(inst.last_seq, inst.next_order_id, inst.next_trade_id, inst.halted)
 
+    for (topic, partition), offset in batch.partitions.items():  # the partition's own row: instrument ""
+        offsets[("", topic, partition)] = offset
     latest: dict[tuple[str, int], SnapshotRequest] = {}  # two snapshots with no command between share a seq
     for snap in batch.snapshots:
         if snap.instrument not in specs:

@@ -56,3 +56,10 @@ class RejectReason(StrEnum):
     INVALID_AMEND = "invalid_amend"
     INSTRUMENT_HALTED = "instrument_halted"  # new orders and amends wait for resume; cancels still work
     NOT_HALTED = "not_halted"  # resume of an instrument that is trading
+    NOT_AUTHORIZED = "not_authorized"  # an operator action without a valid, fresh signature
+    INSTRUMENT_REQUIRED = "instrument_required"  # the daemon routes by instrument: the message must name one
+    # refusals of the daemon's edge: the message never reached an instrument (dead-lettered, seq 0)
+    MESSAGE_TOO_LARGE = "message_too_large"  # above [kafka] max_message_bytes
+    INVALID_TIMESTAMP = "invalid_timestamp"  # the input time is outside 1970 - 2100
+    WRONG_PARTITION = "wrong_partition"  # not on the instrument's orders partition, or not keyed by it
+    INTERNAL_ERROR = "internal_error"  # the edge failed on this message (a bug): dead-lettered, never applied

@@ -12,6 +12,15 @@ for as long as the error is retriable; nothing is dropped. Meanwhile the queue
 fills, the loops block on it, their queues fill, and the consumer pauses: that
 is the back-pressure chain. Only after ``commit`` returns does the writer tell
 its listeners (offset tracking, publishers) that the batch is durable.
+
+The database going away is always transient here: the only failure that stops
+the writer (and the daemon) is a :class:`~exchange.journal.StoreUnavailable`
+with ``retriable`` false, which a store raises only for what the batch's own
+content causes. Anything else a commit raises -- a store error marked retriable,
+an exception the store did not classify, a cancellation that nobody asked for
+(a race inside a driver, not the writer being stopped) -- is retried the same
+way, logged, and shows in ``degraded`` and ``last_error`` (``/readyz``) until a
+commit succeeds.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, NamedTuple, cast
 
 from exchange.engine import JournalItem
@@ -42,6 +51,21 @@ class _InFlight(NamedTuple):
     batch: Batch
 
 
+def _transient(exc: BaseException) -> str | None:
+    """What to report for a failed commit that is retried, or None if it must not be: a store error not
+    marked retriable, the writer's own task being cancelled, or the interpreter stopping."""
+    if isinstance(exc, StoreUnavailable):
+        return str(exc) if exc.retriable else None
+    if isinstance(exc, asyncio.CancelledError):
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            return None  # the writer is stopping
+        return "a cancellation inside the store, nobody asked for it (a race in its driver)"
+    if isinstance(exc, Exception):
+        return f"the store raised {type(exc).__name__}: {exc}"
+    return None  # KeyboardInterrupt, SystemExit
+
+
 class JournalWriter:
     def __init__(self, store: Store, queue: asyncio.Queue[list[JournalItem] | None], *, max_events: int = 5000,
                  linger_ms: float = 2.0, backoff_max_s: float = 5.0,
@@ -53,6 +77,8 @@ class JournalWriter:
         self._linger_s = linger_ms / 1000
         self._backoff_max_s = backoff_max_s
         self._listeners = list(listeners)
+        # the input's per-partition offsets that a batch completes (the source's), stored with it (Batch.partitions)
+        self.partition_progress: Callable[[Sequence[Applied]], Mapping[tuple[str, int], int]] | None = None
         self._metrics = metrics
         self._log = get_logger("exchange.journal")
         self.batches = 0
@@ -132,7 +158,8 @@ class JournalWriter:
                     n_events += self._take(cast(list[JournalItem], chunk), applied, snapshots)
                 if not applied and not snapshots:
                     continue
-                batch = Batch(applied, snapshots)
+                batch = Batch(applied, snapshots,
+                              self.partition_progress(applied) if self.partition_progress is not None else {})
                 prepared = None
                 if prepare is not None:
                     try:
@@ -227,18 +254,20 @@ class JournalWriter:
                     if server_side is not None:
                         server_side.set()
                     await self._store.commit(batch)
-            except StoreUnavailable as exc:
+            except BaseException as exc:
                 if server_side is not None:
-                    server_side.set()  # backing off: nothing to hold the listeners for
-                if not exc.retriable:
-                    self._log.critical("journal commit failed and cannot be retried; stopping", error=str(exc))
+                    server_side.set()  # backing off (or stopping): nothing to hold the listeners for
+                error = _transient(exc)
+                if error is None:
+                    if isinstance(exc, StoreUnavailable):
+                        self._log.critical("journal commit failed and cannot be retried; stopping", error=str(exc))
                     raise
                 self.degraded = True
-                self.last_error = str(exc)
+                self.last_error = error
                 if self._metrics is not None:
                     self._metrics.commit_failed()
                 self._log.warning("journal commit failed; retrying the same batch", attempt=attempt,
-                                  retry_in_s=round(delay, 3), error=str(exc), events=n_events)
+                                  retry_in_s=round(delay, 3), error=error, events=n_events)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._backoff_max_s)
                 continue

@@ -20,15 +20,24 @@ Rules (one event at a time, sequence numbers strictly +1):
   priority = this seq; fills or a self-trade cancel may follow;
 - ``halted``/``resumed``: the halted flag is set/cleared (it is part of the
   state and of its hash, as in the engine);
+- ``cleared``: nothing changes (the ``canceled`` events that follow do), but
+  its count must be the number of open orders;
 - ``rejected``: nothing changes but the seq.
 
-A finished order enters the dedupe window (``(client_id, client_order_id,
-order_id)``, oldest first, at most ``Instrument.dedupe_window``), exactly as
-the engine remembers it. Started from a snapshot, which leaves the window out,
-the applier's window holds only the orders finished since, and its image says
-so (``EngineState.done_complete``) until a whole window has finished. Any event
-that does not fit (a gap in the seq, an unknown order, a quantity that does not
-add up) raises :class:`ReplayError`.
+A finished order enters the dedupe window exactly as the engine remembers it
+(:class:`exchange.matching.DedupeWindow`, same ``dedupe_window`` and
+``dedupe_per_client``, same finish order). Started from a snapshot, which
+leaves the window out, the applier knows only the orders finished since; since
+whether an order is remembered depends only on the orders finished after it,
+its window is exactly the whole window's entries that finished after the
+snapshot, in order, and its image says it is partial
+(``EngineState.done_complete`` False) until it holds ``dedupe_window`` entries:
+then no order finished before the snapshot can still be in the window. (Fewer
+could be enough, when every client that finished orders before the snapshot
+has finished ``dedupe_per_client`` since, but the applier cannot know those
+clients.) Any event that does not fit (a gap in the seq, an unknown order, a
+quantity that does not add up, a finished order whose client order id is still
+remembered) raises :class:`ReplayError`.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from collections.abc import Iterable
 
 from exchange.book import Order, OrderBook
 from exchange.events import (
+    BookCleared,
     Event,
     InstrumentHalted,
     InstrumentResumed,
@@ -79,14 +89,13 @@ class EventApplier:
         self.halted = state.halted
         self.events_applied = 0
         self._transient: dict[int, tuple[str, str]] = {}  # accepted orders that never rest, until they end
-        self._dedupe = DedupeWindow(spec.dedupe_window)
-        self._remember = self._dedupe.remember
+        self._dedupe = DedupeWindow(spec.dedupe_window, spec.dedupe_per_client)
         self._done_complete = state.done_complete  # else: until the window is full
         for r in state.orders:
             self.book.add(Order(r.order_id, r.client_id, r.client_order_id, Side(r.side), r.price_ticks, r.qty_lots,
                                 r.remaining_lots, r.priority, r.expire_ns, r.post_only, StpMode(r.stp)))
         for client_id, client_order_id, order_id in state.done:
-            self._remember(client_id, client_order_id, order_id)
+            self._remember(client_id, client_order_id, order_id, state.seq)
 
     # ------------------------------------------------------------------ API
 
@@ -111,6 +120,10 @@ class EventApplier:
             self._end(event.order_id, seq)
         elif isinstance(event, OrderAmended):
             self._amend(event)
+        elif isinstance(event, BookCleared):
+            if event.orders != len(self.book.orders):
+                raise ReplayError(f"{self.symbol}: seq {seq} clears {event.orders} orders, but "
+                                  f"{len(self.book.orders)} are open")
         elif isinstance(event, InstrumentHalted | InstrumentResumed):
             halting = isinstance(event, InstrumentHalted)
             if self.halted == halting:
@@ -136,6 +149,12 @@ class EventApplier:
     @property
     def done(self) -> list[tuple[str, str, int]]:
         return self._dedupe.entries()
+
+    def _remember(self, client_id: str, client_order_id: str, order_id: int, seq: int) -> None:
+        try:
+            self._dedupe.remember(client_id, client_order_id, order_id)
+        except ValueError as exc:  # the engine rejects a remembered id, so it can never finish twice
+            raise ReplayError(f"{self.symbol}: seq {seq}: {exc}") from None
 
     # -------------------------------------------------------------- events
 
@@ -166,14 +185,14 @@ class EventApplier:
                 raise ReplayError(f"{self.symbol}: seq {seq} fills order {oid}, which is not open")
             if not left:
                 client, coid = self._transient.pop(oid)
-                self._remember(client, coid, oid)
+                self._remember(client, coid, oid, seq)
             return
         if order.remaining - lots != left:
             raise ReplayError(f"{self.symbol}: seq {seq} fills {lots} of order {oid} leaving {left}, but "
                               f"{order.remaining} was open")
         if not left:
             self.book.remove(order)  # subtracts the (last) open quantity from the level
-            self._remember(order.client_id, order.client_order_id, oid)
+            self._remember(order.client_id, order.client_order_id, oid, seq)
             return
         levels = self.book.bids if order.side is _BUY else self.book.asks
         levels[-order.price if order.side is _BUY else order.price].total_lots -= lots
@@ -183,12 +202,12 @@ class EventApplier:
         order = self.book.orders.get(oid)
         if order is not None:
             self.book.remove(order)
-            self._remember(order.client_id, order.client_order_id, oid)
+            self._remember(order.client_id, order.client_order_id, oid, seq)
             return
         ident = self._transient.pop(oid, None)
         if ident is None:
             raise ReplayError(f"{self.symbol}: seq {seq} ends order {oid}, which is not open")
-        self._remember(ident[0], ident[1], oid)
+        self._remember(ident[0], ident[1], oid, seq)
 
     def _amend(self, ev: OrderAmended) -> None:
         order = self.book.orders.get(ev.order_id)

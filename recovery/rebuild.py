@@ -11,6 +11,15 @@ For each instrument :func:`recover`
    the same state hash, the same counters and the same dedupe window. A
    snapshot whose stored hash does not match its own content is refused too.
 
+The dedupe window of such a replay is the part of the window that finished
+after the snapshot (the daemon's snapshots leave the window out, and one that an
+earlier version stored followed the rule and settings of its time, so the replay
+does without it). Whether an order is in the window depends only on the orders
+finished after it (:class:`exchange.matching.DedupeWindow`), so that part is
+known exactly: the loaded window's entries of orders that finished after the
+snapshot -- those open in it or accepted after it -- must be the replay's
+entries, in the same order (see :func:`describe_difference`).
+
 A mismatch raises :class:`RecoveryError` naming the instrument, both hashes and
 what to do; the daemon must not trade on a book it cannot vouch for. Progress
 goes to the ``exchange.recovery`` structlog logger: one line per instrument
@@ -25,6 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import structlog
 
 from exchange.events import Event
@@ -33,7 +43,7 @@ from exchange.journal import History, Recovered, SnapshotRequest, Store
 from exchange.matching import EngineState, MatchingEngine
 from recovery.events import EventApplier, ReplayError
 
-__all__ = ["RecoveryError", "ReplayResult", "describe_difference", "recover", "replay_stored"]
+__all__ = ["RecoveryError", "ReplayResult", "describe_difference", "recover", "replay_stored", "without_window"]
 
 _LOG_EVERY_S = 1.0
 
@@ -63,7 +73,7 @@ async def replay_stored(store: History, spec: Instrument, upto_seq: int, *, snap
     ``upto_seq``.
     """
     symbol = spec.symbol
-    applier = EventApplier(spec, snapshot.state if snapshot is not None else None)
+    applier = EventApplier(spec, without_window(snapshot.state) if snapshot is not None else None)
     start = applier.seq
     started = last_log = time.monotonic()
     async for chunk in store.read_events(symbol, start, upto_seq):
@@ -82,8 +92,21 @@ async def replay_stored(store: History, spec: Instrument, upto_seq: int, *, snap
     return ReplayResult(applier.export_state(), applier.state_hash(), start, applier.events_applied, snapshot)
 
 
-def describe_difference(a: EngineState, b: EngineState, a_name: str, b_name: str) -> str:
-    """A short, human-readable account of how two engine images differ ("" when they are equal)."""
+def without_window(state: EngineState) -> EngineState:
+    """A snapshot's image without the dedupe window it may carry (earlier versions stored it): a replay from
+    it knows exactly the orders that finish after it, whatever rule or settings that window was built with."""
+    if not state.done and not state.done_complete:
+        return state
+    return msgspec.structs.replace(state, done=[], done_complete=False)
+
+
+def describe_difference(a: EngineState, b: EngineState, a_name: str, b_name: str, *,
+                        since: EngineState | None = None) -> str:
+    """A short, human-readable account of how two engine images differ ("" when they are equal).
+
+    ``since`` is the snapshot a partial dedupe window (``done_complete`` False) was replayed from; with it
+    the windows are compared exactly (see :func:`_windows_agree`), without it only as tails of each other.
+    """
     parts: list[str] = []
     for field in ("seq", "next_order_id", "next_trade_id", "halted"):
         va, vb = getattr(a, field), getattr(b, field)
@@ -103,19 +126,32 @@ def describe_difference(a: EngineState, b: EngineState, a_name: str, b_name: str
         parts.append(f"{len(changed)} orders differ, first {oid}: {ids_a[oid]} ({a_name}) vs {ids_b[oid]} ({b_name})")
     if not parts and [o.order_id for o in a.orders] != [o.order_id for o in b.orders]:
         parts.append("the same orders in a different queue order")
-    if not _windows_agree(a, b):
+    if not _windows_agree(a, b, since):
         parts.append(f"dedupe window differs ({len(a.done)}{'' if a.done_complete else ' recent'} vs "
                      f"{len(b.done)}{'' if b.done_complete else ' recent'} entries)")
     return "; ".join(parts)
 
 
-def _windows_agree(a: EngineState, b: EngineState) -> bool:
-    """Do two images' dedupe windows agree? A window that is not complete (a replay from a snapshot, which
-    leaves the window out) holds the most recently finished orders only: it must be the other's tail."""
+def _windows_agree(a: EngineState, b: EngineState, since: EngineState | None = None) -> bool:
+    """Do two images' dedupe windows agree?
+
+    Two complete windows must be equal. A partial one (a replay from ``since``, a snapshot: see
+    :class:`recovery.events.EventApplier`) holds exactly the complete window's entries that finished after
+    the snapshot, in the same order: those of orders open in the snapshot or accepted after it (an order
+    accepted before it and not open in it had finished). So the complete window's entries of such orders
+    must be the partial window, and nothing is said of the others, which no replay from there can know.
+    Without ``since`` (or with two partial windows) the partial one must be the other's tail.
+    """
     if a.done_complete and b.done_complete:
         return a.done == b.done
-    if (a.done_complete and len(b.done) > len(a.done)) or (b.done_complete and len(a.done) > len(b.done)):
-        return False  # more finished since a snapshot than there are in the whole window
+    if a.done_complete or b.done_complete:
+        part, whole = (b, a) if a.done_complete else (a, b)
+        if since is not None:
+            opened = {o.order_id for o in since.orders}
+            after = since.next_order_id
+            return part.done == [e for e in whole.done if e[2] >= after or e[2] in opened]
+        if len(part.done) > len(whole.done):
+            return False  # more finished since a snapshot than there are in the whole window
     n = min(len(a.done), len(b.done))
     return a.done[len(a.done) - n:] == b.done[len(b.done) - n:]
 
@@ -126,7 +162,7 @@ async def _check(store: History, spec: Instrument, rec: Recovered, engine: Match
     durable = rec.state.seq
     snapshot = await store.latest_snapshot(symbol, durable)
     if snapshot is not None:
-        own = EventApplier(spec, snapshot.state).state_hash()
+        own = EventApplier(spec, without_window(snapshot.state)).state_hash()
         if own != snapshot.state_hash:
             raise RecoveryError(
                 f"{symbol}: the snapshot at seq {snapshot.state.seq} is damaged: its stored state hash is "
@@ -142,10 +178,11 @@ async def _check(store: History, spec: Instrument, rec: Recovered, engine: Match
             "`exchange recover --verify` and restore the database from a backup.") from exc
     rebuilt = engine.export_state()
     book_hash = engine.state_hash()
-    if replay.state_hash != book_hash or describe_difference(rebuilt, replay.state, "", ""):
+    since = snapshot.state if snapshot is not None else None
+    if replay.state_hash != book_hash or describe_difference(rebuilt, replay.state, "", "", since=since):
         source = (f"the snapshot at seq {replay.start_seq} plus the {replay.events} stored events after it"
                   if snapshot is not None else f"a replay of all {replay.events} stored events")
-        detail = describe_difference(rebuilt, replay.state, "open orders", "replay")
+        detail = describe_difference(rebuilt, replay.state, "open orders", "replay", since=since)
         raise RecoveryError(
             f"{symbol}: the book rebuilt from the open orders (state hash {book_hash}, {len(rebuilt.orders)} "
             f"orders) does not match {source} (state hash {replay.state_hash}, {len(replay.state.orders)} "

@@ -14,10 +14,41 @@ so each lands between exactly the same two orders in every replay: ``halt``,
 instrument's queue (a snapshot is an optimisation: it needs no durability of
 its own, its offset counts as done at once).
 
-Messages that cannot become a command go to the dead-letter topic with the
-reason in headers; when the sender can be identified, it also gets an
-unsequenced ``rejected`` event (seq 0) on the events topic. Neither stops the
-consumer.
+Every message goes through :class:`exchange.router.Router`, the edge's one
+guard: it yields a command, a snapshot request or a refusal, and never raises.
+A refused message goes to the dead-letter topic with the reason code and text in
+headers (``reason``, ``text``, ``source_topic``/``source_partition``/
+``source_offset``, ``expected_partition`` for ``wrong_partition``); when the
+sender can be identified, it also gets an unsequenced ``rejected`` event (seq 0)
+on the events topic, before its dead letter. Neither stops the consumer.
+
+**Dead letters exactly once.** The dead letters of one orders partition go to
+one dead-letter partition (``source partition % partitions``), in offset order,
+and a refused offset counts as done (stored with the next batch, committed to
+Kafka) only once its dead letter is on the broker. After any restart the
+assignment reads the dead-letter partition back from its end to find the last
+offset already dead-lettered, so a crash between the send and the store never
+sends one twice. (The sender's seq-0 rejection is at least once: a crash between
+it and its dead letter sends it again.)
+
+**One partition per instrument.** An instrument lives on the orders partition
+stored with its progress, or, before anything is stored, the one murmur2 of its
+name gives (the producer contract: key = instrument, Kafka's default
+partitioner). Its messages on another partition, or not keyed by it, are
+refused ``wrong_partition``: its order can never depend on two partitions'
+fetch timing.
+
+**Offsets that go backwards are an incident, never a skip.** The consumer runs
+with ``auto_offset_reset = "none"`` and seeks every partition itself. At each
+assignment, and whenever a fetch shows the log end below the position read so
+far (or the broker answers that the position is out of range), the partition is
+checked against the store (:func:`exchange.offsets.plan_partition`): a log that
+no longer holds what was applied, or lost messages not yet read, is paused and
+reported (``incidents``: ``/readyz``, the log, a metric), naming the topic,
+partition and offsets. It stays paused until its log is whole again, or an
+operator asks to continue from a stated offset (``exchange admin
+accept-offset``, journaled in ``input_resets``; the daemon applies it once
+nothing of the partition is in flight).
 
 :class:`KafkaEventPublisher` publishes durable events to the order-events topic,
 keyed by client id so that each client's events stay in order (a fill goes to
@@ -33,24 +64,38 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
-from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.errors import (
+    CorruptRecordException,
+    InvalidTopicError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    NoOffsetForPartitionError,
+    OffsetOutOfRangeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    UnsupportedForMessageFormatError,
+)
+from aiokafka.partitioner import DefaultPartitioner, murmur2
 
-from exchange.codec import WireEncoder, WireError, decode_command, encode, event_to_wire, parse_json
+from exchange.auth import Verifier
+from exchange.codec import MAX_TS_NS, WireEncoder, encode, event_to_wire
+from exchange.commands import Command
 from exchange.engine import Control, Inbound, InstrumentLoop
 from exchange.events import OrderFilled, OrderRejected
 from exchange.instruments import Instrument
-from exchange.journal import Applied, Batch, InputPosition
+from exchange.journal import Applied, Batch, InputLedger, InputPosition, InputReset, StoreUnavailable
 from exchange.logging import get_logger
-from exchange.offsets import OffsetTracker, start_offset
+from exchange.offsets import OffsetTracker, PartitionPlan, plan_partition
+from exchange.router import DEFAULT_MAX_MESSAGE_BYTES, Refusal, Router, SnapshotRequested
 from exchange.settings import KafkaSettings
 from exchange.types import RejectReason
 
-__all__ = ["KafkaEventPublisher", "OrderSource", "OrderStates", "client_options"]
+__all__ = ["Incident", "KafkaEventPublisher", "OrderSource", "OrderStates", "OutRecord", "client_options",
+           "partition_for"]
 
 OrderStates = Callable[[str, Sequence[int]], Awaitable[list[dict[str, Any]]]]
 
@@ -79,13 +124,46 @@ def client_options(kafka: KafkaSettings) -> dict[str, Any]:
 
 _POLL_MS = 50
 _log = get_logger("exchange.kafka")
-_PER_RECORD = 200  # events per batched record: well under the producer's 256 KiB batches
+_PER_RECORD = 200  # events per batched record at most (and at most the record budget in bytes)
 _YIELD_EVERY = 1000  # encoded events between yields to the event loop
 _ROUTE_SLICE = 200  # records routed between yields to the event loop
 _MAX_RECORDS = 1000  # per poll: bounds how long routing holds the event loop (a few ms)
+_REFUSED_MAX = 500  # refusals gathered before they are sent (and at the end of every poll)
+_REVIEW_S = 2.0  # how often blocked partitions are looked at again (an operator's reset, a log that came back)
+_BATCH_BYTES = 256 * 1024  # the producer's batch size: an events record must fit one
+_RECORD_OVERHEAD = 1024  # record framing, key and headers beside a value
+_TEXT_BYTES = 512  # of a refusal's text in a dead letter's header (the texts are bounded already)
+_KEY_BYTES = 1024  # of a refused message's key kept in its dead letter
+
+
+class Incident(NamedTuple):
+    """An orders partition that is not read: its log does not hold what the store says it should."""
+
+    topic: str
+    partition: int
+    problem: str  # what was found (plan_partition's text)
+    since: float  # time.time() when it was found
+
+    def describe(self) -> str:
+        return (f"{self.topic}[{self.partition}]: {self.problem}. Nothing of this partition is consumed; check the "
+                f"topic, then continue from a stated offset with `exchange admin accept-offset {self.partition} "
+                "--offset N`")
+
+
+class _Refused(NamedTuple):
+    key: tuple[str, int]
+    record: Any
+    refusal: Refusal
 
 
 class OrderSource:
+    """The Kafka order source (see the module docstring).
+
+    ``verifier`` checks operator actions (the default refuses them all: no keys); ``ledger`` is the
+    store's side of the input (the partitions' own offsets, operator resets; see
+    :class:`~exchange.journal.InputLedger`), None in tests that have no store.
+    """
+
     wall_clock_timestamps = True  # a command's ts_ns is its Kafka message time, set by the producer
 
     def __init__(self, *, bootstrap_servers: str, topic: str, group_id: str,
@@ -93,7 +171,8 @@ class OrderSource:
                  applied_offsets: Mapping[tuple[str, str, int], int], publisher: KafkaEventPublisher,
                  dead_letter_topic: str, client_options: Mapping[str, Any] | None = None,
                  commit_interval_s: float = 1.0, metrics: Any = None,
-                 on_caught_up: Callable[[], None] | None = None) -> None:
+                 on_caught_up: Callable[[], None] | None = None, verifier: Verifier | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, ledger: InputLedger | None = None) -> None:
         self._bootstrap = bootstrap_servers
         self.topic = topic
         self._group_id = group_id
@@ -106,9 +185,13 @@ class OrderSource:
         self._commit_interval_s = commit_interval_s
         self._metrics = metrics
         self._on_caught_up = on_caught_up
+        self._ledger = ledger
         self._log = get_logger("exchange.source", topic=topic)
-        self.tracker = OffsetTracker()
+        self.tracker = OffsetTracker()  # what may be committed to Kafka: durable and, with fan-out, published
+        self._batched = OffsetTracker()  # what the journal writer has taken into a batch (Batch.partitions)
         self._consumer: AIOKafkaConsumer | None = None
+        self._side: AIOKafkaConsumer | None = None  # no group: reads the dead-letter topic and checks logs
+        self._side_lock = asyncio.Lock()  # the assignment listener and the run loop both use it
         self._stopping = asyncio.Event()
         self._paused = False
         self._committed: dict[tuple[str, int], int] = {}
@@ -116,6 +199,17 @@ class OrderSource:
         self._replay_started = 0.0
         self._next_progress_log = 0.0
         self._position: dict[tuple[str, int], int] = {}  # next offset to read, per partition
+        self._home = _homes(self._applied, topic)  # instrument -> the orders partition it lives on (stored)
+        self._n_partitions = 0  # of the orders topic, once known: murmur2 places instruments not yet stored
+        self._murmur: dict[tuple[str, int], int] = {}  # configured instruments only: the router asks for no other
+        self._router = Router(instruments, verifier=verifier or Verifier({}), max_message_bytes=max_message_bytes,
+                              partition_of=self.partition_of)
+        self._refused: list[_Refused] = []  # refusals of the current poll, sent together at its end
+        self._dead_through: dict[tuple[str, int], int] = {}  # per partition: dead-lettered through (read back)
+        self.incidents: dict[tuple[str, int], Incident] = {}
+        self._ready: set[tuple[str, int]] = set()  # partitions whose assignment plan is in place
+        self._assigning = False
+        self._dead_log = _RateLimited(self._log, "message dead-lettered", per_s=10)
         self.consumed = 0
         self.replayed = 0
         self.skipped = 0
@@ -127,15 +221,20 @@ class OrderSource:
     async def start(self) -> None:
         if self._consumer is not None:
             return
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._bootstrap,
-            group_id=self._group_id,
-            **{"enable_auto_commit": False, "auto_offset_reset": "earliest", "fetch_max_wait_ms": 10,
-               "max_poll_records": 1000, **self._options},
-        )
-        await consumer.start()
+        # auto_offset_reset "none": a position the log does not have is an error to report (an incident),
+        # never a silent jump to the earliest or latest offset. Every partition is sought explicitly.
+        options = {"enable_auto_commit": False, "auto_offset_reset": "none", "fetch_max_wait_ms": 10,
+                   "max_poll_records": 1000, **self._options}
+        side = AIOKafkaConsumer(bootstrap_servers=self._bootstrap, **{**options, "fetch_max_wait_ms": 10})
+        consumer = AIOKafkaConsumer(bootstrap_servers=self._bootstrap, group_id=self._group_id, **options)
+        await side.start()
+        try:
+            await consumer.start()
+        except BaseException:
+            await side.stop()
+            raise
         consumer.subscribe([self.topic], listener=_Rebalance(self))
-        self._consumer = consumer
+        self._consumer, self._side = consumer, side
 
     def stop_consuming(self) -> None:
         """Stop taking new messages; ``run`` returns after the current one."""
@@ -144,23 +243,54 @@ class OrderSource:
     async def stop(self) -> None:
         """Commit what is durable and leave the group (safe to call twice)."""
         consumer, self._consumer = self._consumer, None
-        if consumer is None:
-            return
+        side, self._side = self._side, None
         try:
-            await self._commit(consumer)
+            if consumer is not None:
+                try:
+                    await self._commit(consumer)
+                finally:
+                    await consumer.stop()
         finally:
-            await consumer.stop()
+            if side is not None:
+                await side.stop()
 
-    # ---------------------------------------------------------------- running
+    # ---------------------------------------------------------------- routing
+
+    def partition_of(self, instrument: str) -> int | None:
+        """The orders partition ``instrument`` lives on: the one stored with its progress, else the one
+        the producer contract gives (murmur2 of the instrument over the topic's partitions)."""
+        home = self._home.get(instrument)
+        if home is not None:
+            return home
+        if not self._n_partitions:
+            return None
+        found = self._murmur.get((instrument, self._n_partitions))
+        if found is None:  # murmur2 in Python costs microseconds: once per instrument
+            found = self._murmur[(instrument, self._n_partitions)] = partition_for(instrument, self._n_partitions)
+        return found
+
+    def partition_progress(self, applied: Sequence[Applied]) -> dict[tuple[str, int], int]:
+        """The journal writer forms a batch of ``applied``: per partition read here, the offset every message
+        up to which is in this batch or an earlier one, or needed nothing (skipped, dead-lettered). Once the
+        batch is durable, so is everything up to it: the journal stores it with the batch (the partition's
+        own row), and a restart reads on after it."""
+        batched = self._batched
+        for item in applied:
+            pos = item.position
+            if pos is not None:
+                batched.durable((pos.topic, pos.partition), pos.offset)
+        return {tp: offset - 1 for tp, offset in batched.committable().items()
+                if tp not in self.incidents and offset > 0}
 
     async def run(self) -> None:
         """Consume until :meth:`stop_consuming`; commits durable offsets every ``commit_interval_s``."""
         consumer = self._consumer
         assert consumer is not None, "start() first"
         next_commit = time.monotonic() + self._commit_interval_s
+        next_review = time.monotonic() + _REVIEW_S
         metrics = self._metrics
         while not self._stopping.is_set():
-            records = await consumer.getmany(timeout_ms=_POLL_MS, max_records=_MAX_RECORDS)
+            records = await self._fetch(consumer)
             if records and metrics is not None:
                 now_ms = time.time() * 1000
                 for batch in records.values():
@@ -176,51 +306,85 @@ class OrderSource:
                     routed += 1
                     if routed % _ROUTE_SLICE == 0:
                         await asyncio.sleep(0)  # let the journal writer's round trips through
+                    if len(self._refused) >= _REFUSED_MAX:
+                        await self._send_refused()
+            await self._send_refused()
+            self._check_highwater(consumer)
             if not self.caught_up:
                 self._check_caught_up(consumer)
             now = time.monotonic()
+            if now >= next_review:
+                next_review = now + _REVIEW_S
+                if self.incidents:
+                    await self._review_incidents(consumer)
             if now >= next_commit:
                 await self._commit(consumer)
                 next_commit = now + self._commit_interval_s
 
+    async def _fetch(self, consumer: AIOKafkaConsumer) -> dict[TopicPartition, list[Any]]:
+        """The next records; an error of the fetch is reported and handled here, never raised."""
+        try:
+            records: dict[TopicPartition, list[Any]] = await consumer.getmany(timeout_ms=_POLL_MS,
+                                                                              max_records=_MAX_RECORDS)
+            return records
+        except OffsetOutOfRangeError as exc:  # a broker that lost data answers this for our position
+            for tp, offset in (exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}).items():
+                self._block(consumer, tp, f"offset {offset}, the next this exchange needs, is out of the log's "
+                            "range: the broker lost data (restarted without its volume, or the topic was deleted "
+                            "and recreated)")
+        except NoOffsetForPartitionError as exc:  # a partition without a position: where this process left it
+            for tp in exc.args[:1]:
+                key = (tp.topic, tp.partition) if isinstance(tp, TopicPartition) else None
+                if key in self._ready and key in self._position and tp in consumer.assignment():
+                    consumer.seek(tp, self._position[key])
+            await asyncio.sleep(0.01)  # (the assignment listener gives new partitions their position)
+        except KafkaError as exc:  # e.g. not authorized to read the topic: say so, keep the group membership
+            self._log.error("fetching orders failed; retrying", error=f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(1.0)
+        return {}
+
     def _route(self, consumer: AIOKafkaConsumer, tp: TopicPartition, record: Any) -> Coroutine[Any, Any, None] | None:
-        """Decode one record and queue it; returns the work still to await, if any (None on the fast path)."""
+        """Route one record; returns the work still to await, if any (None on the fast path)."""
         key = (tp.topic, tp.partition)
+        if key not in self._ready:
+            return None  # fetched before the assignment's plan was in place: read again from the plan's start
+        if key in self.incidents:
+            return None  # fetched before the partition was paused: read again once the incident is resolved
         if record.offset < self._position.get(key, 0):
             # already routed once (fetched again after a seek): applying it twice would duplicate its events
             self.skipped += 1
             return None
         if not self.consumed:
             self._log.info("first message consumed", partition=tp.partition, offset=record.offset)
+        expected = self._position.get(key)
+        if expected is not None and record.offset > expected:  # never silent: say what was not delivered
+            self._log.warning("offsets of the orders partition were not delivered (transaction markers or "
+                              "compaction; if neither is in use, the broker lost data)", partition=tp.partition,
+                              missing_from=expected, missing_to=record.offset - 1)
         self.consumed += 1
         self._position[key] = record.offset + 1
-        ts_ns = record.timestamp * 1_000_000
-        try:
-            msg = parse_json(record.value)
-            if msg.get("op") == "snapshot":
-                return self._snapshot_request(key, record, msg, ts_ns)
-            command = decode_command(msg, self._specs, ts_ns=ts_ns)
-        except WireError as exc:
-            self.tracker.skipped(key, record.offset)
-            return self._refuse(record, exc.text, exc.client_id, exc.client_order_id, exc.instrument,
-                                RejectReason.MALFORMED, ts_ns)
+        ts_ms = record.timestamp
+        route = self._router.route(record.value, ts_ms * 1_000_000 if ts_ms is not None and ts_ms >= 0 else -1,
+                                   key=record.key, partition=tp.partition)
+        if type(route) is Refusal:
+            self._refuse(key, record, route)
+            return None
+        if type(route) is SnapshotRequested:
+            return self._snapshot_request(key, record, route)
+        command: Command = route  # type: ignore[assignment]
         loop = self._loops.get(command.instrument or "")
-        if loop is None:
-            self.tracker.skipped(key, record.offset)
-            if command.instrument is None:
-                text, reason = "cancel_all needs an instrument here: orders are keyed by instrument", \
-                    RejectReason.MALFORMED
-            else:
-                text, reason = f"unknown instrument {command.instrument!r}", RejectReason.UNKNOWN_INSTRUMENT
-            return self._refuse(record, text, getattr(command, "client_id", None),
-                                getattr(command, "client_order_id", None), command.instrument, reason, ts_ns)
+        if loop is None:  # the router routes only to configured instruments; this engine runs them all
+            self._refuse(key, record, Refusal(RejectReason.INTERNAL_ERROR, f"no matching loop for "
+                                              f"{command.instrument!r}", instrument=command.instrument))
+            return None
         if record.offset <= self._applied.get((loop.symbol, tp.topic, tp.partition), -1):
             self.skipped += 1  # applied and durable before the restart
-            self.tracker.skipped(key, record.offset)
+            self._skipped(key, record.offset)
             return None
         if not self.caught_up:
             self.replayed += 1
         self.tracker.dispatched(key, record.offset)
+        self._batched.dispatched(key, record.offset)
         item = Inbound(command, InputPosition(tp.topic, tp.partition, record.offset))
         try:
             loop.queue.put_nowait(item)
@@ -228,35 +392,66 @@ class OrderSource:
         except asyncio.QueueFull:
             return self._wait_for_room(consumer, loop, item)
 
-    def _snapshot_request(self, key: tuple[str, int], record: Any, msg: dict[str, Any],
-                          ts_ns: int) -> Coroutine[Any, Any, None] | None:
+    def _snapshot_request(self, key: tuple[str, int], record: Any,
+                          route: SnapshotRequested) -> Coroutine[Any, Any, None] | None:
         """An operator's "snapshot now": a control in the instrument's queue, in order with its orders."""
-        self.tracker.skipped(key, record.offset)
-        loop = self._loops.get(msg.get("instrument") or "")
+        self._skipped(key, record.offset)  # a snapshot needs no durability of its own
+        loop = self._loops.get(route.instrument or "")
         if loop is None:
-            return self._refuse(record, f"snapshot needs an instrument of this engine; got {msg.get('instrument')!r}",
-                                None, None, None, RejectReason.UNKNOWN_INSTRUMENT, ts_ns)
+            return None
         if record.offset <= self._applied.get((loop.symbol, record.topic, record.partition), -1):
             return None  # before the restart
-        self._log.info("snapshot requested by an operator", instrument=loop.symbol, offset=record.offset)
+        self._log.info("snapshot requested by an operator", instrument=loop.symbol, operator=route.operator,
+                       offset=record.offset)
         try:
             loop.queue.put_nowait(Control.SNAPSHOT)
             return None
         except asyncio.QueueFull:
             return loop.queue.put(Control.SNAPSHOT)
 
-    async def _refuse(self, record: Any, text: str, client_id: str | None, client_order_id: str | None,
-                      instrument: str | None, reason: RejectReason, ts_ns: int) -> None:
-        """Input no loop will see: dead-letter it, and tell its sender when there is one."""
-        await self._dead_letter(record, text)
-        if client_id:
-            await self._publisher.reject(client_id, client_order_id, instrument, reason, text, ts_ns)
+    def _refuse(self, key: tuple[str, int], record: Any, refusal: Refusal) -> None:
+        """Input no loop will see: dead-lettered (and answered) at the end of this poll, exactly once."""
+        self.tracker.dispatched(key, record.offset)
+        self._batched.dispatched(key, record.offset)
+        if refusal.internal is not None:
+            self._log.error("the edge failed on a message; dead-lettered as internal_error", partition=record.partition,
+                            offset=record.offset, error=f"{type(refusal.internal).__name__}: {refusal.internal}",
+                            exc_info=refusal.internal)
+        if record.offset <= self._dead_through.get(key, -1):  # dead-lettered before a restart: not again
+            self.skipped += 1
+            self.tracker.durable(key, record.offset)
+            self._batched.durable(key, record.offset)
+            return
+        self._refused.append(_Refused(key, record, refusal))
+
+    async def _send_refused(self) -> None:
+        """This poll's refusals: first the senders' rejections (seq 0), then the dead letters, in offset order;
+        each offset counts as done once its dead letter is on the broker."""
+        refused, self._refused = self._refused, []
+        if not refused:
+            return
+        publisher = self._publisher
+        await publisher.deliver([publisher.rejection(r.refusal, r.record.timestamp * 1_000_000
+                                                     if r.refusal.reason is not RejectReason.INVALID_TIMESTAMP else 0)
+                                 for r in refused if r.refusal.client_id])
+        await publisher.deliver([publisher.dead_letter(self._dlq, r.record, r.refusal) for r in refused])
+        for r in refused:
+            self.dead_lettered += 1
+            if self._metrics is not None:
+                self._metrics.dead_letters.labels(r.refusal.reason.value).inc()
+            self._dead_log.warning(reason=r.refusal.reason.value, text=r.refusal.text, partition=r.record.partition,
+                                   offset=r.record.offset)
+            self.tracker.durable(r.key, r.record.offset)
+            self._batched.durable(r.key, r.record.offset)
+            if r.record.offset > self._dead_through.get(r.key, -1):
+                self._dead_through[r.key] = r.record.offset
 
     async def _wait_for_room(self, consumer: AIOKafkaConsumer, loop: InstrumentLoop, item: Inbound) -> None:
         """Back-pressure: pause fetching, keep the group membership alive, wait for room.
 
         Short pauses are normal under bursts; only long ones are logged.
         """
+        await self._send_refused()  # what this poll refused so far need not wait for the queue
         assignment = list(consumer.assignment())
         consumer.pause(*assignment)
         self._paused = True
@@ -275,7 +470,8 @@ class OrderSource:
                         self._log.warning("consumer paused: the instrument's queue is full (is the journal "
                                           "writer keeping up?)", instrument=loop.symbol, depth=loop.queue.qsize())
         finally:
-            consumer.resume(*assignment)
+            consumer.resume(*[tp for tp in assignment if (tp.topic, tp.partition) not in self.incidents
+                              and (tp.topic, tp.partition) in self._ready])
             self._paused = False
             if self._metrics is not None:
                 self._metrics.consumer_paused(False)
@@ -284,9 +480,10 @@ class OrderSource:
                 self._log.info("consumer resumed", instrument=loop.symbol, paused_s=round(waited, 3))
 
     def _check_caught_up(self, consumer: AIOKafkaConsumer) -> None:
-        if not self._replay_until:
+        if not self._replay_until or self._assigning:
             return
-        behind = sum(max(0, end - self._position.get(key, 0)) for key, end in self._replay_until.items())
+        behind = sum(max(0, end - self._position.get(key, 0)) for key, end in self._replay_until.items()
+                     if key not in self.incidents)
         if self._metrics is not None:
             self._metrics.recovery_replayed.set(self.replayed)
             self._metrics.recovery_behind.set(behind)
@@ -340,11 +537,17 @@ class OrderSource:
                 key = (item.instrument, pos.topic, pos.partition)
                 if pos.offset > self._applied.get(key, -1):
                     self._applied[key] = pos.offset
+                    if pos.topic == self.topic and item.instrument not in self._home:
+                        self._home[item.instrument] = pos.partition  # stored with this batch
+
+    def _skipped(self, key: tuple[str, int], offset: int) -> None:
+        self.tracker.skipped(key, offset)
+        self._batched.skipped(key, offset)
 
     async def _commit(self, consumer: AIOKafkaConsumer) -> None:
         assigned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
         offsets = {TopicPartition(t, p): o for (t, p), o in self.tracker.committable().items()
-                   if (t, p) in assigned and self._committed.get((t, p)) != o}
+                   if (t, p) in assigned and (t, p) not in self.incidents and self._committed.get((t, p)) != o}
         if not offsets:
             return
         try:
@@ -355,43 +558,297 @@ class OrderSource:
         for tp, offset in offsets.items():
             self._committed[(tp.topic, tp.partition)] = offset
 
-    async def _dead_letter(self, record: Any, reason: str) -> None:
-        self.dead_lettered += 1
-        if self._metrics is not None:
-            self._metrics.dead_letters.inc()
-        headers = [("reason", reason.encode()), ("source_topic", record.topic.encode()),
-                   ("source_partition", str(record.partition).encode()),
-                   ("source_offset", str(record.offset).encode())]
-        self._log.warning("message dead-lettered", reason=reason, partition=record.partition, offset=record.offset)
-        await self._publisher.send_raw(self._dlq, record.value, record.key, headers)
+    # ------------------------------------------------------- assignment, and logs that lost data
 
     async def assigned(self, consumer: AIOKafkaConsumer, partitions: set[TopicPartition]) -> None:
         if not partitions:
             return
         tps = sorted(partitions)
-        beginnings = await consumer.beginning_offsets(tps)
-        ends = await consumer.end_offsets(tps)
+        # Nothing of a new partition is fetched until its plan is in place: paused (and given a position, so the
+        # fetcher does not look for one) before the first await, resumed once it is sought to the plan's start.
+        consumer.pause(*tps)
         for tp in tps:
-            applied = [offset for (instrument, topic, partition), offset in self._applied.items()
-                       if topic == tp.topic and partition == tp.partition]
-            committed = await consumer.committed(tp)
-            start = start_offset(applied, committed, beginnings[tp])
-            # The fetcher may have delivered records of this partition before this listener ran (they were
-            # routed already): continue after them instead of reading them again.
-            start = max(start, self._position.get((tp.topic, tp.partition), 0))
+            consumer.seek(tp, self._position.get((tp.topic, tp.partition), 0))
+        self._assigning = True  # caught up only once every new partition is planned
+        self.caught_up = False
+        try:
+            await self._plan_assigned(consumer, tps)
+        finally:
+            self._assigning = False
+
+    async def _plan_assigned(self, consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> None:
+        self._n_partitions = len(consumer.partitions_for_topic(self.topic) or ()) or self._n_partitions
+        stored = await self._stored_offsets()
+        for tp in tps:
+            key = (tp.topic, tp.partition)
+            plan, committed, ends = await self._plan(consumer, tp, stored)
+            if plan.problem is not None:
+                consumer.seek(tp, plan.start)  # a position, so the fetcher leaves it alone while paused
+                self._position[key] = plan.start
+                self._block(consumer, tp, plan.problem)
+                self._ready.add(key)
+                continue
+            # Records this process routed in an earlier assignment of the partition are not read again.
+            start = max(plan.start, self._position.get(key, 0))
+            dead_through = await self._dead_lettered_through(tp, start)
             consumer.seek(tp, start)
-            self._position[(tp.topic, tp.partition)] = start
-            self._replay_until[(tp.topic, tp.partition)] = ends[tp]
+            self._position[key] = start
+            self._replay_until[key] = ends
+            self._dead_through[key] = dead_through
+            self._ready.add(key)
+            if not self._paused:  # (back-pressure resumes it with the rest)
+                consumer.resume(tp)
             self._log.info("partition assigned", partition=tp.partition, start_offset=start,
-                           committed=committed, end_offset=ends[tp])
+                           committed=committed, end_offset=ends, dead_lettered_through=dead_through)
+        for symbol, home in sorted(self._home.items()):
+            expected = partition_for(symbol, self._n_partitions) if self._n_partitions else home
+            if expected != home:
+                self._log.warning("an instrument lives on another partition than the producer contract gives it "
+                                  "(were partitions added to the orders topic?); its messages on any other "
+                                  "partition are refused", instrument=symbol, stored_partition=home,
+                                  murmur2_partition=expected, partitions=self._n_partitions)
         self._replay_started = time.monotonic()
         self._next_progress_log = self._replay_started + 1.0
         self.caught_up = False
 
+    async def _stored_offsets(self) -> dict[tuple[str, int], int]:
+        """(instrument, partition) -> last offset, the partitions' own rows (instrument "") included: this
+        process's view merged with the store's (which has the partitions' rows)."""
+        out = {(i, p): o for (i, t, p), o in self._applied.items() if t == self.topic}
+        if self._ledger is not None:
+            for key, offset in (await self._ledger.input_offsets(self.topic)).items():
+                if offset > out.get(key, -1):
+                    out[key] = offset
+        return out
+
+    async def _plan(self, consumer: AIOKafkaConsumer, tp: TopicPartition,
+                    stored: Mapping[tuple[str, int], int]) -> tuple[PartitionPlan, int | None, int]:
+        applied = [o for (i, p), o in stored.items() if p == tp.partition and i]
+        routed = stored.get(("", tp.partition))
+        committed = await consumer.committed(tp)
+        log_start = (await consumer.beginning_offsets([tp]))[tp]
+        log_end = (await consumer.end_offsets([tp]))[tp]
+        needed = max([o + 1 for o in applied] + ([routed + 1] if routed is not None else []) + [0])
+        if log_end < needed:  # some brokers report the start of the last batch: read what is really there
+            log_end = max(log_end, await self._log_end(tp, needed - 1))
+        plan = plan_partition(applied=applied, routed=routed, committed=committed, log_start=log_start,
+                              log_end=log_end)
+        return plan, committed, log_end
+
+    async def _log_end(self, tp: TopicPartition, offset: int) -> int:
+        """The partition's real log end if it holds ``offset`` (read back), else -1."""
+        async with self._side_lock:
+            side = self._side
+            assert side is not None
+            side.assign([tp])
+            side.seek(tp, offset)
+            for _ in range(3):
+                try:
+                    got = await side.getmany(tp, timeout_ms=200)
+                except OffsetOutOfRangeError:
+                    return -1
+                records = got.get(tp, [])
+                if records:
+                    high = side.highwater(tp)
+                    return max(records[-1].offset + 1, high or 0) if records[0].offset <= offset else -1
+            return -1
+
+    def _block(self, consumer: AIOKafkaConsumer, tp: TopicPartition, problem: str) -> None:
+        key = (tp.topic, tp.partition)
+        if key in self.incidents:
+            return
+        incident = self.incidents[key] = Incident(tp.topic, tp.partition, problem, time.time())
+        if tp in consumer.assignment():
+            consumer.pause(tp)
+        self._replay_until.pop(key, None)
+        self._log.error("orders partition not consumed: its log does not hold what this exchange applied",
+                        partition=tp.partition, problem=problem, what_to_do=incident.describe())
+        if self._metrics is not None:
+            self._metrics.input_incidents.set(len(self.incidents))
+
+    def _check_highwater(self, consumer: AIOKafkaConsumer) -> None:
+        """A log end below the position read so far means the log lost data while this process ran."""
+        for tp in consumer.assignment():
+            key = (tp.topic, tp.partition)
+            high = consumer.highwater(tp)
+            position = self._position.get(key)
+            if high is not None and position is not None and high < position and key not in self.incidents:
+                self._block(consumer, tp, f"the log now ends at offset {high}, below offset {position}, up to "
+                            "which this exchange has read it: the broker lost data (restarted without its volume, "
+                            "or the topic was deleted and recreated)")
+
+    async def _review_incidents(self, consumer: AIOKafkaConsumer) -> None:
+        """Every few seconds: apply an operator's reset of a blocked partition, or unblock one whose log is
+        whole again (the broker got its data back)."""
+        try:
+            stored = await self._stored_offsets()
+            resets = await self._ledger.input_resets(self.topic) if self._ledger is not None else []
+        except StoreUnavailable as exc:
+            self._log.warning("checking the blocked partitions failed; will retry", error=str(exc))
+            return
+        assigned = {(tp.topic, tp.partition): tp for tp in consumer.assignment()}
+        for key in list(self.incidents):
+            tp = assigned.get(key)
+            if tp is None:
+                self.incidents.pop(key)
+                continue
+            reset = next((r for r in resets if r.partition == tp.partition), None)
+            if reset is not None:
+                await self._apply_reset(consumer, tp, reset, stored)
+                continue
+            plan, _, ends = await self._plan(consumer, tp, stored)
+            if plan.problem is None:
+                self._log.info("orders partition whole again; consuming it", partition=tp.partition,
+                               start_offset=plan.start)
+                self._unblock(consumer, tp, plan.start, ends)
+        if self._metrics is not None:
+            self._metrics.input_incidents.set(len(self.incidents))
+
+    async def _apply_reset(self, consumer: AIOKafkaConsumer, tp: TopicPartition, reset: InputReset,
+                           stored: Mapping[tuple[str, int], int]) -> None:
+        key = (tp.topic, tp.partition)
+        assert self._ledger is not None
+        if self.tracker.in_flight(key):
+            return  # what was dispatched before the incident becomes durable first; next review
+        log_start = (await consumer.beginning_offsets([tp]))[tp]
+        log_end = (await consumer.end_offsets([tp]))[tp]
+        if reset.offset > log_end:
+            log_end = max(log_end, await self._log_end(tp, reset.offset - 1))
+        before = {i or "(partition)": o for (i, p), o in sorted(stored.items()) if p == tp.partition}
+        if not log_start <= reset.offset <= log_end:
+            note = (f"refused: offset {reset.offset} is outside the log ({log_start} - {log_end}); ask again with an "
+                    "offset in it")
+            await self._ledger.refuse_input_reset(reset, note)
+            self._log.warning("input reset refused", partition=tp.partition, reset_id=reset.id, note=note)
+            return
+        note = (f"applied: continue at offset {reset.offset}; stored offsets were {before}; the log held "
+                f"{log_start} - {log_end}; {self.incidents[key].problem}")
+        await self._ledger.apply_input_reset(reset, note)
+        for applied_key in [k for k in self._applied if k[1] == tp.topic and k[2] == tp.partition]:
+            self._applied[applied_key] = reset.offset - 1
+        self._log.warning("input reset applied: continuing the orders partition from the operator's offset",
+                          partition=tp.partition, offset=reset.offset, operator=reset.operator, reason=reset.reason,
+                          reset_id=reset.id, stored_before=before)
+        self._unblock(consumer, tp, reset.offset, log_end)
+
+    def _unblock(self, consumer: AIOKafkaConsumer, tp: TopicPartition, start: int, end: int) -> None:
+        key = (tp.topic, tp.partition)
+        self.incidents.pop(key, None)
+        self.tracker.forget([key])
+        self._batched.forget([key])
+        self._dead_through.pop(key, None)
+        self._position[key] = start
+        consumer.seek(tp, start)
+        consumer.resume(tp)
+        self._replay_until[key] = end
+        self.caught_up = False
+
+    async def _dead_lettered_through(self, tp: TopicPartition, start: int) -> int:
+        """The highest offset of ``tp`` already on the dead-letter topic (-1 if none at or after ``start``).
+
+        Dead letters of one orders partition go to one dead-letter partition, in offset order, and only
+        after they are on the broker does their offset count as done; so after a crash the ones sent
+        since the last stored offset are exactly those the dead-letter partition holds beyond it. It is
+        read from its end backwards, in growing windows, until a dead letter of ``tp`` shows up.
+        """
+        async with self._side_lock:
+            side = self._side
+            if side is None:
+                return -1
+            try:
+                parts = sorted(await self._publisher.partitions(self._dlq))
+            except KafkaError:
+                return -1
+            if not parts:
+                return -1
+            dlq = TopicPartition(self._dlq, parts[tp.partition % len(parts)])
+            side.assign([dlq])
+            begin = (await side.beginning_offsets([dlq]))[dlq]
+            end = (await side.end_offsets([dlq]))[dlq]
+            window, hi = 256, None
+            while True:
+                lo = max(begin, end - window)
+                found = await self._read_dead_letters(side, dlq, lo, hi, tp)
+                if found is not None:
+                    return found if found >= start else -1
+                if lo <= begin:
+                    return -1
+                hi, window = lo, window * 4
+
+    async def _read_dead_letters(self, side: AIOKafkaConsumer, dlq: TopicPartition, lo: int, hi: int | None,
+                                 tp: TopicPartition) -> int | None:
+        """The highest source offset of ``tp`` among dead letters ``lo`` .. ``hi`` (the real end if None)."""
+        side.seek(dlq, lo)
+        best: int | None = None
+        topic, partition = tp.topic.encode(), str(tp.partition).encode()
+        empty = 0
+        while True:
+            got = (await side.getmany(dlq, timeout_ms=100)).get(dlq, [])
+            for record in got:
+                if hi is not None and record.offset >= hi:
+                    return best
+                headers = dict(record.headers or ())
+                if headers.get("source_topic") == topic and headers.get("source_partition") == partition:
+                    try:
+                        best = max(best if best is not None else -1, int(headers.get("source_offset", b"-1")))
+                    except ValueError:
+                        continue
+            position = await side.position(dlq)
+            target = hi if hi is not None else side.highwater(dlq)
+            if target is not None and position >= target:
+                return best
+            empty = 0 if got else empty + 1
+            if empty >= 3:  # nothing more arrives: the end
+                return best
+
     def revoked(self, partitions: set[TopicPartition]) -> None:
-        self.tracker.forget((tp.topic, tp.partition) for tp in partitions)
+        self.tracker.forget([(tp.topic, tp.partition) for tp in partitions])
+        self._batched.forget([(tp.topic, tp.partition) for tp in partitions])
         for tp in partitions:
-            self._replay_until.pop((tp.topic, tp.partition), None)
+            key = (tp.topic, tp.partition)
+            self._replay_until.pop(key, None)
+            self.incidents.pop(key, None)
+            self._dead_through.pop(key, None)
+            self._ready.discard(key)
+
+
+def _homes(applied: Mapping[tuple[str, str, int], int], topic: str) -> dict[str, int]:
+    """instrument -> its stored orders partition. An instrument stored on several (fed from two partitions
+    before that was refused) keeps the one it reached furthest on."""
+    best: dict[str, tuple[int, int]] = {}
+    for (instrument, t, partition), offset in applied.items():
+        if t == topic and instrument and (instrument not in best or offset > best[instrument][1]):
+            best[instrument] = (partition, offset)
+    return {instrument: partition for instrument, (partition, _) in best.items()}
+
+
+def partition_for(instrument: str, partitions: int) -> int:
+    """The orders partition of ``instrument`` under the producer contract: murmur2 of the key (the
+    instrument's UTF-8 bytes), as Kafka's Java client and aiokafka place it (librdkafka:
+    ``partitioner=murmur2_random``)."""
+    return int(murmur2(instrument.encode()) & 0x7FFFFFFF) % partitions
+
+
+class _RateLimited:
+    """One log line per event up to ``per_s`` a second, then one summary line per second of how many more."""
+
+    def __init__(self, log: Any, event: str, per_s: int) -> None:
+        self._log, self._event, self._per_s = log, event, per_s
+        self._second = 0
+        self._count = 0
+        self._suppressed = 0
+
+    def warning(self, **fields: Any) -> None:
+        now = int(time.monotonic())
+        if now != self._second:
+            if self._suppressed:
+                self._log.warning(f"{self._event} (more, not logged one by one)", count=self._suppressed)
+            self._second, self._count, self._suppressed = now, 0, 0
+        self._count += 1
+        if self._count <= self._per_s:
+            self._log.warning(self._event, **fields)
+        else:
+            self._suppressed += 1
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -401,6 +858,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         consumer = self._source._consumer
         if consumer is not None:
+            await self._source._send_refused()
             await self._source._commit(consumer)
         self._source.revoked(revoked)
 
@@ -410,13 +868,35 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
             await self._source.assigned(consumer, assigned)
 
 
+class OutRecord(NamedTuple):
+    """A record the daemon produces outside the event batches: a dead letter or a seq-0 rejection.
+
+    ``source_partition``: a dead letter goes to the dead-letter partition ``source_partition % n`` (so
+    each orders partition's dead letters are in one partition, in order: see
+    :meth:`OrderSource._dead_lettered_through`); None: the default partitioner on the key.
+    """
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    source_partition: int | None = None
+
+
 class KafkaEventPublisher:
-    """Publishes durable events and trades (and unsequenced rejections, and dead letters) to Kafka."""
+    """Publishes durable events and trades (and unsequenced rejections, and dead letters) to Kafka.
+
+    Every record it produces stays under ``max_record_bytes`` (event records are split by size as well
+    as by count; a dead letter's value is cut to fit, saying so in a header). A record the broker
+    refuses for what it is (too large, corrupt, an invalid topic) is dropped with an error log and
+    ``exchange_records_dropped_total``, never retried forever; anything else (the broker away, a leader
+    moving, authorization) is retried with backoff, which holds the pipeline back until it is fixed.
+    """
 
     def __init__(self, *, bootstrap_servers: str, events_topic: str, instruments: Mapping[str, Instrument],
                  client_options: Mapping[str, Any] | None = None, publish_events: bool = True,
                  order_states: OrderStates | None = None, metrics: Any = None, trades_topic: str = "",
-                 batch_records: bool = True) -> None:
+                 batch_records: bool = True, max_record_bytes: int = 1_000_000) -> None:
         self._bootstrap = bootstrap_servers
         self._metrics = metrics
         self.batch_records = batch_records
@@ -426,16 +906,22 @@ class KafkaEventPublisher:
         self._options = dict(client_options or {})
         self._publish_events = publish_events
         self._order_states = order_states
+        self.max_record_bytes = max_record_bytes
+        # an events record holds at most this many bytes of events: it must fit one producer batch
+        self._record_budget = min(max_record_bytes, _BATCH_BYTES) - _RECORD_OVERHEAD
         self._producer: AIOKafkaProducer | None = None
         self._partitioner = _CachedPartitioner()
         self._encoders: dict[str, WireEncoder] = {}
         self._partition_cache: dict[str, list[int]] = {}
         self.published = 0
+        self.dropped = 0
 
     async def start(self) -> None:
         if self._producer is None:
             producer = AIOKafkaProducer(bootstrap_servers=self._bootstrap, linger_ms=2, acks=1,
-                                        max_batch_size=256 * 1024, **self._options)
+                                        max_batch_size=_BATCH_BYTES,
+                                        max_request_size=max(1_048_576, self.max_record_bytes + _RECORD_OVERHEAD),
+                                        **self._options)
             await producer.start()
             self._producer = producer
 
@@ -454,19 +940,19 @@ class KafkaEventPublisher:
 
         With ``batch_records`` (the default) one record carries a client's events of the round,
         ``{"type": "events", "events": [...]}`` (and one record an instrument's trades,
-        ``{"type": "trades", "instrument": ..., "trades": [...]}``), at most ``_PER_RECORD`` each:
-        per-record overhead on the daemon's single thread is what limits a publisher, so records
-        are batched like the Redis channels. Without it, one record per event (and per trade).
-        Records go into one batch per topic partition (``create_batch``/``send_batch``, the default
-        partitioner on the key, as ``send`` would choose). Raises ``KafkaError`` when the broker does
-        not take them; the caller sends the same events again (at-least-once: consumers drop what
-        they have by ``(instrument, seq)``).
+        ``{"type": "trades", "instrument": ..., "trades": [...]}``), at most ``_PER_RECORD`` events and
+        ``max_record_bytes`` each: per-record overhead on the daemon's single thread is what limits a
+        publisher, so records are batched like the Redis channels. Without it, one record per event
+        (and per trade). Records go into one batch per topic partition (``create_batch``/``send_batch``,
+        the default partitioner on the key, as ``send`` would choose). Raises ``KafkaError`` when the
+        broker does not take them for a reason that may pass; the caller sends the same events again
+        (at-least-once: consumers drop what they have by ``(instrument, seq)``).
         """
         if not self._publish_events:
             return
         producer = self._require()
         topics = [self.events_topic, *([self.trades_topic] if self.trades_topic else [])]
-        out = _Batches(producer, self._partitioner, {t: await self._partitions(t) for t in topics})
+        out = _Batches(producer, self._partitioner, {t: await self._partitions(t) for t in topics}, self)
         topic, trades_topic = self.events_topic, self.trades_topic
         by_client: dict[str, list[bytes]] = {}
         by_instrument: dict[str, list[bytes]] = {}
@@ -491,28 +977,43 @@ class KafkaEventPublisher:
                     keys = (event.client_id,)  # type: ignore[union-attr]
                 for key in keys:
                     by_client.setdefault(key, []).append(value)
-        n = 0
         if self.batch_records:
             for key, values in by_client.items():
-                for i in range(0, len(values), _PER_RECORD):
-                    await out.add(topic, key.encode(), b'{"type":"events","events":['
-                                  + b",".join(values[i: i + _PER_RECORD]) + b"]}", [])
+                for chunk in self._chunks(values):
+                    await out.add(topic, key.encode(), b'{"type":"events","events":[' + b",".join(chunk) + b"]}")
             for instrument, values in by_instrument.items():
-                for i in range(0, len(values), _PER_RECORD):
-                    await out.add(trades_topic, instrument.encode(), b'{"type":"trades","instrument":'
-                                  + encode(instrument) + b',"trades":[' + b",".join(values[i: i + _PER_RECORD])
-                                  + b"]}", [])
+                head = b'{"type":"trades","instrument":' + encode(instrument) + b',"trades":['
+                for chunk in self._chunks(values):
+                    await out.add(trades_topic, instrument.encode(), head + b",".join(chunk) + b"]}")
         else:
             for key, values in by_client.items():
                 for value in values:
-                    await out.add(topic, key.encode(), value, [])
+                    await out.add(topic, key.encode(), value)
             for instrument, values in by_instrument.items():
                 for value in values:
-                    await out.add(trades_topic, instrument.encode(), value, [])
+                    await out.add(trades_topic, instrument.encode(), value)
         n = sum(map(len, by_client.values())) + sum(map(len, by_instrument.values()))
         await out.flush()
         self.published += n
         await self._original_outcomes(applied)
+
+    def _chunks(self, values: list[bytes]) -> Iterator[list[bytes]]:
+        """``values`` in runs of at most ``_PER_RECORD`` and of at most the record budget in bytes."""
+        budget = self._record_budget
+        chunk: list[bytes] = []
+        size = 0
+        for value in values:
+            if chunk and (len(chunk) >= _PER_RECORD or size + len(value) + 1 > budget):
+                yield chunk
+                chunk, size = [], 0
+            chunk.append(value)
+            size += len(value) + 1
+        if chunk:
+            yield chunk
+
+    async def partitions(self, topic: str) -> list[int]:
+        """The topic's partitions (cached: the daemon's topics do not change partitions under it)."""
+        return await self._partitions(topic)
 
     async def _partitions(self, topic: str) -> list[int]:
         parts = self._partition_cache.get(topic)
@@ -530,68 +1031,141 @@ class KafkaEventPublisher:
                 if (type(event) is OrderRejected and event.reason is RejectReason.DUPLICATE_CLIENT_ORDER_ID
                         and event.order_id is not None):
                     wanted.setdefault(item.instrument, {})[event.order_id] = event.client_id
-        producer = self._require()
+        records: list[OutRecord] = []
         for instrument, orders in wanted.items():
-            for state in await self._order_states(instrument, list(orders)):
-                await producer.send(self.events_topic, encode(state), key=orders[state["order_id"]].encode(),
-                                    headers=[("instrument", instrument.encode())])
+            states = await self._order_states(instrument, list(orders))
+            records.extend(OutRecord(self.events_topic, orders[state["order_id"]].encode(), encode(state),
+                                     [("instrument", instrument.encode())]) for state in states)
+        await self.deliver(records)
 
-    async def reject(self, client_id: str, client_order_id: str | None, instrument: str | None,
-                     reason: RejectReason, text: str, ts_ns: int) -> None:
-        """An unsequenced rejection (seq 0) for input no instrument's loop will see."""
-        event = OrderRejected(instrument or "", 0, ts_ns, client_id, client_order_id, None, "place", reason, text)
-        await self._send_and_wait(self.events_topic, encode(event_to_wire(event, None)), client_id.encode(), [])
+    def rejection(self, refusal: Refusal, ts_ns: int) -> OutRecord:
+        """The unsequenced rejection (seq 0) that answers a refused message's sender, keyed by its client id."""
+        assert refusal.client_id is not None
+        wire = event_to_wire(OrderRejected(refusal.instrument or "", 0, ts_ns if 0 <= ts_ns <= MAX_TS_NS else 0,
+                                           refusal.client_id, refusal.client_order_id, None, refusal.command,
+                                           refusal.reason, refusal.text), None)
+        if refusal.instrument is None:
+            wire["instrument"] = None
+        if refusal.expected_partition is not None:
+            wire["expected_partition"] = refusal.expected_partition
+        return OutRecord(self.events_topic, refusal.client_id.encode(), encode(wire), [])
 
-    async def send_raw(self, topic: str, value: bytes | None, key: bytes | None,
-                       headers: list[tuple[str, bytes]]) -> None:
-        await self._send_and_wait(topic, value, key, headers)
+    def dead_letter(self, topic: str, record: Any, refusal: Refusal) -> OutRecord:
+        """The dead letter of ``record``: its key and value, the reason code and text and where it came from in
+        headers; a value too large for ``max_record_bytes`` is cut, with its length in a ``truncated`` header."""
+        headers = [("reason", refusal.reason.value.encode()), ("text", refusal.text.encode()[:_TEXT_BYTES]),
+                   ("source_topic", record.topic.encode()), ("source_partition", str(record.partition).encode()),
+                   ("source_offset", str(record.offset).encode()),
+                   ("source_timestamp", str(record.timestamp).encode())]
+        if refusal.expected_partition is not None:
+            headers.append(("expected_partition", str(refusal.expected_partition).encode()))
+        key = record.key[:_KEY_BYTES] if record.key is not None else None
+        value = record.value if record.value is not None else b""
+        room = self.max_record_bytes - _RECORD_OVERHEAD - len(key or b"") - sum(len(k) + len(v) for k, v in headers)
+        if len(value) > room:
+            headers.append(("truncated", str(len(value)).encode()))
+            value = value[:max(0, room - 64)]
+        return OutRecord(topic, key, value, headers, record.partition)
 
-    async def _send_and_wait(self, topic: str, value: bytes | None, key: bytes | None,
-                             headers: list[tuple[str, bytes]]) -> None:
-        """One record, retried while the broker's error is retriable (a leader moving, a topic being created)."""
+    async def deliver(self, records: Sequence[OutRecord]) -> None:
+        """Produce ``records`` in order and wait until the broker has them all. Never raises for a record: one
+        the broker refuses for what it is is dropped (logged, counted); the rest is retried until taken."""
+        pending = list(records)
         delay = 0.05
-        for attempt in range(1, 11):
-            try:
-                await self._require().send_and_wait(topic, value, key=key, headers=headers)
+        while pending:
+            producer = self._require()
+            futures: list[asyncio.Future[Any]] = []
+            for r in pending:
+                try:
+                    partition = None
+                    if r.source_partition is not None:
+                        parts = await self._partitions(r.topic)
+                        partition = parts[r.source_partition % len(parts)]
+                    futures.append(await producer.send(r.topic, r.value, key=r.key, headers=r.headers,
+                                                       partition=partition))
+                except KafkaError as exc:  # refused before it was sent (too large for the producer, say)
+                    futures.append(_failed(exc))
+            outcomes = await asyncio.gather(*futures, return_exceptions=True)
+            retry: list[OutRecord] = []
+            for r, outcome in zip(pending, outcomes, strict=True):
+                if isinstance(outcome, asyncio.CancelledError):
+                    raise outcome
+                if isinstance(outcome, _UNDELIVERABLE):
+                    self._drop(r, outcome)
+                elif isinstance(outcome, BaseException):
+                    retry.append(r)
+            if not retry:
                 return
-            except KafkaError as exc:
-                if not getattr(exc, "retriable", False) or attempt == 10:
-                    raise
-                _log.warning("producing a record failed; retrying", topic=topic, attempt=attempt, error=repr(exc))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+            _log.warning("producing records failed; retrying", topic=retry[0].topic, records=len(retry),
+                         retry_in_s=round(delay, 3), error=next(
+                             f"{type(o).__name__}: {o}" for o in outcomes if isinstance(o, BaseException)))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            pending = retry
+
+    def _drop(self, record: OutRecord, error: BaseException) -> None:
+        self.dropped += 1
+        if self._metrics is not None:
+            self._metrics.records_dropped.labels(record.topic).inc()
+        _log.error("the broker refused a record for what it is; dropped (the input stays on its topic)",
+                   topic=record.topic, bytes=len(record.value), headers=dict(record.headers) or None,
+                   error=f"{type(error).__name__}: {error}")
+
+
+def _failed(exc: BaseException) -> asyncio.Future[Any]:
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    future.set_exception(exc)
+    return future
+
+
+# what a broker (or the producer) says about a record itself: sending it again gives the same answer
+_UNDELIVERABLE = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError, CorruptRecordException,
+                  InvalidTopicError, UnsupportedForMessageFormatError)
 
 
 class _Batches:
-    """One record batch per (topic, partition), sent when full and at :meth:`flush`; acks awaited there."""
+    """One record batch per (topic, partition), sent when full and at :meth:`flush`; acks awaited there.
+
+    A batch the broker refuses for what it holds is sent again record by record (``deliver``), so one
+    bad record costs only itself."""
 
     def __init__(self, producer: AIOKafkaProducer, partitioner: _CachedPartitioner,
-                 partitions: dict[str, list[int]]) -> None:
+                 partitions: dict[str, list[int]], publisher: KafkaEventPublisher) -> None:
         self._producer = producer
         self._partitioner = partitioner
         self._parts = partitions
-        self._open: dict[tuple[str, int], Any] = {}
-        self._sent: list[Any] = []
+        self._publisher = publisher
+        self._open: dict[tuple[str, int], tuple[Any, list[OutRecord]]] = {}
+        self._sent: list[tuple[Any, list[OutRecord]]] = []
 
-    async def add(self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+    async def add(self, topic: str, key: bytes, value: bytes) -> None:
         parts = self._parts[topic]
         partition = self._partitioner(key, parts, parts)
-        batch = self._open.get((topic, partition))
-        if batch is None:
-            batch = self._open[(topic, partition)] = self._producer.create_batch()
-        if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:  # full: send it
-            self._sent.append(await self._producer.send_batch(batch, topic, partition=partition))
-            batch = self._open[(topic, partition)] = self._producer.create_batch()
-            if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
-                raise ValueError(f"a record of {len(value)} bytes does not fit a producer batch")
+        opened = self._open.get((topic, partition))
+        if opened is None:
+            opened = self._open[(topic, partition)] = (self._producer.create_batch(), [])
+        record = OutRecord(topic, key, value, [])
+        if opened[0].append(key=key, value=value, timestamp=None, headers=[]) is None:  # full: send it
+            self._sent.append((await self._producer.send_batch(opened[0], topic, partition=partition), opened[1]))
+            opened = self._open[(topic, partition)] = (self._producer.create_batch(), [])
+            if opened[0].append(key=key, value=value, timestamp=None, headers=[]) is None:
+                await self._publisher.deliver([record])  # larger than a batch: on its own
+                return
+        opened[1].append(record)
 
     async def flush(self) -> None:
-        for (topic, partition), batch in self._open.items():
+        for (topic, partition), (batch, records) in self._open.items():
             if batch.record_count():
-                self._sent.append(await self._producer.send_batch(batch, topic, partition=partition))
+                self._sent.append((await self._producer.send_batch(batch, topic, partition=partition), records))
         self._open.clear()
-        if self._sent:
-            await asyncio.gather(*self._sent)
+        if not self._sent:
+            return
+        outcomes = await asyncio.gather(*(future for future, _ in self._sent), return_exceptions=True)
+        for outcome, (_, records) in zip(outcomes, self._sent, strict=True):
+            if isinstance(outcome, _UNDELIVERABLE):
+                await self._publisher.deliver(records)
+            elif isinstance(outcome, BaseException):
+                raise outcome
 
 
 class _CachedPartitioner:

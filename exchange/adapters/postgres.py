@@ -32,16 +32,31 @@ Positions are absolute values computed from an in-memory cache (filled by
 a copy and the cache adopts it only after the transaction committed, so a
 failed commit is retried with the same batch and gives the same result.
 
-Errors: lost connections, interface errors, ``OSError``, timeouts and the
-server's transient classes (08, 40, 53, 57, 58) raise
-``StoreUnavailable(retriable=True)``; anything else (a constraint violated,
-bad data, missing schema) raises ``StoreUnavailable(retriable=False)`` with a
-message saying what to check.
+Errors of a commit: only what the batch's own content causes is final --
+SQLSTATE classes 22 (data exception) and 23 (integrity violation), the
+function's own checks (EXU01 rows missing, EXU02 the sequence moved), a batch
+that does not continue the stored sequence, and Python-side encoding errors of
+the batch's values -- and raises ``StoreUnavailable(retriable=False)`` with a
+message saying what to check. Everything else is the database going away, and
+the journal writer retries it with backoff: ``StoreUnavailable(retriable=True)``
+for lost connections, whatever exception the driver raises for them (asyncpg's
+``InternalClientError`` when the server ended a session under it, interface
+errors, a cancellation inside its pool), ``OSError``, timeouts, and every other
+server error (a revoked privilege, a dropped table: an operator can put those
+right while the daemon waits). Outside commits (start-up, lookups) lost
+connections, ``OSError``, timeouts and the server's transient classes (08, 40,
+53, 57, 58) are retriable and anything else is not.
+
+Every connection is leased for one block of work (:meth:`PostgresStore._lease`):
+if the block fails, for whatever reason, the connection is closed -- a statement
+still running is cancelled first -- before its pool holder is free again, so a
+broken or confused connection is never handed out twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import struct
 import time
@@ -58,8 +73,8 @@ import structlog
 
 from exchange.events import Event
 from exchange.instruments import Instrument
-from exchange.journal import Batch, Position, Recovered, SnapshotRequest, StoreUnavailable
-from exchange.matching import EngineState, RestingOrder
+from exchange.journal import Batch, InputReset, Position, Recovered, SnapshotRequest, StoreUnavailable
+from exchange.matching import EngineState, NewestFirstWindow, RestingOrder
 from exchange.migrations import apply_migrations
 from exchange.settings import PostgresSettings
 from exchange.storage_rows import (
@@ -84,6 +99,7 @@ if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
 
 _Conn: TypeAlias = "asyncpg.Connection | PoolConnectionProxy[asyncpg.Record]"
+_Leased: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
 
 _T = TypeVar("_T")
 _RETRIABLE_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
@@ -127,11 +143,47 @@ FROM orders
 WHERE instrument = $1 AND status IN ('open', 'partially_filled')
 ORDER BY side, CASE WHEN side = 'buy' THEN -price_ticks ELSE price_ticks END, priority"""
 
+# the dedupe window: finished orders newest first, one page below the last row read (see _read_window)
 _SQL_DONE = """
-SELECT client_id, client_order_id, order_id FROM orders
-WHERE instrument = $1 AND status IN ('filled', 'canceled', 'expired')
+SELECT client_id, client_order_id, order_id, updated_seq, priority FROM orders
+WHERE instrument = $1 AND status IN ('filled', 'canceled', 'expired') AND (updated_seq, priority) < ($2, $3)
 ORDER BY updated_seq DESC, priority DESC
-LIMIT $2"""
+LIMIT $4"""
+_ABOVE_EVERY_ROW = 2**63 - 1  # an (updated_seq, priority) bound no row reaches: the first page
+
+
+async def _read_window(conn: _Conn, spec: Instrument) -> list[tuple[str, str, int]]:
+    """An instrument's dedupe window from its finished orders, read newest first (:class:`NewestFirstWindow`).
+
+    Pages of ``orders_finished_idx`` in descending order, each below the last row read, so every page is
+    an index range scan whatever the planner believes of the table. It stops when the window is full, which
+    may take more than ``dedupe_window`` rows, up to every finished order of the instrument, when a few
+    clients finished most of them: their rows beyond their ``dedupe_per_client`` newest are read and
+    skipped. Memory stays within the window and a page. A long read logs its progress once a second.
+    """
+    window = NewestFirstWindow(spec.dedupe_window, spec.dedupe_per_client)
+    started = logged = time.monotonic()
+    seq = priority = _ABOVE_EVERY_ROW
+    while True:
+        page = min(_LOAD_CHUNK, max(1_000, spec.dedupe_window - len(window)))
+        rows = await conn.fetch(_SQL_DONE, spec.symbol, seq, priority, page)
+        full = False
+        for r in rows:
+            if not window.add(r[0], r[1], r[2]):
+                full = True
+                break
+        if full or len(rows) < page:
+            break
+        seq, priority = rows[-1][3], rows[-1][4]
+        now = time.monotonic()
+        if now - logged >= _LOG_EVERY_S:
+            logged = now
+            _recovery_log.info("loading the dedupe window", instrument=spec.symbol, rows_read=window.rows,
+                               remembered=len(window), elapsed_s=round(now - started, 3))
+    if window.rows >= _LOAD_CHUNK:
+        _recovery_log.info("dedupe window loaded", instrument=spec.symbol, rows_read=window.rows,
+                           remembered=len(window), elapsed_s=round(time.monotonic() - started, 3))
+    return window.entries()
 
 # Every statement here reads or writes a few rows through a unique index, walks an index in its order,
 # or is a COPY. Statistics lag far behind tables that grow by thousands of rows a second, and then the
@@ -257,8 +309,7 @@ class PostgresStore:
 
     async def ping(self) -> None:
         """A cheap round trip (``SELECT 1`` on a pooled connection); raises when the database cannot be reached."""
-        pool = self._require_pool()
-        async with pool.acquire(timeout=self.connect_timeout) as conn:
+        async with self._lease(self._require_pool()) as conn:
             await conn.fetchval("SELECT 1")
 
     async def stop(self) -> None:
@@ -268,7 +319,7 @@ class PostgresStore:
             return
         try:
             await asyncio.wait_for(pool.close(), timeout=self.connect_timeout)
-        except (TimeoutError, OSError, asyncpg.InterfaceError, asyncpg.PostgresError):
+        except Exception:  # timed out, or a connection's own close failed (asyncpg's InternalClientError too)
             pool.terminate()
 
     async def __aenter__(self) -> PostgresStore:
@@ -284,13 +335,53 @@ class PostgresStore:
             raise StoreUnavailable("the PostgreSQL store is not started (or was stopped)", retriable=True)
         return self._pool
 
+    @contextlib.asynccontextmanager
+    async def _lease(self, pool: asyncpg.Pool) -> AsyncIterator[_Leased]:
+        """A pooled connection for one block of work; the pool hands it out again only if the block ended well.
+
+        If the block raises anything at all, the connection is closed before its holder is free again:
+        asyncpg gives a connection back in whatever state it is in, and after the server ended a session
+        under it that may be one no statement can run in (``InternalClientError``: "cannot switch to
+        state 12; another operation (2) is in progress"), or a cancellation or timeout may be still under
+        way. The close lets a cancellation already requested finish, and cancels a statement still
+        running, so that nothing of it goes on in the server once this returns (bounded by
+        ``connect_timeout``; after that the socket is simply dropped); a connection the server has ended
+        is just cleaned up. The pool opens a fresh one when it is needed.
+
+        A cancellation the driver raises although nobody cancelled this task (a race in its pool) becomes a
+        retriable :class:`StoreUnavailable`. A failure to give the connection back after the block ended
+        well is logged, not raised: the block's outcome stands, and asyncpg has dropped that connection.
+        """
+        conn = await pool.acquire(timeout=self.connect_timeout)
+        try:
+            yield conn
+        except BaseException as exc:
+            await self._retire(conn)
+            if isinstance(exc, asyncio.CancelledError) and not _cancelling():
+                raise StoreUnavailable("a cancellation inside the PostgreSQL driver, nobody asked for it; the "
+                                       "connection is dropped", retriable=True) from exc
+            raise
+        finally:
+            await _give_back(pool, conn)
+
+    async def _retire(self, conn: _Leased) -> None:
+        """Close ``conn`` for good (see :meth:`_lease`); drop it where even that fails. Never raises, but a
+        cancellation of this task."""
+        try:
+            await conn.close(timeout=self.connect_timeout)
+        except asyncio.CancelledError:
+            _terminate(conn)
+            raise
+        except Exception:  # released already (the driver closed it), or the close itself failed
+            _terminate(conn)
+
     # --------------------------------------------------------------- migrations
 
     async def migrate(self) -> list[str]:
         """Apply pending migrations; return the names applied."""
         pool = self._require_pool()
         try:
-            async with pool.acquire(timeout=self.connect_timeout) as conn:
+            async with self._lease(pool) as conn:
                 applied = await apply_migrations(conn)
         except Exception as exc:
             raise _unavailable(exc, "migrating the schema") from exc
@@ -462,7 +553,7 @@ class PostgresStore:
             return
         rows = prepared.rows
         try:
-            async with pool.acquire(timeout=self.connect_timeout) as conn, conn.transaction():
+            async with self._lease(pool) as conn, conn.transaction():
                 await self._copy_new_rows(conn, rows)
                 await _succeeded(after)
                 if not self._usable(prepared):
@@ -473,10 +564,8 @@ class PostgresStore:
                 await self._finish(conn, rows, prepared.document)
         except (StoreUnavailable, _Stale):
             raise
-        except asyncpg.PostgresError as exc:
-            raise _commit_error(exc, last) from exc
         except Exception as exc:
-            raise _unavailable(exc, f"committing a batch (last seq {last})") from exc
+            raise _commit_failure(exc, last) from exc
         self.overlapped_commits += 1
         self._adopt(rows)
 
@@ -486,7 +575,7 @@ class PostgresStore:
         document = prepared.document if prepared is not None else None
         loaded: dict[str, dict[str, Position]] = {}  # instruments whose state this attempt read from the database
         try:
-            async with pool.acquire(timeout=self.connect_timeout) as conn, conn.transaction():
+            async with self._lease(pool) as conn, conn.transaction():
                 stored = {r["instrument"]: Progress(r["seq"], r["next_order_id"], r["next_trade_id"], r["halted"])
                           for r in await conn.fetch(_SQL_PROGRESS_LOCK, symbols)}
                 if rows is None:
@@ -506,12 +595,8 @@ class PostgresStore:
                 await self._write(conn, rows, document or self._document(rows, copied=True), server_side)
         except StoreUnavailable:
             raise
-        except RowError as exc:
-            raise StoreUnavailable(f"batch refused: {exc}", retriable=False) from exc
-        except asyncpg.PostgresError as exc:
-            raise _commit_error(exc, last) from exc
         except Exception as exc:
-            raise _unavailable(exc, f"committing a batch (last seq {last})") from exc
+            raise _commit_failure(exc, last) from exc
         # durable: adopt the new counters and positions
         self._positions.update(loaded)
         self._adopt(rows)
@@ -539,7 +624,7 @@ class PostgresStore:
         """
         rows = prepared.rows
         try:
-            async with pool.acquire(timeout=self.connect_timeout) as conn:
+            async with self._lease(pool) as conn:
                 if server_side is not None:
                     server_side.set()
                 if after is None:
@@ -551,7 +636,7 @@ class PostgresStore:
             raise
         except asyncpg.PostgresError as exc:
             if exc.sqlstate != "EXU02":
-                raise _commit_error(exc, last) from exc
+                raise _commit_failure(exc, last) from exc
             if after is not None:
                 # the commit before did not end where this batch starts within the wait (slow, or failing
                 # and retried): the ordinary path waits for it. The rows it commits are still exactly
@@ -560,7 +645,7 @@ class PostgresStore:
                 raise _Stale from exc
             answer = getattr(exc, "detail", None) or "{}"  # rolled back: as if nothing was written
         except Exception as exc:
-            raise _unavailable(exc, f"committing a batch (last seq {last})") from exc
+            raise _commit_failure(exc, last) from exc
         if answer is not None:  # nothing was written: the stored sequence is not where the batch starts
             stored = {symbol: Progress(seq) for symbol, seq in msgspec.json.decode(answer, type=dict[str, int]).items()}
             if not already_durable(rows, stored):  # raises if it is neither durable nor next
@@ -630,8 +715,7 @@ class PostgresStore:
         pool = self._require_pool()
         out: dict[str, Recovered] = {}
         try:
-            async with pool.acquire(timeout=self.connect_timeout) as conn, conn.transaction(
-                    isolation="repeatable_read", readonly=True):
+            async with self._lease(pool) as conn, conn.transaction(isolation="repeatable_read", readonly=True):
                 await conn.execute("SET LOCAL work_mem = '256MB'")  # sort the open orders in memory
                 for spec in instruments:
                     out[spec.symbol] = await self._load_one(conn, spec)
@@ -669,8 +753,7 @@ class PostgresStore:
                           elapsed_s=round(now - started, 3))
         done: list[tuple[str, str, int]] = []
         if spec.dedupe_window:
-            done = [(r[0], r[1], r[2]) for r in await conn.fetch(_SQL_DONE, symbol, spec.dedupe_window)]
-            done.reverse()
+            done = await _read_window(conn, spec)
         offsets = {(r[0], r[1]): r[2] for r in await conn.fetch(
             "SELECT topic, partition, last_offset FROM input_offsets WHERE instrument = $1", symbol)}
         positions = {r[0]: Position(int(r[1]), int(r[2]), int(r[3])) for r in await conn.fetch(
@@ -688,11 +771,12 @@ class PostgresStore:
         """The current rows of some orders (by the unique (instrument, order_id) index), as wire dicts."""
         pool = self._require_pool()
         try:
-            rows = await pool.fetch(
-                "SELECT order_id, client_id, client_order_id, side, order_type, tif, price::text AS price, "
-                "qty::text AS qty, status, filled_lots, remaining_lots, created_seq, updated_seq "
-                "FROM orders WHERE instrument = $1 AND order_id = ANY($2::bigint[]) ORDER BY order_id",
-                instrument, list(order_ids), timeout=self.command_timeout)
+            async with self._lease(pool) as conn:
+                rows = await conn.fetch(
+                    "SELECT order_id, client_id, client_order_id, side, order_type, tif, price::text AS price, "
+                    "qty::text AS qty, status, filled_lots, remaining_lots, created_seq, updated_seq "
+                    "FROM orders WHERE instrument = $1 AND order_id = ANY($2::bigint[]) ORDER BY order_id",
+                    instrument, list(order_ids), timeout=self.command_timeout)
         except Exception as exc:
             raise _unavailable(exc, f"reading orders of {instrument}") from exc
         spec = self.specs[instrument]
@@ -709,7 +793,8 @@ class PostgresStore:
         """The fan-out's "published through seq" per instrument (see :mod:`exchange.fanout`)."""
         pool = self._require_pool()
         try:
-            rows = await pool.fetch("SELECT instrument, seq FROM publish_progress", timeout=self.command_timeout)
+            async with self._lease(pool) as conn:
+                rows = await conn.fetch("SELECT instrument, seq FROM publish_progress", timeout=self.command_timeout)
         except Exception as exc:
             raise _unavailable(exc, "reading the publish watermark") from exc
         return {r["instrument"]: r["seq"] for r in rows}
@@ -719,10 +804,11 @@ class PostgresStore:
         pool = self._require_pool()
         names = sorted(seqs)
         try:
-            await pool.execute(
-                "INSERT INTO publish_progress (instrument, seq) SELECT * FROM unnest($1::text[], $2::bigint[]) "
-                "ON CONFLICT (instrument) DO UPDATE SET seq = GREATEST(publish_progress.seq, EXCLUDED.seq), "
-                "updated_at = now()", names, [seqs[n] for n in names], timeout=self.command_timeout)
+            async with self._lease(pool) as conn:
+                await conn.execute(
+                    "INSERT INTO publish_progress (instrument, seq) SELECT * FROM unnest($1::text[], $2::bigint[]) "
+                    "ON CONFLICT (instrument) DO UPDATE SET seq = GREATEST(publish_progress.seq, EXCLUDED.seq), "
+                    "updated_at = now()", names, [seqs[n] for n in names], timeout=self.command_timeout)
         except Exception as exc:
             raise _unavailable(exc, "storing the publish watermark") from exc
 
@@ -732,10 +818,11 @@ class PostgresStore:
         """The newest stored snapshot of ``instrument`` (with ``seq <= max_seq`` if given), or None."""
         pool = self._require_pool()
         try:
-            row = await pool.fetchrow(
-                "SELECT seq, state_hash, state FROM snapshots WHERE instrument = $1 "
-                "AND ($2::bigint IS NULL OR seq <= $2) ORDER BY seq DESC LIMIT 1", instrument, max_seq,
-                timeout=self.command_timeout)
+            async with self._lease(pool) as conn:
+                row = await conn.fetchrow(
+                    "SELECT seq, state_hash, state FROM snapshots WHERE instrument = $1 "
+                    "AND ($2::bigint IS NULL OR seq <= $2) ORDER BY seq DESC LIMIT 1", instrument, max_seq,
+                    timeout=self.command_timeout)
         except Exception as exc:
             raise _unavailable(exc, f"reading the latest snapshot of {instrument}") from exc
         if row is None:
@@ -749,16 +836,18 @@ class PostgresStore:
 
         async def fetch(after: int, upto: int) -> list[Event]:
             # seqs are dense, so a seq range bounds each query's work whatever the statistics say
-            rows = await pool.fetch(
-                "SELECT payload FROM order_events WHERE instrument = $1 AND seq > $2 AND seq <= $3 ORDER BY seq",
-                instrument, after, upto, timeout=self.command_timeout)
+            async with self._lease(pool) as conn:
+                rows = await conn.fetch(
+                    "SELECT payload FROM order_events WHERE instrument = $1 AND seq > $2 AND seq <= $3 ORDER BY seq",
+                    instrument, after, upto, timeout=self.command_timeout)
             return _decode_events(b"[" + b",".join([r[0] for r in rows]) + b"]") if rows else []
 
         pending: asyncio.Task[list[Event]] | None = None
         try:
             if upto_seq is None:
-                upto_seq = await pool.fetchval("SELECT max(seq) FROM order_events WHERE instrument = $1",
-                                               instrument, timeout=self.command_timeout) or 0
+                async with self._lease(pool) as conn:
+                    upto_seq = await conn.fetchval("SELECT max(seq) FROM order_events WHERE instrument = $1",
+                                                   instrument, timeout=self.command_timeout) or 0
             seq = after_seq
             while seq < upto_seq:
                 if pending is None:
@@ -776,15 +865,105 @@ class PostgresStore:
                 pending.add_done_callback(_retrieve)
                 pending.cancel()
 
+    # ------------------------------------------------------------- input ledger (see journal.InputLedger)
 
-def _commit_error(exc: asyncpg.PostgresError, last: dict[str, int]) -> StoreUnavailable:
-    """A server error during a commit; ``EXU01`` is exchange_commit_batch finding stored orders missing,
-    ``EXU02`` the stored sequence not where the batch starts although this transaction checked it."""
-    if exc.sqlstate == "EXU01":
-        return _rows_missing(exc.args[0] if exc.args else str(exc))
-    if exc.sqlstate == "EXU02":
-        return _moved()
-    return _unavailable(exc, f"committing a batch (last seq {last})")
+    async def input_offsets(self, topic: str) -> dict[tuple[str, int], int]:
+        """The stored last offsets of ``topic`` per (instrument, partition); instrument "" is the partition's own."""
+        pool = self._require_pool()
+        try:
+            async with self._lease(pool) as conn:
+                rows = await conn.fetch("SELECT instrument, partition, last_offset FROM input_offsets "
+                                        "WHERE topic = $1", topic, timeout=self.command_timeout)
+        except Exception as exc:
+            raise _unavailable(exc, "reading the input offsets") from exc
+        return {(r["instrument"], r["partition"]): r["last_offset"] for r in rows}
+
+    async def request_input_reset(self, topic: str, partition: int, offset: int, operator: str,
+                                  reason: str) -> InputReset:
+        pool = self._require_pool()
+        try:
+            async with self._lease(pool) as conn:
+                reset_id = await conn.fetchval(
+                    "INSERT INTO input_resets (topic, partition, to_offset, operator, reason) "
+                    "VALUES ($1, $2, $3, $4, $5) RETURNING id", topic, partition, offset, operator, reason,
+                    timeout=self.command_timeout)
+        except Exception as exc:
+            raise _unavailable(exc, "recording an input reset") from exc
+        return InputReset(reset_id, topic, partition, offset, operator, reason)
+
+    async def input_resets(self, topic: str, *, pending: bool = True) -> list[InputReset]:
+        pool = self._require_pool()
+        try:
+            async with self._lease(pool) as conn:
+                rows = await conn.fetch(
+                    "SELECT id, topic, partition, to_offset, operator, reason, status, note FROM input_resets "
+                    "WHERE topic = $1 AND (NOT $2 OR status = 'requested') ORDER BY id", topic, pending,
+                    timeout=self.command_timeout)
+        except Exception as exc:
+            raise _unavailable(exc, "reading the input resets") from exc
+        return [InputReset(r["id"], r["topic"], r["partition"], r["to_offset"], r["operator"], r["reason"],
+                           r["status"], r["note"]) for r in rows]
+
+    async def apply_input_reset(self, reset: InputReset, note: str) -> None:
+        await self._decide_reset(reset, "applied", note)
+
+    async def refuse_input_reset(self, reset: InputReset, note: str) -> None:
+        await self._decide_reset(reset, "refused", note)
+
+    async def _decide_reset(self, reset: InputReset, status: str, note: str) -> None:
+        pool = self._require_pool()
+        try:
+            async with self._lease(pool) as conn, conn.transaction():
+                if status == "applied":
+                    await conn.execute("UPDATE input_offsets SET last_offset = $3 WHERE topic = $1 AND partition = $2",
+                                       reset.topic, reset.partition, reset.offset - 1)
+                    await conn.execute(
+                        "INSERT INTO input_offsets (instrument, topic, partition, last_offset) VALUES ('', $1, $2, $3) "
+                        "ON CONFLICT (instrument, topic, partition) DO NOTHING",
+                        reset.topic, reset.partition, reset.offset - 1)
+                await conn.execute("UPDATE input_resets SET status = $2, note = $3, decided_at = now() "
+                                   "WHERE id = $1 AND status = 'requested'", reset.id, status, note)
+        except Exception as exc:
+            raise _unavailable(exc, f"deciding input reset {reset.id}") from exc
+
+
+_CONTENT_SQLSTATE_CLASSES = frozenset({"22", "23"})  # data exception, integrity constraint violation
+
+
+def _commit_failure(exc: BaseException, last: Mapping[str, int]) -> StoreUnavailable:
+    """Classify what a commit raised: final only if the batch's own content caused it (see the module
+    docstring); anything else -- whatever the driver raises when the database goes away -- is retriable.
+
+    ``EXU01`` is exchange_commit_batch finding stored orders missing, ``EXU02`` the stored sequence not
+    where the batch starts although this transaction checked it."""
+    if isinstance(exc, StoreUnavailable):
+        return exc
+    if isinstance(exc, RowError):
+        return StoreUnavailable(f"batch refused: {exc}", retriable=False)
+    doing = f"committing a batch (last seq {dict(last)})"
+    if isinstance(exc, asyncpg.PostgresError):
+        state = exc.sqlstate or ""
+        if state == "EXU01":
+            return _rows_missing(exc.args[0] if exc.args else str(exc))
+        if state == "EXU02":
+            return _moved()
+        refused = _unavailable(exc, doing)
+        if state[:2] in _CONTENT_SQLSTATE_CLASSES or refused.retriable:
+            return refused
+        return StoreUnavailable(f"{refused} (retrying)", retriable=True)
+    if _bad_value(exc):
+        return StoreUnavailable(f"bad data while {doing}: {type(exc).__name__}: {exc}; check the batch's events "
+                                "against the instrument limits", retriable=False)
+    return StoreUnavailable(f"PostgreSQL connection failed while {doing}: {type(exc).__name__}: {exc}; the "
+                            "connection is dropped and the batch retried", retriable=True)
+
+
+def _bad_value(exc: BaseException) -> bool:
+    """Did encoding one of the batch's values fail, on this side: the raw error of a COPY row's codec, of our
+    NUMERIC or JSON encoders? (A parameter asyncpg cannot encode is its ``DataError``, SQLSTATE 22000.)"""
+    if isinstance(exc, asyncpg.InterfaceError):  # the driver's own errors are about the connection
+        return False
+    return isinstance(exc, ValueError | TypeError | OverflowError | struct.error | msgspec.MsgspecError)
 
 
 def _moved() -> StoreUnavailable:
@@ -805,7 +984,9 @@ class _Stale(Exception):
 async def _behind(statement: Coroutine[Any, Any, _T], before: asyncio.Future[None]) -> _T:
     """Run ``statement`` (a commit the server makes durable after ``before``) while watching ``before``:
     if that one fails first, cancel the statement (its transaction rolls back, unless the server had
-    already committed it, which a retry then finds) and fail as retriable."""
+    already committed it, which a retry then finds) and fail as retriable. Either way the statement's
+    task has ended when this returns or raises, so the caller's lease of the connection (which closes
+    it on failure, waiting for the server to acknowledge the cancellation) is the only one using it."""
     task = asyncio.ensure_future(statement)
     try:
         await asyncio.wait((task, before), return_when=asyncio.FIRST_COMPLETED)
@@ -817,8 +998,10 @@ async def _behind(statement: Coroutine[Any, Any, _T], before: asyncio.Future[Non
                                        retriable=True)
         return await task
     finally:
-        if not task.done():  # this commit itself was cancelled
+        if not task.done():  # this commit itself was cancelled: so is its statement, which ends at once
             task.cancel()
+            task.add_done_callback(_retrieve)
+            await asyncio.wait((task,))
 
 
 async def _succeeded(commit: asyncio.Future[None]) -> None:
@@ -833,6 +1016,35 @@ def _retrieve(task: asyncio.Task[Any]) -> None:
     """Mark a dropped task's outcome as seen (no "exception was never retrieved" noise)."""
     if not task.cancelled():
         task.exception()
+
+
+def _cancelling() -> bool:
+    """Is the current task being cancelled (as opposed to a CancelledError raised by some future inside)?"""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _terminate(conn: _Leased) -> None:
+    """Drop ``conn``'s socket at once (a no-op on a connection the pool has back already)."""
+    with contextlib.suppress(Exception):
+        conn.terminate()
+
+
+async def _give_back(pool: asyncpg.Pool, conn: _Leased) -> None:
+    """``pool.release(conn)``, which never fails the block before it: a connection that cannot be reset is
+    dropped by asyncpg (and one the server ended meanwhile is no longer checked out: "release() called on
+    a free connection holder"). Only a cancellation of this task goes on."""
+    try:
+        await pool.release(conn)
+    except asyncio.CancelledError:
+        if _cancelling():
+            raise
+        _terminate(conn)
+        _log.warning("a cancellation inside the PostgreSQL driver while a connection went back to its pool; "
+                     "the connection is dropped")
+    except Exception as exc:
+        _terminate(conn)
+        _log.warning("a connection could not go back to its pool; it is dropped", error=f"{type(exc).__name__}: {exc}")
 
 
 def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
@@ -877,7 +1089,8 @@ def _unavailable(exc: BaseException, doing: str) -> StoreUnavailable:
         else:
             advice = "see the PostgreSQL log for this error"
         return StoreUnavailable(f"PostgreSQL refused {doing}: {detail}; {advice}", retriable=False)
-    if isinstance(exc, asyncpg.InterfaceError | OSError | TimeoutError | ConnectionError):
+    if isinstance(exc, asyncpg.InterfaceError | asyncpg.InternalClientError | OSError | TimeoutError
+                  | ConnectionError):  # (InternalClientError: a connection the server ended under the driver)
         return StoreUnavailable(f"PostgreSQL unreachable while {doing}: {type(exc).__name__}: {exc}",
                                 retriable=True)
     if isinstance(exc, ValueError | TypeError | OverflowError | msgspec.MsgspecError):

@@ -29,10 +29,17 @@ batch, not per order. ``synchronous = "normal"`` (configurable) syncs only at
 checkpoints: still safe against ``kill -9``, but an OS crash may lose the last
 batches after they were shown.
 
-Errors: a busy or locked file, a full disk and I/O errors raise
-``StoreUnavailable(retriable=True)`` (the writer retries the same batch); a
-constraint violated, a missing schema, a damaged or read-only file raise
-``StoreUnavailable(retriable=False)`` with a message saying what to check.
+Errors: a commit is refused for good (``StoreUnavailable(retriable=False)``,
+with a message saying what to check) only for what the batch's own content
+causes: a constraint violated, a value SQLite cannot hold or bind, a batch that
+does not continue the stored sequence, stored rows that do not match the event
+stream. Anything else during a commit -- a busy or locked file, a full disk, I/O
+errors, a file made read-only, a missing table, a damaged file, an error nobody
+classified -- is ``StoreUnavailable(retriable=True)``: the writer retries the
+same batch with backoff and ``/readyz`` names the error, so an operator can put
+it right without the venue going down. Opening, migrating and loading keep the
+stricter rule: a busy or locked file, a full disk and I/O errors are retriable,
+a missing schema or a damaged, foreign or read-only file stop the start.
 """
 
 from __future__ import annotations
@@ -52,8 +59,8 @@ import structlog
 
 from exchange.events import Event
 from exchange.instruments import Instrument
-from exchange.journal import Batch, Position, Recovered, SnapshotRequest, StoreUnavailable
-from exchange.matching import EngineState, RestingOrder
+from exchange.journal import Batch, InputReset, Position, Recovered, SnapshotRequest, StoreUnavailable
+from exchange.matching import EngineState, NewestFirstWindow, RestingOrder
 from exchange.storage_rows import (
     EVENT_COLUMNS,
     ORDER_COLUMNS,
@@ -140,11 +147,45 @@ FROM orders
 WHERE instrument = ? AND status IN ('open', 'partially_filled')
 ORDER BY side, CASE WHEN side = 'buy' THEN -price_ticks ELSE price_ticks END, priority"""
 
+# the dedupe window: finished orders newest first, walking orders_finished_idx backwards (see _read_window)
 _SQL_DONE = """
 SELECT client_id, client_order_id, order_id FROM orders
 WHERE instrument = ? AND status IN ('filled', 'canceled', 'expired')
-ORDER BY updated_seq DESC, priority DESC
-LIMIT ?"""
+ORDER BY updated_seq DESC, priority DESC"""
+
+
+def _read_window(conn: sqlite3.Connection, spec: Instrument) -> list[tuple[str, str, int]]:
+    """An instrument's dedupe window from its finished orders, read newest first (:class:`NewestFirstWindow`).
+
+    The cursor steps through ``orders_finished_idx`` backwards, a chunk at a time, and is closed once the
+    window is full, which may take more than ``dedupe_window`` rows, up to every finished order of the
+    instrument, when a few clients finished most of them: their rows beyond their ``dedupe_per_client``
+    newest are read and skipped. Memory stays within the window and a chunk. A long read logs its progress
+    once a second.
+    """
+    window = NewestFirstWindow(spec.dedupe_window, spec.dedupe_per_client)
+    started = logged = time.monotonic()
+    cursor = conn.execute(_SQL_DONE, (spec.symbol,))
+    try:
+        while rows := cursor.fetchmany(_LOAD_CHUNK):
+            full = False
+            for r in rows:
+                if not window.add(r[0], r[1], r[2]):
+                    full = True
+                    break
+            if full:
+                break
+            now = time.monotonic()
+            if now - logged >= _LOG_EVERY_S:
+                logged = now
+                _recovery_log.info("loading the dedupe window", instrument=spec.symbol, rows_read=window.rows,
+                                   remembered=len(window), elapsed_s=round(now - started, 3))
+    finally:
+        cursor.close()
+    if window.rows >= _LOAD_CHUNK:
+        _recovery_log.info("dedupe window loaded", instrument=spec.symbol, rows_read=window.rows,
+                           remembered=len(window), elapsed_s=round(time.monotonic() - started, 3))
+    return window.entries()
 
 
 def migrations() -> list[tuple[str, str]]:
@@ -269,8 +310,10 @@ class SqliteStore:
                         tb: TracebackType | None) -> None:
         await self.stop()
 
-    async def _call(self, fn: Callable[..., T], doing: str, *args: Any) -> T:
-        """Run ``fn(*args)`` on the store's thread; classify what it raises."""
+    async def _call(self, fn: Callable[..., T], doing: str, *args: Any,
+                    classify: Callable[[BaseException, str, Path], StoreUnavailable] | None = None) -> T:
+        """Run ``fn(*args)`` on the store's thread; classify what it raises (``classify``, by default
+        :func:`_unavailable`)."""
         if self._executor is None:
             raise StoreUnavailable("the SQLite store is not started (or was stopped)", retriable=True)
         try:
@@ -280,7 +323,7 @@ class SqliteStore:
         except RowError as exc:
             raise StoreUnavailable(f"batch refused: {exc}", retriable=False) from exc
         except Exception as exc:
-            raise _unavailable(exc, doing, self.path) from exc
+            raise (classify or _unavailable)(exc, doing, self.path) from exc
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -342,7 +385,8 @@ class SqliteStore:
 
     async def commit(self, batch: Batch) -> None:
         """Make ``batch`` durable in one transaction, or raise :class:`StoreUnavailable`."""
-        await self._call(self._commit, f"committing a batch (last seq {batch.last_seq()})", batch)
+        await self._call(self._commit, f"committing a batch (last seq {batch.last_seq()})", batch,
+                         classify=_commit_failure)
 
     def _commit(self, batch: Batch) -> None:
         last = batch.last_seq()
@@ -473,8 +517,7 @@ class SqliteStore:
                                    elapsed_s=round(now - started, 3))
         done: list[tuple[str, str, int]] = []
         if spec.dedupe_window:
-            done = [(r[0], r[1], r[2]) for r in conn.execute(_SQL_DONE, (symbol, spec.dedupe_window))]
-            done.reverse()
+            done = _read_window(conn, spec)
         offsets = {(r[0], r[1]): r[2] for r in conn.execute(
             "SELECT topic, partition, last_offset FROM input_offsets WHERE instrument = ?", (symbol,))}
         positions = self._read_positions(conn, symbol)
@@ -542,12 +585,93 @@ class SqliteStore:
                                   "ORDER BY seq", (instrument, after, upto)).fetchall()
         return _decode_events(b"[" + b",".join([r[0] for r in rows]) + b"]") if rows else []
 
+    # ------------------------------------------------------------- input ledger (see journal.InputLedger)
+
+    async def input_offsets(self, topic: str) -> dict[tuple[str, int], int]:
+        """The stored last offsets of ``topic`` per (instrument, partition); instrument "" is the partition's own."""
+        return await self._call(self._input_offsets, "reading the input offsets", topic)
+
+    def _input_offsets(self, topic: str) -> dict[tuple[str, int], int]:
+        rows = self._db().execute("SELECT instrument, partition, last_offset FROM input_offsets WHERE topic = ?",
+                                  (topic,)).fetchall()
+        return {(r[0], int(r[1])): int(r[2]) for r in rows}
+
+    async def request_input_reset(self, topic: str, partition: int, offset: int, operator: str,
+                                  reason: str) -> InputReset:
+        return await self._call(self._request_reset, "recording an input reset", topic, partition, offset,
+                                operator, reason)
+
+    def _request_reset(self, topic: str, partition: int, offset: int, operator: str, reason: str) -> InputReset:
+        conn = self._db()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            cur = conn.execute("INSERT INTO input_resets (topic, partition, to_offset, operator, reason) "
+                               "VALUES (?, ?, ?, ?, ?)", (topic, partition, offset, operator, reason))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.rollback()
+            raise
+        return InputReset(int(cur.lastrowid or 0), topic, partition, offset, operator, reason)
+
+    async def input_resets(self, topic: str, *, pending: bool = True) -> list[InputReset]:
+        return await self._call(self._resets, "reading the input resets", topic, pending)
+
+    def _resets(self, topic: str, pending: bool) -> list[InputReset]:
+        rows = self._db().execute(
+            "SELECT id, topic, partition, to_offset, operator, reason, status, note FROM input_resets "
+            "WHERE topic = ? AND (? = 0 OR status = 'requested') ORDER BY id", (topic, int(pending))).fetchall()
+        return [InputReset(int(r[0]), r[1], int(r[2]), int(r[3]), r[4], r[5], r[6], r[7]) for r in rows]
+
+    async def apply_input_reset(self, reset: InputReset, note: str) -> None:
+        await self._call(self._decide_reset, "applying an input reset", reset, "applied", note)
+
+    async def refuse_input_reset(self, reset: InputReset, note: str) -> None:
+        await self._call(self._decide_reset, "refusing an input reset", reset, "refused", note)
+
+    def _decide_reset(self, reset: InputReset, status: str, note: str) -> None:
+        conn = self._db()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if status == "applied":
+                conn.execute("UPDATE input_offsets SET last_offset = ? WHERE topic = ? AND partition = ?",
+                             (reset.offset - 1, reset.topic, reset.partition))
+                conn.execute("INSERT INTO input_offsets (instrument, topic, partition, last_offset) VALUES "
+                             "('', ?, ?, ?) ON CONFLICT (instrument, topic, partition) DO NOTHING",
+                             (reset.topic, reset.partition, reset.offset - 1))
+            conn.execute("UPDATE input_resets SET status = ?, note = ?, "
+                         "decided_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ? AND status = 'requested'",
+                         (status, note, reset.id))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.rollback()
+            raise
+
 
 _RETRIABLE = {
     "SQLITE_BUSY": "another process holds the database file's lock (a second engine on the same file?)",
     "SQLITE_LOCKED": "the database file is locked",
     "SQLITE_FULL": "the disk is full: free some space, the daemon retries by itself",
 }
+
+
+def _commit_failure(exc: BaseException, doing: str, path: Path) -> StoreUnavailable:
+    """Classify what a commit raised: final only if the batch's own content caused it; anything else is
+    retriable, with :func:`_unavailable`'s message (what to check)."""
+    described = _unavailable(exc, doing, path)
+    if described.retriable or _from_content(exc):
+        return described
+    return StoreUnavailable(f"{described} (retrying)", retriable=True)
+
+
+def _from_content(exc: BaseException) -> bool:
+    """A constraint the batch's rows break, or one of its values that SQLite cannot hold or bind."""
+    if isinstance(exc, StoreUnavailable):  # raised by the store's own checks, with its own verdict
+        return not exc.retriable
+    if isinstance(exc, sqlite3.IntegrityError | sqlite3.DataError):
+        return True
+    if isinstance(exc, sqlite3.ProgrammingError | sqlite3.InterfaceError):
+        return "binding" in str(exc)  # "Error binding parameter 3: type 'X' is not supported"
+    return isinstance(exc, ValueError | TypeError | OverflowError | msgspec.MsgspecError)
 
 
 def _unavailable(exc: BaseException, doing: str, path: Path) -> StoreUnavailable:

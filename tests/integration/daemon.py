@@ -30,8 +30,10 @@ def write_config(path: Path, *, instruments: Sequence[Instrument], bootstrap: st
                  group_id: str, http_port: int, snapshot_interval_s: float = 60.0, max_events: int = 5000,
                  linger_ms: float = 2.0, publish_events: bool = True, queue_size: int = 10_000,
                  journal_queue: int = 256, fetch_max_wait_ms: int = 10, redis_url: str | None = None,
-                 redis: dict[str, Any] | None = None, log_level: str = "info") -> Path:
-    """A daemon configuration; ``redis_url`` turns market data on (``redis``: more ``[redis]`` keys)."""
+                 redis: dict[str, Any] | None = None, log_level: str = "info",
+                 kafka: dict[str, Any] | None = None) -> Path:
+    """A daemon configuration; ``redis_url`` turns market data on (``redis``: more ``[redis]`` keys);
+    ``kafka``: more ``[kafka]`` keys."""
     lines = []
     for spec in instruments:
         lines += [
@@ -39,8 +41,12 @@ def write_config(path: Path, *, instruments: Sequence[Instrument], bootstrap: st
             f'symbol = "{spec.symbol}"',
             f'tick_size = "{spec.tick_size}"',
             f'lot_size = "{spec.lot_size}"',
+            f'min_qty = "{spec.lots_to_qty(spec.min_qty_lots)}"',
             f'max_qty = "{spec.lots_to_qty(spec.max_qty_lots)}"',
+            f'max_price = "{spec.ticks_to_price(spec.max_price_ticks)}"',
             f'stp_default = "{spec.stp_default.value}"',
+            f"dedupe_window = {spec.dedupe_window}",
+            f"dedupe_per_client = {spec.dedupe_per_client}",
         ]
         if spec.price_band_bps is not None:
             lines.append(f"price_band_bps = {spec.price_band_bps}")
@@ -57,6 +63,7 @@ def write_config(path: Path, *, instruments: Sequence[Instrument], bootstrap: st
         "session_timeout_ms = 1000",
         f"fetch_max_wait_ms = {fetch_max_wait_ms}",
         "heartbeat_interval_ms = 100",
+        *[f"{key} = {json.dumps(value)}" for key, value in (kafka or {}).items()],
         "",
         "[postgres]",
         f'dsn = "{dsn}"',
@@ -85,16 +92,22 @@ def write_config(path: Path, *, instruments: Sequence[Instrument], bootstrap: st
     return path
 
 
+ADMIN_KEY_ID = "test-ops"
+ADMIN_SECRET = "0f3c8a1e5b7d92c46e1a0b3f5d7c9e21"
+ADMIN_KEYS = f"{ADMIN_KEY_ID}:{ADMIN_SECRET}"  # EXCHANGE_ADMIN_KEYS of every test daemon (and exchange admin)
+
+
 class DaemonProcess:
-    def __init__(self, config: Path, http_port: int, log_path: Path) -> None:
+    def __init__(self, config: Path, http_port: int, log_path: Path, env: dict[str, str] | None = None) -> None:
         self.config = config
+        self.env = {"EXCHANGE_ADMIN_KEYS": ADMIN_KEYS, **(env or {})}
         self.http_port = http_port
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
         self._start_offset = 0  # where this run's part of the log begins
 
     def start(self) -> None:
-        env = dict(os.environ)
+        env = {**os.environ, **self.env}
         self._log = self.log_path.open("ab")
         self._start_offset = self._log.tell()
         self.proc = subprocess.Popen([sys.executable, "-m", "exchange", "run", "--config", str(self.config)],
@@ -133,10 +146,24 @@ class DaemonProcess:
             time.sleep(0.005)
         raise AssertionError(f"{text!r} not logged within {timeout}s; log: {self.tail()}")
 
+    def rss_bytes(self) -> int:
+        """The daemon's resident memory now (VmRSS)."""
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
     def check_alive(self) -> None:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise AssertionError(f"daemon exited with {self.proc.returncode}; log: {self.tail()}")
+
+    def ensure_stopped(self) -> None:
+        """Kill the daemon if it still runs (a test that failed half-way must not leave it behind)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
 
     def kill(self) -> None:
         assert self.proc is not None

@@ -10,6 +10,7 @@ name in /readyz while the daemon is idle, and goes away when it is back.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import subprocess
 import sys
@@ -24,7 +25,7 @@ import pytest
 from exchange.instruments import Instrument
 from exchange.testing.broker import KafkaBroker
 from exchange.testing.flow import OrderFlow
-from tests.integration.daemon import DaemonProcess, free_port, produce, write_config
+from tests.integration.daemon import ADMIN_KEYS, DaemonProcess, free_port, produce, write_config
 from tests.integration.expect import replay_messages, wait_for_seq
 from tests.integration.test_db_outage import _set_reachable
 
@@ -48,10 +49,11 @@ def metric(text: str, name: str, **labels: str) -> float:
     raise AssertionError(f"no sample {name}{{{wanted}}} in /metrics")
 
 
-def admin(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def admin(config: Path, *args: str, keys: str = ADMIN_KEYS) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "exchange", "admin", *args, "--config", str(config),
                            "--operator", "ops-test", "--timeout", "60"],
-                          capture_output=True, text=True, timeout=120, check=False)
+                          capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, "EXCHANGE_ADMIN_KEYS": keys})
 
 
 async def stored_events(dsn: str, instrument: str, after_seq: int) -> list[dict[str, Any]]:
@@ -139,6 +141,10 @@ def test_metrics_health_status_admin_and_readiness(kafka: KafkaBroker, pg_dsn: s
         again = admin(config, "halt", "BTC-USD")
         assert again.returncode == 1
         assert "rejected (instrument_halted" in again.stderr
+        forged = admin(config, "resume", "BTC-USD", keys="test-ops:not-the-daemons-secret")
+        assert forged.returncode == 1
+        assert "rejected (not_authorized: the signature does not match" in forged.stderr
+        assert daemon.get("/status")[1]["instruments"]["BTC-USD"]["halted"] is True
         seq_halted = daemon.get("/status")[1]["instruments"]["BTC-USD"]["seq"]
         assert daemon.get("/status")[1]["instruments"]["BTC-USD"]["halted"] is True
         order = {"op": "place", "instrument": "BTC-USD", "client_id": "late", "client_order_id": "l-1",
@@ -164,6 +170,8 @@ def test_metrics_health_status_admin_and_readiness(kafka: KafkaBroker, pg_dsn: s
         assert n_cleared > 0  # (GTD orders past their expiry expire first, as for any input)
         assert f"applied ({n_cleared} orders canceled)" in cleared.stderr
         assert cleared.stdout.count('"reason":"cleared"') == n_cleared
+        [audit] = [e for e in stored if e["type"] == "cleared"]  # the operator's clear, journaled
+        assert (audit["client_id"], audit["orders"]) == ("ops-test", n_cleared)
 
         # --- a dependency that cannot be reached is named in /readyz, while the daemon is idle
         database = pg_dsn.rpartition("/")[2]

@@ -10,7 +10,7 @@ import msgspec
 import pytest
 from structlog.testing import capture_logs
 
-from exchange import MatchingEngine
+from exchange import Instrument, MatchingEngine
 from exchange.adapters.postgres import PostgresStore
 from exchange.journal import Batch, SnapshotRequest
 from exchange.matching import EngineState
@@ -75,12 +75,19 @@ def test_applier_starts_from_a_snapshot_and_refuses_events_that_do_not_fit() -> 
         EventApplier(spec).apply_all(tail)  # events of orders it never saw
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"window {s.dedupe_window}")
+# a window bounded per client: the six clients of the workload hold at most 3 ids each, so it never fills
+PER_CLIENT = Instrument.from_decimals("CCC-USD", tick_size="1", lot_size="1", max_qty="60", dedupe_window=12,
+                                      dedupe_per_client=3)
+
+
+@pytest.mark.parametrize("spec", [*SPECS, PER_CLIENT],
+                         ids=lambda s: f"window {s.dedupe_window}, {s.dedupe_per_client} a client")
 def test_applier_from_a_snapshot_without_the_window_knows_the_orders_finished_since(spec: Any) -> None:
     """The daemon's snapshots leave the dedupe window out: a replay from one rebuilds the book and counters
-    exactly, and of the window only its tail, which must agree with the whole window (and says it is partial
-    until a whole window has finished since the snapshot)."""
-    work = Workload(seed=11)
+    exactly, and of the window exactly the entries of the orders that finished since (those open in the
+    snapshot or accepted after it), which must agree with the whole window; it says it is partial until it
+    holds a whole window."""
+    work = Workload([*SPECS, PER_CLIENT], seed=11)
     for _ in range(400):
         work.apply(work.command(spec.symbol))
     engine = work.engines[spec.symbol]
@@ -96,14 +103,18 @@ def test_applier_from_a_snapshot_without_the_window_knows_the_orders_finished_si
     assert (part.seq, part.next_order_id, part.next_trade_id, part.orders, part.halted) == (
         whole.seq, whole.next_order_id, whole.next_trade_id, whole.orders, whole.halted)
     assert part.done
+    since = {o.order_id for o in snapshot.orders}
+    assert part.done == [e for e in whole.done if e[2] >= snapshot.next_order_id or e[2] in since]
     assert part.done == whole.done[len(whole.done) - len(part.done):]
-    assert part.done_complete == (len(part.done) == spec.dedupe_window)  # AAA: 1,000,000; BBB: 7
-    assert describe_difference(part, whole, "replay", "engine") == ""
+    assert part.done_complete == (len(part.done) == spec.dedupe_window)  # AAA: 1,000,000; BBB: 7; CCC: never
+    assert describe_difference(part, whole, "replay", "engine", since=snapshot) == ""
 
     forged = msgspec.structs.replace(part, done=[(c, k, oid + 1) for c, k, oid in part.done])
-    assert "dedupe window differs" in describe_difference(forged, whole, "replay", "engine")
+    assert "dedupe window differs" in describe_difference(forged, whole, "replay", "engine", since=snapshot)
     longer = msgspec.structs.replace(part, done=whole.done + whole.done[-1:], done_complete=False)
     assert "dedupe window differs" in describe_difference(longer, whole, "replay", "engine")
+    shorter = msgspec.structs.replace(part, done=part.done[1:])  # still the tail, but one entry is missing
+    assert "dedupe window differs" in describe_difference(shorter, whole, "replay", "engine", since=snapshot)
 
 
 # ------------------------------------------------------------ recover()

@@ -18,7 +18,9 @@ the invariants that must hold whatever the command was:
   filled + open + canceled + expired == its current total quantity, and the
   buy side filled exactly as much as the sell side;
 - every fill is between opposite sides, at a price the taker accepted, and
-  never between two orders of one owner when the taker asked for STP.
+  never between two orders of one owner when the taker asked for STP;
+- the dedupe window (``export_state().done``) is the reference's, which
+  recomputes the rule from the whole history of finished orders.
 
 :meth:`Harness.final_checks` also rebuilds the engine from its exported state
 (through a JSON round trip) and replays the whole command history into a fresh
@@ -52,16 +54,17 @@ from .reference import ReferenceBook
 __all__ = ["SPECS", "Harness", "fmt_command", "normalise"]
 
 SPECS: dict[str, Instrument] = {
-    # no band, default STP none, big dedupe window
-    "plain": Instrument.from_decimals("PLAIN", tick_size="0.01", lot_size="1", max_qty="40", max_price="2.00"),
-    # market orders banded to 3% of the best opposite price; a dedupe window of 7 finished orders
+    # no band, default STP none, big dedupe window but at most 6 ids a client
+    "plain": Instrument.from_decimals("PLAIN", tick_size="0.01", lot_size="1", max_qty="40", max_price="2.00",
+                                      dedupe_per_client=6),
+    # market orders banded to 3% of the best opposite price; a dedupe window of 7 finished orders, 3 a client
     "band": Instrument.from_decimals("BAND", tick_size="1", lot_size="1", max_qty="40", max_price="200",
-                                     price_band_bps=300, dedupe_window=7),
+                                     price_band_bps=300, dedupe_window=7, dedupe_per_client=3),
     # narrow band (0.6%: less than one tick at ~100), STP cancel_resting by default, 2-lot minimum,
-    # a dedupe window of 4 finished orders
+    # a dedupe window of 4 finished orders, 2 a client
     "tight": Instrument.from_decimals("TIGHT", tick_size="1", lot_size="0.5", min_qty="1", max_qty="20",
                                       max_price="200", price_band_bps=60, stp_default="cancel_resting",
-                                      dedupe_window=4),
+                                      dedupe_window=4, dedupe_per_client=2),
     # STP cancel_both by default, no dedupe memory at all, band of 100% (sells may go to any price)
     "nomemory": Instrument.from_decimals("NOMEM", tick_size="1", lot_size="1", max_qty="40", max_price="200",
                                          price_band_bps=10_000, stp_default="cancel_both", dedupe_window=0),
@@ -226,6 +229,8 @@ class Harness:
         assert not bids or not asks or bids[0] < asks[0], f"book crossed: {bids[0]} >= {asks[0]}"
         assert engine.book.best_bid() == (bids[0] if bids else None)
         assert engine.book.best_ask() == (asks[0] if asks else None)
+        window = engine.export_state().done
+        assert window == ref.done, f"dedupe windows differ\n engine:    {window}\n reference: {ref.done}"
 
         resting = engine.export_state().orders
         got = [(r.order_id, r.client_id, r.client_order_id, Side(r.side), r.price_ticks, r.qty_lots,

@@ -30,8 +30,14 @@ Rules as implemented (and as the tests hold the engine to):
 - GTD orders expire (``OrderExpired``) when a command's ``ts_ns`` reaches their
   ``expire_ns``; expiries are processed before that command, oldest expiry
   first (ties by order id). ``expire_ns`` must be a positive time after the order's ``ts_ns``.
-- Client order ids that are live, or finished and still within the
-  ``dedupe_window`` most recently finished orders, are duplicates.
+- Client order ids that are live, or finished and still remembered, are
+  duplicates. A finished order is remembered iff it is among its client's
+  ``dedupe_per_client`` most recently finished orders and among the
+  ``dedupe_window`` most recent of those: :func:`dedupe_window` recomputes that
+  from the whole history of finished orders after every finish.
+- Clear: a ``cleared`` event (operator, note, number of open orders) comes
+  first, also on an empty book, then every resting order is canceled
+  ``cleared`` in priority order.
 - Halt: while halted, every place and every amend is rejected
   ``instrument_halted`` before any other check (an amend carries the order id
   it named, a place none); cancels, cancel-all, clear and expiry go on. Halting
@@ -64,6 +70,7 @@ from exchange.commands import (
     ResumeInstrument,
 )
 from exchange.events import (
+    BookCleared,
     InstrumentHalted,
     InstrumentResumed,
     OrderAccepted,
@@ -75,7 +82,20 @@ from exchange.events import (
 )
 from exchange.types import CancelReason, OrderType, RejectReason, Side, StpMode, TimeInForce
 
-__all__ = ["RefOrder", "ReferenceBook"]
+__all__ = ["RefOrder", "ReferenceBook", "dedupe_window"]
+
+
+def dedupe_window(history: list[tuple[str, str, int]], size: int, per_client: int) -> list[tuple[str, str, int]]:
+    """The remembered entries of a history of finished orders (oldest first), straight from the rule.
+
+    First the orders among their client's ``per_client`` most recently finished, then the ``size``
+    most recent of those.
+    """
+    if size <= 0:
+        return []
+    recent_for_client = [e for i, e in enumerate(history)
+                         if sum(1 for later in history[i + 1:] if later[0] == e[0]) < per_client]
+    return recent_for_client[-size:]
 
 
 @dataclass
@@ -137,7 +157,8 @@ class ReferenceBook:
         self.next_order_id = 1
         self.next_trade_id = 1
         self.arrivals = 0
-        self.done: list[tuple[str, str, int]] = []  # oldest first, at most dedupe_window long
+        self.finished: list[tuple[str, str, int]] = []  # every finished order, in finish order
+        self._done: tuple[int, list[tuple[str, str, int]]] = (0, [])  # (len(finished), dedupe_window(finished))
         self.events: list[Any] = []
         self.ts = 0
         self.halted = False
@@ -192,12 +213,15 @@ class ReferenceBook:
                    reason=reason, text="")
 
     def _remember(self, client: str, coid: str, oid: int) -> None:
-        window = self.spec.dedupe_window
-        if window <= 0:
-            return
-        self.done.append((client, coid, oid))
-        while len(self.done) > window:
-            self.done.pop(0)
+        self.finished.append((client, coid, oid))
+
+    @property
+    def done(self) -> list[tuple[str, str, int]]:
+        """The remembered finished orders, oldest first (recomputed from the whole history when it grew)."""
+        if self._done[0] != len(self.finished):
+            self._done = (len(self.finished), dedupe_window(self.finished, self.spec.dedupe_window,
+                                                            self.spec.dedupe_per_client))
+        return self._done[1]
 
     def _take_out(self, order: RefOrder) -> None:
         lst = self.bids if order.side == Side.BUY else self.asks
@@ -255,7 +279,7 @@ class ReferenceBook:
         elif isinstance(cmd, CancelAll):
             self._cancel_all(cmd)
         elif isinstance(cmd, ClearBook):
-            self._clear()
+            self._clear(cmd)
         elif isinstance(cmd, RejectInput):
             self._emit(OrderRejected, client_id=cmd.client_id, client_order_id=cmd.client_order_id, order_id=None,
                        command=cmd.command, reason=cmd.reason, text="")
@@ -514,6 +538,8 @@ class ReferenceBook:
         for o in mine:
             self._cancel_order(o, CancelReason.REQUESTED)
 
-    def _clear(self) -> None:
-        for o in self.orders():
+    def _clear(self, cmd: ClearBook) -> None:
+        orders = self.orders()
+        self._emit(BookCleared, client_id=cmd.client_id, text=cmd.text, orders=len(orders))
+        for o in orders:
             self._cancel_order(o, CancelReason.CLEARED)

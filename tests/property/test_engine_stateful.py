@@ -209,6 +209,18 @@ class EngineVsReference(RuleBasedStateMachine):
         self.apply(PlaceOrder(self.symbol, client, coid, side, OrderType.LIMIT, price,
                               self.h.spec.min_qty_lots, ts_ns=self.ts))
 
+    @rule(client=clients, back=st.integers(0, 2), side=sides, price=st.integers(LOW, HIGH))
+    def reuse_own_finished_id_at_the_client_bound(self, client: str, back: int, side: Side, price: int) -> None:
+        """Place with the ids of ``client``'s (K - 1)-th, K-th or (K + 1)-th most recently finished order, K being
+        ``dedupe_per_client``: where one of its ids stops being a duplicate because of its own later orders."""
+        assert self.h is not None
+        own = [ident for ident in self.h.finished if ident[0] == client]
+        back += self.h.spec.dedupe_per_client - 2
+        if not 0 <= back < len(own):
+            return
+        self.apply(PlaceOrder(self.symbol, client, own[-1 - back][1], side, OrderType.LIMIT, price,
+                              self.h.spec.min_qty_lots, ts_ns=self.ts))
+
     @rule(pick=picks, best=st.booleans(), through=st.integers(0, 4), qty=st.integers(1, 12),
           tif=st.sampled_from([TimeInForce.FOK, TimeInForce.FOK, TimeInForce.IOC, TimeInForce.GTC]),
           stp=stps, market=st.sampled_from([False, False, True]))
@@ -294,7 +306,7 @@ class EngineVsReference(RuleBasedStateMachine):
             instrument = {"cancel_all": self.symbol, "cancel_all_everywhere": None}.get(what, "ELSEWHERE")
             self.apply(CancelAll(client, instrument, self.ts))
         else:
-            self.apply(ClearBook(self.symbol if what == "clear" else "ELSEWHERE", self.ts))
+            self.apply(ClearBook(self.symbol if what == "clear" else "ELSEWHERE", self.ts, "ops", "end of day"))
 
     @rule(what=st.sampled_from(["halt", "resume", "resume", "resume", "halt_elsewhere"]))
     def halt_or_resume(self, what: str) -> None:

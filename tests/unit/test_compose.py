@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from exchange.auth import ENV_KEYS
 from exchange.metrics import Metrics
 from exchange.settings import ENV_OVERRIDES, load_settings
 
@@ -67,8 +68,9 @@ def test_the_daemon_config_agrees_with_the_stack() -> None:
     assert config_arg == "config/compose.toml"
     env = {k: str(v) for k, v in exchange["environment"].items()}
     settings = load_settings(ROOT / config_arg, env=dict.fromkeys(env, "x"))
-    # only documented overrides, and no secret written in the TOML itself
-    assert set(env) <= set(ENV_OVERRIDES.values())
+    # only documented overrides (and the operator keys, which only the environment holds), no secret in the TOML
+    assert set(env) <= {*ENV_OVERRIDES.values(), ENV_KEYS}
+    assert ENV_KEYS in env  # the stack shows how the operator keys are provided
     raw = (ROOT / config_arg).read_text()
     assert not re.search(r"^\s*(sasl_)?password\s*=", raw, re.MULTILINE)
     assert "EXCHANGE_POSTGRES_PASSWORD" in env

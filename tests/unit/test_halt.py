@@ -8,6 +8,7 @@ it was. The flag is engine state: exported, restored and hashed.
 from __future__ import annotations
 
 from exchange import (
+    BookCleared,
     CancelAll,
     ClearBook,
     HaltInstrument,
@@ -88,9 +89,10 @@ def test_halting_twice_and_resuming_a_trading_instrument_are_rejected(engine: Ma
 
 def test_clear_and_expiry_still_work_while_halted(engine: MatchingEngine) -> None:
     run(engine, buy("g", 100, 1, tif=GTD, expire_ns=50, ts=1), buy("b", 99, 2, ts=2), halt(ts=3))
-    assert run(engine, ClearBook(SYM, ts_ns=60)) == [
-        expired(4, 1, "g", BUY, 100, 1, ts=60),
-        canceled(5, 2, "b", BUY, 99, 2, CLEARED, ts=60),
+    assert run(engine, ClearBook(SYM, 60, OPS, "end of day")) == [
+        expired(4, 1, "g", BUY, 100, 1, ts=60),  # expiries first, as for any input; not counted
+        BookCleared(SYM, 5, 60, OPS, "end of day", 1),
+        canceled(6, 2, "b", BUY, 99, 2, CLEARED, ts=60),
     ]
 
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from exchange import CancelAll, CancelOrder, ClearBook, Command, Exchange, MatchingEngine, RejectReason
+from exchange import BookCleared, CancelAll, CancelOrder, ClearBook, Command, Exchange, MatchingEngine, RejectReason
 from exchange.matching import DedupeWindow
 
 from ._helpers import (
@@ -136,7 +136,7 @@ def test_dedupe_window_zero_remembers_only_live_ids() -> None:
 
 
 def test_dedupe_window_evicts_oldest_first_across_clients_and_drops_emptied_clients() -> None:
-    window = DedupeWindow(3)
+    window = DedupeWindow(3, 10)
     for client, coid, oid in [("a", "1", 1), ("b", "1", 2), ("a", "2", 3), ("c", "9", 4)]:
         window.remember(client, coid, oid)
     assert window.entries() == [("b", "1", 2), ("a", "2", 3), ("c", "9", 4)]
@@ -149,20 +149,20 @@ def test_dedupe_window_evicts_oldest_first_across_clients_and_drops_emptied_clie
 def test_dedupe_window_adds_nothing_for_the_garbage_collector_to_track() -> None:
     """Every finished order enters the window; a tracked object per entry filled the collector's young
     generation, and each young collection traversed them all (the daemon's worst pauses)."""
-    window = DedupeWindow(100_000)
+    window = DedupeWindow(100_000, 500)
     window.remember("warm", "up", 1)
     gc.collect()
     enabled = gc.isenabled()
     gc.disable()  # a collection would untrack tuples of strings on its own and hide them
     try:
         tracked = len(gc.get_objects())
-        for i in range(20_000):
+        for i in range(20_000):  # 1,000 a client: past its bound of 500, so tombstones and sweeps too
             window.remember(f"client-{i % 20}", f"o{i}", i + 2)
-        assert len(gc.get_objects()) - tracked < 100
+        assert len(gc.get_objects()) - tracked < 100  # a deque for each busy client, no more
     finally:
         if enabled:
             gc.enable()
-    assert len(window.entries()) == 20_001
+    assert len(window.entries()) == 20 * 500 + 1
 
 
 # ------------------------------------------------------------------- cancel
@@ -270,15 +270,16 @@ def test_cancel_all_across_instruments_via_exchange() -> None:
 def test_clear_book_cancels_everything_in_priority_order(engine: MatchingEngine) -> None:
     run(engine, buy("a1", 99, 1), sell("b1", 102, 2, client=BOB), buy("a2", 100, 3), buy("c1", 99, 4, client=CAROL),
         sell("b2", 101, 5, client=BOB), sell("a3", 101, 6), buy("a4", 99, 7), cancel("a4"))
-    assert run(engine, ClearBook(SYM, ts_ns=5)) == [
-        canceled(9, 3, "a2", BUY, 100, 3, CLEARED, ts=5),
-        canceled(10, 1, "a1", BUY, 99, 1, CLEARED, ts=5),
-        canceled(11, 4, "c1", BUY, 99, 4, CLEARED, client=CAROL, ts=5),
-        canceled(12, 5, "b2", SELL, 101, 5, CLEARED, client=BOB, ts=5),
-        canceled(13, 6, "a3", SELL, 101, 6, CLEARED, ts=5),
-        canceled(14, 2, "b1", SELL, 102, 2, CLEARED, client=BOB, ts=5),
+    assert run(engine, ClearBook(SYM, 5, "ops-1", "fat finger")) == [
+        BookCleared(SYM, 9, 5, "ops-1", "fat finger", 6),  # the operator's action first, with the count
+        canceled(10, 3, "a2", BUY, 100, 3, CLEARED, ts=5),
+        canceled(11, 1, "a1", BUY, 99, 1, CLEARED, ts=5),
+        canceled(12, 4, "c1", BUY, 99, 4, CLEARED, client=CAROL, ts=5),
+        canceled(13, 5, "b2", SELL, 101, 5, CLEARED, client=BOB, ts=5),
+        canceled(14, 6, "a3", SELL, 101, 6, CLEARED, ts=5),
+        canceled(15, 2, "b1", SELL, 102, 2, CLEARED, client=BOB, ts=5),
     ]
     assert book(engine) == []
-    assert run(engine, ClearBook(SYM)) == []
+    assert run(engine, ClearBook(SYM, 6)) == [BookCleared(SYM, 16, 6, "", "", 0)]  # journaled on an empty book too
     assert run(engine, cancel("c1", client=CAROL)) == [
-        rejected(15, RejectReason.TOO_LATE, "c1", client=CAROL, command="cancel")]
+        rejected(17, RejectReason.TOO_LATE, "c1", client=CAROL, command="cancel")]

@@ -6,6 +6,7 @@ import msgspec
 import pytest
 
 from exchange import (
+    BookCleared,
     CancelAll,
     ClearBook,
     Command,
@@ -88,7 +89,7 @@ def test_sequence_numbers_step_by_one_across_every_event_type(engine: MatchingEn
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
     assert engine.seq == len(events)
     assert {type(e) for e in events} == {OrderAccepted, OrderRejected, OrderFilled, OrderCanceled, OrderAmended,
-                                         OrderExpired}
+                                         OrderExpired, BookCleared}
     assert book(engine) == []
 
 
@@ -141,10 +142,11 @@ def test_the_script_event_by_event(engine: MatchingEngine) -> None:
         accepted(27, 13, "a2", SELL, 98, 2, stp=S.CANCEL_RESTING, ts=63),
         canceled(28, 12, "a1", BUY, 98, 1, SELF_TRADE, ts=63),
         # CancelAll(CAROL): she has nothing open, so no events
-        canceled(29, 11, "y", BUY, 95, 1, CLEARED, ts=70),
-        canceled(30, 13, "a2", SELL, 98, 2, CLEARED, ts=70),
-        canceled(31, 2, "s2", SELL, 102, 4, CLEARED, client=BOB, ts=70),
-        canceled(32, 9, "p1", SELL, 102, 2, CLEARED, ts=70),
+        BookCleared(SYM, 29, 70, "", "", 4),
+        canceled(30, 11, "y", BUY, 95, 1, CLEARED, ts=70),
+        canceled(31, 13, "a2", SELL, 98, 2, CLEARED, ts=70),
+        canceled(32, 2, "s2", SELL, 102, 4, CLEARED, client=BOB, ts=70),
+        canceled(33, 9, "p1", SELL, 102, 2, CLEARED, ts=70),
     ]
 
 
@@ -259,6 +261,7 @@ def test_export_and_restore_round_trip() -> None:
         ("OrderCanceled", "s2", SELF_TRADE),
         ("OrderExpired", "gx", None),
         ("OrderExpired", "g", None),
+        ("BookCleared", None, None),
         ("OrderCanceled", "t2", CLEARED),
         ("OrderCanceled", "b1", CLEARED),
         ("OrderCanceled", "a", CLEARED),

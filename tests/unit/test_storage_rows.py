@@ -31,6 +31,7 @@ from exchange.storage_rows import (
     derive_rows,
 )
 from tests.integration._workload import SPECS, Workload
+from tests.property.reference import dedupe_window
 
 SPEC = Instrument.from_decimals("X", tick_size="0.05", lot_size="0.01")
 SPECS_X = {"X": SPEC}
@@ -251,12 +252,12 @@ def test_rows_follow_the_engine_over_a_random_stream(seed: int) -> None:
             r = open_rows[oid]
             assert (r["remaining_lots"], r["qty_lots"], r["price_ticks"], r["priority"], r["filled_lots"]) == (
                 o.remaining, o.qty, o.price, o.priority, o.qty - o.remaining)
-        # the dedupe window: finished orders by (updated_seq, priority), newest last
+        # the dedupe window: the rule over the finished orders by (updated_seq, priority), newest last
         finished = sorted((r for (s, _), r in table.items()
                            if s == spec.symbol and r["status"] in ("filled", "canceled", "expired")),
                           key=lambda r: (r["updated_seq"], r["priority"]))
-        window = [(r["client_id"], r["client_order_id"], r["order_id"]) for r in finished][-spec.dedupe_window:]
-        assert window == engine.export_state().done
+        history = [(r["client_id"], r["client_order_id"], r["order_id"]) for r in finished]
+        assert dedupe_window(history, spec.dedupe_window, spec.dedupe_per_client) == engine.export_state().done
 
 
 def test_halt_and_resume_are_stored_events_and_the_halted_flag_follows_them_across_batches() -> None:
@@ -274,3 +275,19 @@ def test_halt_and_resume_are_stored_events_and_the_halted_flag_follows_them_acro
     rows = d.rows(ResumeInstrument("X", "ops", "", 5))
     assert rows.progress["X"] == Progress(5, 2, 1, halted=False)
     assert rows.events[0][3] == "resumed"
+
+
+def test_a_clear_is_an_events_row_naming_the_operator_before_its_cancellations() -> None:
+    from exchange import BookCleared, ClearBook
+
+    d = Driver()
+    d.rows(place("alice", "a1", BUY, 2000, 5, ts=1), place("bob", "b1", SELL, 2100, 5, ts=2))
+    rows = d.rows(ClearBook("X", 3, "ops-anna", "end of day"), ClearBook("X", 4, "ops-anna"))
+    assert [(e[1], e[2], e[3], e[4], e[5]) for e in rows.events] == [
+        (3, 3, "cleared", None, "ops-anna"), (4, 3, "canceled", 1, "alice"), (5, 3, "canceled", 2, "bob"),
+        (6, 4, "cleared", None, "ops-anna")]
+    assert msgspec.json.decode(rows.events[0][6], type=Event) == BookCleared("X", 3, 3, "ops-anna", "end of day", 2)
+    assert msgspec.json.decode(rows.events[3][6], type=Event) == BookCleared("X", 6, 4, "ops-anna", "", 0)
+    assert [(u[1], u[7]) for u in rows.order_updates] == [(1, "canceled"), (2, "canceled")]
+    assert rows.new_orders == []
+    assert rows.progress["X"] == Progress(6, 3, 1)

@@ -398,3 +398,84 @@ def test_a_commit_is_slow_past_100_ms_plus_20_us_per_event() -> None:
 
     slow = [line for line in asyncio.run(scenario()) if line["event"] == "slow journal commit"]
     assert [line["events"] for line in slow] == [1]
+
+
+# --------------------------------------------------------------- only the batch's own content stops the writer
+
+
+class FlakyStore(GatedStore):
+    """Each commit raises the next of ``failures`` (then succeeds), and notes the writer's readiness
+    (``degraded``, ``last_error``) as each attempt begins."""
+
+    def __init__(self, failures: list[BaseException | None]) -> None:
+        super().__init__()
+        self.failures = failures
+        self.writer: JournalWriter | None = None
+        self.seen: list[tuple[bool, str | None]] = []
+
+    async def commit(self, batch: Batch, prepared: object = None, *, server_side: asyncio.Event | None = None,
+                     after: asyncio.Future[None] | None = None) -> None:
+        assert self.writer is not None
+        self.seen.append((self.writer.degraded, self.writer.last_error))
+        if server_side is not None:
+            server_side.set()
+        failure = self.failures.pop(0) if self.failures else None
+        if isinstance(failure, asyncio.CancelledError):
+            inner: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            inner.cancel()  # a future inside the "driver" cancelled by someone else: not this task
+            await inner
+        if failure is not None:
+            raise failure
+        self.log.append(("durable", _last(batch)))
+
+
+def test_a_commit_failing_for_any_reason_but_its_content_is_retried_and_shows_in_readiness() -> None:
+    """A retriable store error, an exception the store did not classify, and a CancelledError from inside the
+    store that is no cancellation of the writer: each is retried with the same batch, and readiness names it
+    until a commit succeeds."""
+
+    async def scenario() -> tuple[FlakyStore, JournalWriter, list[int]]:
+        engine = make_engine()
+        store = FlakyStore([StoreUnavailable("connection lost", retriable=True),
+                            RuntimeError("cannot switch to state 12; another operation (2) is in progress"),
+                            asyncio.CancelledError(), None])
+        heard: list[int] = []
+
+        async def listener(batch: Batch) -> None:
+            heard.append(_last(batch))
+
+        queue: asyncio.Queue[list[JournalItem] | None] = asyncio.Queue()
+        writer = store.writer = JournalWriter(store, queue, linger_ms=0, backoff_max_s=0.05,  # type: ignore[arg-type]
+                                              listeners=[listener])
+        await queue.put(_chunk(engine, 3))
+        await queue.put(None)
+        await asyncio.wait_for(writer.run(), 5)
+        return store, writer, heard
+
+    store, writer, heard = asyncio.run(scenario())
+    assert heard == [3]
+    assert store.log == [("prepare", 3), ("durable", 3)]  # prepared once, the same batch committed four times
+    assert [degraded for degraded, _ in store.seen] == [False, True, True, True]
+    errors = [error or "" for _, error in store.seen[1:]]
+    assert "connection lost" in errors[0]
+    assert "RuntimeError" in errors[1]
+    assert "cancellation" in errors[2]
+    assert not writer.degraded
+    assert writer.last_error is None
+
+
+def test_a_writer_cancelled_in_the_middle_of_a_commit_stops_and_does_not_retry() -> None:
+    async def scenario() -> GatedStore:
+        engine = make_engine()
+        store = GatedStore()
+        queue, task = _run_writer(store, linger_ms=0)
+        await queue.put(_chunk(engine, 2))
+        await _settle()
+        assert store.log == [("prepare", 2), ("commit", 2)]
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 5)
+        return store
+
+    store = asyncio.run(scenario())
+    assert store.log == [("prepare", 2), ("commit", 2)]  # no second attempt
