@@ -62,6 +62,13 @@ _ROUND_EVENTS = 2000
 _YIELD_EVERY = 1000
 
 
+def _transient(exc: BaseException) -> bool:
+    """Might sending the same round again succeed? A broker's error (it carries ``retriable``: even one that is
+    not, such as a missing authorization, is the deployment's to fix, and then it goes through), a timeout, a
+    lost connection: yes. Anything else is a bug on the way to the broker."""
+    return isinstance(exc, TimeoutError | OSError | ConnectionError) or hasattr(exc, "retriable")
+
+
 class SinkUnavailable(Exception):
     """The market-data sink cannot be reached; the message says where and why (never a secret)."""
 
@@ -356,6 +363,10 @@ class Publisher:
             self._metrics.marketdata_messages.inc(len(commands))
 
     async def _to_kafka(self, applied: Sequence[Applied]) -> None:
+        """Publish the round, sending it again while the broker fails (a record the broker refuses for what it
+        is, the publisher drops itself). Anything else that fails -- a bug on the way to the broker -- would
+        fail the same way forever: the round's Kafka publication is dropped, loudly, instead of stalling
+        every instrument behind it (its events are durable, and in the store)."""
         delay = 0.05
         attempt = 0
         while True:
@@ -365,6 +376,18 @@ class Publisher:
             except Exception as exc:  # aiokafka raises KafkaError subclasses, and asyncio timeouts
                 if isinstance(exc, asyncio.CancelledError):
                     raise
+                if not _transient(exc):
+                    seqs: dict[str, list[int]] = {}
+                    for item in applied:
+                        if item.events:
+                            span = seqs.setdefault(item.instrument, [item.events[0].seq, item.events[-1].seq])
+                            span[1] = item.events[-1].seq
+                    self._log.error("publishing a round to Kafka failed for a reason that sending it again cannot "
+                                    "fix; its events are durable but not on the events topic", seqs=seqs,
+                                    error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+                    if self._metrics is not None:
+                        self._metrics.publish_failures.labels("kafka").inc()
+                    return
                 self.kafka_error = f"{type(exc).__name__}: {exc}"
                 if self._metrics is not None:
                     self._metrics.publish_failures.labels("kafka").inc()

@@ -35,7 +35,10 @@ class OffsetTracker:
 
     def dispatched(self, tp: TopicPartition, offset: int) -> None:
         """A message was handed on; it is not durable yet."""
-        self._pending.setdefault(tp, deque()).append(offset)
+        pending = self._pending.get(tp)
+        if pending is None:  # (not setdefault: that would build a deque for every message)
+            pending = self._pending[tp] = deque()
+        pending.append(offset)
         self._next[tp] = offset + 1
 
     def durable(self, tp: TopicPartition, offset: int) -> None:

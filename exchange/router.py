@@ -24,7 +24,7 @@ The checks, in order (each a reason code of :class:`~exchange.types.RejectReason
 4. ``op`` and identity (instrument, client id, client order id; see :mod:`exchange.codec`):
    ``malformed``; a daemon needs an instrument on every message (``instrument_required``; the
    library and ``exchange replay`` fan an instrument-less ``cancel_all`` out to every instrument);
-5. the instrument: configured (``unknown_instrument``), and — with ``partition_of`` (the daemon) —
+5. the instrument: configured (``unknown_instrument``), and — with ``partitions`` (the daemon) —
    the message on that instrument's orders partition and keyed by the instrument
    (``wrong_partition``, ``Refusal.expected_partition``): an instrument's order is then never decided
    by the timing of two partitions' fetches;
@@ -39,7 +39,7 @@ which is what lets a restart re-read the input and decide exactly as the first r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,19 +101,20 @@ class Router:
     """Routes wire messages (see the module docstring).
 
     ``verifier``: checks operator actions; None trusts them (``exchange replay`` without
-    ``--verify-signatures``). ``partition_of``: an instrument's orders partition, for the daemon's
-    partition and key check; None skips it (no partitions: a file, a generator). ``fan_out``: an
+    ``--verify-signatures``). ``partitions``: each instrument's orders partition, for the daemon's
+    partition and key check (an instrument it does not name is checked for its key only); None skips both
+    (no partitions: a file, a generator). The daemon keeps the mapping current. ``fan_out``: an
     instrument-less ``cancel_all`` or ``snapshot`` is for every instrument (the library's rule) instead
     of a refusal (the daemon's, which routes by instrument).
     """
 
     def __init__(self, instruments: Mapping[str, Instrument], *, verifier: Verifier | None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 partition_of: Callable[[str], int | None] | None = None, fan_out: bool = False) -> None:
+                 partitions: Mapping[str, int] | None = None, fan_out: bool = False) -> None:
         self._specs = instruments
         self._verifier = verifier
         self.max_message_bytes = max_message_bytes
-        self._partition_of = partition_of
+        self._partitions = partitions
         self._fan_out = fan_out
         self._keys = {symbol: symbol.encode() for symbol in instruments}  # the key each instrument's messages carry
 
@@ -174,8 +175,8 @@ class Router:
         if own_key is None:
             return Refusal(RejectReason.UNKNOWN_INSTRUMENT, f"unknown instrument {quote(instrument)}", client_id,
                            client_order_id, instrument, command)
-        if self._partition_of is not None:
-            expected = self._partition_of(instrument)
+        if self._partitions is not None:
+            expected = self._partitions.get(instrument)
             if expected is not None and partition != expected:
                 return Refusal(RejectReason.WRONG_PARTITION, f"{instrument} lives on partition {expected} of the "
                                f"orders topic, not {partition}: key every message by its instrument and use the "

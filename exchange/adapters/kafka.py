@@ -202,12 +202,15 @@ class OrderSource:
         self._home = _homes(self._applied, topic)  # instrument -> the orders partition it lives on (stored)
         self._n_partitions = 0  # of the orders topic, once known: murmur2 places instruments not yet stored
         self._murmur: dict[tuple[str, int], int] = {}  # configured instruments only: the router asks for no other
+        self._partitions: dict[str, int] = {}  # configured instrument -> partition_of(it), for the router
+        self._refresh_partitions()
         self._router = Router(instruments, verifier=verifier or Verifier({}), max_message_bytes=max_message_bytes,
-                              partition_of=self.partition_of)
+                              partitions=self._partitions)
         self._refused: list[_Refused] = []  # refusals of the current poll, sent together at its end
         self._dead_through: dict[tuple[str, int], int] = {}  # per partition: dead-lettered through (read back)
         self.incidents: dict[tuple[str, int], Incident] = {}
         self._ready: set[tuple[str, int]] = set()  # partitions whose assignment plan is in place
+        self._routable: set[tuple[str, int]] = set()  # of those, the ones without an incident
         self._assigning = False
         self._dead_log = _RateLimited(self._log, "message dead-lettered", per_s=10)
         self.consumed = 0
@@ -268,6 +271,15 @@ class OrderSource:
         if found is None:  # murmur2 in Python costs microseconds: once per instrument
             found = self._murmur[(instrument, self._n_partitions)] = partition_for(instrument, self._n_partitions)
         return found
+
+    def _refresh_partitions(self) -> None:
+        """The router's mapping, after the topic's partitions became known or an instrument's was stored."""
+        for symbol in self._specs:
+            partition = self.partition_of(symbol)
+            if partition is None:
+                self._partitions.pop(symbol, None)
+            else:
+                self._partitions[symbol] = partition
 
     def partition_progress(self, applied: Sequence[Applied]) -> dict[tuple[str, int], int]:
         """The journal writer forms a batch of ``applied``: per partition read here, the offset every message
@@ -346,23 +358,24 @@ class OrderSource:
     def _route(self, consumer: AIOKafkaConsumer, tp: TopicPartition, record: Any) -> Coroutine[Any, Any, None] | None:
         """Route one record; returns the work still to await, if any (None on the fast path)."""
         key = (tp.topic, tp.partition)
-        if key not in self._ready:
-            return None  # fetched before the assignment's plan was in place: read again from the plan's start
-        if key in self.incidents:
-            return None  # fetched before the partition was paused: read again once the incident is resolved
-        if record.offset < self._position.get(key, 0):
-            # already routed once (fetched again after a seek): applying it twice would duplicate its events
-            self.skipped += 1
+        if key not in self._routable:
+            # fetched before the assignment's plan was in place (read again from the plan's start), or before
+            # the partition was paused for an incident (read again once it is resolved)
             return None
-        if not self.consumed:
-            self._log.info("first message consumed", partition=tp.partition, offset=record.offset)
-        expected = self._position.get(key)
-        if expected is not None and record.offset > expected:  # never silent: say what was not delivered
+        offset = record.offset
+        position = self._position.get(key, 0)
+        if offset != position:
+            if offset < position:
+                # already routed once (fetched again after a seek): applying it twice would duplicate its events
+                self.skipped += 1
+                return None
             self._log.warning("offsets of the orders partition were not delivered (transaction markers or "
                               "compaction; if neither is in use, the broker lost data)", partition=tp.partition,
-                              missing_from=expected, missing_to=record.offset - 1)
+                              missing_from=position, missing_to=offset - 1)
+        if not self.consumed:
+            self._log.info("first message consumed", partition=tp.partition, offset=offset)
         self.consumed += 1
-        self._position[key] = record.offset + 1
+        self._position[key] = offset + 1
         ts_ms = record.timestamp
         route = self._router.route(record.value, ts_ms * 1_000_000 if ts_ms is not None and ts_ms >= 0 else -1,
                                    key=record.key, partition=tp.partition)
@@ -539,6 +552,7 @@ class OrderSource:
                     self._applied[key] = pos.offset
                     if pos.topic == self.topic and item.instrument not in self._home:
                         self._home[item.instrument] = pos.partition  # stored with this batch
+                        self._refresh_partitions()
 
     def _skipped(self, key: tuple[str, int], offset: int) -> None:
         self.tracker.skipped(key, offset)
@@ -578,6 +592,7 @@ class OrderSource:
 
     async def _plan_assigned(self, consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> None:
         self._n_partitions = len(consumer.partitions_for_topic(self.topic) or ()) or self._n_partitions
+        self._refresh_partitions()
         stored = await self._stored_offsets()
         for tp in tps:
             key = (tp.topic, tp.partition)
@@ -596,6 +611,7 @@ class OrderSource:
             self._replay_until[key] = ends
             self._dead_through[key] = dead_through
             self._ready.add(key)
+            self._routable.add(key)
             if not self._paused:  # (back-pressure resumes it with the rest)
                 consumer.resume(tp)
             self._log.info("partition assigned", partition=tp.partition, start_offset=start,
@@ -658,6 +674,7 @@ class OrderSource:
         if key in self.incidents:
             return
         incident = self.incidents[key] = Incident(tp.topic, tp.partition, problem, time.time())
+        self._routable.discard(key)
         if tp in consumer.assignment():
             consumer.pause(tp)
         self._replay_until.pop(key, None)
@@ -739,6 +756,7 @@ class OrderSource:
         self._dead_through.pop(key, None)
         self._position[key] = start
         consumer.seek(tp, start)
+        self._routable.add(key)
         consumer.resume(tp)
         self._replay_until[key] = end
         self.caught_up = False
@@ -810,6 +828,7 @@ class OrderSource:
             self.incidents.pop(key, None)
             self._dead_through.pop(key, None)
             self._ready.discard(key)
+            self._routable.discard(key)
 
 
 def _homes(applied: Mapping[tuple[str, str, int], int], topic: str) -> dict[str, int]:

@@ -258,6 +258,6 @@ def expected_outcomes(records: Sequence[tuple[Record, int, int]], instruments: S
                       partitions: int, keys: dict[str, bytes], max_message_bytes: int) -> list[Any]:
     """What the daemon's router decides for each produced ``(record, partition, offset)``, in that order."""
     specs = {s.symbol: s for s in instruments}
-    router = Router(specs, verifier=Verifier(keys), partition_of=lambda s: partition_for(s, partitions),
+    router = Router(specs, verifier=Verifier(keys), partitions={s: partition_for(s, partitions) for s in specs},
                     max_message_bytes=max_message_bytes)
     return [router.route(r.value, r.timestamp_ms * 1_000_000, key=r.key, partition=p) for r, p, _ in records]

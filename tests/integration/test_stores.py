@@ -15,6 +15,7 @@ SQLite's file handling) is tested in ``test_postgres_store.py`` and below.
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -772,5 +773,55 @@ def test_sqlite_unmigrated_locked_and_foreign_files_say_what_to_do(tmp_path: Pat
                 await store.migrate()
         assert not info.value.retriable
         assert "not a database" in str(info.value)
+
+    run(scenario())
+
+
+# ------------------------------------------------------ what the edge lets through, the store holds
+
+def test_every_value_the_edge_lets_through_is_stored(backend: Backend) -> None:
+    """The router's limits are the store's: messages at every limit (64-character identifiers of any script,
+    order ids just below 2^63, times at 2100, 200-character notes, the largest price and quantity) go through
+    the daemon's edge and the engine into one batch, which commits and recovers on every backend."""
+    from exchange.codec import MAX_TS_NS
+    from exchange.router import Refusal, Router, SnapshotRequested
+
+    spec = Instrument.from_decimals("EDGE", tick_size="0.000000000000000001", lot_size="0.000000000000000001")
+    router = Router({spec.symbol: spec}, verifier=None, partitions=None)
+    ident = "é株💥" * 21 + "x"  # 64 characters, 4-byte ones among them
+    late = MAX_TS_NS - 10
+    big_price = spec.ticks_to_price(spec.max_price_ticks)
+    big_qty = spec.lots_to_qty(spec.max_qty_lots)
+    messages = [
+        {"op": "place", "instrument": "EDGE", "client_id": ident, "client_order_id": ident, "side": "sell",
+         "price": big_price, "qty": big_qty, "tif": "GTD", "expire_ns": MAX_TS_NS},
+        {"op": "place", "instrument": "EDGE", "client_id": "b", "client_order_id": "b" * 64, "side": "buy",
+         "price": big_price, "qty": spec.lots_to_qty(spec.max_qty_lots // 2)},  # a notional of 5 x 10^29
+        {"op": "cancel", "instrument": "EDGE", "client_id": ident, "order_id": 2**63 - 1},
+        {"op": "amend", "instrument": "EDGE", "client_id": ident, "client_order_id": ident, "qty": big_qty},
+        {"op": "halt", "instrument": "EDGE", "client_id": ident, "text": "ü\t\n" * 66 + "x!"},
+        {"op": "place", "instrument": "EDGE", "client_id": "c", "client_order_id": "c", "side": "buy",
+         "price": "1", "qty": "1"},  # refused (halted), and past the largest quantity: a rejection either way
+        {"op": "clear", "instrument": "EDGE", "client_id": ident, "text": "x" * 200},
+    ]
+    engine = MatchingEngine(spec)
+    applied = []
+    for n, msg in enumerate(messages):
+        command = router.route(json.dumps(msg).encode(), late + n)
+        assert not isinstance(command, Refusal | SnapshotRequested), command
+        applied.append(Applied(spec.symbol, engine.apply(command), InputPosition("in", 0, n)))
+
+    async def scenario() -> None:
+        store = await backend.store([spec])
+        try:
+            await store.commit(Batch(applied, partitions={("in", 0): len(messages) - 1}))
+        finally:
+            await store.stop()
+        async with backend.new_store([spec]) as again:
+            recovered = await recover(again, [spec])
+        assert MatchingEngine.from_state(spec, recovered[spec.symbol].state).state_hash() == engine.state_hash()
+        rows = await backend.fetch("SELECT client_id, ts_ns FROM order_events WHERE instrument = 'EDGE' ORDER BY seq")
+        assert rows[0]["client_id"] == ident
+        assert max(r["ts_ns"] for r in rows) == late + len(messages) - 1
 
     run(scenario())

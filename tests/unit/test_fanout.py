@@ -117,6 +117,34 @@ class RoundOutput:
         self.rounds.append(sum(len(a.events) for a in applied))
 
 
+class BuggyOutput(RoundOutput):
+    """Fails its second round with an error no retry can fix (a bug on the way to the broker)."""
+
+    async def publish(self, applied: Sequence[Applied]) -> None:
+        if len(self.rounds) == 1 and not getattr(self, "failed", False):
+            self.failed = True
+            raise ValueError("a bug in the encoder")
+        await super().publish(applied)
+
+
+def test_a_round_that_can_never_be_published_is_dropped_not_retried_forever() -> None:
+    async def main() -> None:
+        work = Workload(seed=6)
+        batches = work.batches(1500, max_batch=100, snapshot_every=0)
+        output = BuggyOutput()
+        pub = await _publisher(output, MemorySink(), queue_size=len(batches) + 1)
+        for batch in batches:
+            await pub.on_durable(batch)
+        await pub.close()
+        await asyncio.wait_for(pub.run(), 30)  # returns: nothing loops on the bad round
+        total = sum(len(a.events) for b in batches for a in b.applied)
+        assert 0 < sum(output.rounds) < total  # the other rounds went out
+        for symbol in pub.published:  # and the watermark moved past the dropped one
+            assert pub.published[symbol] == work.engines[symbol].seq
+
+    asyncio.run(main())
+
+
 def test_a_backlog_is_published_in_rounds_of_bounded_size() -> None:
     """A round runs on the daemon's one thread; a backlog must not become one long round."""
     async def main() -> None:

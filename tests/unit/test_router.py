@@ -31,7 +31,7 @@ HOME = partition_for("BTC-USD", PARTITIONS)
 
 
 def daemon_router(**kw: Any) -> Router:
-    return Router(SPECS, verifier=Verifier(KEYS), partition_of=lambda s: partition_for(s, PARTITIONS), **kw)
+    return Router(SPECS, verifier=Verifier(KEYS), partitions={s: partition_for(s, PARTITIONS) for s in SPECS}, **kw)
 
 
 def route(msg: dict[str, Any] | bytes, *, ts_ns: int = TS, key: bytes | None = b"BTC-USD",
@@ -262,7 +262,7 @@ def test_unsigned_wrongly_signed_stale_or_unknown_key_actions_are_not_authorized
 
 
 def test_without_keys_every_operator_action_is_refused() -> None:
-    no_keys = Router(SPECS, verifier=Verifier({}), partition_of=lambda s: partition_for(s, PARTITIONS))
+    no_keys = Router(SPECS, verifier=Verifier({}), partitions={s: partition_for(s, PARTITIONS) for s in SPECS})
     msg = sign(halt(), "ops-1", KEYS["ops-1"], TS // 1_000_000)
     assert "no operator keys" in _not_authorized(msg, "ops-anna", r=no_keys)
 
@@ -361,3 +361,31 @@ def test_replay_reads_an_over_long_line_without_holding_it() -> None:
     first, second = (json.loads(line) for line in out.getvalue().splitlines())
     assert first["error"]["reason"] == "message_too_large"
     assert second["events"][0]["type"] == "accepted"
+
+
+def test_replay_trusts_its_file_unless_asked_to_verify_signatures() -> None:
+    import io
+    import subprocess
+    import sys
+
+    from exchange import replay
+
+    unsigned = json.dumps(halt(ts_ns=TS)).encode()
+    signed = json.dumps(sign(halt(ts_ns=TS + 1), "ops-1", KEYS["ops-1"], TS // 1_000_000)).encode()
+    resume = json.dumps({"op": "resume", "instrument": "BTC-USD", "client_id": "ops", "ts_ns": TS + 2}).encode()
+
+    def kinds(verifier: Verifier | None) -> list[str]:
+        out = io.BytesIO()
+        replay.replay([unsigned, signed, resume], out, [SPEC], verifier=verifier)
+        return [e["type"] + (f":{e['reason']}" if "reason" in e else "")
+                for line in out.getvalue().splitlines() for e in json.loads(line)["events"]]
+
+    assert kinds(None) == ["halted", "rejected:instrument_halted", "resumed"]  # the operator's own file
+    assert kinds(Verifier(KEYS)) == ["rejected:not_authorized", "halted", "rejected:not_authorized"]
+    # the command line reads the keys from the environment, as the daemon does
+    env = {"EXCHANGE_ADMIN_KEYS": "ops-1:" + KEYS["ops-1"].decode(), "PATH": "/usr/bin:/bin"}
+    cli = subprocess.run([sys.executable, "-m", "exchange", "replay", "--symbol", "BTC-USD", "--tick", "0.01",
+                          "--lot", "0.001", "--verify-signatures"], input=b"\n".join([unsigned, signed, resume]),
+                         capture_output=True, env=env, timeout=60, check=True)
+    types = [e["type"] for line in cli.stdout.splitlines() for e in json.loads(line)["events"]]
+    assert types == ["rejected", "halted", "rejected"]
