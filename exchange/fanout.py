@@ -57,7 +57,7 @@ _MAX_ROUND = 64  # batches taken per round at most (bounds one round's work)
 # A round stops taking batches once it holds this many events. A round's work runs on the daemon's one
 # thread between awaits, and the journal writer waits behind it: short rounds, a yield after an
 # instrument's market data of at least _YIELD_EVERY events, and one every 1,000 events the Kafka
-# publisher encodes (exchange/adapters/kafka.py) keep the commit path moving.
+# publisher encodes (exchange/adapters/kafka/publisher.py) keep the commit path moving.
 _ROUND_EVENTS = 2000
 _YIELD_EVERY = 1000
 

@@ -116,7 +116,7 @@ class Instrument:
     ``dedupe_per_client`` how many of them one client may hold: a finished order
     is remembered while it is among its client's ``dedupe_per_client`` most
     recently finished orders and among the ``dedupe_window`` most recent of those
-    (see :class:`exchange.matching.DedupeWindow`). A value above
+    (see :class:`exchange.dedupe.DedupeWindow`). A value above
     ``dedupe_window`` behaves as ``dedupe_window``.
     """
 

@@ -25,7 +25,7 @@ Rules (one event at a time, sequence numbers strictly +1):
 - ``rejected``: nothing changes but the seq.
 
 A finished order enters the dedupe window exactly as the engine remembers it
-(:class:`exchange.matching.DedupeWindow`, same ``dedupe_window`` and
+(:class:`exchange.dedupe.DedupeWindow`, same ``dedupe_window`` and
 ``dedupe_per_client``, same finish order). Started from a snapshot, which
 leaves the window out, the applier knows only the orders finished since; since
 whether an order is remembered depends only on the orders finished after it,
@@ -45,6 +45,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from exchange.book import Order, OrderBook
+from exchange.dedupe import DedupeWindow
 from exchange.events import (
     BookCleared,
     Event,
@@ -58,7 +59,7 @@ from exchange.events import (
     OrderRejected,
 )
 from exchange.instruments import Instrument
-from exchange.matching import DedupeWindow, EngineState, engine_state_hash, resting_orders
+from exchange.matching import EngineState, engine_state_hash, resting_orders
 from exchange.types import OrderType, Side, StpMode, TimeInForce
 
 __all__ = ["EventApplier", "ReplayError"]

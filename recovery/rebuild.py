@@ -15,7 +15,7 @@ The dedupe window of such a replay is the part of the window that finished
 after the snapshot (the daemon's snapshots leave the window out, and one that an
 earlier version stored followed the rule and settings of its time, so the replay
 does without it). Whether an order is in the window depends only on the orders
-finished after it (:class:`exchange.matching.DedupeWindow`), so that part is
+finished after it (:class:`exchange.dedupe.DedupeWindow`), so that part is
 known exactly: the loaded window's entries of orders that finished after the
 snapshot -- those open in it or accepted after it -- must be the replay's
 entries, in the same order (see :func:`describe_difference`).

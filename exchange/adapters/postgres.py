@@ -71,10 +71,11 @@ import asyncpg
 import msgspec
 import structlog
 
+from exchange.dedupe import NewestFirstWindow
 from exchange.events import Event
 from exchange.instruments import Instrument
 from exchange.journal import Batch, InputReset, Position, Recovered, SnapshotRequest, StoreUnavailable
-from exchange.matching import EngineState, NewestFirstWindow, RestingOrder
+from exchange.matching import EngineState, RestingOrder
 from exchange.migrations import apply_migrations
 from exchange.settings import PostgresSettings
 from exchange.storage_rows import (

@@ -57,10 +57,11 @@ from typing import Any, TypeVar
 import msgspec
 import structlog
 
+from exchange.dedupe import NewestFirstWindow
 from exchange.events import Event
 from exchange.instruments import Instrument
 from exchange.journal import Batch, InputReset, Position, Recovered, SnapshotRequest, StoreUnavailable
-from exchange.matching import EngineState, NewestFirstWindow, RestingOrder
+from exchange.matching import EngineState, RestingOrder
 from exchange.storage_rows import (
     EVENT_COLUMNS,
     ORDER_COLUMNS,

@@ -2,7 +2,7 @@
 
 A finished order is remembered iff it is among its client's K most recently
 finished orders and among the N most recent of those (see
-:class:`exchange.matching.DedupeWindow`): a busy client cannot push out another
+:class:`exchange.dedupe.DedupeWindow`): a busy client cannot push out another
 client's ids, it takes N/K other clients to do so. Exact events through the
 engine, then the window's structure (tombstones and their sweeps, restore, the
 newest-first rebuild the stores use) directly.
@@ -13,7 +13,8 @@ from __future__ import annotations
 import pytest
 
 from exchange import Instrument, MatchingEngine, RejectReason
-from exchange.matching import DedupeWindow, EngineState, NewestFirstWindow
+from exchange.dedupe import DedupeWindow, NewestFirstWindow
+from exchange.matching import EngineState
 from recovery.rebuild import describe_difference
 
 from ._helpers import ALICE, BOB, BUY, CAROL, IOC, accepted, buy, make_engine, rejected, run

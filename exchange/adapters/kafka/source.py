@@ -1,4 +1,4 @@
-"""Kafka at the edges: the order source (consumer) and the event publisher (producer).
+"""The Kafka order source: the orders topic as a member of a consumer group, into the instruments' loops.
 
 :class:`OrderSource` consumes the orders topic as a member of a consumer group.
 Each message is decoded and validated here, at the edge, and put on its
@@ -50,90 +50,41 @@ operator asks to continue from a stated offset (``exchange admin
 accept-offset``, journaled in ``input_resets``; the daemon applies it once
 nothing of the partition is in flight).
 
-:class:`KafkaEventPublisher` publishes durable events to the order-events topic,
-keyed by client id so that each client's events stay in order (a fill goes to
-both its maker's and its taker's key), and every fill to the trades topic keyed
-by instrument. It is driven by :class:`exchange.fanout.Publisher`, off the
-commit path. When an order is resubmitted (same client
-order id), the duplicate is rejected and the sender also gets an
-``order_status`` message with the original order's current state, so a producer
-that retried learns the outcome of its first submission.
+One class owns all of a partition's state here (read position, the two offset trackers, incidents,
+dead letters read back, the instruments' partitions), which is why it is longer than a module should
+be; :mod:`.logs` reads the broker's logs for it, :mod:`.publisher` sends what it refuses.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import (
-    CorruptRecordException,
-    InvalidTopicError,
-    KafkaError,
-    MessageSizeTooLargeError,
-    NoOffsetForPartitionError,
-    OffsetOutOfRangeError,
-    RecordListTooLargeError,
-    RecordTooLargeError,
-    UnsupportedForMessageFormatError,
-)
-from aiokafka.partitioner import DefaultPartitioner, murmur2
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError, NoOffsetForPartitionError, OffsetOutOfRangeError
 
+from exchange.adapters.kafka.logs import LogReader
+from exchange.adapters.kafka.options import partition_for
+from exchange.adapters.kafka.publisher import KafkaEventPublisher
 from exchange.auth import Verifier
-from exchange.codec import MAX_TS_NS, WireEncoder, encode, event_to_wire
 from exchange.commands import Command
 from exchange.engine import Control, Inbound, InstrumentLoop
-from exchange.events import OrderFilled, OrderRejected
 from exchange.instruments import Instrument
 from exchange.journal import Applied, Batch, InputLedger, InputPosition, InputReset, StoreUnavailable
 from exchange.logging import get_logger
 from exchange.offsets import OffsetTracker, PartitionPlan, plan_partition
 from exchange.router import DEFAULT_MAX_MESSAGE_BYTES, Refusal, Router, SnapshotRequested
-from exchange.settings import KafkaSettings
 from exchange.types import RejectReason
 
-__all__ = ["Incident", "KafkaEventPublisher", "OrderSource", "OrderStates", "OutRecord", "client_options",
-           "partition_for"]
-
-OrderStates = Callable[[str, Sequence[int]], Awaitable[list[dict[str, Any]]]]
-
-def client_options(kafka: KafkaSettings) -> dict[str, Any]:
-    """The aiokafka keyword arguments for authentication and TLS, from ``[kafka]`` settings.
-
-    Shared by the consumer, the producer and ``exchange admin``. SASL credentials
-    (PLAIN or SCRAM) are sent only with ``SASL_*`` protocols; the TLS context is
-    built only with ``SSL``/``SASL_SSL``: the system CAs unless ``ssl_cafile``,
-    a client certificate for mutual TLS when ``ssl_certfile`` is set.
-    """
-    protocol = kafka.security_protocol
-    options: dict[str, Any] = {"security_protocol": protocol}
-    if protocol.startswith("SASL_"):
-        options.update(sasl_mechanism=kafka.sasl_mechanism, sasl_plain_username=kafka.sasl_username,
-                       sasl_plain_password=kafka.sasl_password)
-    if protocol in ("SSL", "SASL_SSL"):
-        from aiokafka.helpers import create_ssl_context
-
-        context = create_ssl_context(cafile=kafka.ssl_cafile or None, certfile=kafka.ssl_certfile or None,
-                                     keyfile=kafka.ssl_keyfile or None)
-        context.check_hostname = kafka.ssl_check_hostname
-        options["ssl_context"] = context
-    return options
-
+__all__ = ["Incident", "OrderSource"]
 
 _POLL_MS = 50
-_log = get_logger("exchange.kafka")
-_PER_RECORD = 200  # events per batched record at most (and at most the record budget in bytes)
-_YIELD_EVERY = 1000  # encoded events between yields to the event loop
 _ROUTE_SLICE = 200  # records routed between yields to the event loop
 _MAX_RECORDS = 1000  # per poll: bounds how long routing holds the event loop (a few ms)
 _REFUSED_MAX = 500  # refusals gathered before they are sent (and at the end of every poll)
 _REVIEW_S = 2.0  # how often blocked partitions are looked at again (an operator's reset, a log that came back)
-_BATCH_BYTES = 256 * 1024  # the producer's batch size: an events record must fit one
-_RECORD_OVERHEAD = 1024  # record framing, key and headers beside a value
-_TEXT_BYTES = 512  # of a refusal's text in a dead letter's header (the texts are bounded already)
-_KEY_BYTES = 1024  # of a refused message's key kept in its dead letter
 
 
 class Incident(NamedTuple):
@@ -190,8 +141,7 @@ class OrderSource:
         self.tracker = OffsetTracker()  # what may be committed to Kafka: durable and, with fan-out, published
         self._batched = OffsetTracker()  # what the journal writer has taken into a batch (Batch.partitions)
         self._consumer: AIOKafkaConsumer | None = None
-        self._side: AIOKafkaConsumer | None = None  # no group: reads the dead-letter topic and checks logs
-        self._side_lock = asyncio.Lock()  # the assignment listener and the run loop both use it
+        self._logs: LogReader | None = None  # no group: reads the dead-letter topic and checks logs
         self._stopping = asyncio.Event()
         self._paused = False
         self._committed: dict[tuple[str, int], int] = {}
@@ -228,16 +178,16 @@ class OrderSource:
         # never a silent jump to the earliest or latest offset. Every partition is sought explicitly.
         options = {"enable_auto_commit": False, "auto_offset_reset": "none", "fetch_max_wait_ms": 10,
                    "max_poll_records": 1000, **self._options}
-        side = AIOKafkaConsumer(bootstrap_servers=self._bootstrap, **{**options, "fetch_max_wait_ms": 10})
+        logs = LogReader(self._bootstrap, self._options)
         consumer = AIOKafkaConsumer(bootstrap_servers=self._bootstrap, group_id=self._group_id, **options)
-        await side.start()
+        await logs.start()
         try:
             await consumer.start()
         except BaseException:
-            await side.stop()
+            await logs.stop()
             raise
         consumer.subscribe([self.topic], listener=_Rebalance(self))
-        self._consumer, self._side = consumer, side
+        self._consumer, self._logs = consumer, logs
 
     def stop_consuming(self) -> None:
         """Stop taking new messages; ``run`` returns after the current one."""
@@ -246,7 +196,7 @@ class OrderSource:
     async def stop(self) -> None:
         """Commit what is durable and leave the group (safe to call twice)."""
         consumer, self._consumer = self._consumer, None
-        side, self._side = self._side, None
+        logs, self._logs = self._logs, None
         try:
             if consumer is not None:
                 try:
@@ -254,8 +204,8 @@ class OrderSource:
                 finally:
                     await consumer.stop()
         finally:
-            if side is not None:
-                await side.stop()
+            if logs is not None:
+                await logs.stop()
 
     # ---------------------------------------------------------------- routing
 
@@ -653,21 +603,20 @@ class OrderSource:
 
     async def _log_end(self, tp: TopicPartition, offset: int) -> int:
         """The partition's real log end if it holds ``offset`` (read back), else -1."""
-        async with self._side_lock:
-            side = self._side
-            assert side is not None
-            side.assign([tp])
-            side.seek(tp, offset)
-            for _ in range(3):
-                try:
-                    got = await side.getmany(tp, timeout_ms=200)
-                except OffsetOutOfRangeError:
-                    return -1
-                records = got.get(tp, [])
-                if records:
-                    high = side.highwater(tp)
-                    return max(records[-1].offset + 1, high or 0) if records[0].offset <= offset else -1
+        return await self._logs.log_end(tp, offset) if self._logs is not None else -1
+
+    async def _dead_lettered_through(self, tp: TopicPartition, start: int) -> int:
+        """The highest offset of ``tp`` already on the dead-letter topic (-1 if none at or after ``start``)."""
+        if self._logs is None:
             return -1
+        try:
+            parts = sorted(await self._publisher.partitions(self._dlq))
+        except KafkaError:
+            return -1
+        if not parts:
+            return -1
+        return await self._logs.dead_lettered_through(TopicPartition(self._dlq, parts[tp.partition % len(parts)]),
+                                                      tp, start)
 
     def _block(self, consumer: AIOKafkaConsumer, tp: TopicPartition, problem: str) -> None:
         key = (tp.topic, tp.partition)
@@ -761,64 +710,6 @@ class OrderSource:
         self._replay_until[key] = end
         self.caught_up = False
 
-    async def _dead_lettered_through(self, tp: TopicPartition, start: int) -> int:
-        """The highest offset of ``tp`` already on the dead-letter topic (-1 if none at or after ``start``).
-
-        Dead letters of one orders partition go to one dead-letter partition, in offset order, and only
-        after they are on the broker does their offset count as done; so after a crash the ones sent
-        since the last stored offset are exactly those the dead-letter partition holds beyond it. It is
-        read from its end backwards, in growing windows, until a dead letter of ``tp`` shows up.
-        """
-        async with self._side_lock:
-            side = self._side
-            if side is None:
-                return -1
-            try:
-                parts = sorted(await self._publisher.partitions(self._dlq))
-            except KafkaError:
-                return -1
-            if not parts:
-                return -1
-            dlq = TopicPartition(self._dlq, parts[tp.partition % len(parts)])
-            side.assign([dlq])
-            begin = (await side.beginning_offsets([dlq]))[dlq]
-            end = (await side.end_offsets([dlq]))[dlq]
-            window, hi = 256, None
-            while True:
-                lo = max(begin, end - window)
-                found = await self._read_dead_letters(side, dlq, lo, hi, tp)
-                if found is not None:
-                    return found if found >= start else -1
-                if lo <= begin:
-                    return -1
-                hi, window = lo, window * 4
-
-    async def _read_dead_letters(self, side: AIOKafkaConsumer, dlq: TopicPartition, lo: int, hi: int | None,
-                                 tp: TopicPartition) -> int | None:
-        """The highest source offset of ``tp`` among dead letters ``lo`` .. ``hi`` (the real end if None)."""
-        side.seek(dlq, lo)
-        best: int | None = None
-        topic, partition = tp.topic.encode(), str(tp.partition).encode()
-        empty = 0
-        while True:
-            got = (await side.getmany(dlq, timeout_ms=100)).get(dlq, [])
-            for record in got:
-                if hi is not None and record.offset >= hi:
-                    return best
-                headers = dict(record.headers or ())
-                if headers.get("source_topic") == topic and headers.get("source_partition") == partition:
-                    try:
-                        best = max(best if best is not None else -1, int(headers.get("source_offset", b"-1")))
-                    except ValueError:
-                        continue
-            position = await side.position(dlq)
-            target = hi if hi is not None else side.highwater(dlq)
-            if target is not None and position >= target:
-                return best
-            empty = 0 if got else empty + 1
-            if empty >= 3:  # nothing more arrives: the end
-                return best
-
     def revoked(self, partitions: set[TopicPartition]) -> None:
         self.tracker.forget([(tp.topic, tp.partition) for tp in partitions])
         self._batched.forget([(tp.topic, tp.partition) for tp in partitions])
@@ -839,13 +730,6 @@ def _homes(applied: Mapping[tuple[str, str, int], int], topic: str) -> dict[str,
         if t == topic and instrument and (instrument not in best or offset > best[instrument][1]):
             best[instrument] = (partition, offset)
     return {instrument: partition for instrument, (partition, _) in best.items()}
-
-
-def partition_for(instrument: str, partitions: int) -> int:
-    """The orders partition of ``instrument`` under the producer contract: murmur2 of the key (the
-    instrument's UTF-8 bytes), as Kafka's Java client and aiokafka place it (librdkafka:
-    ``partitioner=murmur2_random``)."""
-    return int(murmur2(instrument.encode()) & 0x7FFFFFFF) % partitions
 
 
 class _RateLimited:
@@ -885,319 +769,3 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         consumer = self._source._consumer
         if consumer is not None:
             await self._source.assigned(consumer, assigned)
-
-
-class OutRecord(NamedTuple):
-    """A record the daemon produces outside the event batches: a dead letter or a seq-0 rejection.
-
-    ``source_partition``: a dead letter goes to the dead-letter partition ``source_partition % n`` (so
-    each orders partition's dead letters are in one partition, in order: see
-    :meth:`OrderSource._dead_lettered_through`); None: the default partitioner on the key.
-    """
-
-    topic: str
-    key: bytes | None
-    value: bytes
-    headers: list[tuple[str, bytes]]
-    source_partition: int | None = None
-
-
-class KafkaEventPublisher:
-    """Publishes durable events and trades (and unsequenced rejections, and dead letters) to Kafka.
-
-    Every record it produces stays under ``max_record_bytes`` (event records are split by size as well
-    as by count; a dead letter's value is cut to fit, saying so in a header). A record the broker
-    refuses for what it is (too large, corrupt, an invalid topic) is dropped with an error log and
-    ``exchange_records_dropped_total``, never retried forever; anything else (the broker away, a leader
-    moving, authorization) is retried with backoff, which holds the pipeline back until it is fixed.
-    """
-
-    def __init__(self, *, bootstrap_servers: str, events_topic: str, instruments: Mapping[str, Instrument],
-                 client_options: Mapping[str, Any] | None = None, publish_events: bool = True,
-                 order_states: OrderStates | None = None, metrics: Any = None, trades_topic: str = "",
-                 batch_records: bool = True, max_record_bytes: int = 1_000_000) -> None:
-        self._bootstrap = bootstrap_servers
-        self._metrics = metrics
-        self.batch_records = batch_records
-        self.events_topic = events_topic
-        self.trades_topic = trades_topic
-        self._specs = instruments
-        self._options = dict(client_options or {})
-        self._publish_events = publish_events
-        self._order_states = order_states
-        self.max_record_bytes = max_record_bytes
-        # an events record holds at most this many bytes of events: it must fit one producer batch
-        self._record_budget = min(max_record_bytes, _BATCH_BYTES) - _RECORD_OVERHEAD
-        self._producer: AIOKafkaProducer | None = None
-        self._partitioner = _CachedPartitioner()
-        self._encoders: dict[str, WireEncoder] = {}
-        self._partition_cache: dict[str, list[int]] = {}
-        self.published = 0
-        self.dropped = 0
-
-    async def start(self) -> None:
-        if self._producer is None:
-            producer = AIOKafkaProducer(bootstrap_servers=self._bootstrap, linger_ms=2, acks=1,
-                                        max_batch_size=_BATCH_BYTES,
-                                        max_request_size=max(1_048_576, self.max_record_bytes + _RECORD_OVERHEAD),
-                                        **self._options)
-            await producer.start()
-            self._producer = producer
-
-    async def stop(self) -> None:
-        producer, self._producer = self._producer, None
-        if producer is not None:
-            await producer.stop()
-
-    def _require(self) -> AIOKafkaProducer:
-        if self._producer is None:
-            raise RuntimeError("publisher not started")
-        return self._producer
-
-    async def publish(self, applied: Sequence[Applied]) -> None:
-        """Publish durable events to their clients' keys and trades keyed by instrument; wait for the acks.
-
-        With ``batch_records`` (the default) one record carries a client's events of the round,
-        ``{"type": "events", "events": [...]}`` (and one record an instrument's trades,
-        ``{"type": "trades", "instrument": ..., "trades": [...]}``), at most ``_PER_RECORD`` events and
-        ``max_record_bytes`` each: per-record overhead on the daemon's single thread is what limits a
-        publisher, so records are batched like the Redis channels. Without it, one record per event
-        (and per trade). Records go into one batch per topic partition (``create_batch``/``send_batch``,
-        the default partitioner on the key, as ``send`` would choose). Raises ``KafkaError`` when the
-        broker does not take them for a reason that may pass; the caller sends the same events again
-        (at-least-once: consumers drop what they have by ``(instrument, seq)``).
-        """
-        if not self._publish_events:
-            return
-        producer = self._require()
-        topics = [self.events_topic, *([self.trades_topic] if self.trades_topic else [])]
-        out = _Batches(producer, self._partitioner, {t: await self._partitions(t) for t in topics}, self)
-        topic, trades_topic = self.events_topic, self.trades_topic
-        by_client: dict[str, list[bytes]] = {}
-        by_instrument: dict[str, list[bytes]] = {}
-        encoders = self._encoders
-        encoded = 0
-        for item in applied:
-            encoder = encoders.get(item.instrument)
-            if encoder is None:
-                encoder = encoders[item.instrument] = WireEncoder(self._specs[item.instrument])
-            encoded += len(item.events)
-            if encoded >= _YIELD_EVERY:
-                encoded = 0
-                await asyncio.sleep(0)  # the daemon's one thread: let the journal writer and the loops run
-            for event in item.events:
-                value = encoder.encode(event)
-                if type(event) is OrderFilled:
-                    maker, taker = event.maker_client_id, event.taker_client_id
-                    keys = (maker,) if maker == taker else (maker, taker) if maker < taker else (taker, maker)
-                    if trades_topic:
-                        by_instrument.setdefault(item.instrument, []).append(value)
-                else:
-                    keys = (event.client_id,)  # type: ignore[union-attr]
-                for key in keys:
-                    by_client.setdefault(key, []).append(value)
-        if self.batch_records:
-            for key, values in by_client.items():
-                for chunk in self._chunks(values):
-                    await out.add(topic, key.encode(), b'{"type":"events","events":[' + b",".join(chunk) + b"]}")
-            for instrument, values in by_instrument.items():
-                head = b'{"type":"trades","instrument":' + encode(instrument) + b',"trades":['
-                for chunk in self._chunks(values):
-                    await out.add(trades_topic, instrument.encode(), head + b",".join(chunk) + b"]}")
-        else:
-            for key, values in by_client.items():
-                for value in values:
-                    await out.add(topic, key.encode(), value)
-            for instrument, values in by_instrument.items():
-                for value in values:
-                    await out.add(trades_topic, instrument.encode(), value)
-        n = sum(map(len, by_client.values())) + sum(map(len, by_instrument.values()))
-        await out.flush()
-        self.published += n
-        await self._original_outcomes(applied)
-
-    def _chunks(self, values: list[bytes]) -> Iterator[list[bytes]]:
-        """``values`` in runs of at most ``_PER_RECORD`` and of at most the record budget in bytes."""
-        budget = self._record_budget
-        chunk: list[bytes] = []
-        size = 0
-        for value in values:
-            if chunk and (len(chunk) >= _PER_RECORD or size + len(value) + 1 > budget):
-                yield chunk
-                chunk, size = [], 0
-            chunk.append(value)
-            size += len(value) + 1
-        if chunk:
-            yield chunk
-
-    async def partitions(self, topic: str) -> list[int]:
-        """The topic's partitions (cached: the daemon's topics do not change partitions under it)."""
-        return await self._partitions(topic)
-
-    async def _partitions(self, topic: str) -> list[int]:
-        parts = self._partition_cache.get(topic)
-        if parts is None:
-            parts = self._partition_cache[topic] = sorted(await self._require().partitions_for(topic))
-        return parts
-
-    async def _original_outcomes(self, applied: Sequence[Applied]) -> None:
-        """A resubmitted order is rejected as a duplicate; its sender also gets the original's state again."""
-        if self._order_states is None:
-            return
-        wanted: dict[str, dict[int, str]] = {}
-        for item in applied:
-            for event in item.events:
-                if (type(event) is OrderRejected and event.reason is RejectReason.DUPLICATE_CLIENT_ORDER_ID
-                        and event.order_id is not None):
-                    wanted.setdefault(item.instrument, {})[event.order_id] = event.client_id
-        records: list[OutRecord] = []
-        for instrument, orders in wanted.items():
-            states = await self._order_states(instrument, list(orders))
-            records.extend(OutRecord(self.events_topic, orders[state["order_id"]].encode(), encode(state),
-                                     [("instrument", instrument.encode())]) for state in states)
-        await self.deliver(records)
-
-    def rejection(self, refusal: Refusal, ts_ns: int) -> OutRecord:
-        """The unsequenced rejection (seq 0) that answers a refused message's sender, keyed by its client id."""
-        assert refusal.client_id is not None
-        wire = event_to_wire(OrderRejected(refusal.instrument or "", 0, ts_ns if 0 <= ts_ns <= MAX_TS_NS else 0,
-                                           refusal.client_id, refusal.client_order_id, None, refusal.command,
-                                           refusal.reason, refusal.text), None)
-        if refusal.instrument is None:
-            wire["instrument"] = None
-        if refusal.expected_partition is not None:
-            wire["expected_partition"] = refusal.expected_partition
-        return OutRecord(self.events_topic, refusal.client_id.encode(), encode(wire), [])
-
-    def dead_letter(self, topic: str, record: Any, refusal: Refusal) -> OutRecord:
-        """The dead letter of ``record``: its key and value, the reason code and text and where it came from in
-        headers; a value too large for ``max_record_bytes`` is cut, with its length in a ``truncated`` header."""
-        headers = [("reason", refusal.reason.value.encode()), ("text", refusal.text.encode()[:_TEXT_BYTES]),
-                   ("source_topic", record.topic.encode()), ("source_partition", str(record.partition).encode()),
-                   ("source_offset", str(record.offset).encode()),
-                   ("source_timestamp", str(record.timestamp).encode())]
-        if refusal.expected_partition is not None:
-            headers.append(("expected_partition", str(refusal.expected_partition).encode()))
-        key = record.key[:_KEY_BYTES] if record.key is not None else None
-        value = record.value if record.value is not None else b""
-        room = self.max_record_bytes - _RECORD_OVERHEAD - len(key or b"") - sum(len(k) + len(v) for k, v in headers)
-        if len(value) > room:
-            headers.append(("truncated", str(len(value)).encode()))
-            value = value[:max(0, room - 64)]
-        return OutRecord(topic, key, value, headers, record.partition)
-
-    async def deliver(self, records: Sequence[OutRecord]) -> None:
-        """Produce ``records`` in order and wait until the broker has them all. Never raises for a record: one
-        the broker refuses for what it is is dropped (logged, counted); the rest is retried until taken."""
-        pending = list(records)
-        delay = 0.05
-        while pending:
-            producer = self._require()
-            futures: list[asyncio.Future[Any]] = []
-            for r in pending:
-                try:
-                    partition = None
-                    if r.source_partition is not None:
-                        parts = await self._partitions(r.topic)
-                        partition = parts[r.source_partition % len(parts)]
-                    futures.append(await producer.send(r.topic, r.value, key=r.key, headers=r.headers,
-                                                       partition=partition))
-                except KafkaError as exc:  # refused before it was sent (too large for the producer, say)
-                    futures.append(_failed(exc))
-            outcomes = await asyncio.gather(*futures, return_exceptions=True)
-            retry: list[OutRecord] = []
-            for r, outcome in zip(pending, outcomes, strict=True):
-                if isinstance(outcome, asyncio.CancelledError):
-                    raise outcome
-                if isinstance(outcome, _UNDELIVERABLE):
-                    self._drop(r, outcome)
-                elif isinstance(outcome, BaseException):
-                    retry.append(r)
-            if not retry:
-                return
-            _log.warning("producing records failed; retrying", topic=retry[0].topic, records=len(retry),
-                         retry_in_s=round(delay, 3), error=next(
-                             f"{type(o).__name__}: {o}" for o in outcomes if isinstance(o, BaseException)))
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
-            pending = retry
-
-    def _drop(self, record: OutRecord, error: BaseException) -> None:
-        self.dropped += 1
-        if self._metrics is not None:
-            self._metrics.records_dropped.labels(record.topic).inc()
-        _log.error("the broker refused a record for what it is; dropped (the input stays on its topic)",
-                   topic=record.topic, bytes=len(record.value), headers=dict(record.headers) or None,
-                   error=f"{type(error).__name__}: {error}")
-
-
-def _failed(exc: BaseException) -> asyncio.Future[Any]:
-    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-    future.set_exception(exc)
-    return future
-
-
-# what a broker (or the producer) says about a record itself: sending it again gives the same answer
-_UNDELIVERABLE = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError, CorruptRecordException,
-                  InvalidTopicError, UnsupportedForMessageFormatError)
-
-
-class _Batches:
-    """One record batch per (topic, partition), sent when full and at :meth:`flush`; acks awaited there.
-
-    A batch the broker refuses for what it holds is sent again record by record (``deliver``), so one
-    bad record costs only itself."""
-
-    def __init__(self, producer: AIOKafkaProducer, partitioner: _CachedPartitioner,
-                 partitions: dict[str, list[int]], publisher: KafkaEventPublisher) -> None:
-        self._producer = producer
-        self._partitioner = partitioner
-        self._parts = partitions
-        self._publisher = publisher
-        self._open: dict[tuple[str, int], tuple[Any, list[OutRecord]]] = {}
-        self._sent: list[tuple[Any, list[OutRecord]]] = []
-
-    async def add(self, topic: str, key: bytes, value: bytes) -> None:
-        parts = self._parts[topic]
-        partition = self._partitioner(key, parts, parts)
-        opened = self._open.get((topic, partition))
-        if opened is None:
-            opened = self._open[(topic, partition)] = (self._producer.create_batch(), [])
-        record = OutRecord(topic, key, value, [])
-        if opened[0].append(key=key, value=value, timestamp=None, headers=[]) is None:  # full: send it
-            self._sent.append((await self._producer.send_batch(opened[0], topic, partition=partition), opened[1]))
-            opened = self._open[(topic, partition)] = (self._producer.create_batch(), [])
-            if opened[0].append(key=key, value=value, timestamp=None, headers=[]) is None:
-                await self._publisher.deliver([record])  # larger than a batch: on its own
-                return
-        opened[1].append(record)
-
-    async def flush(self) -> None:
-        for (topic, partition), (batch, records) in self._open.items():
-            if batch.record_count():
-                self._sent.append((await self._producer.send_batch(batch, topic, partition=partition), records))
-        self._open.clear()
-        if not self._sent:
-            return
-        outcomes = await asyncio.gather(*(future for future, _ in self._sent), return_exceptions=True)
-        for outcome, (_, records) in zip(outcomes, self._sent, strict=True):
-            if isinstance(outcome, _UNDELIVERABLE):
-                await self._publisher.deliver(records)
-            elif isinstance(outcome, BaseException):
-                raise outcome
-
-
-class _CachedPartitioner:
-    """The default partitioner (murmur2 of the key, as Java clients), remembered per key: keys repeat a lot."""
-
-    def __init__(self) -> None:
-        self._hash = DefaultPartitioner()
-        self._known: dict[tuple[bytes, int], int] = {}
-
-    def __call__(self, key: bytes, partitions: list[int], available: list[int]) -> int:
-        found = self._known.get((key, len(partitions)))
-        if found is None:
-            if len(self._known) >= 100_000:
-                self._known.clear()
-            found = self._known[(key, len(partitions))] = self._hash(key, partitions, available)
-        return found
