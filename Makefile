@@ -1,6 +1,6 @@
 # make demo   -- the exchange with no servers: SQLite, an order generator, a live view (Ctrl-C stops it)
 # make replay -- replay examples/session.jsonl through the core and print the events
-# make test   -- lint (ruff), type checks (mypy --strict), all tests (pytest); what CI runs
+# make test   -- lint (ruff, the import layers), type checks (mypy --strict), all tests (pytest); what CI runs
 # make bench  -- the core benchmark
 
 VENV   ?= .venv
@@ -26,6 +26,7 @@ test: lint typecheck pytest
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check exchange recovery tests bench
+	$(VENV)/bin/lint-imports --no-cache
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from exchange.testing.broker import KafkaBroker
+from tests.support.broker import KafkaBroker
 
 
 def cpu_ticks(pid: int) -> int:

@@ -32,12 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import asyncpg
 
+from exchange.adapters.generator.flow import OrderFlow
 from exchange.adapters.postgres import PostgresStore
-from exchange.codec import decode_command
-from exchange.journal import Applied, Batch, InputPosition
-from exchange.matching import Exchange
-from exchange.testing.commits import commit_two_in_flight
-from exchange.testing.flow import OrderFlow
+from exchange.core.matching import Exchange
+from exchange.ports import Applied, Batch, InputPosition
+from exchange.wire.codec import decode_command
+from tests.support.commits import commit_two_in_flight
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e import INSTRUMENTS  # the same three instruments as the end-to-end benchmark

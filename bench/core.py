@@ -217,10 +217,10 @@ def decode(n: int, seed: int, repeat: int) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from e2e import INSTRUMENTS  # the same three instruments and flow as the end-to-end benchmark
 
+    from exchange.adapters.generator.flow import OrderFlow
     from exchange.adapters.kafka import partition_for
-    from exchange.auth import Verifier
-    from exchange.router import Router
-    from exchange.testing.flow import OrderFlow
+    from exchange.pipeline.router import Router
+    from exchange.wire.auth import Verifier
 
     flow = OrderFlow(INSTRUMENTS, seed=seed)
     partitions = 3
@@ -243,7 +243,7 @@ def decode(n: int, seed: int, repeat: int) -> None:
         elapsed = time.perf_counter() - start
         best = min(best, elapsed)
         print(f"  run {run + 1}/{repeat}: {n / elapsed:,.0f} messages/s", file=sys.stderr)
-    print(f"decode: {n:,} wire messages through the daemon's edge (exchange.router), {n / best:,.0f} messages/s "
+    print(f"decode: {n:,} wire messages through the edge (exchange.pipeline.router), {n / best:,.0f} messages/s "
           f"({best / n * 1e6:.2f} us each), best of {repeat}")
 
 

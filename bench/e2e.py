@@ -51,12 +51,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import asyncpg
 from aiokafka import AIOKafkaProducer
 
-from exchange.codec import decode_command
-from exchange.instruments import Instrument
-from exchange.matching import Exchange
-from exchange.testing.broker import KafkaBroker
-from exchange.testing.flow import OrderFlow
+from exchange.adapters.generator.flow import OrderFlow
+from exchange.core.instruments import Instrument
+from exchange.core.matching import Exchange
+from exchange.wire.codec import decode_command
 from tests.integration.daemon import DaemonProcess, free_port, write_config
+from tests.support.broker import KafkaBroker
 
 INSTRUMENTS = (
     Instrument.from_decimals("BTC-USD", tick_size="0.01", lot_size="0.001", max_qty="1000", price_band_bps=300,

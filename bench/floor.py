@@ -40,8 +40,8 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from bench.e2e import INSTRUMENTS, _admin, preload, say
-from exchange.testing.broker import KafkaBroker
-from exchange.testing.flow import OrderFlow
+from exchange.adapters.generator.flow import OrderFlow
+from tests.support.broker import KafkaBroker
 
 TOPIC = "orders"
 SCHEMA = """

@@ -11,7 +11,7 @@ The pure core, usable as a library (for backtests, replay and tests)::
                                      qty_lots=spec.qty_to_lots("0.5")))
 """
 
-from exchange.commands import (
+from exchange.core.commands import (
     AmendOrder,
     CancelAll,
     CancelOrder,
@@ -22,7 +22,7 @@ from exchange.commands import (
     RejectInput,
     ResumeInstrument,
 )
-from exchange.events import (
+from exchange.core.events import (
     BookCleared,
     Event,
     InstrumentHalted,
@@ -34,9 +34,10 @@ from exchange.events import (
     OrderFilled,
     OrderRejected,
 )
-from exchange.instruments import ConversionError, Instrument
-from exchange.matching import EngineState, Exchange, MatchingEngine, RestingOrder
-from exchange.types import CancelReason, OrderType, RejectReason, Side, StpMode, TimeInForce
+from exchange.core.instruments import ConversionError, Instrument
+from exchange.core.matching import Exchange, MatchingEngine
+from exchange.core.state import EngineState, RestingOrder
+from exchange.core.types import CancelReason, OrderType, RejectReason, Side, StpMode, TimeInForce
 
 __all__ = [
     "AmendOrder",

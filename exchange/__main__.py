@@ -2,6 +2,6 @@
 
 import sys
 
-from exchange.cli import main
+from exchange.cli.main import main
 
 sys.exit(main())

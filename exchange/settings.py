@@ -23,7 +23,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from exchange.instruments import Instrument
+from exchange.core.instruments import Instrument
 
 __all__ = [
     "ENV_OVERRIDES",
@@ -110,7 +110,7 @@ class SourceSettings:
 class PublisherSettings:
     kind: str = "kafka"  # kafka: durable events to [kafka] events_topic | none: no order events or trades to Kafka
     # redis: market data over Redis pub/sub when [redis] enabled (else none) | memory: an in-process bus
-    # (exchange.fanout.MemorySink, Daemon.marketdata) with the same channels, key and messages
+    # (exchange.pipeline.fanout.MemorySink, Daemon.marketdata) with the same channels, key and messages
     marketdata: str = "redis"
 
 

@@ -2,12 +2,12 @@
 
 For each instrument :func:`recover`
 
-1. loads the durable state (:meth:`exchange.journal.Store.load`): the open
+1. loads the durable state (:meth:`exchange.ports.Store.load`): the open
    orders in priority order, the counters, the dedupe window, offsets and
    positions, and rebuilds the engine from it;
-2. checks it, when the store keeps history (:class:`exchange.journal.History`):
+2. checks it, when the store keeps history (:class:`exchange.ports.History`):
    the latest snapshot at or below the durable seq, plus every stored event
-   after it, replayed through :class:`recovery.events.EventApplier`, must give
+   after it, replayed through :class:`exchange.projections.applier.EventApplier`, must give
    the same state hash, the same counters and the same dedupe window. A
    snapshot whose stored hash does not match its own content is refused too.
 
@@ -15,7 +15,7 @@ The dedupe window of such a replay is the part of the window that finished
 after the snapshot (the daemon's snapshots leave the window out, and one that an
 earlier version stored followed the rule and settings of its time, so the replay
 does without it). Whether an order is in the window depends only on the orders
-finished after it (:class:`exchange.dedupe.DedupeWindow`), so that part is
+finished after it (:class:`exchange.core.dedupe.DedupeWindow`), so that part is
 known exactly: the loaded window's entries of orders that finished after the
 snapshot -- those open in it or accepted after it -- must be the replay's
 entries, in the same order (see :func:`describe_difference`).
@@ -37,11 +37,11 @@ from typing import Any
 import msgspec
 import structlog
 
-from exchange.events import Event
-from exchange.instruments import Instrument
-from exchange.journal import History, Recovered, SnapshotRequest, Store
-from exchange.matching import EngineState, MatchingEngine
-from recovery.events import EventApplier, ReplayError
+from exchange.core.events import Event
+from exchange.core.instruments import Instrument
+from exchange.core.matching import EngineState, MatchingEngine
+from exchange.ports import History, Recovered, SnapshotRequest, Store
+from exchange.projections.applier import EventApplier, ReplayError
 
 __all__ = ["RecoveryError", "ReplayResult", "describe_difference", "recover", "replay_stored", "without_window"]
 
@@ -136,7 +136,7 @@ def _windows_agree(a: EngineState, b: EngineState, since: EngineState | None = N
     """Do two images' dedupe windows agree?
 
     Two complete windows must be equal. A partial one (a replay from ``since``, a snapshot: see
-    :class:`recovery.events.EventApplier`) holds exactly the complete window's entries that finished after
+    :class:`exchange.projections.applier.EventApplier`) holds exactly the complete window's entries that finished after
     the snapshot, in the same order: those of orders open in the snapshot or accepted after it (an order
     accepted before it and not open in it had finished). So the complete window's entries of such orders
     must be the partial window, and nothing is said of the others, which no replay from there can know.
@@ -198,8 +198,8 @@ async def recover(store: Store, instruments: Sequence[Instrument], *, log: Any =
     """Load and check every instrument's durable state; raise :class:`RecoveryError` on any mismatch.
 
     ``log`` is a structlog logger (default ``exchange.recovery``); ``metrics``
-    an optional :class:`exchange.metrics.Metrics` whose recovery gauges are set.
-    Stores that do not implement :class:`~exchange.journal.History` are loaded
+    an optional :class:`exchange.telemetry.metrics.Metrics` whose recovery gauges are set.
+    Stores that do not implement :class:`~exchange.ports.History` are loaded
     but not checked (a warning says so).
     """
     log = log if log is not None else structlog.get_logger("exchange.recovery")

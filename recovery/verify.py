@@ -9,7 +9,7 @@
 
 Each source's seq, counters, open orders, dedupe window size and state hash are
 reported, and whether they all agree. The full replay also folds every fill into
-client positions (:func:`exchange.positions.apply_fills`), and the positions table
+client positions (:func:`exchange.projections.positions.apply_fills`), and the positions table
 must hold exactly those. Nothing is written.
 """
 
@@ -21,16 +21,14 @@ from typing import Protocol
 
 import structlog
 
-from exchange.adapters.postgres import PostgresStore, connect_options
-from exchange.instruments import Instrument
-from exchange.journal import History, Position, Store, StoreUnavailable
-from exchange.matching import EngineState, MatchingEngine
-from exchange.positions import apply_fills
-from exchange.settings import PostgresSettings
-from recovery.events import EventApplier, ReplayError
+from exchange.core.instruments import Instrument
+from exchange.core.matching import EngineState, MatchingEngine
+from exchange.ports import History, Position, Store, StoreUnavailable
+from exchange.projections.applier import EventApplier, ReplayError
+from exchange.projections.positions import apply_fills
 from recovery.rebuild import describe_difference, replay_stored, without_window
 
-__all__ = ["InstrumentReport", "SourceResult", "VerifiableStore", "VerifyReport", "verify", "verify_store"]
+__all__ = ["InstrumentReport", "SourceResult", "VerifiableStore", "VerifyReport", "unreadable", "verify_store"]
 
 _log = structlog.get_logger("exchange.recovery")
 
@@ -174,20 +172,6 @@ async def _verify_one(store: VerifiableStore, spec: Instrument) -> InstrumentRep
     return report
 
 
-async def verify(dsn: str, instruments: Sequence[Instrument],
-                 postgres: PostgresSettings | None = None) -> VerifyReport:
-    """:func:`verify_store` on a PostgreSQL database.
-
-    ``postgres`` supplies the password and TLS settings (see :func:`exchange.adapters.postgres.connect_options`).
-    """
-    options = connect_options(postgres) if postgres is not None else {}
-    try:
-        async with PostgresStore(dsn, instruments, pool_size=2, connect_options=options) as store:
-            return await verify_store(store, instruments)
-    except StoreUnavailable as exc:
-        return _unreadable(exc)
-
-
 async def verify_store(store: VerifiableStore, instruments: Sequence[Instrument]) -> VerifyReport:
     """Compare (a) open orders, (b) snapshot + events and (c) a full replay for every instrument."""
     report = VerifyReport()
@@ -195,7 +179,7 @@ async def verify_store(store: VerifiableStore, instruments: Sequence[Instrument]
         for spec in instruments:
             report.instruments.append(await _verify_one(store, spec))
     except StoreUnavailable as exc:
-        return _unreadable(exc)
+        return unreadable(exc)
     return report
 
 
@@ -216,7 +200,8 @@ def _positions_differ(stored: Mapping[str, Position], from_fills: Mapping[str, P
             f"({listed}{more})")
 
 
-def _unreadable(exc: StoreUnavailable) -> VerifyReport:
+def unreadable(exc: StoreUnavailable) -> VerifyReport:
+    """The report when the store cannot be opened or read."""
     rep = InstrumentReport("*", 0)
     rep.problems.append(f"cannot read the database: {exc}")
     return VerifyReport([rep])

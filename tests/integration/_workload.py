@@ -30,8 +30,8 @@ from exchange import (
     StpMode,
     TimeInForce,
 )
-from exchange.journal import Applied, Batch, InputPosition, Position, SnapshotRequest
-from exchange.positions import apply_fill
+from exchange.ports import Applied, Batch, InputPosition, Position, SnapshotRequest
+from exchange.projections.positions import apply_fill
 
 TOPIC = "orders"
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 import asyncpg
 import pytest
 
-from exchange.testing.broker import KafkaBroker
+from tests.support.broker import KafkaBroker
 
 ADMIN_DSN = os.environ.get("EXCHANGE_TEST_PG", "postgresql://127.0.0.1:5432/test")
 

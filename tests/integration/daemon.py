@@ -17,7 +17,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from exchange.instruments import Instrument
+from exchange.core.instruments import Instrument
 
 
 def free_port() -> int:

@@ -9,10 +9,10 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from exchange.codec import WireError, decode_command
-from exchange.events import Event
-from exchange.instruments import Instrument
-from exchange.matching import Exchange
+from exchange.core.events import Event
+from exchange.core.instruments import Instrument
+from exchange.core.matching import Exchange
+from exchange.wire.codec import WireError, decode_command
 
 
 def replay_messages(messages: Sequence[dict[str, Any] | bytes],

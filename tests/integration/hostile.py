@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from exchange.adapters.kafka import partition_for
-from exchange.auth import Verifier, sign
-from exchange.instruments import Instrument
-from exchange.router import Router
+from exchange.core.instruments import Instrument
+from exchange.pipeline.router import Router
+from exchange.wire.auth import Verifier, sign
 
 __all__ = ["HostileFlow", "Record", "expected_outcomes"]
 

@@ -16,7 +16,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from exchange.testing.broker import BrokerStartError, KafkaBroker
+from tests.support.broker import BrokerStartError, KafkaBroker
 
 pytestmark = pytest.mark.integration
 

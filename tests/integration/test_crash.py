@@ -24,12 +24,12 @@ from typing import Any
 
 import pytest
 
-from exchange.instruments import Instrument
-from exchange.testing.broker import KafkaBroker
-from exchange.testing.flow import OrderFlow
-from recovery.verify import verify
+from exchange.adapters.generator.flow import OrderFlow
+from exchange.core.instruments import Instrument
 from tests.integration.daemon import DaemonProcess, free_port, produce, write_config
 from tests.integration.expect import encoded, replay_messages, stored_progress, stored_state, wait_for_seq
+from tests.support.broker import KafkaBroker
+from tests.support.verify import verify
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

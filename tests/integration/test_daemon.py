@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 
-from exchange.events import OrderFilled, OrderRejected
-from exchange.instruments import Instrument
-from exchange.testing.broker import KafkaBroker
-from exchange.testing.flow import OrderFlow
-from exchange.types import RejectReason
-from recovery.verify import verify
+from exchange.adapters.generator.flow import OrderFlow
+from exchange.core.events import OrderFilled, OrderRejected
+from exchange.core.instruments import Instrument
+from exchange.core.types import RejectReason
 from tests.integration.daemon import DaemonProcess, free_port, produce, read_topic, write_config
 from tests.integration.expect import encoded, replay_messages, stored_state, wait_for_seq
+from tests.support.broker import KafkaBroker
+from tests.support.verify import verify
 
 pytestmark = pytest.mark.integration
 

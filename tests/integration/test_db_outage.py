@@ -11,12 +11,12 @@ from typing import Any
 import asyncpg
 import pytest
 
-from exchange.instruments import Instrument
-from exchange.testing.broker import KafkaBroker
-from exchange.testing.flow import OrderFlow
+from exchange.adapters.generator.flow import OrderFlow
+from exchange.core.instruments import Instrument
 from tests.integration.conftest import ADMIN_DSN
 from tests.integration.daemon import DaemonProcess, free_port, produce, write_config
 from tests.integration.expect import encoded, replay_messages, stored_progress, stored_state, wait_for_seq
+from tests.support.broker import KafkaBroker
 
 pytestmark = pytest.mark.integration
 

@@ -26,19 +26,19 @@ import asyncpg
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from exchange.adapters.generator.flow import OrderFlow
 from exchange.adapters.postgres import PostgresStore
-from exchange.engine import JournalItem
-from exchange.instruments import Instrument
-from exchange.journal import Batch, StoreUnavailable
-from exchange.testing.broker import KafkaBroker
-from exchange.testing.flow import OrderFlow
-from exchange.writer import JournalWriter
-from recovery.verify import verify
+from exchange.core.instruments import Instrument
+from exchange.pipeline.loop import JournalItem
+from exchange.pipeline.writer import JournalWriter
+from exchange.ports import Batch, StoreUnavailable
 from tests.integration._workload import SPECS, Workload
 from tests.integration.conftest import ADMIN_DSN
 from tests.integration.daemon import DaemonProcess, free_port, produce, write_config
 from tests.integration.expect import encoded, replay_messages, stored_progress, stored_state, wait_for_seq
 from tests.integration.test_postgres_store import assert_stored_exactly, fetch
+from tests.support.broker import KafkaBroker
+from tests.support.verify import verify
 
 pytestmark = pytest.mark.integration
 

@@ -23,12 +23,12 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from exchange.adapters.generator import GENERATOR_TOPIC, generated_commands
+from exchange.adapters.generator.source import GENERATOR_TOPIC, generated_commands
 from exchange.adapters.sqlite import SqliteStore
-from exchange.codec import decode_command
-from exchange.events import Event
-from exchange.matching import MatchingEngine
+from exchange.core.events import Event
+from exchange.core.matching import MatchingEngine
 from exchange.settings import load_settings
+from exchange.wire.codec import decode_command
 
 pytestmark = pytest.mark.integration
 

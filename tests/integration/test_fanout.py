@@ -1,6 +1,6 @@
 """Market-data fan-out against real Redis, the Kafka-protocol broker, PostgreSQL and the daemon process.
 
-Subscribers are :class:`exchange.watch.Follower` (what ``exchange watch`` runs): they follow the
+Subscribers are :class:`exchange.cli.watch.Follower` (what ``exchange watch`` runs): they follow the
 documented sync procedure. Each test starts its OWN redis-server on a free port (never the shared
 one), so that it can restart it.
 """
@@ -21,14 +21,14 @@ from typing import Any
 import pytest
 import redis
 
-from exchange.instruments import Instrument
-from exchange.matching import Exchange
+from exchange.adapters.generator.flow import OrderFlow
+from exchange.cli.watch import Follower
+from exchange.core.instruments import Instrument
+from exchange.core.matching import Exchange
 from exchange.settings import RedisSettings
-from exchange.testing.broker import KafkaBroker
-from exchange.testing.flow import OrderFlow
-from exchange.watch import Follower
 from tests.integration.daemon import DaemonProcess, free_port, produce, read_topic, write_config
 from tests.integration.expect import replay_messages, stored_progress, wait_for_seq
+from tests.support.broker import KafkaBroker
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

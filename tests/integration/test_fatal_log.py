@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from exchange.logging import MAX_TRACEBACK_CHARS
+from exchange.telemetry.logging import MAX_TRACEBACK_CHARS
 
 pytestmark = pytest.mark.integration
 
@@ -53,7 +53,7 @@ def test_a_daemon_that_cannot_start_exits_1_after_one_json_line_saying_why(tmp_p
     broken = config(tmp_path, tmp_path / "a-file" / "store" / "exchange.sqlite")
     status, lines = exchange(command, "--config", str(broken), *(["--headless"] if command == "demo" else []))
     assert status == 1
-    assert_fatal(lines[-1], "exchange.journal.StoreUnavailable", "Not a directory")
+    assert_fatal(lines[-1], "exchange.ports.StoreUnavailable", "Not a directory")
     assert [line["level"] for line in lines[:-1]] == ["info"] * (len(lines) - 1)  # nothing else went wrong
 
 
@@ -62,4 +62,4 @@ def test_recover_on_a_file_that_is_not_a_database_exits_1_after_one_json_line(tm
     store.write_bytes(b"this is not an SQLite database, whatever its name says\n" * 100)
     status, lines = exchange("recover", "--verify", "--config", str(config(tmp_path, store)))
     assert status == 1
-    assert_fatal(lines[-1], "exchange.journal.StoreUnavailable", "not a database")
+    assert_fatal(lines[-1], "exchange.ports.StoreUnavailable", "not a database")

@@ -29,16 +29,14 @@ import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from exchange.adapters.generator.flow import OrderFlow
 from exchange.adapters.kafka import partition_for
-from exchange.commands import Command
-from exchange.events import Event
-from exchange.instruments import Instrument
-from exchange.matching import Exchange
-from exchange.router import Refusal, SnapshotRequested
-from exchange.testing.broker import KafkaBroker
-from exchange.testing.flow import OrderFlow
-from exchange.types import RejectReason
-from recovery.verify import verify
+from exchange.core.commands import Command
+from exchange.core.events import Event
+from exchange.core.instruments import Instrument
+from exchange.core.matching import Exchange
+from exchange.core.types import RejectReason
+from exchange.pipeline.router import Refusal, SnapshotRequested
 from tests.integration.daemon import (
     ADMIN_KEY_ID,
     ADMIN_SECRET,
@@ -50,6 +48,8 @@ from tests.integration.daemon import (
 )
 from tests.integration.expect import encoded, replay_messages, stored_progress, stored_state, wait_for_seq
 from tests.integration.hostile import HostileFlow, Record, expected_outcomes
+from tests.support.broker import KafkaBroker
+from tests.support.verify import verify
 
 pytestmark = [pytest.mark.integration]
 

@@ -11,7 +11,7 @@ import pytest
 from aiokafka.errors import KafkaError
 
 from exchange.adapters.kafka import OrderSource
-from exchange.testing.broker import KafkaBroker
+from tests.support.broker import KafkaBroker
 
 pytestmark = pytest.mark.integration
 

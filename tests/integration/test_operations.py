@@ -22,12 +22,12 @@ from typing import Any
 import asyncpg
 import pytest
 
-from exchange.instruments import Instrument
-from exchange.testing.broker import KafkaBroker
-from exchange.testing.flow import OrderFlow
+from exchange.adapters.generator.flow import OrderFlow
+from exchange.core.instruments import Instrument
 from tests.integration.daemon import ADMIN_KEYS, DaemonProcess, free_port, produce, write_config
 from tests.integration.expect import replay_messages, wait_for_seq
 from tests.integration.test_db_outage import _set_reachable
+from tests.support.broker import KafkaBroker
 
 pytestmark = pytest.mark.integration
 

@@ -16,10 +16,10 @@ import pytest
 from exchange import Instrument
 from exchange.adapters import postgres
 from exchange.adapters.postgres import PostgresStore
-from exchange.journal import Batch, Position, StoreUnavailable
 from exchange.migrations import available
-from exchange.testing.commits import commit_two_in_flight, until_sent
+from exchange.ports import Batch, Position, StoreUnavailable
 from tests.integration._workload import SPECS, Workload, positions_from_fills
+from tests.support.commits import commit_two_in_flight, until_sent
 
 pytestmark = pytest.mark.integration
 

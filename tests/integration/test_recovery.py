@@ -12,12 +12,12 @@ from structlog.testing import capture_logs
 
 from exchange import Instrument, MatchingEngine
 from exchange.adapters.postgres import PostgresStore
-from exchange.journal import Batch, SnapshotRequest
-from exchange.matching import EngineState
-from recovery.events import EventApplier, ReplayError
+from exchange.core.state import EngineState
+from exchange.ports import Batch, SnapshotRequest
+from exchange.projections.applier import EventApplier, ReplayError
 from recovery.rebuild import RecoveryError, describe_difference, recover
-from recovery.verify import verify
 from tests.integration._workload import SPECS, Workload
+from tests.support.verify import verify
 
 
 def run(coro: Any) -> Any:

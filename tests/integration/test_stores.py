@@ -44,9 +44,9 @@ from exchange import (
 )
 from exchange.adapters.postgres import PostgresStore
 from exchange.adapters.sqlite import SqliteStore
-from exchange.journal import Applied, Batch, History, InputPosition, Position, SnapshotRequest, StoreUnavailable
-from exchange.positions import apply_fill
-from recovery.events import EventApplier
+from exchange.ports import Applied, Batch, History, InputPosition, Position, SnapshotRequest, StoreUnavailable
+from exchange.projections.applier import EventApplier
+from exchange.projections.positions import apply_fill
 from recovery.rebuild import RecoveryError, describe_difference, recover, replay_stored
 from recovery.verify import verify_store
 from tests.integration._workload import SPECS, Workload, positions_from_fills
@@ -783,8 +783,8 @@ def test_every_value_the_edge_lets_through_is_stored(backend: Backend) -> None:
     """The router's limits are the store's: messages at every limit (64-character identifiers of any script,
     order ids just below 2^63, times at 2100, 200-character notes, the largest price and quantity) go through
     the daemon's edge and the engine into one batch, which commits and recovers on every backend."""
-    from exchange.codec import MAX_TS_NS
-    from exchange.router import Refusal, Router, SnapshotRequested
+    from exchange.pipeline.router import Refusal, Router, SnapshotRequested
+    from exchange.wire.codec import MAX_TS_NS
 
     spec = Instrument.from_decimals("EDGE", tick_size="0.000000000000000001", lot_size="0.000000000000000001")
     router = Router({spec.symbol: spec}, verifier=None, partitions=None)

@@ -1,4 +1,4 @@
-"""Drive :class:`exchange.matching.MatchingEngine` and the naive reference side by side.
+"""Drive :class:`exchange.core.matching.MatchingEngine` and the naive reference side by side.
 
 :class:`Harness` applies one command to both, compares the events whole (with
 the prose ``text`` of rejections blanked out) and checks, after every command,
@@ -36,8 +36,8 @@ from typing import Any
 
 import msgspec
 
-from exchange.commands import AmendOrder, PlaceOrder
-from exchange.events import (
+from exchange.core.commands import AmendOrder, PlaceOrder
+from exchange.core.events import (
     OrderAccepted,
     OrderAmended,
     OrderCanceled,
@@ -45,9 +45,10 @@ from exchange.events import (
     OrderFilled,
     OrderRejected,
 )
-from exchange.instruments import Instrument
-from exchange.matching import EngineState, MatchingEngine
-from exchange.types import OrderType, Side, StpMode
+from exchange.core.instruments import Instrument
+from exchange.core.matching import MatchingEngine
+from exchange.core.state import EngineState
+from exchange.core.types import OrderType, Side, StpMode
 
 from .reference import ReferenceBook
 

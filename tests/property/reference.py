@@ -1,8 +1,8 @@
 """A deliberately naive reference order book for differential testing of the matching core.
 
-It implements the rules stated in the docstrings of :mod:`exchange.matching`,
-:mod:`exchange.commands`, :mod:`exchange.types` and :mod:`exchange.instruments`
-*independently* of :mod:`exchange.book` and :mod:`exchange.matching` (neither is
+It implements the rules stated in the docstrings of :mod:`exchange.core.matching`,
+:mod:`exchange.core.commands`, :mod:`exchange.core.types` and :mod:`exchange.core.instruments`
+*independently* of :mod:`exchange.core.book` and :mod:`exchange.core.matching` (neither is
 imported here): each side is a plain Python list of orders, re-sorted by
 ``(price, arrival counter)`` before every look at it, and every lookup is a
 linear scan. Speed is irrelevant; obviousness is the point.
@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-from exchange.commands import (
+from exchange.core.commands import (
     AmendOrder,
     CancelAll,
     CancelOrder,
@@ -69,7 +69,7 @@ from exchange.commands import (
     RejectInput,
     ResumeInstrument,
 )
-from exchange.events import (
+from exchange.core.events import (
     BookCleared,
     InstrumentHalted,
     InstrumentResumed,
@@ -80,7 +80,7 @@ from exchange.events import (
     OrderFilled,
     OrderRejected,
 )
-from exchange.types import CancelReason, OrderType, RejectReason, Side, StpMode, TimeInForce
+from exchange.core.types import CancelReason, OrderType, RejectReason, Side, StpMode, TimeInForce
 
 __all__ = ["RefOrder", "ReferenceBook", "dedupe_window"]
 

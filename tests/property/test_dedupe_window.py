@@ -2,7 +2,7 @@
 
 Random histories of finished orders -- several clients, client order ids reused
 once they are forgotten (as the engine allows), small ``dedupe_per_client`` (K)
-and ``dedupe_window`` (N) -- go through :class:`exchange.dedupe.DedupeWindow`
+and ``dedupe_window`` (N) -- go through :class:`exchange.core.dedupe.DedupeWindow`
 one finish at a time. After every finish its entries must equal
 :func:`tests.property.reference.dedupe_window` of the history so far, and its
 lookups must agree with them; at the end a window restored from the entries,
@@ -17,7 +17,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exchange.dedupe import _FIFO_AT, DedupeWindow, NewestFirstWindow
+from exchange.core.dedupe import _FIFO_AT, DedupeWindow, NewestFirstWindow
 
 from .reference import dedupe_window
 

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from exchange.commands import (
+from exchange.core.commands import (
     AmendOrder,
     CancelAll,
     CancelOrder,
@@ -32,7 +32,7 @@ from exchange.commands import (
     RejectInput,
     ResumeInstrument,
 )
-from exchange.types import OrderType, RejectReason, Side, StpMode, TimeInForce
+from exchange.core.types import OrderType, RejectReason, Side, StpMode, TimeInForce
 
 from .harness import SPECS, Harness, fmt_command
 from .reference import RefOrder

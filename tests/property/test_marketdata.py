@@ -2,8 +2,8 @@
 
 A seeded random command stream (every command kind, self-trades, amends that
 cross, GTD expiry) runs through real engines and is cut into batches; the
-:class:`~exchange.marketdata.MarketData` builder turns each batch into messages
-and a :class:`~exchange.booksync.BookSync` subscriber that joins at a random
+:class:`~exchange.projections.marketdata.MarketData` builder turns each batch into messages
+and a :class:`~exchange.projections.booksync.BookSync` subscriber that joins at a random
 batch (from the book image at that point) applies them. After every batch the
 subscriber's book must equal the engine's levels, the checksum must agree, and
 the trades must be exactly the engine's, once each, with no client identity on
@@ -20,10 +20,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exchange.booksync import OK, RESYNC, BookSync
-from exchange.events import OrderFilled
-from exchange.marketdata import MarketData, MarketDataError
-from exchange.matching import MatchingEngine
+from exchange.core.events import OrderFilled
+from exchange.core.matching import MatchingEngine
+from exchange.projections.booksync import OK, RESYNC, BookSync
+from exchange.projections.marketdata import MarketData, MarketDataError
 from tests.integration._workload import SPECS, Workload
 
 

@@ -19,7 +19,7 @@ import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exchange.commands import (
+from exchange.core.commands import (
     AmendOrder,
     CancelAll,
     CancelOrder,
@@ -29,7 +29,7 @@ from exchange.commands import (
     RejectInput,
     ResumeInstrument,
 )
-from exchange.types import OrderType, RejectReason, Side, StpMode, TimeInForce
+from exchange.core.types import OrderType, RejectReason, Side, StpMode, TimeInForce
 
 from .harness import SPECS, Harness
 

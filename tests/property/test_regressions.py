@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 
-from exchange.commands import PlaceOrder
-from exchange.events import OrderAccepted, OrderCanceled, OrderRejected
-from exchange.instruments import Instrument
-from exchange.matching import MatchingEngine
-from exchange.types import CancelReason, OrderType, RejectReason, Side, TimeInForce
+from exchange.core.commands import PlaceOrder
+from exchange.core.events import OrderAccepted, OrderCanceled, OrderRejected
+from exchange.core.instruments import Instrument
+from exchange.core.matching import MatchingEngine
+from exchange.core.types import CancelReason, OrderType, RejectReason, Side, TimeInForce
 
 from .harness import SPECS, Harness
 

@@ -1,4 +1,4 @@
-"""What one remembered finished order costs in a :class:`~exchange.dedupe.DedupeWindow` (not a test).
+"""What one remembered finished order costs in a :class:`~exchange.core.dedupe.DedupeWindow` (not a test).
 
 ``.venv/bin/python -m tests.unit.dedupe_memory [N]`` fills windows of ``N`` (default 1,000,000)
 entries, plus a fifth more so that evictions run (twelve times as many when one client finishes
@@ -14,7 +14,7 @@ import gc
 import sys
 import tracemalloc
 
-from exchange.dedupe import DedupeWindow
+from exchange.core.dedupe import DedupeWindow
 
 
 def per_entry(size: int, per_client: int, clients: int, id_len: int, busy: bool = False) -> tuple[float, int]:

@@ -17,8 +17,8 @@ import msgspec
 import pytest
 
 from exchange.adapters import postgres, sqlite
-from exchange.journal import StoreUnavailable
-from exchange.storage_rows import RowError
+from exchange.ports import StoreUnavailable
+from exchange.projections.rows import RowError
 
 LAST = {"BTC-USD": 42}
 

@@ -3,7 +3,7 @@
 docker-compose.yml parses and has every service the daemon needs; the daemon's
 environment, ports and command agree with config/compose.toml; Prometheus
 scrapes the daemon where it listens; Grafana is provisioned from config/ and
-its dashboard queries only metric names that exchange/metrics.py defines.
+its dashboard queries only metric names that exchange/telemetry/metrics.py defines.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from exchange.auth import ENV_KEYS
-from exchange.metrics import Metrics
 from exchange.settings import ENV_OVERRIDES, load_settings
+from exchange.telemetry.metrics import Metrics
+from exchange.wire.auth import ENV_KEYS
 
 ROOT = Path(__file__).resolve().parents[2]
 

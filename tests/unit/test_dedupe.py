@@ -2,7 +2,7 @@
 
 A finished order is remembered iff it is among its client's K most recently
 finished orders and among the N most recent of those (see
-:class:`exchange.dedupe.DedupeWindow`): a busy client cannot push out another
+:class:`exchange.core.dedupe.DedupeWindow`): a busy client cannot push out another
 client's ids, it takes N/K other clients to do so. Exact events through the
 engine, then the window's structure (tombstones and their sweeps, restore, the
 newest-first rebuild the stores use) directly.
@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 
 from exchange import Instrument, MatchingEngine, RejectReason
-from exchange.dedupe import DedupeWindow, NewestFirstWindow
-from exchange.matching import EngineState
+from exchange.core.dedupe import DedupeWindow, NewestFirstWindow
+from exchange.core.state import EngineState
 from recovery.rebuild import describe_difference
 
 from ._helpers import ALICE, BOB, BUY, CAROL, IOC, accepted, buy, make_engine, rejected, run
@@ -176,8 +176,8 @@ def test_the_newest_first_rebuild_reads_past_a_dominant_client() -> None:
 
 def _state(done: list[tuple[str, str, int]], *, complete: bool = True, orders: int = 0,
            next_order_id: int = 100) -> EngineState:
-    from exchange.matching import RestingOrder
-    from exchange.types import Side
+    from exchange.core.state import RestingOrder
+    from exchange.core.types import Side
 
     resting = [RestingOrder(oid, "r", f"r{oid}", Side.BUY, 10, 1, 1, oid) for oid in range(1, orders + 1)]
     return EngineState("T", 50, next_order_id, 1, resting, done, done_complete=complete)

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from exchange.fanout import _ROUND_EVENTS, MemorySink, Publisher, SinkUnavailable
-from exchange.journal import Applied, Batch
+from exchange.pipeline.fanout import _ROUND_EVENTS, MemorySink, Publisher
+from exchange.ports import Applied, Batch, SinkUnavailable
 from exchange.settings import ConfigError, RedisSettings, load_settings
 from tests.integration._workload import SPECS, Workload
 
@@ -222,7 +222,7 @@ def test_redis_settings(tmp_path: Any) -> None:
 
 
 def test_wire_encoder_gives_the_same_bytes_as_encode_event() -> None:
-    from exchange.codec import WireEncoder, encode_event
+    from exchange.wire.codec import WireEncoder, encode_event
 
     work = Workload(seed=11)
     for _ in range(600):

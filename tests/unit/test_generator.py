@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from exchange.adapters.generator import GENERATOR_TOPIC, GeneratorSource, generated_commands
-from exchange.codec import decode_command
-from exchange.engine import Inbound, InstrumentLoop, JournalItem
-from exchange.journal import Applied, Batch
-from exchange.matching import MatchingEngine
+from exchange.adapters.generator.source import GENERATOR_TOPIC, GeneratorSource, generated_commands
+from exchange.core.matching import MatchingEngine
+from exchange.pipeline.loop import Inbound, InstrumentLoop, JournalItem
+from exchange.ports import Applied, Batch
 from exchange.settings import load_instruments
+from exchange.wire.codec import decode_command
 
 SPECS = {spec.symbol: spec for spec in load_instruments(Path(__file__).parents[2] / "config" / "demo.toml")}
 

@@ -18,8 +18,8 @@ from exchange import (
     RejectReason,
     ResumeInstrument,
 )
-from exchange.codec import decode_command, event_to_wire
-from recovery.events import EventApplier
+from exchange.projections.applier import EventApplier
+from exchange.wire.codec import decode_command, event_to_wire
 
 from ._helpers import (
     BOB,

@@ -1,4 +1,4 @@
-"""Where an orders partition is read from, and when it must not be read (exchange.offsets.plan_partition);
+"""Where an orders partition is read from, and when it must not be read (exchange.pipeline.offsets.plan_partition);
 the records the daemon produces stay under the broker's limit (exchange.adapters.kafka)."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 
 from exchange.adapters.kafka import KafkaEventPublisher
-from exchange.offsets import OffsetTracker, PartitionPlan, plan_partition
-from exchange.router import Refusal
-from exchange.types import RejectReason
+from exchange.core.types import RejectReason
+from exchange.pipeline.offsets import OffsetTracker, PartitionPlan, plan_partition
+from exchange.pipeline.router import Refusal
 
 
 def plan(applied: list[int] | None = None, routed: int | None = None, committed: int | None = None,

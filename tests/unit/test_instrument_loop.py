@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from itertools import pairwise
 
-from exchange.engine import Control, Inbound, InstrumentLoop, JournalItem
+from exchange.pipeline.loop import Control, Inbound, InstrumentLoop, JournalItem
 from tests.unit._helpers import BUY, SELL, make_engine, place
 
 

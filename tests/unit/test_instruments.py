@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from exchange import ConversionError, Instrument, RejectReason, StpMode, instruments
-from exchange.instruments import MAX_PRICE_TICKS, MAX_QTY_LOTS
+from exchange import ConversionError, Instrument, RejectReason, StpMode
+from exchange.core import instruments
+from exchange.core.instruments import MAX_PRICE_TICKS, MAX_QTY_LOTS
 
 INVALID_PRICE = RejectReason.INVALID_PRICE
 INVALID_QUANTITY = RejectReason.INVALID_QUANTITY

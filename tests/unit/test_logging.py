@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 import structlog
 
-import exchange.logging as exchange_logging
-from exchange.logging import (
+import exchange.telemetry.logging as exchange_logging
+from exchange.telemetry.logging import (
     MAX_CHARS,
     MAX_ITEMS,
     MAX_TRACEBACK_CHARS,

@@ -6,7 +6,7 @@ import random
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from exchange.metrics import BulkHistogram
+from exchange.telemetry.metrics import BulkHistogram
 
 BUCKETS = (.001, .002, .005, .01, .025, .1, 1, 10)
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 
 from exchange import BookCleared, CancelAll, CancelOrder, ClearBook, Command, Exchange, MatchingEngine, RejectReason
-from exchange.dedupe import DedupeWindow
+from exchange.core.dedupe import DedupeWindow
 
 from ._helpers import (
     ALICE,

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from exchange.events import OrderFilled
-from exchange.journal import Position
-from exchange.positions import apply_fill, apply_fills
-from exchange.types import Side, StpMode
+from exchange.core.events import OrderFilled
+from exchange.core.types import Side, StpMode
+from exchange.ports import Position
+from exchange.projections.positions import apply_fill, apply_fills
 from tests.unit._helpers import ALICE, BOB, buy, make_engine, sell
 
 BUY, SELL = Side.BUY, Side.SELL

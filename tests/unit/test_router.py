@@ -1,4 +1,4 @@
-"""The edge's one guard (exchange.router): one outcome per message, never an exception.
+"""The edge's one guard (exchange.pipeline.router): one outcome per message, never an exception.
 
 A unit test per class of hostile or careless input the daemon met: each gives a machine-readable
 refusal (dead letter, seq-0 rejection) or a sequenced rejection, and nothing the store cannot hold
@@ -13,14 +13,15 @@ from typing import Any
 import msgspec
 import pytest
 
-from exchange import auth, codec, router
 from exchange.adapters.kafka import partition_for
-from exchange.auth import Verifier, sign
-from exchange.codec import MAX_TS_NS
-from exchange.commands import CancelAll, CancelOrder, ClearBook, HaltInstrument, PlaceOrder, RejectInput
-from exchange.instruments import Instrument
-from exchange.router import Refusal, Router, SnapshotRequested
-from exchange.types import RejectReason
+from exchange.core.commands import CancelAll, CancelOrder, ClearBook, HaltInstrument, PlaceOrder, RejectInput
+from exchange.core.instruments import Instrument
+from exchange.core.types import RejectReason
+from exchange.pipeline import router
+from exchange.pipeline.router import Refusal, Router, SnapshotRequested
+from exchange.wire import auth, codec
+from exchange.wire.auth import Verifier, sign
+from exchange.wire.codec import MAX_TS_NS
 
 SPEC = Instrument.from_decimals("BTC-USD", tick_size="0.01", lot_size="0.001")
 SPECS = {SPEC.symbol: SPEC}
@@ -323,7 +324,7 @@ def test_anything_raised_on_the_way_becomes_an_internal_error_refusal(monkeypatc
 def test_replay_answers_an_error_line_when_the_edge_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     import io
 
-    from exchange import replay
+    from exchange.cli import replay
 
     def broken(*_: Any, **__: Any) -> None:
         raise RecursionError("deep")
@@ -339,7 +340,7 @@ def test_replay_answers_an_error_line_when_the_edge_raises(monkeypatch: pytest.M
 def test_replay_and_the_daemon_agree_on_a_list_instrument() -> None:
     import io
 
-    from exchange import replay
+    from exchange.cli import replay
 
     out = io.BytesIO()
     replay.replay([b'{"op":"snapshot","instrument":["BTC-USD"]}'], out, [SPEC])
@@ -351,7 +352,7 @@ def test_replay_and_the_daemon_agree_on_a_list_instrument() -> None:
 def test_replay_reads_an_over_long_line_without_holding_it() -> None:
     import io
 
-    from exchange import replay
+    from exchange.cli import replay
 
     huge = b'{"op": "place", "side": "' + b"x" * 5_000_000 + b'"}'
     lines = list(replay.bounded_lines(io.BytesIO(huge + b"\n" + json.dumps(place()).encode() + b"\n"), 1000))
@@ -368,7 +369,7 @@ def test_replay_trusts_its_file_unless_asked_to_verify_signatures() -> None:
     import subprocess
     import sys
 
-    from exchange import replay
+    from exchange.cli import replay
 
     unsigned = json.dumps(halt(ts_ns=TS)).encode()
     signed = json.dumps(sign(halt(ts_ns=TS + 1), "ops-1", KEYS["ops-1"], TS // 1_000_000)).encode()

@@ -21,8 +21,7 @@ from hypothesis import strategies as st
 
 from exchange.adapters.kafka import client_options
 from exchange.adapters.postgres import connect_options
-from exchange.cli import main
-from exchange.logging import mask_processor
+from exchange.cli.main import main
 from exchange.settings import (
     MASK,
     ConfigError,
@@ -33,6 +32,7 @@ from exchange.settings import (
     mask_secrets,
     render_settings,
 )
+from exchange.telemetry.logging import mask_processor
 
 ROOT = Path(__file__).resolve().parents[2]
 INSTRUMENT = '[[instruments]]\nsymbol = "BTC-USD"\ntick_size = "0.01"\nlot_size = "0.0001"\n'

@@ -19,8 +19,8 @@ from exchange import (
     Side,
     TimeInForce,
 )
-from exchange.journal import Applied, Batch, InputPosition, Position, SnapshotRequest
-from exchange.storage_rows import (
+from exchange.ports import Applied, Batch, InputPosition, Position, SnapshotRequest
+from exchange.projections.rows import (
     EVENT_COLUMNS,
     ORDER_COLUMNS,
     TRADE_COLUMNS,

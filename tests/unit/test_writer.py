@@ -12,11 +12,11 @@ import pytest
 import structlog
 
 from exchange.adapters.sqlite import SqliteStore
-from exchange.engine import JournalItem
-from exchange.journal import Applied, Batch, InputPosition, StoreUnavailable
-from exchange.logging import configure_logging
-from exchange.matching import MatchingEngine
-from exchange.writer import JournalWriter
+from exchange.core.matching import MatchingEngine
+from exchange.pipeline.loop import JournalItem
+from exchange.pipeline.writer import JournalWriter
+from exchange.ports import Applied, Batch, InputPosition, StoreUnavailable
+from exchange.telemetry.logging import configure_logging
 from tests.unit._helpers import BUY, SELL, make_engine, make_spec, place
 
 

@@ -9,8 +9,8 @@
 """
 
 from exchange.adapters.kafka.options import client_options, partition_for
-from exchange.adapters.kafka.publisher import KafkaEventPublisher, OrderStates, OutRecord
+from exchange.adapters.kafka.publisher import KafkaEventPublisher, OutRecord
 from exchange.adapters.kafka.source import Incident, OrderSource
 
-__all__ = ["Incident", "KafkaEventPublisher", "OrderSource", "OrderStates", "OutRecord", "client_options",
+__all__ = ["Incident", "KafkaEventPublisher", "OrderSource", "OutRecord", "client_options",
            "partition_for"]

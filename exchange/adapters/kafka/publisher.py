@@ -3,7 +3,7 @@
 :class:`KafkaEventPublisher` publishes durable events to the order-events topic,
 keyed by client id so that each client's events stay in order (a fill goes to
 both its maker's and its taker's key), and every fill to the trades topic keyed
-by instrument. It is driven by :class:`exchange.fanout.Publisher`, off the
+by instrument. It is driven by :class:`exchange.pipeline.fanout.Publisher`, off the
 commit path. When an order is resubmitted (same client
 order id), the duplicate is rejected and the sender also gets an
 ``order_status`` message with the original order's current state, so a producer
@@ -13,7 +13,7 @@ that retried learns the outcome of its first submission.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaProducer
@@ -28,17 +28,16 @@ from aiokafka.errors import (
 )
 from aiokafka.partitioner import DefaultPartitioner
 
-from exchange.codec import MAX_TS_NS, WireEncoder, encode, event_to_wire
-from exchange.events import OrderFilled, OrderRejected
-from exchange.instruments import Instrument
-from exchange.journal import Applied
-from exchange.logging import get_logger
-from exchange.router import Refusal
-from exchange.types import RejectReason
+from exchange.core.events import OrderFilled, OrderRejected
+from exchange.core.instruments import Instrument
+from exchange.core.types import RejectReason
+from exchange.pipeline.router import Refusal
+from exchange.ports import Applied, OrderStates
+from exchange.telemetry.logging import get_logger
+from exchange.wire.codec import MAX_TS_NS, WireEncoder, encode, event_to_wire
 
-__all__ = ["KafkaEventPublisher", "OrderStates", "OutRecord"]
+__all__ = ["KafkaEventPublisher", "OutRecord"]
 
-OrderStates = Callable[[str, Sequence[int]], Awaitable[list[dict[str, Any]]]]
 
 _log = get_logger("exchange.kafka")
 _PER_RECORD = 200  # events per batched record at most (and at most the record budget in bytes)

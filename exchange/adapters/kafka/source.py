@@ -5,7 +5,7 @@ Each message is decoded and validated here, at the edge, and put on its
 instrument's bounded queue. When a queue is full the source pauses its
 partitions and keeps polling (so the group does not evict it) until there is
 room again. Offsets are committed to Kafka only once the commands they carried
-are durable (see :mod:`exchange.offsets`).
+are durable (see :mod:`exchange.pipeline.offsets`).
 
 Operator actions travel in the same topic, keyed by instrument like its orders,
 so each lands between exactly the same two orders in every replay: ``halt``,
@@ -14,7 +14,7 @@ so each lands between exactly the same two orders in every replay: ``halt``,
 instrument's queue (a snapshot is an optimisation: it needs no durability of
 its own, its offset counts as done at once).
 
-Every message goes through :class:`exchange.router.Router`, the edge's one
+Every message goes through :class:`exchange.pipeline.router.Router`, the edge's one
 guard: it yields a command, a snapshot request or a refusal, and never raises.
 A refused message goes to the dead-letter topic with the reason code and text in
 headers (``reason``, ``text``, ``source_topic``/``source_partition``/
@@ -42,7 +42,7 @@ fetch timing.
 with ``auto_offset_reset = "none"`` and seeks every partition itself. At each
 assignment, and whenever a fetch shows the log end below the position read so
 far (or the broker answers that the position is out of range), the partition is
-checked against the store (:func:`exchange.offsets.plan_partition`): a log that
+checked against the store (:func:`exchange.pipeline.offsets.plan_partition`): a log that
 no longer holds what was applied, or lost messages not yet read, is paused and
 reported (``incidents``: ``/readyz``, the log, a metric), naming the topic,
 partition and offsets. It stays paused until its log is whole again, or an
@@ -68,15 +68,15 @@ from aiokafka.errors import KafkaError, NoOffsetForPartitionError, OffsetOutOfRa
 from exchange.adapters.kafka.logs import LogReader
 from exchange.adapters.kafka.options import partition_for
 from exchange.adapters.kafka.publisher import KafkaEventPublisher
-from exchange.auth import Verifier
-from exchange.commands import Command
-from exchange.engine import Control, Inbound, InstrumentLoop
-from exchange.instruments import Instrument
-from exchange.journal import Applied, Batch, InputLedger, InputPosition, InputReset, StoreUnavailable
-from exchange.logging import get_logger
-from exchange.offsets import OffsetTracker, PartitionPlan, plan_partition
-from exchange.router import DEFAULT_MAX_MESSAGE_BYTES, Refusal, Router, SnapshotRequested
-from exchange.types import RejectReason
+from exchange.core.commands import Command
+from exchange.core.instruments import Instrument
+from exchange.core.types import RejectReason
+from exchange.pipeline.loop import Control, Inbound, InstrumentLoop
+from exchange.pipeline.offsets import OffsetTracker, PartitionPlan, plan_partition
+from exchange.pipeline.router import DEFAULT_MAX_MESSAGE_BYTES, Refusal, Router, SnapshotRequested
+from exchange.ports import Applied, Batch, InputLedger, InputPosition, InputReset, StoreUnavailable
+from exchange.telemetry.logging import get_logger
+from exchange.wire.auth import Verifier
 
 __all__ = ["Incident", "OrderSource"]
 
@@ -112,7 +112,7 @@ class OrderSource:
 
     ``verifier`` checks operator actions (the default refuses them all: no keys); ``ledger`` is the
     store's side of the input (the partitions' own offsets, operator resets; see
-    :class:`~exchange.journal.InputLedger`), None in tests that have no store.
+    :class:`~exchange.ports.InputLedger`), None in tests that have no store.
     """
 
     wall_clock_timestamps = True  # a command's ts_ns is its Kafka message time, set by the producer

@@ -1,0 +1,198 @@
+"""The price-time-priority order book of one instrument.
+
+Invariants (checked by :meth:`OrderBook.check_invariants`):
+
+- Each side is a ``SortedDict`` of price levels keyed so that index 0 is the
+  best price: asks by ``price``, bids by ``-price``.
+- A level is FIFO: a ``deque`` of orders in arrival order. Removing an order
+  from the middle (cancel, expiry, re-queue) marks it dead (``remaining == 0``)
+  and leaves it in place; dead entries are dropped when they reach the head or
+  when they outnumber the live ones. Cancel is therefore O(1) and a level never
+  costs more than twice its live orders.
+- ``level.total_lots`` is the sum of its live orders' remaining quantity,
+  ``level.count`` their number; an empty level is removed at once.
+- A level never holds both a live order and a price other than its own; the
+  resting book is never crossed (best bid < best ask) — matching guarantees it.
+- Reducing an order's quantity keeps its place; any other change re-queues a
+  fresh :class:`Order` object at the back (the old one is marked dead).
+
+No I/O, no clock, no randomness: this module is part of the pure core.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from collections.abc import Iterator
+
+from sortedcontainers import SortedDict
+
+from exchange.core.types import Side, StpMode
+
+__all__ = ["Level", "Order", "OrderBook"]
+
+BUY = Side.BUY
+SELL = Side.SELL
+
+
+class Order:
+    """A resting order. Mutable and internal to the core; never handed out in events."""
+
+    __slots__ = ("client_id", "client_order_id", "expire_ns", "order_id", "post_only", "price",
+                 "priority", "qty", "remaining", "side", "stp")
+
+    def __init__(self, order_id: int, client_id: str, client_order_id: str, side: Side, price: int,
+                 qty: int, remaining: int, priority: int, expire_ns: int, post_only: bool,
+                 stp: StpMode) -> None:
+        self.order_id = order_id
+        self.client_id = client_id
+        self.client_order_id = client_order_id
+        self.side = side
+        self.price = price
+        self.qty = qty  # total quantity (filled + open), in lots
+        self.remaining = remaining  # open quantity; 0 means filled or removed
+        self.priority = priority  # sequence number of the event that queued it (accepted or re-queuing amend)
+        self.expire_ns = expire_ns
+        self.post_only = post_only
+        self.stp = stp
+
+    def __repr__(self) -> str:
+        return (f"Order(id={self.order_id}, {self.client_id}/{self.client_order_id}, {self.side} "
+                f"{self.remaining}/{self.qty} @ {self.price}, prio={self.priority})")
+
+
+class Level:
+    """One price level: FIFO queue plus running totals of its live orders."""
+
+    __slots__ = ("count", "orders", "price", "total_lots")
+
+    def __init__(self, price: int) -> None:
+        self.price = price
+        self.orders: deque[Order] = deque()
+        self.total_lots = 0
+        self.count = 0
+
+    def live_orders(self) -> Iterator[Order]:
+        """Live orders in FIFO order."""
+        return (o for o in self.orders if o.remaining)
+
+
+class OrderBook:
+    """Bids and asks of one instrument plus an index of live orders by engine id."""
+
+    __slots__ = ("ask_keys", "asks", "bid_keys", "bids", "orders")
+
+    def __init__(self) -> None:
+        self.bids: SortedDict[int, Level] = SortedDict()  # key -price: best bid first
+        self.asks: SortedDict[int, Level] = SortedDict()  # key price: best ask first
+        self.orders: dict[int, Order] = {}
+        # The sorted key lists' internal sublists (the same list object for the
+        # dict's lifetime): ``keys[0][0]`` is the best key without the two
+        # Python-level calls of ``peekitem(0)``; empty means an empty side.
+        # Matching reads it once per command and once per level, so it counts.
+        self.bid_keys: list[list[int]] = self.bids._list._lists
+        self.ask_keys: list[list[int]] = self.asks._list._lists
+
+    def __len__(self) -> int:
+        return len(self.orders)
+
+    def side(self, side: Side) -> SortedDict[int, Level]:
+        return self.bids if side is BUY else self.asks
+
+    def best_bid(self) -> int | None:
+        return self.bids.peekitem(0)[1].price if self.bids else None
+
+    def best_ask(self) -> int | None:
+        return self.asks.peekitem(0)[1].price if self.asks else None
+
+    def add(self, order: Order) -> None:
+        """Queue a live order at the back of its price level."""
+        if order.side is BUY:
+            levels, key = self.bids, -order.price
+        else:
+            levels, key = self.asks, order.price
+        level = levels.get(key)
+        if level is None:
+            level = levels[key] = Level(order.price)
+        order.price = level.price  # share one int object per level
+        level.orders.append(order)
+        level.total_lots += order.remaining
+        level.count += 1
+        self.orders[order.order_id] = order
+
+    def remove(self, order: Order) -> None:
+        """Take a live order out of the book (it is marked dead in its level's queue)."""
+        if order.side is BUY:
+            levels, key = self.bids, -order.price
+        else:
+            levels, key = self.asks, order.price
+        level = levels[key]
+        level.total_lots -= order.remaining
+        level.count -= 1
+        order.remaining = 0
+        del self.orders[order.order_id]
+        if level.count == 0:
+            del levels[key]
+        elif len(level.orders) > 2 * level.count + 16:
+            level.orders = deque(o for o in level.orders if o.remaining)
+
+    def reduce(self, order: Order, lots: int) -> None:
+        """Lower a live order's open quantity in place (keeps priority); ``lots`` < remaining."""
+        levels = self.bids if order.side is BUY else self.asks
+        levels[-order.price if order.side is BUY else order.price].total_lots -= lots
+        order.remaining -= lots
+        order.qty -= lots
+
+    def levels(self, side: Side) -> Iterator[Level]:
+        """Levels of one side, best price first."""
+        return iter((self.bids if side is BUY else self.asks).values())
+
+    def iter_orders(self) -> Iterator[Order]:
+        """Every live order in priority order: bids best first, then asks best first; FIFO within a level."""
+        for levels in (self.bids, self.asks):
+            for level in levels.values():
+                yield from level.live_orders()
+
+    def state_hash(self) -> str:
+        """BLAKE2b over both sides' levels and orders in priority order.
+
+        Two books hash equal exactly when they hold the same orders (id, owner,
+        client order id, price, open and total quantity, expiry) at the same
+        places in the same queues.
+        """
+        h = hashlib.blake2b(digest_size=16)
+        for tag, levels in ((b"B", self.bids), (b"A", self.asks)):
+            h.update(tag)
+            for level in levels.values():
+                h.update(b"L%d:%d:%d;" % (level.price, level.total_lots, level.count))
+                for o in level.orders:
+                    if o.remaining:
+                        h.update(b"O%d:%d:%d:%d:%s:%s;" % (
+                            o.order_id, o.remaining, o.qty, o.expire_ns,
+                            o.client_id.encode(), o.client_order_id.encode()))
+        return h.hexdigest()
+
+    def check_invariants(self) -> None:
+        """Raise ``AssertionError`` if any structural invariant is broken (for tests)."""
+        seen: set[int] = set()
+        for side, levels in ((BUY, self.bids), (SELL, self.asks)):
+            for key, level in levels.items():
+                assert key == (-level.price if side is BUY else level.price), "level keyed wrongly"
+                live = [o for o in level.orders if o.remaining]
+                assert live, f"empty level {level.price} kept"
+                assert level.count == len(live), f"level {level.price} count {level.count} != {len(live)}"
+                assert level.total_lots == sum(o.remaining for o in live), f"level {level.price} total wrong"
+                prio = [o.priority for o in live]
+                assert prio == sorted(prio), f"level {level.price} not FIFO: {prio}"
+                for o in live:
+                    assert o.side is side, f"{o} on the wrong side"
+                    assert o.price == level.price, f"{o} on the wrong level"
+                    assert 0 < o.remaining <= o.qty, f"{o} has bad quantities"
+                    assert id(self.orders.get(o.order_id)) == id(o), f"{o} missing from index"
+                    assert o.order_id not in seen, f"{o} queued twice"
+                    seen.add(o.order_id)
+        assert len(seen) == len(self.orders), "index holds orders that are not in the book"
+        for keys, levels in ((self.bid_keys, self.bids), (self.ask_keys, self.asks)):
+            assert [k for sub in keys for k in sub] == list(levels.keys()), "key lists out of step"
+        bid, ask = self.best_bid(), self.best_ask()
+        assert bid is None or ask is None or bid < ask, f"book crossed: {bid} >= {ask}"

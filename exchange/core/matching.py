@@ -1,0 +1,695 @@
+"""The matching engine: ``apply(command) -> list[Event]``, pure and deterministic.
+
+(Why this module is longer than 600 lines: it is one class, :class:`MatchingEngine`, the single
+writer of a book, whose indices -- the book, the live-order index, the dedupe window, the expiry
+heap and its live count -- share invariants every command handler keeps; split over modules (mixins
+or helper functions taking the engine) the one set of invariants would be spread over files and the
+hot path would pay for it. What is not the engine lives elsewhere: the engine image and its hash in
+:mod:`exchange.core.state`, the dedupe window in :mod:`exchange.core.dedupe`, the book in
+:mod:`exchange.core.book`.)
+
+One :class:`MatchingEngine` owns one instrument's book. It validates a command
+completely before it changes anything, then mutates and emits events. The
+rules:
+
+- Price-time priority; a trade happens at the maker's price; one fill event per
+  maker; a partially filled maker keeps its place.
+- Market orders are IOC or FOK, never rest, and with a price band never trade
+  further than ``price_band_bps`` from the best opposite price at arrival.
+- IOC remainders are canceled; FOK fills completely or does nothing (accepted,
+  then canceled ``fok_unfilled``); a post-only order that would trade is
+  rejected; a client order id that is live, or finished and still in the
+  dedupe window (its client's ``dedupe_per_client`` most recent, within the
+  ``dedupe_window`` most recent of those: :class:`DedupeWindow`), is rejected
+  as a duplicate.
+- Self-trade prevention follows the incoming order's mode (instrument default
+  when it names none); the FOK check honours it.
+- Amend: a lower quantity keeps priority; a new price or a larger quantity
+  re-queues at the back, and a new crossing price trades at once.
+- GTD orders expire when an input timestamp reaches their expiry; expiries are
+  applied before the command that carries that timestamp, in (expire_ns,
+  order_id) order.
+- Clear (an operator's): a ``cleared`` event naming the operator and the number
+  of open orders comes first, with its own seq (also on an empty book), then
+  every open order is canceled ``cleared`` in priority order.
+- Halt (an operator's): until resume, places and amends are rejected
+  ``instrument_halted``; cancels, cancel-all, clear and expiries go on. The
+  halted flag is part of the engine state and of its state hash.
+
+Every event takes the next sequence number; order and trade ids come from
+counters. No I/O, no clock, no randomness.
+
+Memory follows what is live, not what has been: a client has entries in the
+live-order index only while it has a live order and in the dedupe window only
+while it has a remembered id; the expiry heap holds at most twice the live GTD
+orders plus 64 entries (finished orders' entries are dropped when they would
+outnumber the live ones; the expiry order does not depend on the heap's layout,
+since its keys are unique).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from heapq import heapify, heappop, heappush
+from typing import Any
+
+from exchange.core.book import Order, OrderBook
+from exchange.core.commands import (
+    AmendOrder,
+    CancelAll,
+    CancelOrder,
+    ClearBook,
+    Command,
+    HaltInstrument,
+    PlaceOrder,
+    RejectInput,
+    ResumeInstrument,
+)
+from exchange.core.dedupe import DedupeWindow
+from exchange.core.events import (
+    BookCleared,
+    Event,
+    InstrumentHalted,
+    InstrumentResumed,
+    OrderAccepted,
+    OrderAmended,
+    OrderCanceled,
+    OrderExpired,
+    OrderFilled,
+    OrderRejected,
+)
+from exchange.core.instruments import Instrument
+from exchange.core.state import EngineState, RestingOrder, book_order, engine_state_hash, resting_orders
+from exchange.core.types import CancelReason, OrderType, RejectReason, Side, StpMode, TimeInForce
+
+# The engine image lives in exchange.core.state. EngineState, RestingOrder, engine_state_hash and resting_orders
+# are named here too only for the modules that still import them from this one (exchange.ports,
+# exchange.projections.marketdata and .applier, the postgres and sqlite adapters, recovery.verify and
+# recovery.rebuild); once they import from exchange.core.state, drop them here.
+__all__ = ["EngineState", "Exchange", "MatchingEngine", "RestingOrder", "command_name", "engine_state_hash",
+           "resting_orders"]
+
+BUY, SELL = Side.BUY, Side.SELL
+LIMIT, MARKET = OrderType.LIMIT, OrderType.MARKET
+GTC, IOC, FOK, GTD = TimeInForce.GTC, TimeInForce.IOC, TimeInForce.FOK, TimeInForce.GTD
+STP_NONE = StpMode.NONE
+CANCEL_RESTING, CANCEL_INCOMING, CANCEL_BOTH = (
+    StpMode.CANCEL_RESTING, StpMode.CANCEL_INCOMING, StpMode.CANCEL_BOTH)
+_NO_LIMIT = 1 << 62  # a limit key no level reaches: "any price"
+_NOTHING = -(1 << 62)  # a limit key every level exceeds: "no price"
+_BPS = 10_000
+_EXPIRY_SLACK = 64  # the expiry heap is compacted when it holds more than 2 x live GTD orders + this
+
+
+_COMMAND_NAMES: dict[type[Any], str] = {
+    PlaceOrder: "place", CancelOrder: "cancel", AmendOrder: "amend", CancelAll: "cancel_all", ClearBook: "clear",
+    HaltInstrument: "halt", ResumeInstrument: "resume"}
+
+
+def command_name(command: Command) -> str:
+    """The wire name of a command (``"place"``, ``"cancel"``, ...)."""
+    if isinstance(command, RejectInput):
+        return command.command
+    return _COMMAND_NAMES.get(type(command), "unknown")
+
+
+def _coerce(enum: type[Any], value: object) -> Any:
+    """Turn a plain string into the enum member (commands built by hand); None if invalid."""
+    try:
+        return enum(value)
+    except ValueError:
+        return None
+
+
+class MatchingEngine:
+    """The single writer of one instrument's book."""
+
+    def __init__(self, spec: Instrument) -> None:
+        self.spec = spec
+        self.symbol = spec.symbol
+        self.book = OrderBook()
+        self.seq = 0
+        self.next_order_id = 1
+        self.next_trade_id = 1
+        self.halted = False
+        self._live: dict[str, dict[str, Order]] = {}  # client -> client order id -> live order (never empty)
+        self._dedupe = DedupeWindow(spec.dedupe_window, spec.dedupe_per_client)
+        self._done = self._dedupe.ids  # finished: client -> client order id -> order id
+        self._remember = self._dedupe.remember
+        self._expiries: list[tuple[int, int]] = []  # heap of (expire_ns, order_id), with entries of finished ones
+        self._expiring = 0  # live GTD orders: each has exactly one entry in _expiries
+        self._requeuing = 0  # the order id of an amended order while it trades out of the book (else 0)
+        self._handlers: dict[type[Any], Callable[[Any, list[Event]], None]] = {
+            PlaceOrder: self._place_halted,  # reached only while halted: see apply's fast path
+            CancelOrder: self._cancel,
+            AmendOrder: self._amend,
+            CancelAll: self._cancel_all,
+            ClearBook: self._clear,
+            HaltInstrument: self._halt,
+            ResumeInstrument: self._resume,
+            RejectInput: self._reject_input,
+        }
+
+    # ------------------------------------------------------------------ API
+
+    def apply(self, command: Command) -> list[Event]:
+        """Apply one command and return the events it caused, in sequence order."""
+        events: list[Event] = []
+        ts = command.ts_ns
+        if self._expiries and self._expiries[0][0] <= ts:
+            self._expire(ts, events)
+        instrument = command.instrument
+        if instrument is not None and instrument != self.symbol:
+            self._reject(events, ts, getattr(command, "client_id", ""), getattr(command, "client_order_id", None),
+                         None, command_name(command), RejectReason.UNKNOWN_INSTRUMENT,
+                         f"command for {instrument!r} sent to the {self.symbol!r} engine")
+            return events
+        if type(command) is PlaceOrder and not self.halted:
+            self._place(command, events)
+            return events
+        try:
+            handler = self._handlers[type(command)]
+        except KeyError:
+            raise TypeError(f"not a command: {command!r}") from None
+        handler(command, events)
+        return events
+
+    def state_hash(self) -> str:
+        """Hash of the book (levels and queues in priority order; see :meth:`OrderBook.state_hash`) and the
+        halted flag."""
+        return engine_state_hash(self.book, self.halted)
+
+    def export_state(self, *, window: bool = True) -> EngineState:
+        """A snapshot of the engine from which :meth:`from_state` rebuilds it exactly; without the dedupe
+        window if not ``window`` (what the periodic snapshots store: see :class:`EngineState`)."""
+        if not window:
+            return EngineState(self.symbol, self.seq, self.next_order_id, self.next_trade_id,
+                               resting_orders(self.book), [], self.halted, done_complete=False)
+        return EngineState(self.symbol, self.seq, self.next_order_id, self.next_trade_id,
+                           resting_orders(self.book), self._dedupe.entries(), self.halted)
+
+    @classmethod
+    def from_state(cls, spec: Instrument, state: EngineState) -> MatchingEngine:
+        """Rebuild an engine from :meth:`export_state` output (or the same data from storage).
+
+        Orders are queued in the order given, which must be priority order.
+        """
+        if state.instrument != spec.symbol:
+            raise ValueError(f"state of {state.instrument!r} cannot restore the {spec.symbol!r} engine")
+        if not state.done_complete:
+            raise ValueError(f"{spec.symbol}: this state (seq {state.seq}) leaves out the dedupe window, as "
+                             "snapshots do; an engine restored from it would accept duplicate client order ids")
+        engine = cls(spec)
+        engine.seq = state.seq
+        engine.next_order_id = state.next_order_id
+        engine.next_trade_id = state.next_trade_id
+        engine.halted = state.halted
+        for r in state.orders:
+            order = book_order(r)
+            engine.book.add(order)
+            engine._live.setdefault(r.client_id, {})[r.client_order_id] = order
+            if r.expire_ns:
+                engine._expiries.append((r.expire_ns, r.order_id))
+        heapify(engine._expiries)
+        engine._expiring = len(engine._expiries)
+        for client_id, client_order_id, order_id in state.done:
+            engine._remember(client_id, client_order_id, order_id)
+        return engine
+
+    def open_order(self, client_id: str, client_order_id: str) -> Order | None:
+        """The live order with this client order id, if any (read-only use)."""
+        live = self._live.get(client_id)
+        return live.get(client_order_id) if live else None
+
+    # ------------------------------------------------------------ commands
+
+    def _place(self, cmd: PlaceOrder, events: list[Event]) -> None:
+        spec = self.spec
+        ts = cmd.ts_ns
+        client = cmd.client_id
+        coid = cmd.client_order_id
+        side = cmd.side
+        otype = cmd.order_type
+        tif = cmd.tif
+        qty = cmd.qty_lots
+        price = cmd.price_ticks
+        post_only = cmd.post_only
+        expire_ns = cmd.expire_ns
+        stp = cmd.stp or spec.stp_default
+
+        # ---- validate everything before touching anything. The common case
+        # (well-typed GTC/IOC limit, fresh id) passes the first test alone.
+        live = self._live.get(client)
+        if not (
+            (side is BUY or side is SELL)
+            and otype is LIMIT
+            and (tif is GTC or (tif is IOC and not post_only))
+            and not expire_ns
+            and stp.__class__ is StpMode
+            and qty.__class__ is int
+            and spec.min_qty_lots <= qty <= spec.max_qty_lots
+            and price.__class__ is int
+            and 0 < price <= spec.max_price_ticks
+            and coid.__class__ is str
+            and coid
+            and client.__class__ is str
+            and client
+            and (live is None or coid not in live)
+        ) or ((done := self._done.get(client)) is not None and coid in done):
+            error = self._place_error(cmd)
+            if error is not None:
+                original = None
+                if error[0] is RejectReason.DUPLICATE_CLIENT_ORDER_ID:  # point the sender at the original order
+                    original = live[coid].order_id if live and coid in live else self._dedupe.get(client, coid)
+                self._reject(events, ts, client, coid, original, "place", error[0], error[1])
+                return
+            # well-formed but off the fast path (market, FOK, GTD, post-only, enum from a plain str)
+            side, otype, tif, stp = Side(side), OrderType(otype), TimeInForce(tif), StpMode(stp)
+
+        buy = side is BUY
+        if buy:
+            opp, keys = self.book.asks, self.book.ask_keys
+        else:
+            opp, keys = self.book.bids, self.book.bid_keys
+        if otype is LIMIT:
+            limit_key = price if buy else -price
+        else:
+            price = 0
+            limit_key = self._market_limit_key(buy, opp)
+        crosses = bool(keys) and keys[0][0] <= limit_key
+        if post_only and crosses:
+            best = opp[keys[0][0]].price
+            self._reject(events, ts, client, coid, None, "place", RejectReason.POST_ONLY_WOULD_TRADE,
+                         f"post-only order at {spec.ticks_to_price(price)} would trade against "
+                         f"{spec.ticks_to_price(best)}")
+            return
+
+        oid = self.next_order_id
+        self.next_order_id = oid + 1
+        self.seq += 1
+        priority = self.seq  # an order's place in its queue is the sequence number of the event that queued it
+        events.append(OrderAccepted(self.symbol, priority, ts, oid, client, coid, side, otype, price, qty, tif,
+                                    post_only, stp, expire_ns))
+        remaining = qty
+        stopped = False
+        if tif is FOK and not (crosses and self._fok_fillable(opp, limit_key, qty, client, stp)):
+            self._cancel_remainder(events, ts, oid, client, coid, side, price, qty, CancelReason.FOK_UNFILLED)
+            self._remember(client, coid, oid)
+            return
+        if crosses:
+            remaining, stopped = self._match(events, ts, oid, client, coid, side, opp, keys, limit_key, qty, stp)
+        if remaining:
+            if stopped:
+                self._cancel_remainder(events, ts, oid, client, coid, side, price, remaining,
+                                       CancelReason.SELF_TRADE)
+            elif tif is GTC or tif is GTD:
+                order = Order(oid, client, coid, side, price, qty, remaining, priority, expire_ns, post_only, stp)
+                self.book.add(order)
+                if not live:  # none, or emptied (and dropped) by self-trade prevention while this one matched
+                    live = self._live[client] = {}
+                live[coid] = order
+                if expire_ns:
+                    heappush(self._expiries, (expire_ns, oid))
+                    self._expiring += 1
+                return
+            else:
+                self._cancel_remainder(events, ts, oid, client, coid, side, price, remaining,
+                                       CancelReason.IOC_REMAINDER)
+        self._remember(client, coid, oid)
+
+    def _place_error(self, cmd: PlaceOrder) -> tuple[RejectReason, str] | None:
+        """Why a place command must be rejected, or None if it is valid (the slow, thorough check)."""
+        spec = self.spec
+        client, coid, qty, price, expire_ns = (
+            cmd.client_id, cmd.client_order_id, cmd.qty_lots, cmd.price_ticks, cmd.expire_ns)
+        side, otype = _coerce(Side, cmd.side), _coerce(OrderType, cmd.order_type)
+        tif, stp = _coerce(TimeInForce, cmd.tif), _coerce(StpMode, cmd.stp or spec.stp_default)
+        if side is None or otype is None or tif is None or stp is None:
+            return (RejectReason.MALFORMED, "side, order type, time in force or STP mode is not recognised")
+        if not client or not coid or client.__class__ is not str or coid.__class__ is not str:
+            return (RejectReason.MALFORMED, "client_id and client_order_id must be non-empty strings")
+        if qty.__class__ is not int or not spec.min_qty_lots <= qty <= spec.max_qty_lots:
+            return (RejectReason.INVALID_QUANTITY,
+                    f"quantity must be between {spec.lots_to_qty(spec.min_qty_lots)} and "
+                    f"{spec.lots_to_qty(spec.max_qty_lots)}")
+        if otype is LIMIT and (price.__class__ is not int or not 0 < price <= spec.max_price_ticks):
+            return (RejectReason.INVALID_PRICE,
+                    f"limit price must be above zero and at most {spec.ticks_to_price(spec.max_price_ticks)}")
+        if otype is MARKET and (tif is GTC or tif is GTD):
+            return (RejectReason.INVALID_ORDER, "market orders never rest: time in force must be IOC or FOK")
+        if cmd.post_only and (otype is MARKET or tif is IOC or tif is FOK):
+            return (RejectReason.INVALID_ORDER, "post-only orders must be GTC or GTD limit orders")
+        if tif is GTD and (expire_ns.__class__ is not int or expire_ns <= cmd.ts_ns or expire_ns <= 0):
+            return (RejectReason.INVALID_EXPIRY,
+                    f"GTD expiry {expire_ns} is not a positive time after the order time {cmd.ts_ns}")
+        if tif is not GTD and expire_ns:
+            return (RejectReason.INVALID_EXPIRY, "an expiry time is only allowed with GTD")
+        live = self._live.get(client)
+        if live is not None and coid in live:
+            return (RejectReason.DUPLICATE_CLIENT_ORDER_ID,
+                    f"client order id {coid!r} is already live as order {live[coid].order_id}")
+        original = self._dedupe.get(client, coid)
+        if original is not None:
+            return (RejectReason.DUPLICATE_CLIENT_ORDER_ID,
+                    f"client order id {coid!r} was already used by order {original}")
+        return None
+
+    def _cancel(self, cmd: CancelOrder, events: list[Event]) -> None:
+        order = self._find(cmd.client_id, cmd.client_order_id, cmd.order_id, "cancel", cmd.ts_ns, events)
+        if order is not None:
+            self._remove(order, events, cmd.ts_ns, CancelReason.REQUESTED)
+
+    def _place_halted(self, cmd: PlaceOrder, events: list[Event]) -> None:
+        self._reject(events, cmd.ts_ns, cmd.client_id, cmd.client_order_id, None, "place",
+                     RejectReason.INSTRUMENT_HALTED, f"{self.symbol} is halted; no new orders until it resumes")
+
+    def _amend(self, cmd: AmendOrder, events: list[Event]) -> None:
+        ts = cmd.ts_ns
+        if self.halted:
+            self._reject(events, ts, cmd.client_id, cmd.client_order_id, cmd.order_id, "amend",
+                         RejectReason.INSTRUMENT_HALTED, f"{self.symbol} is halted; amends wait until it resumes "
+                         "(cancels still work)")
+            return
+        order = self._find(cmd.client_id, cmd.client_order_id, cmd.order_id, "amend", ts, events)
+        if order is None:
+            return
+        spec = self.spec
+        new_price = order.price if cmd.price_ticks is None else cmd.price_ticks
+        new_qty = order.qty if cmd.qty_lots is None else cmd.qty_lots
+        filled = order.qty - order.remaining
+        error: tuple[RejectReason, str] | None = None
+        if cmd.price_ticks is None and cmd.qty_lots is None:
+            error = (RejectReason.INVALID_AMEND, "an amend must give a new price or a new quantity")
+        elif new_price.__class__ is not int or not 0 < new_price <= spec.max_price_ticks:
+            error = (RejectReason.INVALID_PRICE,
+                     f"limit price must be above zero and at most {spec.ticks_to_price(spec.max_price_ticks)}")
+        elif new_qty.__class__ is not int or not spec.min_qty_lots <= new_qty <= spec.max_qty_lots:
+            error = (RejectReason.INVALID_QUANTITY,
+                     f"quantity must be between {spec.lots_to_qty(spec.min_qty_lots)} and "
+                     f"{spec.lots_to_qty(spec.max_qty_lots)}")
+        elif new_qty <= filled:
+            error = (RejectReason.INVALID_AMEND,
+                     f"new total quantity {spec.lots_to_qty(new_qty)} must exceed the filled "
+                     f"{spec.lots_to_qty(filled)}; cancel the order instead")
+        elif new_price == order.price and new_qty == order.qty:
+            error = (RejectReason.INVALID_AMEND, "the amend changes nothing")
+        if order.side is BUY:
+            opp, keys, limit_key = self.book.asks, self.book.ask_keys, new_price
+        else:
+            opp, keys, limit_key = self.book.bids, self.book.bid_keys, -new_price
+        crosses = bool(keys) and keys[0][0] <= limit_key
+        if error is None and order.post_only and crosses:
+            error = (RejectReason.POST_ONLY_WOULD_TRADE,
+                     f"post-only order amended to {spec.ticks_to_price(new_price)} would trade")
+        if error is not None:
+            self._reject(events, ts, order.client_id, order.client_order_id, order.order_id, "amend", *error)
+            return
+
+        old_price, old_qty = order.price, order.qty
+        if new_price == old_price and new_qty < old_qty:
+            self.book.reduce(order, old_qty - new_qty)
+            self.seq += 1
+            events.append(OrderAmended(self.symbol, self.seq, ts, order.order_id, order.client_id,
+                                       order.client_order_id, order.side, old_price, new_price, old_qty, new_qty,
+                                       order.remaining, False))
+            return
+
+        # cancel-and-replace under the same ids; the replacement may trade at once
+        remaining = new_qty - filled
+        self.book.remove(order)
+        self.seq += 1
+        priority = self.seq
+        events.append(OrderAmended(self.symbol, self.seq, ts, order.order_id, order.client_id,
+                                   order.client_order_id, order.side, old_price, new_price, old_qty, new_qty,
+                                   remaining, True))
+        stopped = False
+        if crosses:
+            self._requeuing = order.order_id  # out of the book but live: its expiry entry must stay
+            remaining, stopped = self._match(events, ts, order.order_id, order.client_id, order.client_order_id,
+                                             order.side, opp, keys, limit_key, remaining, order.stp)
+            self._requeuing = 0
+        if remaining and not stopped:
+            replacement = Order(order.order_id, order.client_id, order.client_order_id, order.side, new_price,
+                                new_qty, remaining, priority, order.expire_ns, order.post_only, order.stp)
+            self.book.add(replacement)
+            self._live[order.client_id][order.client_order_id] = replacement
+            return
+        if remaining:
+            self._cancel_remainder(events, ts, order.order_id, order.client_id, order.client_order_id, order.side,
+                                   new_price, remaining, CancelReason.SELF_TRADE)
+        self._finish(order)
+
+    def _cancel_all(self, cmd: CancelAll, events: list[Event]) -> None:
+        live = self._live.get(cmd.client_id)
+        if live:
+            for order in sorted(live.values(), key=lambda o: o.order_id):
+                self._remove(order, events, cmd.ts_ns, CancelReason.REQUESTED)
+
+    def _clear(self, cmd: ClearBook, events: list[Event]) -> None:
+        orders = list(self.book.iter_orders())
+        self.seq += 1  # the operator's action is journaled, with its count, even on an empty book
+        events.append(BookCleared(self.symbol, self.seq, cmd.ts_ns, cmd.client_id, cmd.text, len(orders)))
+        for order in orders:
+            self._remove(order, events, cmd.ts_ns, CancelReason.CLEARED)
+
+    def _halt(self, cmd: HaltInstrument, events: list[Event]) -> None:
+        if self.halted:
+            self._reject(events, cmd.ts_ns, cmd.client_id, None, None, "halt", RejectReason.INSTRUMENT_HALTED,
+                         f"{self.symbol} is already halted")
+            return
+        self.halted = True
+        self.seq += 1
+        events.append(InstrumentHalted(self.symbol, self.seq, cmd.ts_ns, cmd.client_id, cmd.text))
+
+    def _resume(self, cmd: ResumeInstrument, events: list[Event]) -> None:
+        if not self.halted:
+            self._reject(events, cmd.ts_ns, cmd.client_id, None, None, "resume", RejectReason.NOT_HALTED,
+                         f"{self.symbol} is not halted")
+            return
+        self.halted = False
+        self.seq += 1
+        events.append(InstrumentResumed(self.symbol, self.seq, cmd.ts_ns, cmd.client_id, cmd.text))
+
+    def _reject_input(self, cmd: RejectInput, events: list[Event]) -> None:
+        self._reject(events, cmd.ts_ns, cmd.client_id, cmd.client_order_id, None, cmd.command, cmd.reason, cmd.text)
+
+    # ------------------------------------------------------------ matching
+
+    def _market_limit_key(self, buy: bool, opp: Any) -> int:
+        bps = self.spec.price_band_bps
+        if not opp:
+            return _NOTHING
+        if bps is None:
+            return _NO_LIMIT
+        best: int = opp.peekitem(0)[1].price
+        if buy:  # highest price within the band, rounded into it
+            return best * (_BPS + bps) // _BPS
+        lowest = -((-best * (_BPS - bps)) // _BPS)  # lowest sell price within the band, rounded up
+        return -lowest
+
+    def _fok_fillable(self, opp: Any, limit_key: int, qty: int, client: str, stp: StpMode) -> bool:
+        need = qty
+        for key, level in opp.items():
+            if key > limit_key:
+                return False
+            if stp is STP_NONE:
+                need -= level.total_lots
+                if need <= 0:
+                    return True
+                continue
+            for maker in level.orders:
+                if not maker.remaining:
+                    continue
+                if maker.client_id == client:
+                    if stp is CANCEL_RESTING:
+                        continue
+                    return False
+                need -= maker.remaining
+                if need <= 0:
+                    return True
+        return False
+
+    def _match(self, events: list[Event], ts: int, oid: int, client: str, coid: str, side: Side, opp: Any,
+               keys: list[list[int]], limit_key: int, remaining: int, stp: StpMode) -> tuple[int, bool]:
+        """Walk the opposite side up to ``limit_key``; return (remaining, stopped by STP)."""
+        index = self.book.orders
+        symbol = self.symbol
+        check_stp = stp is not STP_NONE
+        append = events.append
+        while keys:
+            key = keys[0][0]
+            if key > limit_key:
+                break
+            level = opp[key]
+            queue = level.orders
+            price = level.price
+            while queue:
+                maker = queue[0]
+                maker_left = maker.remaining
+                if not maker_left:
+                    queue.popleft()
+                    continue
+                if check_stp and maker.client_id == client:
+                    if stp is CANCEL_INCOMING:
+                        return remaining, True
+                    queue.popleft()
+                    level.count -= 1
+                    level.total_lots -= maker_left
+                    maker.remaining = 0
+                    del index[maker.order_id]
+                    self.seq += 1
+                    append(OrderCanceled(symbol, self.seq, ts, maker.order_id, client, maker.client_order_id,
+                                         maker.side, price, maker_left, CancelReason.SELF_TRADE))
+                    self._finish(maker)
+                    if stp is CANCEL_BOTH:
+                        if not level.count:
+                            del opp[key]
+                        return remaining, True
+                    continue
+                fill = remaining if remaining < maker_left else maker_left
+                maker_left -= fill
+                remaining -= fill
+                maker.remaining = maker_left
+                level.total_lots -= fill
+                trade_id = self.next_trade_id
+                self.next_trade_id = trade_id + 1
+                self.seq += 1
+                append(OrderFilled(symbol, self.seq, ts, trade_id, price, fill, side, maker.order_id,
+                                   maker.client_id, maker.client_order_id, maker_left, oid, client, coid,
+                                   remaining))
+                if not maker_left:
+                    queue.popleft()
+                    level.count -= 1
+                    del index[maker.order_id]
+                    self._finish(maker)
+                if not remaining:
+                    break
+            if not level.count:
+                del opp[key]
+            if not remaining:
+                break
+        return remaining, False
+
+    # ------------------------------------------------------------- helpers
+
+    def _find(self, client: str, coid: str | None, oid: int | None, command: str, ts: int,
+              events: list[Event]) -> Order | None:
+        """The caller's live order named by client order id and/or order id, or a rejection."""
+        order: Order | None = None
+        error: tuple[RejectReason, str] | None = None
+        if coid is None and oid is None:
+            error = (RejectReason.MALFORMED, "name the order by client_order_id or order_id")
+        elif oid is not None:
+            order = self.book.orders.get(oid)
+            if order is None:
+                if oid.__class__ is int and 0 < oid < self.next_order_id:
+                    error = (RejectReason.TOO_LATE, f"order {oid} is no longer open")
+                else:
+                    error = (RejectReason.UNKNOWN_ORDER, f"there is no order {oid}")
+            elif order.client_id != client:
+                order, error = None, (RejectReason.NOT_OWNER, f"order {oid} belongs to another client")
+            elif coid is not None and order.client_order_id != coid:
+                order, error = None, (RejectReason.UNKNOWN_ORDER,
+                                      f"order {oid} does not have client order id {coid!r}")
+        else:
+            assert coid is not None
+            live = self._live.get(client)
+            order = live.get(coid) if live else None
+            if order is None:
+                if self._dedupe.get(client, coid) is not None:
+                    error = (RejectReason.TOO_LATE, f"order {coid!r} is no longer open")
+                else:
+                    error = (RejectReason.UNKNOWN_ORDER, f"no open order with client order id {coid!r}")
+        if error is not None:
+            self._reject(events, ts, client, coid, oid, command, *error)
+        return order
+
+    def _remove(self, order: Order, events: list[Event], ts: int, reason: CancelReason) -> None:
+        left = order.remaining
+        self.book.remove(order)
+        self.seq += 1
+        events.append(OrderCanceled(self.symbol, self.seq, ts, order.order_id, order.client_id,
+                                    order.client_order_id, order.side, order.price, left, reason))
+        self._finish(order)
+
+    def _cancel_remainder(self, events: list[Event], ts: int, oid: int, client: str, coid: str, side: Side,
+                          price: int, left: int, reason: CancelReason) -> None:
+        self.seq += 1
+        events.append(OrderCanceled(self.symbol, self.seq, ts, oid, client, coid, side, price, left, reason))
+
+    def _reject(self, events: list[Event], ts: int, client: str, coid: str | None, oid: int | None,
+                command: str, reason: RejectReason, text: str) -> None:
+        self.seq += 1
+        events.append(OrderRejected(self.symbol, self.seq, ts, client, coid, oid, command, reason, text))
+
+    def _expire(self, ts: int, events: list[Event]) -> None:
+        heap = self._expiries
+        orders = self.book.orders
+        while heap and heap[0][0] <= ts:
+            expire_ns, oid = heappop(heap)
+            order = orders.get(oid)
+            if order is None or order.expire_ns != expire_ns:
+                continue
+            left = order.remaining
+            self.book.remove(order)
+            self.seq += 1
+            events.append(OrderExpired(self.symbol, self.seq, ts, oid, order.client_id, order.client_order_id,
+                                       order.side, order.price, left))
+            self._finish(order)
+
+    def _finish(self, order: Order) -> None:
+        """A live order is done (filled, canceled, expired): keep its id only for deduplication."""
+        client, coid = order.client_id, order.client_order_id
+        live = self._live[client]
+        del live[coid]
+        if not live:
+            del self._live[client]
+        if order.expire_ns:
+            self._expiring -= 1
+            if len(self._expiries) > 2 * self._expiring + _EXPIRY_SLACK:
+                self._compact_expiries()
+        self._remember(client, coid, order.order_id)
+
+    def _compact_expiries(self) -> None:
+        """Drop the entries of finished orders from the expiry heap (in place: ``_expire`` may hold it).
+
+        Expiry order stays exactly (expire_ns, order_id): the keys are unique, so the heap's layout does not
+        matter. The order being re-queued by an amend is out of the book while it trades, but live. It runs
+        once the live GTD orders' entries are outnumbered, so its cost, about 0.5 us an entry (0.1 s with
+        100,000 GTD orders resting), is amortised over as many finished ones; it holds the loop that long.
+        """
+        orders, requeuing = self.book.orders, self._requeuing
+        heap = self._expiries
+        heap[:] = [e for e in heap if ((o := orders.get(e[1])) is not None and o.expire_ns == e[0])
+                   or e[1] == requeuing]
+        heapify(heap)
+
+
+class Exchange:
+    """Several instruments behind one ``apply``: routes each command to its engine.
+
+    A :class:`CancelAll` without an instrument goes to every engine (in symbol
+    order). A command for an unknown instrument is rejected with sequence
+    number 0: no instrument's sequence covers it.
+    """
+
+    def __init__(self, instruments: Iterable[Instrument]) -> None:
+        self.engines: dict[str, MatchingEngine] = {}
+        for spec in instruments:
+            if spec.symbol in self.engines:
+                raise ValueError(f"instrument {spec.symbol!r} is defined twice")
+            self.engines[spec.symbol] = MatchingEngine(spec)
+
+    def apply(self, command: Command) -> list[Event]:
+        instrument = command.instrument
+        if instrument is None:
+            events: list[Event] = []
+            for symbol in sorted(self.engines):
+                events += self.engines[symbol].apply(command)
+            return events
+        engine = self.engines.get(instrument)
+        if engine is None:
+            return [OrderRejected(str(instrument), 0, command.ts_ns, getattr(command, "client_id", ""),
+                                  getattr(command, "client_order_id", None), None, command_name(command),
+                                  RejectReason.UNKNOWN_INSTRUMENT, f"unknown instrument {instrument!r}")]
+        return engine.apply(command)

@@ -1,0 +1,413 @@
+"""From a journal batch to the rows storage writes: pure, no I/O, one pass over the events.
+
+:func:`derive_rows` turns a :class:`~exchange.ports.Batch` into
+
+- one ``order_events`` row per event (``payload`` = the msgspec JSON of the event);
+- one ``trades`` row per ``filled`` event;
+- ``orders`` rows for the orders *created* in the batch (accepted, or rejected
+  place commands), already in their final state at the end of the batch;
+- one update per *pre-existing* order the batch touched, in relative terms
+  where the previous row is needed (``filled_lots`` grows by ``filled_delta``;
+  a ``None`` column keeps the stored value);
+- the new absolute position of every client the batch's fills touched;
+- per instrument, the seq and id counters at the end of the batch, and the
+  highest input offset per topic partition; the partitions' own offsets
+  (``Batch.partitions``, instrument ``""``); the batch's snapshots.
+
+Order status rules (``orders.status``):
+
+- ``accepted`` creates the row ``open`` with ``remaining = qty``, ``filled = 0``
+  and ``priority`` = its seq;
+- ``filled`` sets the maker's and the taker's remaining from the event, adds
+  the fill to ``filled_lots``, and makes the status ``filled`` when nothing
+  remains, else ``partially_filled``;
+- ``canceled`` and ``expired`` set remaining to 0 and the status of that name
+  (``filled_lots`` tells how much traded before);
+- ``amended`` sets price, total quantity and remaining from the event and, when
+  it re-queued the order, ``priority`` to its seq; the status is unchanged;
+- ``rejected`` creates a ``rejected`` row (``order_id`` NULL) when the refused
+  command was a place, and changes nothing otherwise;
+- ``halted``/``resumed`` change no order; the instrument's ``halted`` flag in
+  its progress row follows them;
+- ``cleared`` (the operator's clear, before its cancellations) changes no row
+  but its own ``order_events`` row (``order_id`` NULL, ``client_id`` the
+  operator), like ``halted``/``resumed``.
+
+``updated_seq`` is the seq of the last event that changed the row, so the
+finished orders ordered by ``(updated_seq, priority)`` are in the order the
+engine finished them (when one fill finishes both, the maker — queued earlier,
+so lower priority — finishes first), which is how the dedupe window is rebuilt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+
+from exchange.core.events import (
+    BookCleared,
+    InstrumentHalted,
+    InstrumentResumed,
+    OrderAccepted,
+    OrderAmended,
+    OrderCanceled,
+    OrderExpired,
+    OrderFilled,
+    OrderRejected,
+)
+from exchange.core.instruments import Instrument
+from exchange.core.types import Side
+from exchange.ports import Batch, Position, SnapshotRequest, StoreUnavailable
+from exchange.projections.positions import apply_fill
+
+__all__ = [
+    "EVENT_COLUMNS",
+    "ORDER_COLUMNS",
+    "POSITION_FIELDS",
+    "TRADE_COLUMNS",
+    "UPDATE_FIELDS",
+    "BatchRows",
+    "Progress",
+    "RowError",
+    "Scale",
+    "already_durable",
+    "derive_rows",
+    "finished_statuses",
+    "open_statuses",
+]
+
+EVENT_COLUMNS = ("instrument", "seq", "ts_ns", "type", "order_id", "client_id", "payload")
+ORDER_COLUMNS = (
+    "instrument", "created_seq", "order_id", "client_id", "client_order_id", "side", "order_type", "tif",
+    "price_ticks", "qty_lots", "remaining_lots", "filled_lots", "status", "priority", "expire_ns", "post_only",
+    "stp", "reject_reason", "reject_text", "created_ts_ns", "updated_seq", "updated_ts_ns", "price", "qty",
+)
+TRADE_COLUMNS = (
+    "instrument", "trade_id", "seq", "ts_ns", "price_ticks", "qty_lots", "price", "qty", "aggressor_side",
+    "maker_order_id", "maker_client_id", "maker_client_order_id", "taker_order_id", "taker_client_id",
+    "taker_client_order_id",
+)
+UPDATE_FIELDS = ("instrument", "order_id", "remaining_lots", "filled_delta", "qty_lots", "price_ticks", "priority",
+                 "status", "updated_seq", "updated_ts_ns")
+POSITION_FIELDS = ("client_id", "instrument", "net_lots", "cost", "realized", "updated_seq")
+open_statuses = ("open", "partially_filled")
+finished_statuses = ("filled", "canceled", "expired")
+
+_ZERO = Position()
+_BUY, _SELL = Side.BUY, Side.SELL
+_encode = msgspec.json.Encoder().encode
+
+# positions of a mutable order record (a list, for speed) while the batch is walked
+_PRICE, _QTY, _REMAINING, _FILLED, _STATUS, _PRIORITY = 8, 9, 10, 11, 12, 13
+_UPDATED_SEQ, _UPDATED_TS = 20, 21
+# positions in a mutable update record of a pre-existing order
+_U_REMAINING, _U_FILLED, _U_QTY, _U_PRICE, _U_PRIORITY, _U_STATUS, _U_SEQ, _U_TS = range(8)
+
+
+class Scale:
+    """One instrument's operator-facing decimals: ticks -> price, lots -> quantity.
+
+    The values go into the NUMERIC columns of the rows that are COPied (new
+    orders, trades). This one gives :class:`~decimal.Decimal`; a store may pass a
+    subclass that gives its driver's wire form instead (see
+    ``exchange.adapters.postgres``).
+    """
+
+    __slots__ = ("lot", "tick")
+
+    def __init__(self, spec: Instrument) -> None:
+        self.tick = Decimal(spec.tick_size)
+        self.lot = Decimal(spec.lot_size)
+
+    def price(self, ticks: int) -> Any:
+        return self.tick * ticks
+
+    def qty(self, lots: int) -> Any:
+        return self.lot * lots
+
+
+class RowError(ValueError):
+    """The batch cannot be stored as it is (unknown instrument, a gap in the sequence...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """An instrument's counters: the last seq, and the next order and trade ids; and whether it is halted."""
+
+    seq: int = 0
+    next_order_id: int = 1
+    next_trade_id: int = 1
+    halted: bool = False
+
+
+@dataclass(slots=True)
+class BatchRows:
+    """Everything one batch writes, as rows ready for COPY or for the store's set-based statements.
+
+    ``order_updates`` tuples hold :data:`UPDATE_FIELDS`, where ``None`` means
+    "keep the stored value" (the store derives ``price``/``qty`` from the new
+    ticks/lots). ``positions`` maps instrument -> client -> new position (only
+    those that changed); ``position_rows`` are the same as tuples of
+    :data:`POSITION_FIELDS` (the store adds the decimal columns). ``first_seq`` and
+    ``progress`` hold, per instrument with events, the batch's first seq and the
+    counters at its end. ``offsets`` maps ``(instrument, topic, partition)`` to
+    the highest offset. ``snapshots`` rows are ``(instrument, seq, state_hash,
+    order_count, state)``.
+    """
+
+    events: list[tuple[Any, ...]] = field(default_factory=list)
+    trades: list[tuple[Any, ...]] = field(default_factory=list)
+    new_orders: list[Sequence[Any]] = field(default_factory=list)
+    order_updates: list[tuple[Any, ...]] = field(default_factory=list)
+    positions: dict[str, dict[str, Position]] = field(default_factory=dict)
+    position_rows: list[tuple[Any, ...]] = field(default_factory=list)
+    first_seq: dict[str, int] = field(default_factory=dict)
+    progress: dict[str, Progress] = field(default_factory=dict)
+    offsets: dict[tuple[str, str, int], int] = field(default_factory=dict)
+    snapshots: list[tuple[Any, ...]] = field(default_factory=list)
+
+
+class _Instrument:
+    """Per-instrument working state while one batch is walked."""
+
+    __slots__ = ("first_seq", "halted", "last_seq", "new", "next_order_id", "next_trade_id", "old_positions",
+                 "position_seq", "positions", "rejected", "scale", "symbol", "updates")
+
+    def __init__(self, spec: Instrument, progress: Progress, positions: Mapping[str, Position],
+                 scale: Scale) -> None:
+        self.symbol = spec.symbol
+        self.scale = scale
+        self.first_seq = 0
+        self.last_seq = progress.seq
+        self.next_order_id = progress.next_order_id
+        self.next_trade_id = progress.next_trade_id
+        self.halted = progress.halted
+        self.new: dict[int, list[Any]] = {}
+        self.updates: dict[int, list[Any]] = {}
+        self.rejected: list[tuple[Any, ...]] = []
+        self.old_positions = positions
+        self.positions: dict[str, Position] = {}
+        self.position_seq: dict[str, int] = {}
+
+
+def _touch(inst: _Instrument, order_id: int, remaining: int, filled: int, status: str | None, seq: int,
+           ts: int) -> None:
+    """Record a fill (``filled`` > 0), cancel or expiry of one order."""
+    rec = inst.new.get(order_id)
+    if rec is not None:
+        rec[_REMAINING] = remaining
+        rec[_FILLED] += filled
+        if status is not None:
+            rec[_STATUS] = status
+        rec[_UPDATED_SEQ] = seq
+        rec[_UPDATED_TS] = ts
+        return
+    upd = inst.updates.get(order_id)
+    if upd is None:
+        inst.updates[order_id] = [remaining, filled, None, None, None, status, seq, ts]
+        return
+    upd[_U_REMAINING] = remaining
+    upd[_U_FILLED] += filled
+    if status is not None:
+        upd[_U_STATUS] = status
+    upd[_U_SEQ] = seq
+    upd[_U_TS] = ts
+
+
+def derive_rows(
+    batch: Batch,
+    specs: Mapping[str, Instrument],
+    progress: Mapping[str, Progress],
+    positions: Mapping[str, Mapping[str, Position]],
+    scale: Callable[[Instrument], Scale] = Scale,
+) -> BatchRows:
+    """All rows ``batch`` writes, given each instrument's stored counters and positions.
+
+    Pure: ``progress`` and ``positions`` (instrument -> client -> position) are
+    only read. ``scale`` gives each instrument's :class:`Scale` for the NUMERIC
+    columns (Decimals by default). Raises :class:`RowError` for an instrument missing from
+    ``specs`` or a batch whose sequence numbers are not consecutive.
+    """
+    out = BatchRows()
+    events_append = out.events.append
+    trades_append = out.trades.append
+    offsets = out.offsets
+    state: dict[str, _Instrument] = {}
+    encode = _encode
+    inst: _Instrument | None = None
+    symbol = ""
+    expected = 0
+    new: dict[int, list[Any]] = {}
+    price_of: Callable[[int], Any] = int
+    qty_of: Callable[[int], Any] = int
+    for item in batch.applied:
+        pos = item.position
+        if pos is not None:
+            key = (item.instrument, pos.topic, pos.partition)
+            if offsets.get(key, -1) < pos.offset:
+                offsets[key] = pos.offset
+        events = item.events
+        if not events:
+            continue
+        if item.instrument is not symbol:  # another instrument than the previous record's
+            if inst is not None:
+                inst.last_seq = expected - 1
+            symbol = item.instrument
+            inst = state.get(symbol)
+            if inst is None:
+                spec = specs.get(symbol)
+                if spec is None:
+                    raise RowError(f"instrument {symbol!r} is not configured in this store")
+                inst = state[symbol] = _Instrument(spec, progress.get(symbol) or Progress(),
+                                                    positions.get(symbol) or {}, scale(spec))
+                inst.first_seq = events[0].seq
+                inst.last_seq = inst.first_seq - 1
+            price_of, qty_of = inst.scale.price, inst.scale.qty
+            new = inst.new
+            expected = inst.last_seq + 1
+        assert inst is not None
+        for ev in events:
+            seq = ev.seq
+            if seq != expected or ev.instrument != symbol:
+                raise RowError(f"{symbol}: event {ev.instrument}/{seq} where {symbol}/{expected} was expected; "
+                               "a batch must hold each instrument's events in consecutive sequence order")
+            expected = seq + 1
+            ts = ev.ts_ns
+            if isinstance(ev, OrderAccepted):
+                oid = ev.order_id
+                new[oid] = [symbol, seq, oid, ev.client_id, ev.client_order_id, ev.side, ev.order_type, ev.tif,
+                            ev.price_ticks, ev.qty_lots, ev.qty_lots, 0, "open", seq, ev.expire_ns, ev.post_only,
+                            ev.stp, None, None, ts, seq, ts]
+                inst.next_order_id = oid + 1
+                events_append((symbol, seq, ts, "accepted", oid, ev.client_id, encode(ev)))
+            elif isinstance(ev, OrderFilled):
+                lots = ev.qty_lots
+                price = ev.price_ticks
+                maker_left = ev.maker_remaining_lots
+                taker_left = ev.taker_remaining_lots
+                maker, taker = ev.maker_order_id, ev.taker_order_id
+                _touch(inst, maker, maker_left, lots, "partially_filled" if maker_left else "filled", seq, ts)
+                _touch(inst, taker, taker_left, lots, "partially_filled" if taker_left else "filled", seq, ts)
+                inst.next_trade_id = ev.trade_id + 1
+                aggressor = ev.aggressor_side
+                mc, tc = ev.maker_client_id, ev.taker_client_id
+                changed, old = inst.positions, inst.old_positions
+                p = changed.get(mc) or old.get(mc) or _ZERO
+                changed[mc] = apply_fill(p, _SELL if aggressor is _BUY or aggressor == "buy" else _BUY,
+                                         price, lots)
+                p = changed.get(tc) or old.get(tc) or _ZERO
+                changed[tc] = apply_fill(p, aggressor, price, lots)
+                inst.position_seq[mc] = inst.position_seq[tc] = seq
+                trades_append((symbol, ev.trade_id, seq, ts, price, lots, price_of(price), qty_of(lots), aggressor,
+                               maker, mc, ev.maker_client_order_id, taker, tc, ev.taker_client_order_id))
+                events_append((symbol, seq, ts, "filled", taker, tc, encode(ev)))
+            elif isinstance(ev, OrderCanceled):
+                _touch(inst, ev.order_id, 0, 0, "canceled", seq, ts)
+                events_append((symbol, seq, ts, "canceled", ev.order_id, ev.client_id, encode(ev)))
+            elif isinstance(ev, OrderRejected):
+                if ev.command == "place":
+                    inst.rejected.append((symbol, seq, None, ev.client_id, ev.client_order_id, None, None, None,
+                                          None, None, 0, 0, "rejected", None, 0, False, None, ev.reason, ev.text,
+                                          ts, seq, ts, None, None))
+                events_append((symbol, seq, ts, "rejected", ev.order_id, ev.client_id, encode(ev)))
+            elif isinstance(ev, OrderAmended):
+                oid = ev.order_id
+                rec = new.get(oid)
+                if rec is not None:
+                    rec[_PRICE] = ev.price_ticks
+                    rec[_QTY] = ev.qty_lots
+                    rec[_REMAINING] = ev.remaining_lots
+                    if ev.requeued:
+                        rec[_PRIORITY] = seq
+                    rec[_UPDATED_SEQ] = seq
+                    rec[_UPDATED_TS] = ts
+                else:
+                    upd = inst.updates.get(oid)
+                    if upd is None:
+                        upd = inst.updates[oid] = [0, 0, None, None, None, None, seq, ts]
+                    upd[_U_REMAINING] = ev.remaining_lots
+                    upd[_U_QTY] = ev.qty_lots
+                    upd[_U_PRICE] = ev.price_ticks
+                    if ev.requeued:
+                        upd[_U_PRIORITY] = seq
+                    upd[_U_SEQ] = seq
+                    upd[_U_TS] = ts
+                events_append((symbol, seq, ts, "amended", oid, ev.client_id, encode(ev)))
+            elif isinstance(ev, OrderExpired):
+                _touch(inst, ev.order_id, 0, 0, "expired", seq, ts)
+                events_append((symbol, seq, ts, "expired", ev.order_id, ev.client_id, encode(ev)))
+            elif isinstance(ev, InstrumentHalted | InstrumentResumed):
+                inst.halted = isinstance(ev, InstrumentHalted)
+                events_append((symbol, seq, ts, "halted" if inst.halted else "resumed", None, ev.client_id,
+                               encode(ev)))
+            elif isinstance(ev, BookCleared):
+                events_append((symbol, seq, ts, "cleared", None, ev.client_id, encode(ev)))
+            else:
+                raise RowError(f"{symbol}: not an event: {ev!r}")
+    if inst is not None:
+        inst.last_seq = expected - 1
+
+    for symbol, inst in state.items():
+        sc = inst.scale
+        price_of, qty_of = sc.price, sc.qty
+        new_orders = out.new_orders
+        for rec in inst.new.values():  # COPY takes the lists as they are
+            price = rec[_PRICE]
+            rec.append(price_of(price) if price else None)
+            rec.append(qty_of(rec[_QTY]))
+            new_orders.append(rec)
+        new_orders.extend(inst.rejected)
+        updates = out.order_updates
+        for oid, u in inst.updates.items():
+            updates.append((symbol, oid, *u))
+        if inst.positions:
+            out.positions[symbol] = inst.positions
+            out.position_rows.extend(
+                (client, symbol, p.net_lots, p.cost, p.realized, inst.position_seq[client])
+                for client, p in inst.positions.items())
+        out.first_seq[symbol] = inst.first_seq
+        out.progress[symbol] = Progress(inst.last_seq, inst.next_order_id, inst.next_trade_id, inst.halted)
+
+    for (topic, partition), offset in batch.partitions.items():  # the partition's own row: instrument ""
+        offsets[("", topic, partition)] = offset
+    latest: dict[tuple[str, int], SnapshotRequest] = {}  # two snapshots with no command between share a seq
+    for snap in batch.snapshots:
+        if snap.instrument not in specs:
+            raise RowError(f"snapshot of instrument {snap.instrument!r}, which is not configured in this store")
+        latest[(snap.instrument, snap.state.seq)] = snap
+    for (symbol, seq), snap in latest.items():
+        out.snapshots.append((symbol, seq, snap.state_hash, len(snap.state.orders), encode(snap.state)))
+    return out
+
+
+def already_durable(rows: BatchRows, stored: Mapping[str, Progress]) -> bool:
+    """Does the batch continue the stored sequence (False), or is it stored already (True)?
+
+    ``stored`` is each instrument's progress as read inside the committing
+    transaction. Every instrument of the batch must either start right after its
+    stored seq (the batch is new) or be stored up to the batch's end (an earlier
+    attempt committed but its acknowledgement was lost). Anything else -- a gap,
+    an overlap, or a batch that is half new and half stored -- means two writers
+    or a bad replay: :class:`StoreUnavailable` that must not be retried.
+    """
+    durable, fresh, bad = [], [], []
+    for symbol, first in rows.first_seq.items():
+        seq = stored[symbol].seq if symbol in stored else 0
+        if seq == first - 1:
+            fresh.append(symbol)
+        elif seq >= rows.progress[symbol].seq:
+            durable.append(symbol)
+        else:
+            bad.append(f"{symbol}: stored seq {seq}, batch starts at {first}")
+    if bad or (durable and fresh):
+        detail = "; ".join(bad) if bad else (
+            f"{', '.join(durable)} already stored but {', '.join(fresh)} not")
+        raise StoreUnavailable(
+            f"batch does not continue the stored sequence ({detail}). Another engine may be writing "
+            "these instruments, or the loop did not start from the stored state; stop the daemon and "
+            "compare engine_progress with the loops' seq (`exchange recover --verify`).", retriable=False)
+    return bool(durable)

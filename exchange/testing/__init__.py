@@ -1,1 +1,0 @@
-"""Test and benchmark helpers (local Kafka-compatible broker harness, ...)."""
