@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/exchange demo $(DEMO_ARGS)
 
 replay: $(STAMP)
-	$(VENV)/bin/exchange replay --config config/exchange.toml examples/session.jsonl
+	$(VENV)/bin/exchange replay --config exchange/defaults/exchange.toml examples/session.jsonl
 
 test: lint typecheck pytest
 

@@ -33,7 +33,7 @@ import msgspec
 
 from exchange.core.events import Event
 from exchange.core.instruments import Instrument
-from exchange.core.matching import EngineState
+from exchange.core.state import EngineState
 
 __all__ = ["Applied", "Batch", "History", "InputLedger", "InputPosition", "InputReset", "OrderStates", "Outgoing",
            "Position", "PreparingStore", "PublishWatermark", "Recovered", "Sink", "SinkUnavailable", "SnapshotRequest",
@@ -263,8 +263,9 @@ class Source(Protocol):
         """Release the input (safe to call twice)."""
         ...
 
-    async def on_durable(self, batch: Batch) -> None:
-        """Writer listener: the batch's commands are durable."""
+    async def on_published(self, batch: Batch) -> None:
+        """The batch is durable and its events are published (the fan-out's listener; the journal writer's
+        when nothing is published): the input offsets of its commands may be committed."""
         ...
 
     def lag(self) -> dict[tuple[str, int], int]:

@@ -230,7 +230,7 @@ class Table:
         if unknown:
             raise ConfigError(f"{self.where}: unknown key {unknown[0]!r}"
                               + (f" (and {', '.join(map(repr, unknown[1:]))})" if unknown[1:] else "")
-                              + "; check the spelling against config/exchange.toml")
+                              + "; check the spelling against the keys that `exchange config check` prints")
 
 
 def _names(kinds: tuple[type[Any], ...]) -> str:

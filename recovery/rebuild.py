@@ -39,7 +39,8 @@ import structlog
 
 from exchange.core.events import Event
 from exchange.core.instruments import Instrument
-from exchange.core.matching import EngineState, MatchingEngine
+from exchange.core.matching import MatchingEngine
+from exchange.core.state import EngineState
 from exchange.ports import History, Recovered, SnapshotRequest, Store
 from exchange.projections.applier import EventApplier, ReplayError
 

@@ -22,7 +22,8 @@ from typing import Protocol
 import structlog
 
 from exchange.core.instruments import Instrument
-from exchange.core.matching import EngineState, MatchingEngine
+from exchange.core.matching import MatchingEngine
+from exchange.core.state import EngineState
 from exchange.ports import History, Position, Store, StoreUnavailable
 from exchange.projections.applier import EventApplier, ReplayError
 from exchange.projections.positions import apply_fills

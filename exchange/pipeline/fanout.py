@@ -1,7 +1,7 @@
 """Fan-out of durable batches: Kafka order events and trades, market data to Redis (or memory).
 
-The journal writer hands every durable batch to :meth:`Publisher.on_durable`,
-which puts it on a BOUNDED queue and returns; the publisher task does the rest,
+The journal writer hands every durable batch to :meth:`FanOut.on_durable`,
+which puts it on a BOUNDED queue and returns; the fan-out task does the rest,
 off the commit path. When the queue is full the writer waits, the loops' journal
 queue fills, the loops block and the consumer pauses: a slow Kafka slows
 matching down and nothing is dropped.
@@ -24,9 +24,9 @@ from fresh images.
 
 Re-publication after a restart: the watermark is written only after both
 outputs took the events, so at start-up every event after it may not have gone
-out. :meth:`Publisher.prepare` rebuilds the market-data view at the watermark
+out. :meth:`FanOut.prepare` rebuilds the market-data view at the watermark
 (the latest snapshot at or below it plus the stored events up to it), and
-:meth:`Publisher.run` publishes the stored events from the watermark to the
+:meth:`FanOut.run` publishes the stored events from the watermark to the
 durable seq again, with their own sequence numbers, before any new batch.
 Consumers drop what they already have by sequence number (trades by trade id).
 
@@ -50,7 +50,7 @@ from exchange.projections.marketdata import MarketData
 from exchange.telemetry.logging import get_logger
 from recovery.rebuild import replay_stored
 
-__all__ = ["MemorySink", "Publisher"]
+__all__ = ["FanOut", "MemorySink"]
 
 ChannelNames = Callable[[str, str], str]  # (kind, instrument) -> channel or key name ("book" is the key)
 _MAX_ROUND = 64  # batches taken per round at most (bounds one round's work)
@@ -109,8 +109,8 @@ class MemorySink:
                     queue.put_nowait(data)
 
 
-class Publisher:
-    """The publisher task (see the module docstring)."""
+class FanOut:
+    """The fan-out task (see the module docstring)."""
 
     def __init__(self, specs: Mapping[str, Instrument], *, kafka: Any = None, sink: Sink | None = None,
                  names: ChannelNames | None = None, depth: int = 0, queue_size: int = 64,
@@ -192,7 +192,8 @@ class Publisher:
         return (await replay_stored(self._history, spec, seq, snapshot=snapshot)).state
 
     def add_listener(self, listener: Callable[[Batch], Awaitable[None]]) -> None:
-        """Called with each round's records once they are published (the order source marks offsets durable)."""
+        """Called with each round's records once they are published (the order source's ``on_published``: their
+        input offsets may then be committed)."""
         self._listeners.append(listener)
 
     async def start(self) -> None:
@@ -332,7 +333,7 @@ class Publisher:
 
     async def _to_kafka(self, applied: Sequence[Applied]) -> None:
         """Publish the round, sending it again while the broker fails (a record the broker refuses for what it
-        is, the publisher drops itself). Anything else that fails -- a bug on the way to the broker -- would
+        is, the Kafka publisher drops itself). Anything else that fails -- a bug on the way to the broker -- would
         fail the same way forever: the round's Kafka publication is dropped, loudly, instead of stalling
         every instrument behind it (its events are durable, and in the store)."""
         delay = 0.05

@@ -1,7 +1,8 @@
 """The edge's one guard: from one input message to exactly one outcome, never an exception.
 
-Every source of wire messages (the Kafka consumer, ``exchange replay``) hands each message to
-:meth:`Router.route` and gets back exactly one of
+Every source of wire messages (the Kafka consumer, the in-process generator, ``exchange replay``) hands
+each message to :meth:`Router.route` (or, already parsed, :meth:`Router.route_message`) and gets back
+exactly one of
 
 - a :class:`~exchange.core.commands.Command` for one instrument's loop (a ``RejectInput`` among them:
   a sequenced ``rejected`` event, so the sender hears back in order);
@@ -140,7 +141,7 @@ class Router:
             return _internal(exc)
 
     def route_message(self, msg: dict[str, Any], ts_ns: int | None) -> Route:
-        """An already parsed message (``exchange replay``); never raises."""
+        """An already parsed message (``exchange replay``, the generator); never raises."""
         try:
             return self._route(msg, ts_ns, None, None)
         except Exception as exc:

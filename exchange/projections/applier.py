@@ -59,7 +59,7 @@ from exchange.core.events import (
     OrderRejected,
 )
 from exchange.core.instruments import Instrument
-from exchange.core.matching import EngineState, engine_state_hash, resting_orders
+from exchange.core.state import EngineState, engine_state_hash, resting_orders
 from exchange.core.types import OrderType, Side, StpMode, TimeInForce
 
 __all__ = ["EventApplier", "ReplayError"]

@@ -66,7 +66,7 @@ from exchange.core.events import (
     OrderRejected,
 )
 from exchange.core.instruments import Instrument
-from exchange.core.matching import EngineState
+from exchange.core.state import EngineState
 from exchange.core.types import OrderType, Side, TimeInForce
 
 __all__ = ["CHANNELS", "MarketData", "MarketDataError", "book_checksum"]

@@ -29,7 +29,7 @@ import msgspec
 from exchange.adapters.kafka import Incident, KafkaEventPublisher, OrderSource, client_options
 from exchange.core.instruments import Instrument
 from exchange.core.matching import MatchingEngine
-from exchange.pipeline.fanout import MemorySink, Publisher
+from exchange.pipeline.fanout import FanOut, MemorySink
 from exchange.pipeline.loop import Control, InstrumentLoop, JournalItem
 from exchange.pipeline.writer import JournalWriter
 from exchange.ports import Batch, History, InputLedger, Recovered, Sink, Source, Store, StoreUnavailable
@@ -71,7 +71,7 @@ class Daemon:
         self.writer: JournalWriter | None = None
         self.source: Source | None = None
         self.http: HttpServer | None = None
-        self.fanout: Publisher | None = None
+        self.fanout: FanOut | None = None
         self._last_snapshot: dict[str, float] = {}
         self._partition_of: dict[str, tuple[str, int]] = {}  # instrument -> the orders partition it came from
         self._started = time.monotonic()
@@ -127,13 +127,13 @@ class Daemon:
                 await publisher.start()
             source = self.source = self._make_source(specs, applied_offsets, publisher, kafka_options, store)
             # With publishing, input offsets are marked durable only once the events are published (the
-            # fan-out calls source.on_durable): a committed input offset then also means its events were
+            # fan-out calls source.on_published): a committed input offset then also means its events were
             # published (exchange admin relies on it).
             if fanout is not None:
-                fanout.add_listener(source.on_durable)
+                fanout.add_listener(source.on_published)
             writer = self.writer = JournalWriter(
                 store, journal, max_events=s.journal.max_events, linger_ms=s.journal.linger_ms, metrics=self.metrics,
-                listeners=[fanout.on_durable if fanout is not None else source.on_durable, self._on_durable])
+                listeners=[fanout.on_durable if fanout is not None else source.on_published, self._on_durable])
             if isinstance(source, OrderSource):  # each batch stores how far each orders partition is done
                 writer.partition_progress = source.partition_progress
             await source.start()
@@ -456,8 +456,8 @@ def make_store(settings: Settings) -> PostgresStore | SqliteStore:
 
 
 def _fanout(settings: Settings, store: Store, kafka: KafkaEventPublisher | None, memory: MemorySink | None,
-            metrics: Metrics) -> Publisher | None:
-    """The publisher task's set-up; None when nothing is published (no Kafka events, no market data).
+            metrics: Metrics) -> FanOut | None:
+    """The fan-out task's set-up; None when nothing is published (no Kafka events, no market data).
 
     Market data goes to Redis or to the in-process bus ``memory``; either way the channel and key names,
     depth, refresh and heartbeat come from ``[redis]``. The bus keeps nothing across a restart (its
@@ -478,10 +478,10 @@ def _fanout(settings: Settings, store: Store, kafka: KafkaEventPublisher | None,
     needs_watermark = kafka is not None or r.enabled
     progress = store if needs_watermark and hasattr(store, "published_seqs") and hasattr(store, "record_published") \
         else None
-    return Publisher(settings.instrument_map(), kafka=kafka, sink=sink,
-                     names=r.channel, depth=r.book_depth, queue_size=settings.journal.publish_queue_size,
-                     heartbeat_s=r.heartbeat_interval_s, book_refresh_s=r.book_refresh_ms / 1000,
-                     progress=progress, metrics=metrics)  # type: ignore[arg-type]
+    return FanOut(settings.instrument_map(), kafka=kafka, sink=sink,
+                  names=r.channel, depth=r.book_depth, queue_size=settings.journal.publish_queue_size,
+                  heartbeat_s=r.heartbeat_interval_s, book_refresh_s=r.book_refresh_ms / 1000,
+                  progress=progress, metrics=metrics)  # type: ignore[arg-type]
 
 
 def run_daemon(settings: Settings) -> int:

@@ -40,8 +40,8 @@ RECOVERED = re.compile(r"^  (\S+): seq (\d+), (\d+) open orders, state hash (\w+
 
 
 def write_config(tmp_path: Path, *, rate: int = 1500, snapshot_interval_s: float = 0.5) -> Path:
-    """config/demo.toml with the store in ``tmp_path``, a snapshot every half second."""
-    text = (ROOT / "config" / "demo.toml").read_text()
+    """The shipped demo configuration with the store in ``tmp_path``, a snapshot every half second."""
+    text = (ROOT / "exchange" / "defaults" / "demo.toml").read_text()
     text = text.replace('path = ".exchange/demo.sqlite"', f'path = "{tmp_path / "demo.sqlite"}"')
     text = re.sub(r"(?m)^rate = \d+", f"rate = {rate}", text)
     text = re.sub(r"(?m)^snapshot_interval_s = \S+", f"snapshot_interval_s = {snapshot_interval_s}", text)

@@ -25,8 +25,8 @@ ROOT = Path(__file__).parents[2]
 
 
 def config(tmp_path: Path, store: Path) -> Path:
-    """config/demo.toml (SQLite, the order generator, no servers) with its store at ``store``."""
-    text = (ROOT / "config" / "demo.toml").read_text()
+    """The shipped demo configuration (SQLite, the order generator, no servers) with its store at ``store``."""
+    text = (ROOT / "exchange" / "defaults" / "demo.toml").read_text()
     path = tmp_path / "broken.toml"
     path.write_text(re.sub(r'(?m)^path = ".*"', f'path = "{store}"', text))
     return path

@@ -1,7 +1,7 @@
-"""The publisher task's own logic, with the in-memory sink: back-pressure, retries, heartbeats, outages.
+"""The fan-out task's own logic, with the in-memory sink: back-pressure, retries, heartbeats, outages.
 
 The outputs here are in-process stand-ins (the in-memory sink, an output whose
-``publish`` waits or fails on demand): what is tested is the publisher's queueing
+``publish`` waits or fails on demand): what is tested is the fan-out's queueing
 and retrying, not Kafka or Redis (``tests/integration/test_fanout.py`` does that).
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from exchange.pipeline.fanout import _ROUND_EVENTS, MemorySink, Publisher
+from exchange.pipeline.fanout import _ROUND_EVENTS, FanOut, MemorySink
 from exchange.ports import Applied, Batch, SinkUnavailable
 from exchange.settings import ConfigError, RedisSettings, load_settings
 from tests.integration._workload import SPECS, Workload
@@ -67,8 +67,8 @@ def _batches(n: int) -> tuple[Workload, list[Batch]]:
     return work, work.batches(n, max_batch=8, snapshot_every=0)
 
 
-async def _publisher(output: Any, sink: MemorySink | None, queue_size: int) -> Publisher:
-    pub = Publisher({s.symbol: s for s in SPECS}, kafka=output, sink=sink, names=_names, queue_size=queue_size,
+async def _fan_out(output: Any, sink: MemorySink | None, queue_size: int) -> FanOut:
+    pub = FanOut({s.symbol: s for s in SPECS}, kafka=output, sink=sink, names=_names, queue_size=queue_size,
                     heartbeat_s=0.01, book_refresh_s=0.0)
     await pub.prepare({s.symbol: Workload(seed=0).engines[s.symbol].export_state() for s in SPECS})
     await pub.start()
@@ -79,7 +79,7 @@ def test_a_slow_output_blocks_the_writer_and_loses_nothing() -> None:
     async def main() -> None:
         work, batches = _batches(300)
         output = SlowOutput(failures=2)
-        pub = await _publisher(output, MemorySink(), queue_size=4)
+        pub = await _fan_out(output, MemorySink(), queue_size=4)
         task = asyncio.create_task(pub.run())
         handed = 0
 
@@ -132,7 +132,7 @@ def test_a_round_that_can_never_be_published_is_dropped_not_retried_forever() ->
         work = Workload(seed=6)
         batches = work.batches(1500, max_batch=100, snapshot_every=0)
         output = BuggyOutput()
-        pub = await _publisher(output, MemorySink(), queue_size=len(batches) + 1)
+        pub = await _fan_out(output, MemorySink(), queue_size=len(batches) + 1)
         for batch in batches:
             await pub.on_durable(batch)
         await pub.close()
@@ -151,7 +151,7 @@ def test_a_backlog_is_published_in_rounds_of_bounded_size() -> None:
         work = Workload(seed=5)
         batches = work.batches(3000, max_batch=200, snapshot_every=0)  # fewer than _MAX_ROUND batches
         output = RoundOutput()
-        pub = await _publisher(output, MemorySink(), queue_size=len(batches) + 1)
+        pub = await _fan_out(output, MemorySink(), queue_size=len(batches) + 1)
         for batch in batches:  # the whole backlog is queued before the publisher runs
             await pub.on_durable(batch)
         await pub.close()
@@ -173,7 +173,7 @@ def test_sink_outage_degrades_then_resumes_with_fresh_book_keys() -> None:
         sink = FlakySink()
         output = SlowOutput()
         output.open.set()
-        pub = await _publisher(output, sink, queue_size=8)
+        pub = await _fan_out(output, sink, queue_size=8)
         symbol = SPECS[0].symbol
         l2 = sink.subscribe(_names("l2", symbol))
         task = asyncio.create_task(pub.run())

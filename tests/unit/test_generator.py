@@ -14,7 +14,8 @@ from exchange.ports import Applied, Batch
 from exchange.settings import load_instruments
 from exchange.wire.codec import decode_command
 
-SPECS = {spec.symbol: spec for spec in load_instruments(Path(__file__).parents[2] / "config" / "demo.toml")}
+DEMO = Path(__file__).parents[2] / "exchange" / "defaults" / "demo.toml"
+SPECS = {spec.symbol: spec for spec in load_instruments(DEMO)}
 
 
 def make_loops(queue_size: int = 100_000) -> dict[str, InstrumentLoop]:
@@ -117,12 +118,12 @@ def test_a_full_queue_holds_the_generator_back_without_losing_a_message() -> Non
     assert len(offsets) >= 500
 
 
-def test_durable_batches_give_sent_to_durable_latencies() -> None:
+def test_published_batches_give_sent_to_published_latencies() -> None:
     async def scenario() -> GeneratorSource:
         source, queued = await generate(50)
         batch = Batch([Applied(i.command.instrument or "", [], i.position) for i in queued])
-        await source.on_durable(batch)
-        await source.on_durable(batch)  # a batch seen twice is measured once
+        await source.on_published(batch)
+        await source.on_published(batch)  # a batch seen twice is measured once
         return source
 
     source = asyncio.run(scenario())

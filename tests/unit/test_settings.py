@@ -46,7 +46,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_every_shipped_config_file_loads() -> None:
-    files = sorted((ROOT / "config").glob("*.toml"))
+    files = sorted((ROOT / "config").glob("*.toml")) + sorted((ROOT / "exchange" / "defaults").glob("*.toml"))
     assert files
     for path in files:
         assert load_settings(path, env={}).instruments, path

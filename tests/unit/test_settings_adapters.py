@@ -19,13 +19,13 @@ def config(tmp_path: Path, text: str) -> Path:
 
 
 def test_the_shipped_configurations() -> None:
-    demo = load_settings(ROOT / "config" / "demo.toml")
+    demo = load_settings(ROOT / "exchange/defaults/demo.toml")
     assert (demo.storage.kind, demo.order_source.kind, demo.publisher.kind) == ("sqlite", "generator", "none")
     assert (demo.publisher.marketdata, demo.redis.enabled) == ("memory", False)  # the in-process bus
     assert demo.storage.path == ".exchange/demo.sqlite"
     assert demo.storage.synchronous == "full"
     assert demo.order_source.rate > 0
-    served = load_settings(ROOT / "config" / "exchange.toml")  # no adapter sections: the servers, as before
+    served = load_settings(ROOT / "exchange/defaults/exchange.toml")  # no adapter sections: the servers, as before
     assert (served.storage.kind, served.order_source.kind, served.publisher.kind) == ("postgres", "kafka", "kafka")
     assert (served.publisher.marketdata, served.redis.enabled) == ("redis", True)
     compose = load_settings(ROOT / "config" / "compose.toml")  # no [redis] section: no market data, as before

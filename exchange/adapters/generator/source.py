@@ -1,11 +1,11 @@
 """An in-process order source for the embedded default: a seeded order flow, paced.
 
 :class:`GeneratorSource` plays the part of the Kafka consumer towards the
-matching loops: it decodes each message at the edge (the same
-:func:`~exchange.wire.codec.decode_command` as Kafka input), puts it on its
-instrument's bounded queue (waiting when the queue is full: back-pressure), and
-records where it came from as ``InputPosition("generator", 0, n)`` where ``n``
-is the message's index in the flow.
+matching loops: each message goes through the edge's one guard, the same
+:class:`~exchange.pipeline.router.Router` as Kafka input, onto its instrument's
+bounded queue (waiting when the queue is full: back-pressure), with where it
+came from as ``InputPosition("generator", 0, n)`` where ``n`` is the message's
+index in the flow.
 
 The flow is :class:`exchange.adapters.generator.flow.OrderFlow`: deterministic for a seed
 and a list of instruments, with its own input timestamps (never the wall
@@ -19,8 +19,9 @@ continues with a different flow (consistent, but no longer the same one).
 
 Latency: commands carry the flow's timestamps, not the time they were sent, so
 the source remembers when it handed each command to its loop and measures
-"sent to durable" itself when the batch holding it is durable
-(:attr:`latencies`, and the ``exchange_order_latency_seconds`` histogram).
+"sent to published" itself when the batch holding it is durable and published
+(:meth:`GeneratorSource.on_published`; :attr:`latencies`, and the
+``exchange_order_latency_seconds`` histogram).
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from exchange.adapters.generator.flow import OrderFlow
+from exchange.core.commands import Command
 from exchange.core.instruments import Instrument
-from exchange.pipeline.loop import Inbound, InstrumentLoop
+from exchange.pipeline.loop import Control, Inbound, InstrumentLoop
+from exchange.pipeline.router import Refusal, Router, SnapshotRequested
 from exchange.ports import Batch, InputPosition
 from exchange.telemetry.logging import get_logger
-from exchange.wire.codec import WireError, decode_command
 
 __all__ = ["GENERATOR_TOPIC", "GeneratorSource", "generated_commands"]
 
@@ -61,7 +63,12 @@ class GeneratorSource:
         if rate <= 0:
             raise ValueError("rate must be positive (orders per second)")
         self._loops = loops
-        self._specs = instruments
+        # The one router, as for Kafka input, with what the flow has not: no partitions (one log, no key to
+        # check), no verifier (the flow is this process's own input and holds no operator actions; as
+        # ``exchange replay`` trusts the operator's own file), and no bytes: the flow makes parsed messages
+        # (Router.route_message), so the size and Kafka-timestamp checks of Router.route do not apply (its
+        # timestamps are the messages' own ts_ns, whole milliseconds, strictly increasing).
+        self._router = Router(instruments, verifier=None)
         self._flow = generated_commands(instruments, seed, clients)
         self.seed = seed
         self.rate = rate
@@ -73,7 +80,7 @@ class GeneratorSource:
         self._on_caught_up = on_caught_up
         self._stopping = asyncio.Event()
         self._sent_ns: dict[int, int] = {}  # offset -> when it was handed to its loop (perf_counter_ns)
-        self.latencies: deque[tuple[str, int]] = deque(maxlen=latency_samples)  # (instrument, sent->durable ns)
+        self.latencies: deque[tuple[str, int]] = deque(maxlen=latency_samples)  # (instrument, sent->published ns)
         self._log = get_logger("exchange.source", topic=GENERATOR_TOPIC)
         self.next_offset = 0
         self.consumed = 0
@@ -147,17 +154,29 @@ class GeneratorSource:
                        elapsed_s=round(time.monotonic() - started, 3))
 
     def _send(self) -> Coroutine[Any, Any, None] | None:
-        """Generate, decode and queue one message; returns the work still to await, if any."""
+        """Generate, route and queue one message; returns the work still to await, if any."""
         msg = self._flow.next()
         offset = self.next_offset
         self.next_offset += 1
         self.consumed += 1
-        try:
-            command = decode_command(msg, self._specs, ts_ns=msg["ts_ns"])
-        except WireError as exc:  # the flow only makes valid messages; say so loudly if that ever changes
+        route = self._router.route_message(msg, msg["ts_ns"])
+        if type(route) is Refusal:
+            # The flow only makes valid messages; say so loudly if that ever changes. There is no dead-letter
+            # topic and no producer to answer here (the Kafka source has both): the message is dropped.
             self.dead_lettered += 1
-            self._log.error("generated message not understood (dropped)", offset=offset, reason=exc.text)
+            self._log.error("generated message refused (dropped)", offset=offset, reason=route.reason.value,
+                            text=route.text)
             return None
+        if type(route) is SnapshotRequested:  # (the flow makes none; handled as the Kafka source does)
+            loop = self._loops.get(route.instrument or "")
+            if loop is None or offset <= self._applied[loop.symbol]:
+                return None
+            try:
+                loop.queue.put_nowait(Control.SNAPSHOT)
+                return None
+            except asyncio.QueueFull:
+                return loop.queue.put(Control.SNAPSHOT)
+        command: Command = route  # type: ignore[assignment]
         symbol = command.instrument or ""
         loop = self._loops.get(symbol)
         if loop is None:
@@ -178,8 +197,9 @@ class GeneratorSource:
         except asyncio.QueueFull:
             return loop.queue.put(item)  # back-pressure: the generator waits, as a paused consumer would
 
-    async def on_durable(self, batch: Batch) -> None:
-        """Writer listener: measure sent -> durable for the batch's commands."""
+    async def on_published(self, batch: Batch) -> None:
+        """The batch is durable and published (see :class:`~exchange.ports.Source`): measure sent -> published
+        for its commands."""
         now = time.perf_counter_ns()
         sent = self._sent_ns
         latencies = self.latencies

@@ -3,7 +3,7 @@
 :class:`KafkaEventPublisher` publishes durable events to the order-events topic,
 keyed by client id so that each client's events stay in order (a fill goes to
 both its maker's and its taker's key), and every fill to the trades topic keyed
-by instrument. It is driven by :class:`exchange.pipeline.fanout.Publisher`, off the
+by instrument. It is driven by :class:`exchange.pipeline.fanout.FanOut`, off the
 commit path. When an order is resubmitted (same client
 order id), the duplicate is rejected and the sender also gets an
 ``order_status`` message with the original order's current state, so a producer
