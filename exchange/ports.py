@@ -24,10 +24,9 @@ is retried with the very same batch until it succeeds.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import msgspec
 
@@ -36,8 +35,8 @@ from exchange.core.instruments import Instrument
 from exchange.core.state import EngineState
 
 __all__ = ["Applied", "Batch", "History", "InputLedger", "InputPosition", "InputReset", "OrderStates", "Outgoing",
-           "Position", "PreparingStore", "PublishWatermark", "Recovered", "Sink", "SinkUnavailable", "SnapshotRequest",
-           "Source", "Store", "StoreUnavailable"]
+           "Position", "PublishWatermark", "Recovered", "Sink", "SinkUnavailable", "SnapshotRequest", "Source", "Store",
+           "StoreUnavailable"]
 
 
 class InputPosition(msgspec.Struct, frozen=True, gc=False):
@@ -153,28 +152,6 @@ class Store(Protocol):
 
     async def commit(self, batch: Batch) -> None:
         """Make the batch durable in one transaction, or raise :class:`StoreUnavailable`."""
-        ...
-
-
-@runtime_checkable
-class PreparingStore(Protocol):
-    """A store that can do a batch's CPU work before its turn to commit (see ``JournalWriter.run``).
-
-    ``prepare`` is called with each batch, in order, before that batch's ``commit``, possibly while
-    the previous batch's commit is still in flight; it returns what ``commit`` takes as ``prepared``
-    (or None: ``commit`` then does all the work itself). ``commit`` must stay correct whatever
-    happened in between: ``prepared`` is a hint, never a promise. ``server_side`` tells the writer
-    when the commit has sent what it had to send, so that its CPU work then does not delay the
-    commit's round trips. ``after`` is the previous batch's commit when that is still in flight:
-    ``commit`` may start on its own rows meanwhile, but the batch must not become durable before
-    ``after`` has succeeded, and if ``after`` fails, ``commit`` fails (retriably) with nothing written.
-    """
-
-    def prepare(self, batch: Batch) -> object: ...
-
-    async def commit(self, batch: Batch, prepared: Any = None, *, server_side: asyncio.Event | None = None,
-                     after: asyncio.Future[None] | None = None) -> None:
-        """As :meth:`Store.commit`; sets ``server_side`` (if given) once the rest is the server's work."""
         ...
 
 

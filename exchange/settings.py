@@ -378,8 +378,8 @@ def _check_adapters(settings: Settings, where: str) -> None:
     if settings.order_source.clients < 1:
         raise ConfigError(f"{where} [source]: 'clients' must be at least 1")
     if settings.postgres.pool_size < 1:
-        raise ConfigError(f"{where} [postgres]: 'pool_size' must be at least 1 (4 is the default; the journal "
-                          "overlaps its commits only with 2 or more)")
+        raise ConfigError(f"{where} [postgres]: 'pool_size' must be at least 1 (4 is the default: the journal "
+                          "commits on one, lookups and probes use the others)")
     if settings.kafka.max_message_bytes < 1024:
         raise ConfigError(f"{where} [kafka]: 'max_message_bytes' must be at least 1024 (an order is a few hundred "
                           "bytes; 65536 is the default)")

@@ -1,17 +1,24 @@
-"""The journal writer: group commit of every loop's outcomes.
+"""The journal writer: group commit of every loop's outcomes, one commit in flight.
 
 The matching loops run ahead and put chunks of :class:`~exchange.ports.Applied`
 records (and snapshot requests) on one bounded queue. The writer takes what is
-there, waits at most ``linger_ms`` for more while the batch is below
-``max_events``, and commits the batch in ONE transaction through the store.
-While a commit is in flight the loops keep going, so the next batch is
-naturally bigger when the load is higher.
+there and commits it as ONE batch in ONE transaction through the store. While
+that commit is in flight the loops keep going and the writer gathers the next
+batch, so the next batch is naturally bigger when the load is higher; it starts
+committing once the commit in flight has ended, never before. A batch goes when
+it holds ``max_events`` events (it then waits for the commit in flight, and the
+queue fills behind it), or as soon as the commit in flight ends (it has gathered
+for a whole commit: lingering on would only add latency), or, for a writer that
+was idle, ``linger_ms`` after its first item. So batches become durable one
+after the other, in order, and only the task of the one commit in flight holds
+state about it.
 
 A failed commit is retried with the very same batch, with exponential backoff,
 for as long as the error is retriable; nothing is dropped. Meanwhile the queue
 fills, the loops block on it, their queues fill, and the consumer pauses: that
 is the back-pressure chain. Only after ``commit`` returns does the writer tell
-its listeners (offset tracking, publishers) that the batch is durable.
+its listeners (offset tracking, publishers) that the batch is durable; they run
+once per batch, in batch order, before the next commit starts.
 
 The database going away is always transient here: the only failure that stops
 the writer (and the daemon) is a :class:`~exchange.ports.StoreUnavailable`
@@ -29,26 +36,19 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, NamedTuple, cast
+from typing import Any
 
 from exchange.pipeline.loop import JournalItem
-from exchange.ports import Applied, Batch, PreparingStore, SnapshotRequest, Store, StoreUnavailable
+from exchange.ports import Applied, Batch, SnapshotRequest, Store, StoreUnavailable
 from exchange.telemetry.logging import get_logger
 
 __all__ = ["JournalWriter"]
 
 DurableListener = Callable[[Batch], Awaitable[None]]
-_SETTLED = object()  # _get_or_settle: the commit in flight ended before a chunk came
-_LINGERED = object()  # _get_or_settle: neither came within the batch's linger
 # a commit is logged as slow past 100 ms plus 20 us per event (200 ms for a full batch of 5,000): catching up,
 # full batches take 100 - 200 ms each here, and a warning for every one of them would only be noise
 _SLOW_S = 0.1
 _SLOW_PER_EVENT_S = 20e-6
-
-
-class _InFlight(NamedTuple):
-    task: asyncio.Task[None]
-    batch: Batch
 
 
 def _transient(exc: BaseException) -> str | None:
@@ -71,7 +71,6 @@ class JournalWriter:
                  linger_ms: float = 2.0, backoff_max_s: float = 5.0,
                  listeners: Sequence[DurableListener] = (), metrics: Any = None) -> None:
         self._store = store
-        self._preparing = store if isinstance(store, PreparingStore) else None
         self._queue = queue
         self._max_events = max_events
         self._linger_s = linger_ms / 1000
@@ -88,7 +87,6 @@ class JournalWriter:
         # (bench/e2e.py measures produce-to-durable latency from these lines)
         self._log_batches = self._log.is_enabled_for(logging.DEBUG)
         self.last_error: str | None = None
-        self._durable_at = 0.0  # perf_counter() when the last commit ended
 
     def add_listener(self, listener: DurableListener) -> None:
         self._listeners.append(listener)
@@ -96,123 +94,76 @@ class JournalWriter:
     async def run(self) -> None:
         """Commit batches until a ``None`` sentinel arrives on the queue (after the loops stopped).
 
-        Each commit runs as a task. Once it has sent its rows and what is left is the server's work
-        (a :class:`~exchange.ports.PreparingStore` says when), the writer runs the previous batch's
-        listeners and gathers the next batch. That batch goes when it is full, or when the commit in
-        flight ends (it has gathered for a whole commit: lingering on would only add latency), or
-        ``linger_ms`` after its first item, whichever comes first. (An idle writer, too, waits up to
-        ``linger_ms`` after a batch's first item.) If the commit before is still in flight then, the
-        store prepares the new batch's rows, so their CPU work overlaps the database's work on the
-        batch before, and starts committing it at once with ``after`` set to the commit in flight:
-        the store sends the new batch's rows while the server finishes the one before, and makes the
-        new batch durable only after it (so at most two commits are in flight, and they end in
-        order). (CPU work any earlier would hold up the commit's own round trips: the writer shares
-        one thread with the matching loops.) Listeners run once per batch, in batch order, after its
-        commit.
+        The commit in flight (with its listeners) is one task; the writer gathers the next batch
+        meanwhile (:meth:`_gather`) and starts its commit only once that task has ended. A commit that
+        failed for good raises here, and the writer stops; stopping the writer cancels the commit in
+        flight.
+        """
+        committing: asyncio.Task[None] | None = None
+        end = False
+        try:
+            while not end:
+                applied, snapshots, n_events, end = await self._gather(committing)
+                if committing is not None:
+                    await committing  # raises if that commit failed for good
+                    committing = None
+                if applied or snapshots:
+                    batch = Batch(applied, snapshots,
+                                  self.partition_progress(applied) if self.partition_progress is not None else {})
+                    committing = asyncio.create_task(self._commit(batch, n_events), name="journal-commit")
+            if committing is not None:
+                await committing
+                committing = None
+        finally:
+            if committing is not None and not committing.done():
+                committing.cancel()
+                await asyncio.gather(committing, return_exceptions=True)
+
+    async def _gather(self, committing: asyncio.Task[None] | None,
+                      ) -> tuple[list[Applied], list[SnapshotRequest], int, bool]:
+        """The next batch's records, snapshot requests and event count, and whether the queue has ended.
+
+        It is complete when it holds ``max_events`` events, or when ``committing`` (the commit in flight)
+        ends -- then possibly empty, so that the caller takes that commit's outcome at once -- or, if no
+        commit was in flight when its first item came, ``linger_ms`` after that item.
         """
         queue = self._queue
-        prepare = self._preparing.prepare if self._preparing is not None else None
-        inflight: _InFlight | None = None
-        previous: _InFlight | None = None  # the commit before ``inflight`` while both are in flight
-        done = False
-        try:
-            while not done:
-                first: object
-                if inflight is None:
-                    first = await queue.get()
-                else:
-                    first, inflight = await self._get_or_settle(inflight)
-                    if first is _SETTLED:
-                        continue
-                if first is None:
+        applied: list[Applied] = []
+        snapshots: list[SnapshotRequest] = []
+        n_events = 0
+        deadline: float | None = None  # the idle writer's linger: from the batch's first item
+        while n_events < self._max_events:
+            if committing is not None and committing.done():
+                break
+            chunk: list[JournalItem] | None
+            if not queue.empty():
+                chunk = queue.get_nowait()
+            elif committing is not None:
+                getter = asyncio.ensure_future(queue.get())
+                try:
+                    await asyncio.wait((getter, committing), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    if not getter.done():
+                        getter.cancel()  # Queue.get takes the item only when it resumes: nothing is lost
+                if not getter.done() or getter.cancelled():
+                    continue  # the commit ended first
+                chunk = getter.result()
+            elif deadline is None:
+                chunk = await queue.get()
+            else:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
                     break
-                applied: list[Applied] = []
-                snapshots: list[SnapshotRequest] = []
-                n_events = self._take(cast(list[JournalItem], first), applied, snapshots)
+                try:
+                    chunk = await asyncio.wait_for(queue.get(), remaining)
+                except TimeoutError:
+                    break
+            if chunk is None:
+                return applied, snapshots, n_events, True
+            if deadline is None and committing is None:
                 deadline = time.monotonic() + self._linger_s
-                while n_events < self._max_events:
-                    chunk: object
-                    if not queue.empty():
-                        chunk = queue.get_nowait()
-                    elif inflight is not None:  # keep gathering while the previous commit runs ...
-                        remaining = deadline - time.monotonic()
-                        if remaining <= 0:
-                            break  # ... for at most the linger: then this batch goes behind it
-                        chunk, inflight = await self._get_or_settle(inflight, remaining)
-                        if chunk is _SETTLED:  # it ended: this batch gathered for as long; it goes now
-                            deadline = time.monotonic()
-                            continue
-                        if chunk is _LINGERED:
-                            break
-                    else:
-                        remaining = deadline - time.monotonic()
-                        if remaining <= 0:
-                            break
-                        try:
-                            chunk = await asyncio.wait_for(queue.get(), remaining)
-                        except TimeoutError:
-                            break
-                    if chunk is None:
-                        done = True
-                        break
-                    n_events += self._take(cast(list[JournalItem], chunk), applied, snapshots)
-                if not applied and not snapshots:
-                    continue
-                batch = Batch(applied, snapshots,
-                              self.partition_progress(applied) if self.partition_progress is not None else {})
-                prepared = None
-                if prepare is not None:
-                    try:
-                        prepared = prepare(batch)  # overlaps the commit in flight, if any
-                    except Exception:  # the commit derives the rows again and reports the error
-                        prepared = None
-                previous = inflight
-                # a prepared batch may start while the commit before it finishes (the store keeps the order)
-                after = previous.task if previous is not None and prepared is not None else None
-                if previous is not None and after is None:
-                    await previous.task  # raises if that commit failed for good
-                server_side = asyncio.Event()
-                inflight = _InFlight(asyncio.create_task(self._commit(batch, n_events, prepared, server_side, after),
-                                                         name="journal-commit"), batch)
-                # CPU work here (listeners, preparing the next batch) would hold up the commit's round trips
-                # while the server has nothing to do; so it waits until the server is busy with the rest
-                await server_side.wait()
-                if previous is not None:
-                    settled, previous = previous, None
-                    await settled.task  # done by now, unless this commit failed early; raises if it failed
-                    await self._notify(settled.batch)  # while the server works on the next commit
-            if inflight is not None:
-                await inflight.task
-                await self._notify(inflight.batch)
-                inflight = None
-        finally:
-            running = [c.task for c in (previous, inflight) if c is not None and not c.task.done()]
-            for task in running:
-                task.cancel()
-            await asyncio.gather(*running, return_exceptions=True)
-
-    async def _get_or_settle(self, inflight: _InFlight,
-                             within_s: float | None = None) -> tuple[object, _InFlight | None]:
-        """The next chunk from the queue, or, if the commit in flight ends first, ``_SETTLED``: that
-        commit's outcome is raised if it failed for good, else its listeners have run; ``_LINGERED``
-        if neither came within ``within_s`` seconds."""
-        queue = self._queue
-        if not queue.empty():
-            return queue.get_nowait(), inflight
-        if not inflight.task.done():
-            getter = asyncio.ensure_future(queue.get())
-            try:
-                await asyncio.wait((getter, inflight.task), timeout=within_s, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                if not getter.done():
-                    getter.cancel()  # Queue.get takes the item only when it resumes: nothing is lost
-            if getter.done() and not getter.cancelled():
-                return getter.result(), inflight
-            if not inflight.task.done():
-                return _LINGERED, inflight
-        await inflight.task
-        await self._notify(inflight.batch)
-        return _SETTLED, None
+            n_events += self._take(chunk, applied, snapshots)
+        return applied, snapshots, n_events, False
 
     async def _notify(self, batch: Batch) -> None:
         for listener in self._listeners:
@@ -229,34 +180,16 @@ class JournalWriter:
                 snapshots.append(item)  # type: ignore[arg-type]
         return n
 
-    async def _commit(self, batch: Batch, n_events: int, prepared: object = None,
-                      server_side: asyncio.Event | None = None, after: asyncio.Task[None] | None = None) -> None:
-        """Commit ``batch``, retrying while retriable; ``server_side`` is set once what is left of the
-        commit is the server's work (a preparing store says when), or an attempt failed, or it ended.
-        ``after``: the commit before, still in flight (the store makes this batch durable after it)."""
-        try:
-            await self._commit_retrying(batch, n_events, prepared, server_side, after)
-        finally:
-            if server_side is not None:
-                server_side.set()
-
-    async def _commit_retrying(self, batch: Batch, n_events: int, prepared: object,
-                               server_side: asyncio.Event | None, after: asyncio.Task[None] | None) -> None:
+    async def _commit(self, batch: Batch, n_events: int) -> None:
+        """Commit ``batch``, retrying while retriable; then tell the listeners."""
         delay = 0.05
         attempt = 0
         while True:
             attempt += 1
             started = time.perf_counter()
             try:
-                if self._preparing is not None:
-                    await self._preparing.commit(batch, prepared, server_side=server_side, after=after)
-                else:
-                    if server_side is not None:
-                        server_side.set()
-                    await self._store.commit(batch)
+                await self._store.commit(batch)
             except BaseException as exc:
-                if server_side is not None:
-                    server_side.set()  # backing off (or stopping): nothing to hold the listeners for
                 error = _transient(exc)
                 if error is None:
                     if isinstance(exc, StoreUnavailable):
@@ -271,11 +204,7 @@ class JournalWriter:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._backoff_max_s)
                 continue
-            ended = time.perf_counter()
-            # a commit started behind the one before it counts from when that one was durable: the time
-            # this batch added (what throughput and the commit-time metric are about)
-            elapsed = ended - max(started, self._durable_at)
-            self._durable_at = ended
+            elapsed = time.perf_counter() - started
             if elapsed >= _SLOW_S + n_events * _SLOW_PER_EVENT_S:
                 self._log.warning("slow journal commit", commit_ms=round(elapsed * 1000, 1), events=n_events,
                                   snapshots=len(batch.snapshots))
@@ -293,3 +222,4 @@ class JournalWriter:
         self.events += n_events
         if self._metrics is not None:
             self._metrics.batch_committed(n_events, elapsed)
+        await self._notify(batch)

@@ -80,6 +80,10 @@ __all__ = [
     "open_statuses",
 ]
 
+# The shape of every row kind, defined here only: the rows are tuples (or lists) of these fields in this
+# order, and whatever reads them -- the stores' statements, exchange_commit_batch (migration 007, through
+# the positions the PostgreSQL store sends with each batch), the positions below -- finds a field by its
+# name here. The names are the tables' column names, but filled_delta (added to filled_lots).
 EVENT_COLUMNS = ("instrument", "seq", "ts_ns", "type", "order_id", "client_id", "payload")
 ORDER_COLUMNS = (
     "instrument", "created_seq", "order_id", "client_id", "client_order_id", "side", "order_type", "tif",
@@ -91,6 +95,7 @@ TRADE_COLUMNS = (
     "maker_order_id", "maker_client_id", "maker_client_order_id", "taker_order_id", "taker_client_id",
     "taker_client_order_id",
 )
+# an update of a pre-existing order: None keeps the stored value; filled_delta is added to filled_lots
 UPDATE_FIELDS = ("instrument", "order_id", "remaining_lots", "filled_delta", "qty_lots", "price_ticks", "priority",
                  "status", "updated_seq", "updated_ts_ns")
 POSITION_FIELDS = ("client_id", "instrument", "net_lots", "cost", "realized", "updated_seq")
@@ -101,11 +106,14 @@ _ZERO = Position()
 _BUY, _SELL = Side.BUY, Side.SELL
 _encode = msgspec.json.Encoder().encode
 
-# positions of a mutable order record (a list, for speed) while the batch is walked
-_PRICE, _QTY, _REMAINING, _FILLED, _STATUS, _PRIORITY = 8, 9, 10, 11, 12, 13
-_UPDATED_SEQ, _UPDATED_TS = 20, 21
-# positions in a mutable update record of a pre-existing order
-_U_REMAINING, _U_FILLED, _U_QTY, _U_PRICE, _U_PRIORITY, _U_STATUS, _U_SEQ, _U_TS = range(8)
+# positions in a mutable order record (a list of ORDER_COLUMNS, for speed) while the batch is walked
+_PRICE, _QTY, _REMAINING, _FILLED, _STATUS, _PRIORITY, _UPDATED_SEQ, _UPDATED_TS, _PRICE_VALUE, _QTY_VALUE = map(
+    ORDER_COLUMNS.index, ("price_ticks", "qty_lots", "remaining_lots", "filled_lots", "status", "priority",
+                          "updated_seq", "updated_ts_ns", "price", "qty"))
+# positions in a mutable update record (a list of UPDATE_FIELDS) of a pre-existing order
+_U_REMAINING, _U_FILLED, _U_QTY, _U_PRICE, _U_PRIORITY, _U_STATUS, _U_SEQ, _U_TS = map(
+    UPDATE_FIELDS.index, ("remaining_lots", "filled_delta", "qty_lots", "price_ticks", "priority", "status",
+                          "updated_seq", "updated_ts_ns"))
 
 
 class Scale:
@@ -208,7 +216,7 @@ def _touch(inst: _Instrument, order_id: int, remaining: int, filled: int, status
         return
     upd = inst.updates.get(order_id)
     if upd is None:
-        inst.updates[order_id] = [remaining, filled, None, None, None, status, seq, ts]
+        inst.updates[order_id] = [inst.symbol, order_id, remaining, filled, None, None, None, status, seq, ts]
         return
     upd[_U_REMAINING] = remaining
     upd[_U_FILLED] += filled
@@ -281,7 +289,7 @@ def derive_rows(
                 oid = ev.order_id
                 new[oid] = [symbol, seq, oid, ev.client_id, ev.client_order_id, ev.side, ev.order_type, ev.tif,
                             ev.price_ticks, ev.qty_lots, ev.qty_lots, 0, "open", seq, ev.expire_ns, ev.post_only,
-                            ev.stp, None, None, ts, seq, ts]
+                            ev.stp, None, None, ts, seq, ts, None, None]  # price, qty: at the end of the batch
                 inst.next_order_id = oid + 1
                 events_append((symbol, seq, ts, "accepted", oid, ev.client_id, encode(ev)))
             elif isinstance(ev, OrderFilled):
@@ -328,7 +336,7 @@ def derive_rows(
                 else:
                     upd = inst.updates.get(oid)
                     if upd is None:
-                        upd = inst.updates[oid] = [0, 0, None, None, None, None, seq, ts]
+                        upd = inst.updates[oid] = [symbol, oid, 0, 0, None, None, None, None, seq, ts]
                     upd[_U_REMAINING] = ev.remaining_lots
                     upd[_U_QTY] = ev.qty_lots
                     upd[_U_PRICE] = ev.price_ticks
@@ -357,13 +365,11 @@ def derive_rows(
         new_orders = out.new_orders
         for rec in inst.new.values():  # COPY takes the lists as they are
             price = rec[_PRICE]
-            rec.append(price_of(price) if price else None)
-            rec.append(qty_of(rec[_QTY]))
+            rec[_PRICE_VALUE] = price_of(price) if price else None
+            rec[_QTY_VALUE] = qty_of(rec[_QTY])
             new_orders.append(rec)
         new_orders.extend(inst.rejected)
-        updates = out.order_updates
-        for oid, u in inst.updates.items():
-            updates.append((symbol, oid, *u))
+        out.order_updates.extend(map(tuple, inst.updates.values()))
         if inst.positions:
             out.positions[symbol] = inst.positions
             out.position_rows.extend(

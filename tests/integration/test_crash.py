@@ -48,8 +48,8 @@ SEED = 20261121
 
 def _daemon(tmp_path: Path, name: str, *, kafka: KafkaBroker, dsn: str, topic: str, group: str) -> DaemonProcess:
     port = free_port()
-    # batches of up to 500 events fill up while catching up, so many commits start while the one before is
-    # in flight, and kills land in those too (with 2,000 and a snapshot every 50 ms, hardly any did)
+    # batches of up to 500 events fill up while catching up: many commits, so kills land in commits in flight
+    # too (with 2,000 and a snapshot every 50 ms, hardly any did)
     config = write_config(tmp_path / f"{name}.toml", instruments=INSTRUMENTS, bootstrap=kafka.bootstrap_servers,
                           dsn=dsn, topic=topic, group_id=group, http_port=port, snapshot_interval_s=0.05,
                           max_events=500, publish_events=False)

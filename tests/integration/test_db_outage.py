@@ -48,8 +48,8 @@ def test_database_outage_applies_back_pressure_and_recovers(kafka: KafkaBroker, 
     _, expected = replay_messages(first + second, INSTRUMENTS)
 
     port = free_port()
-    # batches of up to 300 events: full ones take the COPY path (over 250 events) and start while the one
-    # before is in flight, so the outage also hits a commit started behind another (both retry, in order)
+    # batches of up to 300 events: full ones take the COPY path (over 250 events), small ones the one-statement
+    # path, so the outage hits both
     config = write_config(tmp_path / "d.toml", instruments=INSTRUMENTS, bootstrap=kafka.bootstrap_servers,
                           dsn=pg_dsn, topic=topic, group_id=f"g-{topic}", http_port=port, queue_size=100,
                           max_events=300, publish_events=False, journal_queue=2)

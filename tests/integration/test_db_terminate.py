@@ -56,10 +56,9 @@ class RecordingStore(PostgresStore):
 
     failures: collections.Counter[tuple[str, bool]]
 
-    async def commit(self, batch: Batch, prepared: Any = None, *, server_side: asyncio.Event | None = None,
-                     after: asyncio.Future[None] | None = None) -> None:
+    async def commit(self, batch: Batch) -> None:
         try:
-            await super().commit(batch, prepared, server_side=server_side, after=after)
+            await super().commit(batch)
         except StoreUnavailable as exc:
             cause = exc.__cause__
             self.failures[(type(cause).__name__ if cause is not None else str(exc)[:60], exc.retriable)] += 1
@@ -71,7 +70,7 @@ class RecordingStore(PostgresStore):
 
 def test_every_batch_commits_exactly_once_while_the_stores_sessions_are_ended_again_and_again(pg_dsn: str) -> None:
     """The journal writer over a 4-connection store, both commit paths (small batches in one statement,
-    larger ones and snapshots by COPY) with two commits in flight, other users of the pool and a busy
+    larger ones and snapshots by COPY), other users of the pool and a busy
     event loop, while another task ends all of the store's sessions 80 times at seeded random moments;
     afterwards every batch is stored exactly once and every connection of the pool works."""
     database = pg_dsn.rpartition("/")[2]
@@ -219,8 +218,7 @@ def test_the_daemon_never_stops_while_its_database_sessions_are_ended_dozens_of_
     rng = random.Random(15)
 
     port = free_port()
-    # batches of up to 300 events: small ones take the one-statement path, full ones the COPY path, and
-    # they start while the one before is in flight
+    # batches of up to 300 events: small ones take the one-statement path, full ones the COPY path
     config = write_config(tmp_path / "d.toml", instruments=INSTRUMENTS, bootstrap=kafka.bootstrap_servers,
                           dsn=pg_dsn, topic=topic, group_id=f"g-{topic}", http_port=port, queue_size=200,
                           max_events=300, publish_events=False, journal_queue=4)

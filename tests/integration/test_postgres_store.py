@@ -6,7 +6,7 @@ The store contract both stores share is tested in ``test_stores.py``.
 from __future__ import annotations
 
 import asyncio
-import itertools
+import json
 from decimal import Decimal
 from typing import Any
 
@@ -14,12 +14,10 @@ import asyncpg
 import pytest
 
 from exchange import Instrument
-from exchange.adapters import postgres
 from exchange.adapters.postgres import PostgresStore
 from exchange.migrations import available
 from exchange.ports import Batch, Position, StoreUnavailable
 from tests.integration._workload import SPECS, Workload, positions_from_fills
-from tests.support.commits import commit_two_in_flight, until_sent
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +43,7 @@ async def execute(dsn: str, sql: str) -> None:
 
 
 # Every test that commits runs on both commit paths: small batches in one statement (the function of
-# migrations 003 and 005; it needs the instrument's counters loaded, as the daemon's recovery does), and the
+# migration 007; it needs the instrument's counters loaded, as the daemon's recovery does), and the
 # multi-statement COPY path that large batches and snapshots take.
 COMMIT_PATHS = {"one-statement": 1000, "copy": 0}
 _commit_path = {"max": 1000}
@@ -172,227 +170,37 @@ def test_terminated_connection_mid_commit_is_retriable_and_the_retry_writes_once
     run(scenario())
 
 
-async def commit_one_ahead(store: PostgresStore, batches: list[Batch]) -> None:
-    """As the journal writer does under load: each batch is prepared before the previous one commits."""
-    prepared = [store.prepare(batches[0])] if batches else []
-    for i, batch in enumerate(batches):
-        if i + 1 < len(batches):
-            prepared.append(store.prepare(batches[i + 1]))
-        await store.commit(batch, prepared[i])
+def test_exchange_commit_batch_finds_every_field_by_its_name(pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The document says where each field is in its rows (migration 007): the same batches with the fields of
+    every kind of row in reverse order store the same rows."""
+    work = Workload(seed=31)
+    batches = work.batches(600, max_batch=60)
+    document = PostgresStore._document
 
+    def reversed_fields(self: PostgresStore, rows: Any, *, copied: bool) -> str:
+        doc = json.loads(document(self, rows, copied=copied))
+        for kind, at in doc["fields"].items():
+            doc["fields"][kind] = {name: len(at) - 1 - i for name, i in at.items()}
+            doc[kind] = [row[::-1] for row in doc[kind]]
+        return json.dumps(doc)
 
-def test_batches_prepared_ahead_write_what_batches_committed_one_by_one_write(pg_dsn: str) -> None:
-    """Rows derived while the previous batch is still uncommitted continue its counters and positions;
-    a retried commit reuses them; a preparation whose basis went away (here: the acknowledgement of a
-    commit was lost, so the store dropped its cached state) is derived again, never written as it was."""
-    work = Workload(seed=11)
-    batches = work.batches(900, max_batch=80)
-    half = len(batches) // 2
+    monkeypatch.setattr(PostgresStore, "_document", reversed_fields)
 
     async def scenario() -> None:
-        writer = await migrated_store(pg_dsn)
-        ahead = await migrated_store(pg_dsn)
+        store = await migrated_store(pg_dsn)
         try:
-            await ahead.load(SPECS)
-            await commit_one_ahead(ahead, batches[:half])
-            # another store commits the next batch: `ahead` then commits it again as if its acknowledgement
-            # had been lost, with the following batch already prepared on top of it
-            await writer.load(SPECS)
-            await writer.commit(batches[half])
-            first = ahead.prepare(batches[half])
-            second = ahead.prepare(batches[half + 1])
-            assert first is not None
-            assert second is not None
-            await ahead.commit(batches[half], first)  # already durable: nothing written, caches dropped
-            assert not ahead._usable(second)
-            await ahead.commit(batches[half + 1], second)  # stale basis: derived again from the database
-            # a commit that fails after its rows were prepared is retried with the same preparation
-            rest = batches[half + 2:]
-            retried = ahead.prepare(rest[0])
-            await ahead.stop()
-            with pytest.raises(StoreUnavailable) as info:
-                await ahead.commit(rest[0], retried)
-            assert info.value.retriable
-            await ahead.start()
-            await ahead.commit(rest[0], retried)
-            await commit_one_ahead(ahead, rest[1:])
-            assert ahead._ahead == []  # nothing prepared is left lying over the committed state
-            recovered = await ahead.load(SPECS)
+            for batch in batches:
+                await store.commit(batch)
+            recovered = await store.load(SPECS)
         finally:
-            await writer.stop()
-            await ahead.stop()
+            await store.stop()
         produced = await assert_stored_exactly(pg_dsn, batches, work, recovered)
         fills = [e for e in produced if type(e).__name__ == "OrderFilled"]
         assert fills
-        assert len(await fetch(pg_dsn, "SELECT trade_id FROM trades")) == len(fills)
-
-    run(scenario())
-
-
-def test_a_batch_started_while_the_one_before_commits_becomes_durable_after_it(pg_dsn: str,
-                                                                               commit_path: str) -> None:
-    """A batch sends its new rows while the commit before it is in flight (by COPY, or inside
-    exchange_commit_batch, which then waits for its turn), and writes the rest only once that one is
-    durable; if it is not (failed, or durable without the state the rows continue), nothing of the
-    batch is written and it is derived again."""
-    work = Workload(seed=17)
-    batches = work.batches(1200, max_batch=80)
-    third = len(batches) // 3
-
-    async def scenario() -> None:
-        store = await migrated_store(pg_dsn)
-        other = await migrated_store(pg_dsn)
-        try:
-            await store.load(SPECS)
-            await commit_two_in_flight(store, batches[:third])
-            # all but the first, except batches with snapshots (they take the ordinary path) and the batches
-            # after them (a commit with snapshots has sent its rows only when it ends)
-            expected = sum(1 for before, batch in itertools.pairwise(batches[:third])
-                           if not batch.snapshots and not before.snapshots)
-            if commit_path == "copy":
-                assert store.overlapped_commits == expected > 0
-            else:  # a small commit may end before the one behind it starts: then there is nothing to overlap
-                assert 0 < store.overlapped_commits <= expected
-            # the commit before fails: the batch started behind it writes nothing, and goes through later
-            a, b = batches[third], batches[third + 1]
-            prepared_a, prepared_b = store.prepare(a), store.prepare(b)
-            prepared_a.sent = True  # as if its commit had gone ahead with these rows: b goes behind it
-            failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            started = asyncio.create_task(store.commit(b, prepared_b, after=failed))
-            await asyncio.sleep(0.2)  # its new rows are in (COPY, or the server's statement), it waits
-            assert not started.done()
-            if commit_path == "one-statement":  # in the server, for the stored sequence to reach its start
-                waiting = await fetch(pg_dsn, "SELECT count(*) AS n FROM pg_stat_activity "
-                                              "WHERE state = 'active' AND query LIKE 'SELECT exchange_commit_batch%'")
-                assert waiting[0]["n"] == 1
-            failed.set_exception(StoreUnavailable("lost", retriable=True))
-            with pytest.raises(StoreUnavailable) as info:
-                await started
-            assert info.value.retriable
-            stored = await fetch(pg_dsn, "SELECT count(*) AS n FROM order_events")
-            assert stored[0]["n"] == sum(len(x.events) for batch in batches[:third] for x in batch.applied)
-            await store.commit(a, prepared_a)
-            await store.commit(b, prepared_b)
-            overlapped = store.overlapped_commits
-            # the batch before was not prepared, so the rows of the one behind it continue the state before
-            # it: they are derived again once it is durable (written as they were, the batch is refused)
-            c, d = batches[third + 2], batches[third + 3]
-            prepared_d = store.prepare(d)
-            first = asyncio.create_task(store.commit(c))
-            await store.commit(d, prepared_d, after=first)
-            await first
-            # the commit before is acknowledged without writing (its acknowledgement was lost, another
-            # store wrote it): the store drops its caches, and the batch behind it is derived again
-            e, f = batches[third + 4], batches[third + 5]
-            await other.load(SPECS)
-            await other.commit(e)
-            first = asyncio.create_task(store.commit(e, store.prepare(e)))
-            await store.commit(f, store.prepare(f), after=first)
-            await first
-            assert store.overlapped_commits == overlapped
-            await commit_two_in_flight(store, batches[third + 6:])
-            assert store._ahead == []
-            recovered = await store.load(SPECS)
-        finally:
-            await store.stop()
-            await other.stop()
-        await assert_stored_exactly(pg_dsn, batches, work, recovered)
-
-    run(scenario())
-
-
-def test_a_batch_behind_a_commit_that_does_not_end_waits_for_it_without_writing(
-        pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A batch sent behind a commit that does not end in time: a one-statement batch gives up in the
-    server after its wait (nothing of it written, no statement left running), a COPY-path batch waits
-    in the store with its rows uncommitted; either goes through once that commit has ended."""
-    monkeypatch.setattr(postgres, "_BEHIND_WAIT_MS", 200)
-    work = Workload(seed=29)
-    batches = work.batches(300, max_batch=60)
-
-    async def scenario() -> None:
-        store = await migrated_store(pg_dsn)
-        try:
-            await store.load(SPECS)
-            await commit_two_in_flight(store, batches[:-2])
-            a, b = batches[-2:]
-            prepared_a, prepared_b = store.prepare(a), store.prepare(b)
-            assert prepared_a is not None
-            assert prepared_b is not None
-            prepared_a.sent = True  # as if its commit had gone ahead with these rows: b goes behind it
-            slow: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            started = asyncio.create_task(store.commit(b, prepared_b, after=slow))
-            await asyncio.sleep(0.6)  # past the server's wait: the store waits for `slow`
-            assert not started.done()
-            active = await fetch(pg_dsn, "SELECT count(*) AS n FROM pg_stat_activity "
-                                         "WHERE state = 'active' AND query LIKE 'SELECT exchange_commit_batch%'")
-            assert active[0]["n"] == 0
-            stored = await fetch(pg_dsn, "SELECT count(*) AS n FROM order_events")
-            assert stored[0]["n"] == sum(len(x.events) for batch in batches[:-2] for x in batch.applied)
-            await store.commit(a, prepared_a)
-            slow.set_result(None)
-            await started
-            assert store.overlapped_commits < len(batches) - 2
-            recovered = await store.load(SPECS)
-        finally:
-            await store.stop()
-        await assert_stored_exactly(pg_dsn, batches, work, recovered)
-
-    run(scenario())
-
-
-def test_rows_prepared_on_a_batch_that_is_derived_again_are_derived_again_too(pg_dsn: str, commit_path: str) -> None:
-    """A batch prepared while an unprepared one commits continues a stale state; it is derived again
-    when its turn comes, with the same seqs (they are its events') but other positions. A batch prepared
-    on its rows meanwhile must not be written as prepared (by the server's sequence check alone, or the
-    COPY path's check of the counters): its positions would continue rows that were never written."""
-    work = Workload(seed=23)
-    batches = work.batches(900, max_batch=60)
-    start = len(batches) // 2
-
-    async def scenario() -> None:
-        store = await migrated_store(pg_dsn)
-        try:
-            await store.load(SPECS)
-            await commit_two_in_flight(store, batches[:start])
-            end = start + (len(batches) - start) // 3 * 3
-            for k in range(start, end, 3):
-                h, i, j = batches[k:k + 3]
-                first = asyncio.create_task(store.commit(h))  # not prepared
-                prepared_i = store.prepare(i)  # on the state before h: derived again
-                prepared_j = store.prepare(j)  # on prepared_i's rows
-                sent = asyncio.Event()
-                second = asyncio.create_task(store.commit(i, prepared_i, server_side=sent, after=first))
-                await until_sent(sent, second)
-                await store.commit(j, prepared_j, after=second)
-                await asyncio.gather(first, second)
-            await commit_two_in_flight(store, batches[end:])
-            recovered = await store.load(SPECS)
-        finally:
-            await store.stop()
-        await assert_stored_exactly(pg_dsn, batches, work, recovered)
-
-    run(scenario())
-
-
-def test_a_pool_of_one_connection_never_overlaps_commits(pg_dsn: str) -> None:
-    """A batch started behind another holds a connection while it waits; with one connection, a retry of the
-    commit before it could never get one, so such a store commits one batch at a time."""
-    work = Workload(seed=19)
-    batches = work.batches(400, max_batch=80)
-
-    async def scenario() -> None:
-        store = PostgresStore(pg_dsn, SPECS, pool_size=1, one_statement_max_events=_commit_path["max"])
-        await store.start()
-        try:
-            await store.migrate()
-            await store.load(SPECS)
-            await commit_two_in_flight(store, batches)
-            assert store.overlapped_commits == 0
-            recovered = await store.load(SPECS)
-        finally:
-            await store.stop()
-        await assert_stored_exactly(pg_dsn, batches, work, recovered)
+        trades = await fetch(pg_dsn, "SELECT trade_id, price_ticks, qty_lots, maker_order_id FROM trades "
+                                     "ORDER BY instrument, trade_id")
+        assert sorted((r["price_ticks"], r["qty_lots"], r["maker_order_id"]) for r in trades) == sorted(
+            (e.price_ticks, e.qty_lots, e.maker_order_id) for e in fills)
 
     run(scenario())
 

@@ -53,7 +53,6 @@ FINAL = {
     "a unique violation": server_error("23505", "duplicate key value violates unique constraint"),
     "a value out of range": server_error("22003", "numeric field overflow"),
     "stored orders missing (EXU01)": server_error("EXU01", "3 stored orders should change but only 2 were found"),
-    "the sequence moved (EXU02)": server_error("EXU02", "the stored sequence is not where the batch starts"),
     "a parameter that cannot be encoded": asyncpg.DataError("invalid input for query argument $1"),
     "a COPY value the codec refuses": OverflowError("int too big to convert"),
     "a NUMERIC too large for the wire": struct.error("'h' format requires -32768 <= number <= 32767"),

@@ -57,15 +57,17 @@ def test_a_durable_batch_is_logged_with_its_last_seq_at_debug_only(tmp_path: Pat
     assert logged[0]["level"] == "debug"
 
 
-# ----------------------------------------------------------------- one commit in flight, the next prepared
+# ----------------------------------------------------------------- one commit in flight, the next gathered
 
 
 class GatedStore:
-    """A store whose commits wait for the test to open their gate; it records what happened, in order."""
+    """A store whose commits wait for the test to open their gate; it records what happened, in order,
+    and notes a commit that starts while another is in flight."""
 
     def __init__(self) -> None:
         self.log: list[tuple[str, int]] = []
         self.gates: list[asyncio.Event] = []
+        self.in_flight = 0
 
     async def start(self) -> None: ...
 
@@ -77,21 +79,18 @@ class GatedStore:
     async def load(self, instruments: object) -> dict[str, object]:
         return {}
 
-    def prepare(self, batch: Batch) -> int:
-        self.log.append(("prepare", _last(batch)))
-        return _last(batch)
-
-    async def commit(self, batch: Batch, prepared: object = None, *, server_side: asyncio.Event | None = None,
-                     after: asyncio.Future[None] | None = None) -> None:
-        assert prepared in (None, _last(batch))
-        self.log.append(("commit", _last(batch)))  # "sends its rows"
-        await _after(after)
-        if server_side is not None:
-            server_side.set()  # all that is left is "the server's" (the gate's)
-        gate = asyncio.Event()
-        self.gates.append(gate)
-        await gate.wait()
-        self.log.append(("durable", _last(batch)))
+    async def commit(self, batch: Batch) -> None:
+        if self.in_flight:
+            self.log.append(("second commit in flight", _last(batch)))
+        self.in_flight += 1
+        try:
+            self.log.append(("commit", _last(batch)))
+            gate = asyncio.Event()
+            self.gates.append(gate)
+            await gate.wait()
+            self.log.append(("durable", _last(batch)))
+        finally:
+            self.in_flight -= 1
 
 
 def _run_writer(store: object, **options: Any) -> tuple[asyncio.Queue[list[JournalItem] | None], asyncio.Task[None]]:
@@ -99,14 +98,6 @@ def _run_writer(store: object, **options: Any) -> tuple[asyncio.Queue[list[Journ
     queue: asyncio.Queue[list[JournalItem] | None] = asyncio.Queue()
     writer = JournalWriter(store, queue, **options)  # type: ignore[arg-type]
     return queue, asyncio.create_task(writer.run())
-
-
-async def _after(commit: asyncio.Future[None] | None) -> None:
-    """What a store owes ``after``: nothing durable before it, and a retriable failure if it failed."""
-    if commit is not None:
-        await asyncio.wait((commit,))
-        if commit.cancelled() or commit.exception() is not None:
-            raise StoreUnavailable("the batch before failed", retriable=True)
 
 
 def _last(batch: Batch) -> int:
@@ -123,7 +114,10 @@ async def _settle() -> None:
         await asyncio.sleep(0)
 
 
-def test_the_next_full_batch_starts_while_a_commit_is_in_flight_and_listeners_keep_batch_order() -> None:
+def test_the_next_batch_is_gathered_while_a_commit_is_in_flight_and_commits_only_after_it() -> None:
+    """Never two commits at once: a batch that fills up while a commit is in flight waits for it; what
+    arrives meanwhile goes as one batch once it is durable; its listeners run before the next commit."""
+
     async def scenario() -> tuple[list[tuple[str, int]], list[int]]:
         engine = make_engine()
         store = GatedStore()
@@ -136,167 +130,36 @@ def test_the_next_full_batch_starts_while_a_commit_is_in_flight_and_listeners_ke
         queue, task = _run_writer(store, max_events=3, linger_ms=300, listeners=[listener])
         await queue.put(_chunk(engine, 3))  # seq 1-3: full, committed at once
         await _settle()
-        await queue.put(_chunk(engine, 3))  # seq 4-6: full while 1-3 is in flight: prepared and started now
+        await queue.put(_chunk(engine, 3))  # seq 4-6: full while 1-3 is in flight: it waits
         await _settle()
-        assert store.log == [("prepare", 3), ("commit", 3), ("prepare", 6), ("commit", 6)]
-        assert len(store.gates) == 1  # 4-6 has sent its rows and waits for 1-3
+        assert store.log == [("commit", 3)]
         store.gates[0].set()
         await _settle()
-        # 1-3 is durable, then 4-6 goes on; 1-3's listeners run while it does
-        assert store.log[4:] == [("durable", 3), ("listener", 3)]
+        # 1-3 is durable and its listeners have run; then 4-6 goes
+        assert store.log[1:] == [("durable", 3), ("listener", 3), ("commit", 6)]
         await queue.put(_chunk(engine, 1))  # seq 7: not full, keeps gathering while 4-6 is in flight (< 300 ms)
         await _settle()
         await queue.put(_chunk(engine, 1))  # seq 8
         await _settle()
-        assert store.log[6:] == []
+        assert store.log[4:] == []
         store.gates[1].set()
         await _settle()
-        # the idle writer still reports 4-6 durable; 7-8 went out as one batch once 4-6 was durable
-        assert store.log[6:] == [("durable", 6), ("listener", 6), ("prepare", 8), ("commit", 8)]
+        # 7-8 went out as one batch once 4-6 was durable
+        assert store.log[4:] == [("durable", 6), ("listener", 6), ("commit", 8)]
+        await queue.put(_chunk(engine, 1))  # seq 9, and the end of the queue, while 7-8 is in flight
+        await queue.put(None)
+        await _settle()
+        assert store.log[7:] == []
         store.gates[2].set()
         await _settle()
-        assert store.log[10:] == [("durable", 8), ("listener", 8)]
-        await queue.put(None)
-        await task
+        assert store.log[7:] == [("durable", 8), ("listener", 8), ("commit", 9)]
+        store.gates[3].set()
+        await asyncio.wait_for(task, 5)
         return store.log, heard
 
-    _, heard = asyncio.run(scenario())
-    assert heard == [3, 6, 8]
-
-
-class TwoStepStore(GatedStore):
-    """Each commit first "sends its rows" (until the test opens ``sent``), then waits for "the server"."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sent: list[asyncio.Event] = []
-
-    async def commit(self, batch: Batch, prepared: object = None, *, server_side: asyncio.Event | None = None,
-                     after: asyncio.Future[None] | None = None) -> None:
-        self.log.append(("commit", _last(batch)))
-        sent = asyncio.Event()
-        self.sent.append(sent)
-        await sent.wait()
-        await _after(after)
-        assert server_side is not None
-        server_side.set()
-        gate = asyncio.Event()
-        self.gates.append(gate)
-        await gate.wait()
-        self.log.append(("durable", _last(batch)))
-
-
-def test_listeners_and_the_next_preparation_wait_until_the_commit_in_flight_has_sent_its_rows() -> None:
-    """The writer shares its thread with the commit's round trips: its CPU work waits for server-side time."""
-
-    async def scenario() -> list[tuple[str, int]]:
-        engine = make_engine()
-        store = TwoStepStore()
-
-        async def listener(batch: Batch) -> None:
-            store.log.append(("listener", _last(batch)))
-
-        queue, task = _run_writer(store, max_events=2, linger_ms=0, listeners=[listener])
-        await queue.put(_chunk(engine, 2))
-        await queue.put(_chunk(engine, 2))
-        await _settle()
-        assert store.log == [("prepare", 2), ("commit", 2)]  # 3-4 is waiting, not prepared yet
-        store.sent[0].set()
-        await _settle()
-        assert store.log[2:] == [("prepare", 4), ("commit", 4)]  # 3-4 sends its rows while 1-2 finishes
-        store.gates[0].set()
-        await _settle()
-        assert store.log[4:] == [("durable", 2)]  # 1-2's listeners wait for 3-4's rows to go
-        store.sent[1].set()
-        await _settle()
-        assert store.log[5:] == [("listener", 2)]
-        store.gates[1].set()
-        await queue.put(None)
-        await task
-        return store.log
-
-    log = asyncio.run(scenario())
-    assert log[-2:] == [("durable", 4), ("listener", 4)]
-
-
-class FailingFirstStore(GatedStore):
-    """The first commit fails for good once the test opens its gate."""
-
-    async def commit(self, batch: Batch, prepared: object = None, *, server_side: asyncio.Event | None = None,
-                     after: asyncio.Future[None] | None = None) -> None:
-        if _last(batch) == 2:
-            self.log.append(("commit", 2))
-            assert after is None
-            assert server_side is not None
-            server_side.set()
-            gate = asyncio.Event()
-            self.gates.append(gate)
-            await gate.wait()
-            raise StoreUnavailable("disk full", retriable=False)
-        await super().commit(batch, prepared, server_side=server_side, after=after)
-
-
-def test_a_batch_started_behind_a_commit_that_fails_for_good_never_becomes_durable() -> None:
-    async def scenario() -> tuple[FailingFirstStore, list[int], BaseException | None]:
-        engine = make_engine()
-        store = FailingFirstStore()
-        heard: list[int] = []
-
-        async def listener(batch: Batch) -> None:
-            heard.append(_last(batch))
-
-        queue, task = _run_writer(store, max_events=2, linger_ms=0, listeners=[listener])
-        await queue.put(_chunk(engine, 2))
-        await _settle()
-        await queue.put(_chunk(engine, 2))  # 3-4 starts behind 1-2
-        await _settle()
-        assert ("commit", 4) in store.log
-        store.gates[0].set()  # 1-2 fails for good
-        error: BaseException | None = None
-        try:
-            await asyncio.wait_for(task, 5)
-        except StoreUnavailable as exc:
-            error = exc
-        return store, heard, error
-
-    store, heard, error = asyncio.run(scenario())
-    assert error is not None
-    assert "disk full" in str(error)
-    assert heard == []
-    assert not any(what == "durable" for what, _ in store.log)
-
-
-def test_a_commit_started_behind_another_is_timed_from_when_that_one_was_durable() -> None:
-    """The commit-time metric (and the slow-commit warning) is the time a batch added, not its overlap."""
-
-    class Timings:
-        def __init__(self) -> None:
-            self.elapsed: list[float] = []
-
-        def batch_committed(self, n_events: int, elapsed: float) -> None:
-            self.elapsed.append(elapsed)
-
-    async def scenario() -> list[float]:
-        engine = make_engine()
-        store = GatedStore()
-        timings = Timings()
-        queue, task = _run_writer(store, max_events=2, linger_ms=0, metrics=timings)
-        await queue.put(_chunk(engine, 2))
-        await _settle()
-        await queue.put(_chunk(engine, 2))  # started behind the first
-        await _settle()
-        await asyncio.sleep(0.3)
-        store.gates[0].set()  # the first took 0.3 s
-        await _settle()
-        await asyncio.sleep(0.02)
-        store.gates[1].set()  # the second ends 0.02 s later
-        await queue.put(None)
-        await task
-        return timings.elapsed
-
-    first, second = asyncio.run(scenario())
-    assert first >= 0.3
-    assert second < 0.2
+    log, heard = asyncio.run(scenario())
+    assert log[-2:] == [("durable", 9), ("listener", 9)]
+    assert heard == [3, 6, 8, 9]
 
 
 def test_a_batch_gathered_while_a_commit_was_in_flight_goes_as_soon_as_that_commit_ends() -> None:
@@ -311,7 +174,7 @@ def test_a_batch_gathered_while_a_commit_was_in_flight_goes_as_soon_as_that_comm
         await asyncio.sleep(0.1)
         await queue.put(_chunk(engine, 1))  # within the idle writer's linger: the same batch
         await asyncio.sleep(0.3)
-        assert store.log == [("prepare", 2), ("commit", 2)]
+        assert store.log == [("commit", 2)]
         await queue.put(_chunk(engine, 1))  # gathered while 1-2 is in flight
         await _settle()
         store.gates[0].set()
@@ -322,52 +185,74 @@ def test_a_batch_gathered_while_a_commit_was_in_flight_goes_as_soon_as_that_comm
         await task
         return log
 
-    assert asyncio.run(scenario())[2:] == [("durable", 2), ("prepare", 3), ("commit", 3)]
+    assert asyncio.run(scenario())[1:] == [("durable", 2), ("commit", 3)]
 
 
-def test_a_batch_gathered_while_a_commit_is_in_flight_goes_behind_it_after_the_linger() -> None:
-    """A batch need not wait for a slow commit to end: linger_ms after its first item it is prepared and
-    started behind the commit in flight, and becomes durable after it (listeners in batch order)."""
+def test_a_batch_gathered_while_a_commit_is_in_flight_waits_for_it_past_the_linger() -> None:
+    """linger_ms bounds only an idle writer's wait: behind a slow commit the next batch keeps gathering."""
 
-    async def scenario() -> tuple[list[tuple[str, int]], list[int], list[bool]]:
+    async def scenario() -> list[tuple[str, int]]:
         engine = make_engine()
         store = GatedStore()
+        queue, task = _run_writer(store, max_events=100, linger_ms=50)
+        await queue.put(_chunk(engine, 2))
+        await asyncio.sleep(0.1)  # the idle writer's linger: 1-2 goes alone
+        assert store.log == [("commit", 2)]
+        await queue.put(_chunk(engine, 1))
+        await asyncio.sleep(0.1)  # twice the linger
+        await queue.put(_chunk(engine, 1))
+        await _settle()
+        assert store.log == [("commit", 2)]
+        store.gates[0].set()
+        await _settle()
+        store.gates[1].set()
+        await queue.put(None)
+        await task
+        return store.log
+
+    assert asyncio.run(scenario()) == [("commit", 2), ("durable", 2), ("commit", 4), ("durable", 4)]
+
+
+class FailingFirstStore(GatedStore):
+    """The first commit fails for good once the test opens its gate."""
+
+    async def commit(self, batch: Batch) -> None:
+        if _last(batch) == 2:
+            self.log.append(("commit", 2))
+            gate = asyncio.Event()
+            self.gates.append(gate)
+            await gate.wait()
+            raise StoreUnavailable("disk full", retriable=False)
+        await super().commit(batch)
+
+
+def test_a_commit_that_fails_for_good_stops_the_writer_before_the_next_batch_commits() -> None:
+    async def scenario() -> tuple[FailingFirstStore, list[int], BaseException | None]:
+        engine = make_engine()
+        store = FailingFirstStore()
         heard: list[int] = []
-        behind: list[bool] = []
-        commit = store.commit
-
-        async def watched(batch: Batch, prepared: object = None, *, server_side: asyncio.Event | None = None,
-                          after: asyncio.Future[None] | None = None) -> None:
-            behind.append(after is not None and not after.done())
-            await commit(batch, prepared, server_side=server_side, after=after)
-
-        store.commit = watched  # type: ignore[method-assign]
 
         async def listener(batch: Batch) -> None:
             heard.append(_last(batch))
 
-        queue, task = _run_writer(store, max_events=100, linger_ms=50, listeners=[listener])
+        queue, task = _run_writer(store, max_events=2, linger_ms=0, listeners=[listener])
         await queue.put(_chunk(engine, 2))
-        await asyncio.sleep(0.1)  # the idle writer's linger: 1-2 goes alone
-        assert store.log == [("prepare", 2), ("commit", 2)]
-        await queue.put(_chunk(engine, 1))  # gathered while 1-2 is in flight ...
         await _settle()
-        assert store.log[2:] == []
-        await asyncio.sleep(0.1)  # ... for the linger: then it goes behind 1-2
-        assert store.log[2:] == [("prepare", 3), ("commit", 3)]
-        assert len(store.gates) == 1  # 3 has sent its rows and waits for 1-2 (as a store owes ``after``)
-        store.gates[0].set()
+        await queue.put(_chunk(engine, 2))  # 3-4 is gathered while 1-2 is in flight
         await _settle()
-        store.gates[1].set()
-        await _settle()
-        await queue.put(None)
-        await task
-        return store.log, heard, behind
+        store.gates[0].set()  # 1-2 fails for good
+        error: BaseException | None = None
+        try:
+            await asyncio.wait_for(task, 5)
+        except StoreUnavailable as exc:
+            error = exc
+        return store, heard, error
 
-    log, heard, behind = asyncio.run(scenario())
-    assert log[4:] == [("durable", 2), ("durable", 3)]
-    assert heard == [2, 3]
-    assert behind == [False, True]
+    store, heard, error = asyncio.run(scenario())
+    assert error is not None
+    assert "disk full" in str(error)
+    assert heard == []
+    assert store.log == [("commit", 2)]
 
 
 def test_a_commit_is_slow_past_100_ms_plus_20_us_per_event() -> None:
@@ -413,12 +298,9 @@ class FlakyStore(GatedStore):
         self.writer: JournalWriter | None = None
         self.seen: list[tuple[bool, str | None]] = []
 
-    async def commit(self, batch: Batch, prepared: object = None, *, server_side: asyncio.Event | None = None,
-                     after: asyncio.Future[None] | None = None) -> None:
+    async def commit(self, batch: Batch) -> None:
         assert self.writer is not None
         self.seen.append((self.writer.degraded, self.writer.last_error))
-        if server_side is not None:
-            server_side.set()
         failure = self.failures.pop(0) if self.failures else None
         if isinstance(failure, asyncio.CancelledError):
             inner: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -454,7 +336,7 @@ def test_a_commit_failing_for_any_reason_but_its_content_is_retried_and_shows_in
 
     store, writer, heard = asyncio.run(scenario())
     assert heard == [3]
-    assert store.log == [("prepare", 3), ("durable", 3)]  # prepared once, the same batch committed four times
+    assert store.log == [("durable", 3)]  # the same batch, committed four times
     assert [degraded for degraded, _ in store.seen] == [False, True, True, True]
     errors = [error or "" for _, error in store.seen[1:]]
     assert "connection lost" in errors[0]
@@ -471,11 +353,11 @@ def test_a_writer_cancelled_in_the_middle_of_a_commit_stops_and_does_not_retry()
         queue, task = _run_writer(store, linger_ms=0)
         await queue.put(_chunk(engine, 2))
         await _settle()
-        assert store.log == [("prepare", 2), ("commit", 2)]
+        assert store.log == [("commit", 2)]
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(task, 5)
         return store
 
     store = asyncio.run(scenario())
-    assert store.log == [("prepare", 2), ("commit", 2)]  # no second attempt
+    assert store.log == [("commit", 2)]  # no second attempt

@@ -4,7 +4,7 @@
 :class:`~exchange.ports.History` for recovery) with asyncpg.
 
 One :meth:`~PostgresStore.commit` is ONE transaction. A small batch is one
-round trip: a call of ``exchange_commit_batch`` (migrations 003 and 005) with the
+round trip: a call of ``exchange_commit_batch`` (migration 007) with the
 whole batch as one JSON document. A large one (or one with snapshots) is a handful of
 round trips whatever its size: events, trades and new orders go in by binary
 COPY, then the same function changes the pre-existing orders, positions,
@@ -34,7 +34,7 @@ failed commit is retried with the same batch and gives the same result.
 
 Errors of a commit: only what the batch's own content causes is final --
 SQLSTATE classes 22 (data exception) and 23 (integrity violation), the
-function's own checks (EXU01 rows missing, EXU02 the sequence moved), a batch
+function's own check (EXU01 rows missing), a batch
 that does not continue the stored sequence, and Python-side encoding errors of
 the batch's values -- and raises ``StoreUnavailable(retriable=False)`` with a
 message saying what to check. Everything else is the database going away, and
@@ -60,12 +60,10 @@ import contextlib
 import ssl
 import struct
 import time
-from collections import ChainMap
-from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from decimal import Decimal
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
 import msgspec
@@ -81,7 +79,9 @@ from exchange.ports import Batch, InputReset, Position, Recovered, SnapshotReque
 from exchange.projections.rows import (
     EVENT_COLUMNS,
     ORDER_COLUMNS,
+    POSITION_FIELDS,
     TRADE_COLUMNS,
+    UPDATE_FIELDS,
     BatchRows,
     Progress,
     RowError,
@@ -91,7 +91,7 @@ from exchange.projections.rows import (
 )
 from exchange.settings import PostgresSettings
 
-__all__ = ["PostgresStore", "PreparedBatch", "connect_options"]
+__all__ = ["PostgresStore", "connect_options"]
 
 _log = structlog.get_logger("exchange.store")
 _recovery_log = structlog.get_logger("exchange.recovery")  # loading is part of recovery
@@ -102,7 +102,6 @@ if TYPE_CHECKING:
 _Conn: TypeAlias = "asyncpg.Connection | PoolConnectionProxy[asyncpg.Record]"
 _Leased: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
 
-_T = TypeVar("_T")
 _RETRIABLE_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
 # connection-time refusals an operator clears without touching the daemon: database not accepting
 # connections (ALLOW_CONNECTIONS false, shutting down), lock timeouts, a database being restored
@@ -116,10 +115,16 @@ _SQL_PROGRESS_LOCK = """
 SELECT instrument, seq, next_order_id, next_trade_id, halted FROM engine_progress
 WHERE instrument = ANY($1::text[]) ORDER BY instrument FOR UPDATE"""
 
-_SQL_COMMIT_BATCH = "SELECT exchange_commit_batch($1::text::jsonb, $2::integer)"
-# how long a batch sent behind the commit before it may wait, in the server, for that one to become durable;
-# the store cancels the wait as soon as that commit fails, so this only bounds a wait nobody cancels
-_BEHIND_WAIT_MS = 10_000
+_SQL_COMMIT_BATCH = "SELECT exchange_commit_batch($1::text::jsonb)"
+# the document's rows are arrays; exchange_commit_batch finds each field by its name, at the position these
+# give (the rows' shapes are defined in exchange.projections.rows, and here for the document's own rows)
+_PROGRESS_FIELDS = ("instrument", "first_seq", "last_seq", "next_order_id", "next_trade_id", "halted")
+_STEP_FIELDS = ("instrument", "tick", "lot")
+_OFFSET_FIELDS = ("instrument", "topic", "partition", "last_offset")
+_FIELDS = {"progress": _PROGRESS_FIELDS, "steps": _STEP_FIELDS, "events": EVENT_COLUMNS, "trades": TRADE_COLUMNS,
+           "orders": ORDER_COLUMNS, "updates": UPDATE_FIELDS, "positions": POSITION_FIELDS, "offsets": _OFFSET_FIELDS}
+_FIELDS_JSON = msgspec.Raw(msgspec.json.encode(
+    {kind: {name: i for i, name in enumerate(fields)} for kind, fields in _FIELDS.items()}))
 
 _SQL_POSITIONS = """
 SELECT instrument, client_id, net_lots, cost, realized FROM positions WHERE instrument = ANY($1::text[])"""
@@ -230,25 +235,11 @@ def connect_options(postgres: PostgresSettings) -> dict[str, Any]:
     return options
 
 
-@dataclass(slots=True, eq=False)
-class PreparedBatch:
-    """A batch's rows derived ahead of its commit (:meth:`PostgresStore.prepare`), and what they assumed."""
-
-    rows: BatchRows
-    basis: dict[str, Progress]  # per instrument of the batch, the counters the rows continue
-    generation: int
-    one_statement: bool  # small enough for exchange_commit_batch alone
-    document: str  # exchange_commit_batch's argument (without the COPied rows unless one_statement)
-    number: int = 0  # this store's count of prepared batches when this one was
-    behind: int | None = None  # the number of the prepared batch whose outcome the rows continue, if uncommitted
-    sent: bool = False  # its commit goes ahead with exactly these rows (never derived again)
-
-
 class PostgresStore:
     """Durable storage in PostgreSQL (see the module docstring).
 
-    ``pool_size`` bounds the connections (the journal uses up to two at a time,
-    one per commit in flight; loading, checks and lookups may use another). ``snapshot_keep`` snapshots are kept
+    ``pool_size`` bounds the connections (the journal uses one at a time, for its one
+    commit in flight; loading, checks and lookups may use others). ``snapshot_keep`` snapshots are kept
     per instrument. ``command_timeout`` bounds every statement and
     ``connect_timeout`` every connection attempt and pool acquisition (seconds).
     Batches of up to ``one_statement_max_events`` events commit in one round trip
@@ -279,13 +270,7 @@ class PostgresStore:
         self._server_scales = {symbol: _ServerScale(spec) for symbol, spec in self.specs.items()}
         self._step_rows = {symbol: (symbol, format(sc.tick, "f"), format(sc.lot, "f"))
                            for symbol, sc in self._server_scales.items()}
-        # batches prepared ahead and not yet committed, oldest first (see prepare()); the generation
-        # moves whenever the cached state is dropped, which invalidates everything prepared before
-        self._ahead: list[PreparedBatch] = []
-        self._generation = 0
-        self._prepared_count = 0  # numbers the prepared batches (PreparedBatch.number)
-        self.one_statement_commits = 0  # how many batches took the one-statement path (tests, metrics)
-        self.overlapped_commits = 0  # commits started while the one before was in flight
+        self.one_statement_commits = 0  # how many batches took the one-statement path (tests)
 
     def _scale(self, spec: Instrument) -> Scale:
         return self._scales[spec.symbol]
@@ -392,42 +377,38 @@ class PostgresStore:
 
     # ------------------------------------------------------------------- commit
 
-    def prepare(self, batch: Batch) -> PreparedBatch | None:
-        """Derive ``batch``'s rows now, as if every batch prepared or committing before it were durable.
+    def _forget(self, symbols: Iterable[str]) -> None:
+        """Drop the cached state of ``symbols`` (read from the database again by their next commit)."""
+        for symbol in symbols:
+            self._progress.pop(symbol, None)
+            self._positions.pop(symbol, None)
 
-        The journal writer calls this while the previous batch's commit is in flight, so the CPU work
-        of a batch (its rows, the COPY path's tuples, the JSON document) overlaps the database's
-        work on the one before it. The rows are computed from the committed counters and positions
-        with the rows of the batches prepared and not yet committed laid over them, and carry that
-        basis: :meth:`commit` uses them only if the committed state is still exactly that basis
-        when their turn comes, and derives them again otherwise. None if an instrument of the batch
-        has not been loaded (its state is read inside the committing transaction).
+    def _adopt(self, rows: BatchRows) -> None:
+        """``rows`` are durable: the committed counters and positions move to their end."""
+        for symbol, prog in rows.progress.items():
+            self._progress[symbol] = prog
+            changed = rows.positions.get(symbol)
+            if changed:
+                self._positions.setdefault(symbol, {}).update(changed)
+
+    async def commit(self, batch: Batch) -> None:
+        """Make ``batch`` durable in one transaction, or raise :class:`StoreUnavailable`.
+
+        The journal writer commits one batch at a time, in order, and retries a failed commit with the
+        same batch. A small batch of loaded instruments takes the one-statement path, anything else
+        (more than ``one_statement_max_events`` events, snapshots, an instrument this store has not
+        loaded) the COPY path.
         """
-        self._prepared_count += 1
-        prepared = self._derive(batch, ahead=True)
-        if prepared is not None:
-            self._ahead.append(prepared)
-        return prepared
-
-    def _derive(self, batch: Batch, *, ahead: bool) -> PreparedBatch | None:
-        progress: Mapping[str, Progress] = self._progress
-        positions: Mapping[str, Mapping[str, Position]] = self._positions
-        if ahead and self._ahead:  # lay the uncommitted batches' outcome over the committed state
-            progress, positions = dict(progress), dict(positions)
-            for earlier in self._ahead:
-                progress.update(earlier.rows.progress)
-                for symbol, changed in earlier.rows.positions.items():
-                    positions[symbol] = ChainMap(changed, positions.get(symbol) or {})  # type: ignore[arg-type]
-        one = not batch.snapshots and self._small(batch)
-        try:
-            rows = derive_rows(batch, self.specs, progress, positions, self._server_scale if one else self._scale)
-        except RowError as exc:
-            raise StoreUnavailable(f"batch refused: {exc}", retriable=False) from exc
-        if any(symbol not in self._progress for symbol in rows.progress):
-            return None  # not loaded: the commit reads its state inside the transaction
-        return PreparedBatch(rows, {symbol: progress[symbol] for symbol in rows.progress}, self._generation, one,
-                             self._document(rows, copied=not one), self._prepared_count,
-                             self._ahead[-1].number if ahead and self._ahead else None)
+        last = batch.last_seq()  # the batch's last seq per instrument
+        if last and all(symbol in self._progress and self._progress[symbol].seq >= seq
+                        for symbol, seq in last.items()):
+            return  # this store already committed it: a retry after success
+        pool = self._require_pool()
+        symbols = sorted(last)
+        if not batch.snapshots and self._small(batch) and all(symbol in self._progress for symbol in symbols):
+            await self._commit_one_statement(pool, batch, symbols, last)
+        else:
+            await self._commit_copy(pool, batch, symbols, last)
 
     def _small(self, batch: Batch) -> bool:
         """At most ``one_statement_max_events`` events (counting stops there)."""
@@ -438,162 +419,27 @@ class PostgresStore:
                 return False
         return True
 
-    def _usable(self, prepared: PreparedBatch) -> bool:
-        """Were ``prepared``'s rows derived from exactly the state that is committed now?"""
-        return prepared.generation == self._generation and all(
-            self._progress.get(symbol) == basis for symbol, basis in prepared.basis.items())
-
-    def _settled(self, prepared: PreparedBatch | None) -> None:
-        """``prepared`` was committed (or replaced): it no longer lies over the committed state; nor does
-        anything prepared whose batch the committed counters have passed (committed without its rows)."""
-        if self._ahead:
-            progress = self._progress
-            self._ahead = [p for p in self._ahead if p is not prepared and any(
-                symbol in progress and progress[symbol].seq < prog.seq for symbol, prog in p.rows.progress.items())]
-
-    def _forget(self, symbols: Iterable[str]) -> None:
-        """Drop the cached state of ``symbols`` (reloaded from the database) and every prepared batch."""
-        for symbol in symbols:
-            self._progress.pop(symbol, None)
-            self._positions.pop(symbol, None)
-        self._generation += 1
-        self._ahead.clear()
-
-    def _adopt(self, rows: BatchRows) -> None:
-        """``rows`` are durable: the committed counters and positions move to their end."""
-        for symbol, prog in rows.progress.items():
-            self._progress[symbol] = prog
-            changed = rows.positions.get(symbol)
-            if changed:
-                self._positions.setdefault(symbol, {}).update(changed)
-
-    async def commit(self, batch: Batch, prepared: PreparedBatch | None = None, *,
-                     server_side: asyncio.Event | None = None, after: asyncio.Future[None] | None = None) -> None:
-        """Make ``batch`` durable in one transaction, or raise :class:`StoreUnavailable`.
-
-        ``prepared`` is what :meth:`prepare` returned for this very batch (a retry passes it again).
-        ``server_side`` is set when the last statement, ``exchange_commit_batch``, is sent: from
-        then on the commit waits for the server only. ``after`` is the commit of the batch before,
-        if it is still in flight: a prepared batch then sends its new rows meanwhile (see
-        :meth:`_commit_overlapped`), and nothing of it becomes durable before ``after`` has.
-        """
-        last = ({symbol: prog.seq for symbol, prog in prepared.rows.progress.items()} if prepared is not None
-                else batch.last_seq())  # the batch's last seq per instrument
-        if after is not None and not after.done() and prepared is not None and self._overlappable(prepared):
-            try:
-                await self._commit_overlapped(self._require_pool(), prepared, last, server_side, after)
-            except _Stale:  # the batch before did not end as prepared for: derive the rows again
-                pass
-            else:
-                self._settled(prepared)
-                return
-        if after is not None:
-            await _succeeded(after)
-        if last and all(symbol in self._progress and self._progress[symbol].seq >= seq
-                        for symbol, seq in last.items()):
-            self._settled(prepared)
-            return  # this store already committed it: a retry after success
-        if prepared is not None and not self._usable(prepared):
-            self._settled(prepared)
-            # it is derived again, so whatever was prepared on its rows is stale too
-            self._generation += 1
-            self._ahead.clear()
-            prepared = None
-        elif prepared is not None:
-            prepared.sent = True
-        now = prepared if prepared is not None else self._derive(batch, ahead=False)
-        pool = self._require_pool()
-        symbols = sorted(last)
-        if now is not None and now.one_statement:
-            await self._commit_one_statement(pool, now, symbols, last, server_side)
-        else:
-            await self._commit_copy(pool, batch, now, symbols, last, server_side)
-        self._settled(prepared)
-
-    def _overlappable(self, prepared: PreparedBatch) -> bool:
-        """May ``prepared`` be sent while the commit before it is in flight? It must be a batch without
-        snapshots, prepared since the caches were last dropped -- so its instruments are still loaded --
-        on the outcome of a prepared batch that is still uncommitted: the one in flight. (Prepared on the
-        committed state while an unprepared batch commits, its rows would take the same keys as that
-        one's.) A one-statement batch is written by the server as soon as the stored sequence reaches
-        its start, without the COPY path's check of the basis here, so the commit before must also go
-        ahead with exactly its prepared rows: prepared on rows that are then derived again, its
-        positions would continue rows that are never written, at the same seqs.
-        And the pool must have a connection for each: with one, a retry of the commit before would
-        wait for the connection this one holds while it waits for that retry."""
-        behind = prepared.behind
-        return (self.pool_size >= 2 and not prepared.rows.snapshots and prepared.generation == self._generation
-                and behind is not None
-                and any(p.number == behind and (p.sent or not prepared.one_statement) for p in self._ahead))
-
-    async def _commit_overlapped(self, pool: asyncpg.Pool, prepared: PreparedBatch, last: dict[str, int],
-                                 server_side: asyncio.Event | None, after: asyncio.Future[None]) -> None:
-        """A batch started while ``after`` (the commit before) is still in flight.
-
-        Its new rows -- events, trades, new orders: keys no other batch has -- go in while the server
-        finishes the batch before; the rest waits until that one is durable.
-
-        A one-statement batch sends ``exchange_commit_batch`` at once, with a wait: the server inserts
-        the new rows, then waits for the stored sequence to reach the seq the batch continues, and
-        writes the rest (see :meth:`_commit_one_statement`).
-
-        A COPY-path batch COPies its new rows in this transaction while the server finishes the batch
-        before (its set-based statements and its COMMIT, half of a large commit's time). Only once
-        ``after`` has succeeded, and the
-        committed counters are exactly the ones the rows were prepared on, does
-        ``exchange_commit_batch`` run: it locks the instruments' progress, checks that the batch
-        continues the stored sequence, and writes the rest. So the batches still become durable one
-        after the other, in order; anything else rolls this transaction back, and :class:`_Stale`
-        sends the caller to the ordinary path. A batch that is already durable cannot get here (a
-        retry runs after ``after`` has ended, on the ordinary path, which checks for that first).
-        """
-        if prepared.one_statement:
-            prepared.sent = True
-            await self._commit_one_statement(pool, prepared, sorted(last), last, server_side, after)
-            self.overlapped_commits += 1
-            return
-        rows = prepared.rows
-        try:
-            async with self._lease(pool) as conn, conn.transaction():
-                await self._copy_new_rows(conn, rows)
-                await _succeeded(after)
-                if not self._usable(prepared):
-                    raise _Stale
-                prepared.sent = True
-                if server_side is not None:
-                    server_side.set()
-                await self._finish(conn, rows, prepared.document)
-        except (StoreUnavailable, _Stale):
-            raise
-        except Exception as exc:
-            raise _commit_failure(exc, last) from exc
-        self.overlapped_commits += 1
-        self._adopt(rows)
-
-    async def _commit_copy(self, pool: asyncpg.Pool, batch: Batch, prepared: PreparedBatch | None,
-                           symbols: list[str], last: dict[str, int], server_side: asyncio.Event | None) -> None:
-        rows = prepared.rows if prepared is not None else None
-        document = prepared.document if prepared is not None else None
+    async def _commit_copy(self, pool: asyncpg.Pool, batch: Batch, symbols: list[str], last: dict[str, int]) -> None:
         loaded: dict[str, dict[str, Position]] = {}  # instruments whose state this attempt read from the database
         try:
             async with self._lease(pool) as conn, conn.transaction():
                 stored = {r["instrument"]: Progress(r["seq"], r["next_order_id"], r["next_trade_id"], r["halted"])
                           for r in await conn.fetch(_SQL_PROGRESS_LOCK, symbols)}
-                if rows is None:
-                    missing = [symbol for symbol in symbols if symbol not in self._progress]
-                    loaded = {symbol: {} for symbol in missing}
+                missing = [symbol for symbol in symbols if symbol not in self._progress]
+                loaded = {symbol: {} for symbol in missing}
+                if missing:
                     for r in await conn.fetch(_SQL_POSITIONS, missing):
                         loaded[r["instrument"]][r["client_id"]] = Position(
                             int(r["net_lots"]), int(r["cost"]), int(r["realized"]))
-                    progress = {**self._progress, **{s: stored.get(s) or Progress() for s in missing}}
-                    rows = derive_rows(batch, self.specs, progress, {**self._positions, **loaded}, self._scale)
+                progress = {**self._progress, **{s: stored.get(s) or Progress() for s in missing}}
+                rows = derive_rows(batch, self.specs, progress, {**self._positions, **loaded}, self._scale)
                 if already_durable(rows, stored):
                     # an earlier attempt committed but its acknowledgement was lost: nothing to write;
                     # forget the cached state of these instruments, it is reloaded from the database
                     self._forget(symbols)
                     _log.warning("batch already durable; commit acknowledged without writing", last_seq=last)
                     return
-                await self._write(conn, rows, document or self._document(rows, copied=True), server_side)
+                await self._write(conn, rows)
         except StoreUnavailable:
             raise
         except Exception as exc:
@@ -602,49 +448,25 @@ class PostgresStore:
         self._positions.update(loaded)
         self._adopt(rows)
 
-    async def _commit_one_statement(self, pool: asyncpg.Pool, prepared: PreparedBatch, symbols: list[str],
-                                    last: dict[str, int], server_side: asyncio.Event | None,
-                                    after: asyncio.Future[None] | None = None) -> None:
-        """A small batch in ONE round trip: ``exchange_commit_batch`` (migration 005) in its own transaction.
+    async def _commit_one_statement(self, pool: asyncpg.Pool, batch: Batch, symbols: list[str],
+                                    last: dict[str, int]) -> None:
+        """A small batch in ONE round trip: ``exchange_commit_batch`` (migration 007) in its own transaction.
 
         A batch of a few dozen events spends most of a multi-statement commit
         waiting on round trips (about ten, each a scheduling hop on a busy
         machine). Here the rows travel as one JSON document (msgspec writes it in
         microseconds), the server computes the decimal columns, and the function
-        checks the sequence and the updated-row count itself. Batches with
-        snapshots or more than ``one_statement_max_events`` events, and the first
-        batch of an instrument this store has not loaded, take the COPY path.
-
-        ``after``: the commit before, still in flight. The statement goes at once and the server makes
-        the batch durable only after that one (migration 005: it inserts the new rows, then waits for
-        the stored sequence to reach the batch's start). If ``after`` fails meanwhile, the statement is
-        cancelled and this commit fails as retriable (a retry after a lost acknowledgement finds the
-        batch already durable); if the server finds the stored sequence elsewhere, :class:`_Stale`.
-        Once written, the caches adopt the batch only if ``after`` ended as this batch was prepared
-        for; else they are dropped and reloaded.
+        checks the sequence and the updated-row count itself. It needs each
+        instrument's counters and positions from this store's cache: they are
+        its rows' basis.
         """
-        rows = prepared.rows
         try:
+            rows = derive_rows(batch, self.specs, self._progress, self._positions, self._server_scale)
+            document = self._document(rows, copied=False)
             async with self._lease(pool) as conn:
-                if server_side is not None:
-                    server_side.set()
-                if after is None:
-                    answer = await conn.fetchval(_SQL_COMMIT_BATCH, prepared.document, 0)
-                else:
-                    answer = await _behind(conn.fetchval(_SQL_COMMIT_BATCH, prepared.document, _BEHIND_WAIT_MS),
-                                           after)
+                answer = await conn.fetchval(_SQL_COMMIT_BATCH, document)
         except StoreUnavailable:
             raise
-        except asyncpg.PostgresError as exc:
-            if exc.sqlstate != "EXU02":
-                raise _commit_failure(exc, last) from exc
-            if after is not None:
-                # the commit before did not end where this batch starts within the wait (slow, or failing
-                # and retried): the ordinary path waits for it. The rows it commits are still exactly
-                # its prepared ones, so this batch's come out the same if derived again, and a batch
-                # already sent behind this one stays right.
-                raise _Stale from exc
-            answer = getattr(exc, "detail", None) or "{}"  # rolled back: as if nothing was written
         except Exception as exc:
             raise _commit_failure(exc, last) from exc
         if answer is not None:  # nothing was written: the stored sequence is not where the batch starts
@@ -656,23 +478,17 @@ class PostgresStore:
             _log.warning("batch already durable; commit acknowledged without writing", last_seq=last)
             return
         self.one_statement_commits += 1
-        if after is not None:
-            # durable after the commit before, by the server's check of the sequence; but the caches are
-            # only this batch's basis once that commit has also ended here as prepared for (it may have
-            # been acknowledged without writing, and dropped them): else they are reloaded
-            await asyncio.wait((after,))
-            if not self._usable(prepared):
-                self._forget(symbols)
-                return
         self._adopt(rows)
 
     def _document(self, rows: BatchRows, *, copied: bool) -> str:
         """The batch as ``exchange_commit_batch`` takes it; without events, trades and new orders if ``copied``.
 
         One JSON document: msgspec writes it in a fraction of a microsecond per row, where asyncpg's array
-        parameters cost about 2 us per row of Python (an isinstance check for every element).
+        parameters cost about 2 us per row of Python (an isinstance check for every element). The rows
+        are arrays; ``fields`` says where each field is in them (see :data:`_FIELDS`).
         """
         return _encode_json({
+            "fields": _FIELDS_JSON,
             "progress": [(symbol, rows.first_seq[symbol], p.seq, p.next_order_id, p.next_trade_id, p.halted)
                          for symbol, p in sorted(rows.progress.items())],
             "steps": list(self._step_rows.values()),
@@ -682,28 +498,17 @@ class PostgresStore:
             "offsets": [(*key, offset) for key, offset in sorted(rows.offsets.items())],
         }).decode()
 
-    async def _write(self, conn: _Conn, rows: BatchRows, document: str,
-                     server_side: asyncio.Event | None = None) -> None:
-        """Every row of one batch on one connection inside its transaction (``document``: the rest, as JSON)."""
-        await self._copy_new_rows(conn, rows)
-        if server_side is not None and not rows.snapshots:
-            server_side.set()
-        await self._finish(conn, rows, document)
-
-    @staticmethod
-    async def _copy_new_rows(conn: _Conn, rows: BatchRows) -> None:
-        """The batch's new rows (events, trades, new orders) by COPY."""
+    async def _write(self, conn: _Conn, rows: BatchRows) -> None:
+        """Every row of one batch on one connection inside its transaction: the new rows (events, trades,
+        new orders) by COPY; the rest -- updated orders, positions, counters, offsets -- as the one-statement
+        path writes it; then the batch's snapshots."""
         if rows.events:
             await conn.copy_records_to_table("order_events", records=rows.events, columns=EVENT_COLUMNS)
         if rows.trades:
             await conn.copy_records_to_table("trades", records=rows.trades, columns=TRADE_COLUMNS)
         if rows.new_orders:
             await conn.copy_records_to_table("orders", records=rows.new_orders, columns=ORDER_COLUMNS)
-
-    async def _finish(self, conn: _Conn, rows: BatchRows, document: str) -> None:
-        """After the COPYs: the rest -- updated orders, positions, counters, offsets -- as the one-statement
-        path writes it, then the batch's snapshots."""
-        if await conn.fetchval(_SQL_COMMIT_BATCH, document, 0) is not None:
+        if await conn.fetchval(_SQL_COMMIT_BATCH, self._document(rows, copied=True)) is not None:
             raise _moved()
         if rows.snapshots:
             await conn.execute(_SQL_SNAPSHOTS_INSERT, *_columns(rows.snapshots, 5))
@@ -935,8 +740,7 @@ def _commit_failure(exc: BaseException, last: Mapping[str, int]) -> StoreUnavail
     """Classify what a commit raised: final only if the batch's own content caused it (see the module
     docstring); anything else -- whatever the driver raises when the database goes away -- is retriable.
 
-    ``EXU01`` is exchange_commit_batch finding stored orders missing, ``EXU02`` the stored sequence not
-    where the batch starts although this transaction checked it."""
+    ``EXU01`` is exchange_commit_batch finding stored orders missing."""
     if isinstance(exc, StoreUnavailable):
         return exc
     if isinstance(exc, RowError):
@@ -946,8 +750,6 @@ def _commit_failure(exc: BaseException, last: Mapping[str, int]) -> StoreUnavail
         state = exc.sqlstate or ""
         if state == "EXU01":
             return _rows_missing(exc.args[0] if exc.args else str(exc))
-        if state == "EXU02":
-            return _moved()
         refused = _unavailable(exc, doing)
         if state[:2] in _CONTENT_SQLSTATE_CLASSES or refused.retriable:
             return refused
@@ -976,41 +778,6 @@ def _rows_missing(what: str) -> StoreUnavailable:
     return StoreUnavailable(
         f"{what}: the orders table does not match the event stream (rows deleted, finished or edited by "
         "hand?). Run `exchange recover --verify` and repair before restarting.", retriable=False)
-
-
-class _Stale(Exception):
-    """An overlapped commit's rows no longer continue the committed state: derive them again."""
-
-
-async def _behind(statement: Coroutine[Any, Any, _T], before: asyncio.Future[None]) -> _T:
-    """Run ``statement`` (a commit the server makes durable after ``before``) while watching ``before``:
-    if that one fails first, cancel the statement (its transaction rolls back, unless the server had
-    already committed it, which a retry then finds) and fail as retriable. Either way the statement's
-    task has ended when this returns or raises, so the caller's lease of the connection (which closes
-    it on failure, waiting for the server to acknowledge the cancellation) is the only one using it."""
-    task = asyncio.ensure_future(statement)
-    try:
-        await asyncio.wait((task, before), return_when=asyncio.FIRST_COMPLETED)
-        if not task.done() and (before.cancelled() or before.exception() is not None):
-            task.cancel()
-            await asyncio.wait((task,))
-            if task.cancelled() or task.exception() is not None:
-                raise StoreUnavailable("the batch before this one did not commit; this one waits for its retry",
-                                       retriable=True)
-        return await task
-    finally:
-        if not task.done():  # this commit itself was cancelled: so is its statement, which ends at once
-            task.cancel()
-            task.add_done_callback(_retrieve)
-            await asyncio.wait((task,))
-
-
-async def _succeeded(commit: asyncio.Future[None]) -> None:
-    """Wait for the commit before (without taking its outcome from its owner); raise if it failed."""
-    await asyncio.wait((commit,))
-    if commit.cancelled() or commit.exception() is not None:
-        raise StoreUnavailable("the batch before this one did not commit; this one waits for its retry",
-                               retriable=True)
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:

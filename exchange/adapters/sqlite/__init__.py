@@ -66,7 +66,9 @@ from exchange.ports import Batch, InputReset, Position, Recovered, SnapshotReque
 from exchange.projections.rows import (
     EVENT_COLUMNS,
     ORDER_COLUMNS,
+    POSITION_FIELDS,
     TRADE_COLUMNS,
+    UPDATE_FIELDS,
     BatchRows,
     Progress,
     RowError,
@@ -90,7 +92,6 @@ _LOAD_CHUNK = 50_000
 _LOG_EVERY_S = 1.0
 
 
-
 def _insert(table: str, columns: Sequence[str]) -> str:
     return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
 
@@ -99,27 +100,41 @@ _SQL_INSERT_EVENT = _insert("order_events", EVENT_COLUMNS)
 _SQL_INSERT_TRADE = _insert("trades", TRADE_COLUMNS)
 _SQL_INSERT_ORDER = _insert("orders", ORDER_COLUMNS)
 
-_SQL_UPDATE_ORDER = """
-UPDATE orders SET
-    remaining_lots = ?,
-    filled_lots = filled_lots + ?,
-    qty_lots = COALESCE(?, qty_lots),
-    price_ticks = COALESCE(?, price_ticks),
-    priority = COALESCE(?, priority),
-    -- an order that is no longer open must not change: NULL violates NOT NULL and fails the batch
-    status = CASE WHEN status IN ('open', 'partially_filled') THEN COALESCE(?, status) END,
-    updated_seq = ?,
-    updated_ts_ns = ?,
-    price = COALESCE(?, price),
-    qty = COALESCE(?, qty)
-WHERE instrument = ? AND order_id = ?"""
 
-_SQL_POSITION_UPSERT = """
-INSERT INTO positions (client_id, instrument, net_lots, cost, realized, net_qty, realized_pnl, updated_seq)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+def _numbered(fields: Sequence[str]) -> dict[str, str]:
+    """Each field's parameter in a statement that takes a row of ``fields`` as it is: ``?1``, ``?2``..."""
+    return {name: f"?{i}" for i, name in enumerate(fields, 1)}
+
+
+# a row of UPDATE_FIELDS, then the new price and qty decimals (None: unchanged)
+_U = _numbered((*UPDATE_FIELDS, "price", "qty"))
+_SQL_UPDATE_ORDER = f"""
+UPDATE orders SET
+    remaining_lots = {_U["remaining_lots"]},
+    filled_lots = filled_lots + {_U["filled_delta"]},
+    qty_lots = COALESCE({_U["qty_lots"]}, qty_lots),
+    price_ticks = COALESCE({_U["price_ticks"]}, price_ticks),
+    priority = COALESCE({_U["priority"]}, priority),
+    -- an order that is no longer open must not change: NULL violates NOT NULL and fails the batch
+    status = CASE WHEN status IN ('open', 'partially_filled') THEN COALESCE({_U["status"]}, status) END,
+    updated_seq = {_U["updated_seq"]},
+    updated_ts_ns = {_U["updated_ts_ns"]},
+    price = COALESCE({_U["price"]}, price),
+    qty = COALESCE({_U["qty"]}, qty)
+WHERE instrument = {_U["instrument"]} AND order_id = {_U["order_id"]}"""
+_U_INSTRUMENT, _U_PRICE, _U_QTY = map(UPDATE_FIELDS.index, ("instrument", "price_ticks", "qty_lots"))
+
+# a row of POSITION_FIELDS with the integers as text (they may outgrow 64 bits), then the decimal columns
+_P = _numbered((*POSITION_FIELDS, "net_qty", "realized_pnl"))
+_SQL_POSITION_UPSERT = f"""
+INSERT INTO positions (client_id, instrument, net_lots, cost, realized, updated_seq, net_qty, realized_pnl)
+VALUES ({_P["client_id"]}, {_P["instrument"]}, {_P["net_lots"]}, {_P["cost"]}, {_P["realized"]}, {_P["updated_seq"]},
+        {_P["net_qty"]}, {_P["realized_pnl"]})
 ON CONFLICT (client_id, instrument) DO UPDATE SET
     net_lots = excluded.net_lots, cost = excluded.cost, realized = excluded.realized,
     net_qty = excluded.net_qty, realized_pnl = excluded.realized_pnl, updated_seq = excluded.updated_seq"""
+_P_INSTRUMENT, _P_NET, _P_REALIZED = map(POSITION_FIELDS.index, ("instrument", "net_lots", "realized"))
+_P_AS_TEXT = tuple(map(POSITION_FIELDS.index, ("net_lots", "cost", "realized")))
 
 _SQL_PROGRESS_UPSERT = """
 INSERT INTO engine_progress (instrument, seq, next_order_id, next_trade_id, halted) VALUES (?, ?, ?, ?, ?)
@@ -445,11 +460,11 @@ class SqliteStore:
         if rows.order_updates:
             scales = self._scales
             params = []
-            for symbol, oid, remaining, filled, qty, price, priority, status, seq, ts in rows.order_updates:
-                scale = scales[symbol]
-                params.append((remaining, filled, qty, price, priority, status, seq, ts,
-                               scale.price(price) if price is not None else None,
-                               scale.qty(qty) if qty is not None else None, symbol, oid))
+            for u in rows.order_updates:
+                scale = scales[u[_U_INSTRUMENT]]
+                price, qty = u[_U_PRICE], u[_U_QTY]
+                params.append((*u, scale.price(price) if price is not None else None,
+                               scale.qty(qty) if qty is not None else None))
             done = conn.executemany(_SQL_UPDATE_ORDER, params).rowcount
             if done != len(params):
                 raise StoreUnavailable(
@@ -458,10 +473,12 @@ class SqliteStore:
                     "Run `exchange recover --verify` and repair before restarting.", retriable=False)
         if rows.position_rows:
             positions = []
-            for client, symbol, net_lots, cost, realized, seq in rows.position_rows:
-                scale = self._scales[symbol]
-                positions.append((client, symbol, str(net_lots), str(cost), str(realized), scale.qty(net_lots),
-                                  scale.money(realized), seq))
+            for p in rows.position_rows:
+                scale = self._scales[p[_P_INSTRUMENT]]
+                row = list(p)
+                for i in _P_AS_TEXT:
+                    row[i] = str(p[i])
+                positions.append((*row, scale.qty(p[_P_NET]), scale.money(p[_P_REALIZED])))
             conn.executemany(_SQL_POSITION_UPSERT, positions)
         if rows.progress:
             conn.executemany(_SQL_PROGRESS_UPSERT, [(s, p.seq, p.next_order_id, p.next_trade_id, p.halted)
