@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import msgspec
 
@@ -152,6 +152,10 @@ class Store(Protocol):
 
     async def commit(self, batch: Batch) -> None:
         """Make the batch durable in one transaction, or raise :class:`StoreUnavailable`."""
+        ...
+
+    async def order_states(self, instrument: str, order_ids: Sequence[int]) -> list[dict[str, Any]]:
+        """The stored state of these orders of ``instrument`` (the Kafka publisher's order-state records)."""
         ...
 
 

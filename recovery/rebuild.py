@@ -43,6 +43,7 @@ from exchange.core.matching import MatchingEngine
 from exchange.core.state import EngineState
 from exchange.ports import History, Recovered, SnapshotRequest, Store
 from exchange.projections.applier import EventApplier, ReplayError
+from exchange.telemetry.metrics import Metrics, discarded
 
 __all__ = ["RecoveryError", "ReplayResult", "describe_difference", "recover", "replay_stored", "without_window"]
 
@@ -195,15 +196,16 @@ async def _check(store: History, spec: Instrument, rec: Recovered, engine: Match
 
 
 async def recover(store: Store, instruments: Sequence[Instrument], *, log: Any = None,
-                  metrics: Any = None) -> dict[str, Recovered]:
+                  metrics: Metrics | None = None) -> dict[str, Recovered]:
     """Load and check every instrument's durable state; raise :class:`RecoveryError` on any mismatch.
 
     ``log`` is a structlog logger (default ``exchange.recovery``); ``metrics``
-    an optional :class:`exchange.telemetry.metrics.Metrics` whose recovery gauges are set.
+    the :class:`exchange.telemetry.metrics.Metrics` whose recovery gauges are set (none: a discarded one).
     Stores that do not implement :class:`~exchange.ports.History` are loaded
     but not checked (a warning says so).
     """
     log = log if log is not None else structlog.get_logger("exchange.recovery")
+    metrics = metrics if metrics is not None else discarded()
     total = len(instruments)
     started = time.monotonic()
     orders_total = events_total = 0
@@ -225,17 +227,15 @@ async def recover(store: Store, instruments: Sequence[Instrument], *, log: Any =
                 f"{symbol}: the open orders in storage do not form a valid book ({exc}); run "
                 "`exchange recover --verify` and repair the orders table before restarting") from exc
         orders_total += len(rec.state.orders)
-        if metrics is not None:
-            metrics.recovery_orders.set(orders_total)
+        metrics.recovery_orders.set(orders_total)
         events = 0
         if checkable:
             assert isinstance(store, History)
             events = await _check(store, spec, rec, engine, log)
         events_total += events
         out[symbol] = rec
-        if metrics is not None:
-            metrics.recovery_instruments.set(done)
-            metrics.recovery_events.set(events_total)
+        metrics.recovery_instruments.set(done)
+        metrics.recovery_events.set(events_total)
         elapsed = time.monotonic() - t0
         log.info("instrument recovered", instrument=symbol, instruments_done=done, instruments_total=total,
                  seq=rec.state.seq, orders_loaded=len(rec.state.orders), events_checked=events,

@@ -135,7 +135,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_migrate(args: argparse.Namespace) -> int:
     import asyncio
 
-    from exchange.service.daemon import make_store
+    from exchange.service.compose import make_store
 
     settings = _load(args)
 
@@ -156,7 +156,7 @@ def _cmd_recover(args: argparse.Namespace) -> int:
     import asyncio
 
     from exchange.ports import StoreUnavailable
-    from exchange.service.daemon import make_store
+    from exchange.service.compose import make_store
     from exchange.telemetry.logging import configure_logging
     from recovery.verify import VerifyReport, unreadable, verify_store
 
@@ -229,7 +229,7 @@ def _cmd_accept_offset(args: argparse.Namespace) -> int:
 
     from exchange.cli.admin import run_accept_offset
     from exchange.ports import InputLedger, InputReset
-    from exchange.service.daemon import make_store
+    from exchange.service.compose import make_store
 
     settings = _load(args)
     topic = args.topic or settings.kafka.orders_topic

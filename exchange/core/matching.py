@@ -79,15 +79,10 @@ from exchange.core.events import (
     OrderRejected,
 )
 from exchange.core.instruments import Instrument
-from exchange.core.state import EngineState, RestingOrder, book_order, engine_state_hash, resting_orders
+from exchange.core.state import EngineState, book_order, engine_state_hash, resting_orders
 from exchange.core.types import CancelReason, OrderType, RejectReason, Side, StpMode, TimeInForce
 
-# The engine image lives in exchange.core.state. EngineState, RestingOrder, engine_state_hash and resting_orders
-# are named here too only for the modules that still import them from this one (exchange.ports,
-# exchange.projections.marketdata and .applier, the postgres and sqlite adapters, recovery.verify and
-# recovery.rebuild); once they import from exchange.core.state, drop them here.
-__all__ = ["EngineState", "Exchange", "MatchingEngine", "RestingOrder", "command_name", "engine_state_hash",
-           "resting_orders"]
+__all__ = ["Exchange", "MatchingEngine", "command_name"]
 
 BUY, SELL = Side.BUY, Side.SELL
 LIMIT, MARKET = OrderType.LIMIT, OrderType.MARKET

@@ -48,6 +48,7 @@ from exchange.core.state import EngineState
 from exchange.ports import Applied, Batch, History, Outgoing, PublishWatermark, Sink, SinkUnavailable
 from exchange.projections.marketdata import MarketData
 from exchange.telemetry.logging import get_logger
+from exchange.telemetry.metrics import Metrics, discarded
 from recovery.rebuild import replay_stored
 
 __all__ = ["FanOut", "MemorySink"]
@@ -115,7 +116,7 @@ class FanOut:
     def __init__(self, specs: Mapping[str, Instrument], *, kafka: Any = None, sink: Sink | None = None,
                  names: ChannelNames | None = None, depth: int = 0, queue_size: int = 64,
                  heartbeat_s: float = 1.0, book_refresh_s: float = 0.1, progress: PublishWatermark | None = None,
-                 progress_interval_s: float = 0.5, metrics: Any = None,
+                 progress_interval_s: float = 0.5, metrics: Metrics | None = None,
                  clock_ns: Callable[[], int] = time.time_ns) -> None:
         if sink is not None and names is None:
             raise ValueError("a sink needs channel names")
@@ -129,7 +130,7 @@ class FanOut:
         self._book_refresh_s = book_refresh_s
         self._progress = progress
         self._progress_interval_s = progress_interval_s
-        self._metrics = metrics
+        self._metrics = metrics if metrics is not None else discarded()
         self._clock_ns = clock_ns
         self._log = get_logger("exchange.fanout")
         self.builders: dict[str, MarketData] = {}
@@ -214,8 +215,7 @@ class FanOut:
         """Writer listener: queue the batch (waits while the queue is full: that is the back-pressure)."""
         if batch.applied:
             await self._queue.put(batch)
-            if self._metrics is not None:
-                self._metrics.publish_queue.set(self._queue.qsize())
+            self._metrics.publish_queue.set(self._queue.qsize())
 
     async def close(self) -> None:
         """No more batches: :meth:`run` publishes what is queued and returns."""
@@ -263,8 +263,7 @@ class FanOut:
             async for chunk in history.read_events(symbol, watermark, durable):
                 await self._round([Applied(symbol, chunk, None)])
                 self.republished += len(chunk)
-                if self._metrics is not None:
-                    self._metrics.republished.inc(len(chunk))
+                self._metrics.republished.inc(len(chunk))
             builder = self.builders[symbol]
             if builder.seq != durable or not builder.same_book(self._recovered[symbol]):
                 self._log.error("the market-data view rebuilt by re-publication differs from the recovered book; "
@@ -295,9 +294,8 @@ class FanOut:
             done = Batch(applied)
             for listener in self._listeners:
                 await listener(done)
-        if self._metrics is not None:
-            self._metrics.published(self.published)
-            self._metrics.publish_queue.set(self._queue.qsize())
+        self._metrics.published(self.published)
+        self._metrics.publish_queue.set(self._queue.qsize())
         await self._store_progress()
 
     async def _market_data(self, per: Mapping[str, list[Event]]) -> None:
@@ -328,8 +326,7 @@ class FanOut:
         except SinkUnavailable as exc:
             self._down(str(exc))
             return
-        if self._metrics is not None:
-            self._metrics.marketdata_messages.inc(len(commands))
+        self._metrics.marketdata_messages.inc(len(commands))
 
     async def _to_kafka(self, applied: Sequence[Applied]) -> None:
         """Publish the round, sending it again while the broker fails (a record the broker refuses for what it
@@ -354,12 +351,10 @@ class FanOut:
                     self._log.error("publishing a round to Kafka failed for a reason that sending it again cannot "
                                     "fix; its events are durable but not on the events topic", seqs=seqs,
                                     error=f"{type(exc).__name__}: {exc}", exc_info=exc)
-                    if self._metrics is not None:
-                        self._metrics.publish_failures.labels("kafka").inc()
+                    self._metrics.publish_failures.labels("kafka").inc()
                     return
                 self.kafka_error = f"{type(exc).__name__}: {exc}"
-                if self._metrics is not None:
-                    self._metrics.publish_failures.labels("kafka").inc()
+                self._metrics.publish_failures.labels("kafka").inc()
                 self._log.warning("publishing to Kafka failed; sending the same events again (consumers drop "
                                   "duplicates by seq)", attempt=attempt, retry_in_s=round(delay, 3),
                                   error=self.kafka_error)
@@ -425,17 +420,15 @@ class FanOut:
                               "publishing resumes with fresh book keys when it is back", error=error)
         self.sink_up = False
         self.sink_error = error
-        if self._metrics is not None:
-            self._metrics.marketdata_up.set(0)
-            self._metrics.publish_failures.labels("redis").inc()
+        self._metrics.marketdata_up.set(0)
+        self._metrics.publish_failures.labels("redis").inc()
 
     def _up(self) -> None:
         self._log.info("market data resumed: the sink is back; book keys rewritten")
         self.sink_up = True
         self.sink_error = None
-        if self._metrics is not None:
-            self._metrics.marketdata_up.set(1)
-            self._metrics.reconnects.labels("redis").inc()
+        self._metrics.marketdata_up.set(1)
+        self._metrics.reconnects.labels("redis").inc()
 
     def status(self) -> dict[str, Any]:
         return {"market_data": ("off" if self._sink is None else "up" if self.sink_up else

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 from enum import Enum
-from typing import Any
 
 import msgspec
 
@@ -23,6 +22,7 @@ from exchange.core.commands import Command
 from exchange.core.matching import MatchingEngine
 from exchange.ports import Applied, InputPosition, SnapshotRequest
 from exchange.telemetry.logging import get_logger
+from exchange.telemetry.metrics import Metrics, discarded
 
 __all__ = ["Control", "Inbound", "InstrumentLoop", "JournalItem"]
 
@@ -46,12 +46,12 @@ class InstrumentLoop:
     """Applies one instrument's commands in order; the single writer of its book."""
 
     def __init__(self, engine: MatchingEngine, journal: asyncio.Queue[list[JournalItem] | None], *,
-                 queue_size: int = 10_000, metrics: Any = None) -> None:
+                 queue_size: int = 10_000, metrics: Metrics | None = None) -> None:
         self.engine = engine
         self.symbol = engine.symbol
         self.queue: asyncio.Queue[Inbound | Control] = asyncio.Queue(queue_size)
         self._journal = journal
-        self._metrics = metrics
+        self._metrics = metrics if metrics is not None else discarded()
         self._log = get_logger("exchange.engine", instrument=self.symbol)
         self.applied = 0
         self._snapshot_seq = -1  # seq of the last snapshot taken; an unchanged book is not taken again
@@ -91,8 +91,7 @@ class InstrumentLoop:
                 item = queue.get_nowait()
             applied = sum(1 for x in out if type(x) is Applied)
             self.applied += applied
-            if self._metrics is not None:
-                self._metrics.commands_applied(self.symbol, applied, queue.qsize())
+            self._metrics.commands_applied(self.symbol, applied, queue.qsize())
             if out:
                 journal = self._journal
                 if journal.full():

@@ -36,11 +36,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
 
 from exchange.pipeline.loop import JournalItem
 from exchange.ports import Applied, Batch, SnapshotRequest, Store, StoreUnavailable
 from exchange.telemetry.logging import get_logger
+from exchange.telemetry.metrics import Metrics, discarded
 
 __all__ = ["JournalWriter"]
 
@@ -69,7 +69,7 @@ def _transient(exc: BaseException) -> str | None:
 class JournalWriter:
     def __init__(self, store: Store, queue: asyncio.Queue[list[JournalItem] | None], *, max_events: int = 5000,
                  linger_ms: float = 2.0, backoff_max_s: float = 5.0,
-                 listeners: Sequence[DurableListener] = (), metrics: Any = None) -> None:
+                 listeners: Sequence[DurableListener] = (), metrics: Metrics | None = None) -> None:
         self._store = store
         self._queue = queue
         self._max_events = max_events
@@ -78,7 +78,7 @@ class JournalWriter:
         self._listeners = list(listeners)
         # the input's per-partition offsets that a batch completes (the source's), stored with it (Batch.partitions)
         self.partition_progress: Callable[[Sequence[Applied]], Mapping[tuple[str, int], int]] | None = None
-        self._metrics = metrics
+        self._metrics = metrics if metrics is not None else discarded()
         self._log = get_logger("exchange.journal")
         self.batches = 0
         self.events = 0
@@ -197,8 +197,7 @@ class JournalWriter:
                     raise
                 self.degraded = True
                 self.last_error = error
-                if self._metrics is not None:
-                    self._metrics.commit_failed()
+                self._metrics.commit_failed()
                 self._log.warning("journal commit failed; retrying the same batch", attempt=attempt,
                                   retry_in_s=round(delay, 3), error=error, events=n_events)
                 await asyncio.sleep(delay)
@@ -210,8 +209,7 @@ class JournalWriter:
                                   snapshots=len(batch.snapshots))
             if self.degraded:
                 self._log.info("journal commits resumed", attempts=attempt)
-                if self._metrics is not None:
-                    self._metrics.reconnected("postgres")
+                self._metrics.reconnected("postgres")
             self.degraded = False
             self.last_error = None
             break
@@ -220,6 +218,5 @@ class JournalWriter:
                             commit_ms=round(elapsed * 1000, 2))
         self.batches += 1
         self.events += n_events
-        if self._metrics is not None:
-            self._metrics.batch_committed(n_events, elapsed)
+        self._metrics.batch_committed(n_events, elapsed)
         await self._notify(batch)

@@ -226,7 +226,7 @@ def _touch(inst: _Instrument, order_id: int, remaining: int, filled: int, status
     upd[_U_TS] = ts
 
 
-def derive_rows(
+def derive_rows(  # noqa: C901 - one pass over every event of a batch, a branch per event kind
     batch: Batch,
     specs: Mapping[str, Instrument],
     progress: Mapping[str, Progress],

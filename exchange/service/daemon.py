@@ -21,32 +21,25 @@ import gc
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any
 
-import msgspec
-
-from exchange.adapters.kafka import Incident, KafkaEventPublisher, OrderSource, client_options
-from exchange.core.instruments import Instrument
+from exchange.adapters.kafka import OrderSource
 from exchange.core.matching import MatchingEngine
 from exchange.pipeline.fanout import FanOut, MemorySink
 from exchange.pipeline.loop import Control, InstrumentLoop, JournalItem
 from exchange.pipeline.writer import JournalWriter
-from exchange.ports import Batch, History, InputLedger, Recovered, Sink, Source, Store, StoreUnavailable
-from exchange.service.http import HttpServer, Response
+from exchange.ports import Batch, History, Recovered, Source, Store, StoreUnavailable
+from exchange.service.compose import kafka_publisher, make_fanout, make_source, make_store, store_probe
+from exchange.service.health import PROBE_TIMEOUT_S, Endpoints, Probes
+from exchange.service.http import HttpServer
 from exchange.settings import Settings
 from exchange.telemetry.logging import configure_logging, get_logger
 from exchange.telemetry.metrics import Metrics
-from exchange.wire.auth import ENV_KEYS, Verifier, parse_keys
+from exchange.wire.auth import ENV_KEYS, parse_keys
 
-if TYPE_CHECKING:
-    from exchange.adapters.postgres import PostgresStore
-    from exchange.adapters.sqlite import SqliteStore
+__all__ = ["Daemon", "run_daemon"]
 
-__all__ = ["Daemon", "make_store"]
-
-_PROBE_INTERVAL_S = 2.0  # how often each dependency is checked for /readyz
-_PROBE_TIMEOUT_S = 3.0
 _STARTUP_RETRY_S = 60.0  # how long start-up waits for a store that answers retriable errors
 
 
@@ -54,13 +47,11 @@ class Daemon:
     """``marketdata`` is the in-process market-data bus when ``[publisher] marketdata = "memory"`` (else
     None): in-process consumers (the demo's live view) subscribe to it before :meth:`run`."""
 
-    def __init__(self, settings: Settings, *, store: Store | None = None,
-                 env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, settings: Settings, *, env: Mapping[str, str] | None = None) -> None:
         self.settings = settings
         # operator keys (EXCHANGE_ADMIN_KEYS), read once: a malformed value stops the start with what to fix
         self.admin_keys = parse_keys((os.environ if env is None else env).get(ENV_KEYS))
         self.metrics = Metrics()
-        self._store = store
         self.marketdata = MemorySink() if settings.publisher.marketdata == "memory" else None
         self.recovery: dict[str, Recovered] = {}  # what start-up recovery loaded, per instrument
         self._log = get_logger("exchange.daemon")
@@ -75,10 +66,7 @@ class Daemon:
         self._last_snapshot: dict[str, float] = {}
         self._partition_of: dict[str, tuple[str, int]] = {}  # instrument -> the orders partition it came from
         self._started = time.monotonic()
-        # dependency -> a cheap check that raises when it cannot be reached (adapters register theirs);
-        # the probe task keeps ``unreachable`` current for /readyz and exchange_dependency_up
-        self.probes: dict[str, Callable[[], Awaitable[Any]]] = {}
-        self.unreachable: dict[str, str] = {}
+        self.probes = Probes(self.metrics)  # which dependencies answer, for /readyz and exchange_dependency_up
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -86,17 +74,10 @@ class Daemon:
     async def run(self) -> int:
         s = self.settings
         specs = s.instrument_map()
-        store = self._store or make_store(s)
-        http = self.http = HttpServer(s.http.host, s.http.port, self._routes()) if s.http.port else None
-        kafka_options = client_options(s.kafka)
-        publisher = KafkaEventPublisher(bootstrap_servers=s.kafka.bootstrap_servers, events_topic=s.kafka.events_topic,
-                                        instruments=specs, publish_events=s.kafka.publish_events,
-                                        client_options=kafka_options, metrics=self.metrics,
-                                        order_states=getattr(store, "order_states", None),
-                                        trades_topic=s.kafka.trades_topic, batch_records=s.kafka.batch_records,
-                                        max_record_bytes=s.kafka.max_record_bytes) \
-            if s.publisher.kind == "kafka" else None
-        fanout = self.fanout = _fanout(s, store, publisher, self.marketdata, self.metrics)
+        store = make_store(s)
+        http = self.http = HttpServer(s.http.host, s.http.port, Endpoints(self).routes()) if s.http.port else None
+        publisher = kafka_publisher(s, store, self.metrics)
+        fanout = self.fanout = make_fanout(s, store, publisher, self.marketdata, self.metrics)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
@@ -125,7 +106,9 @@ class Daemon:
                                for (topic, partition), offset in rec.offsets.items()}
             if publisher is not None:
                 await publisher.start()
-            source = self.source = self._make_source(specs, applied_offsets, publisher, kafka_options, store)
+            source = self.source = make_source(s, loops=self.loops, applied_offsets=applied_offsets,
+                                               publisher=publisher, store=store, metrics=self.metrics,
+                                               admin_keys=self.admin_keys, on_caught_up=self._caught_up)
             # With publishing, input offsets are marked durable only once the events are published (the
             # fan-out calls source.on_published): a committed input offset then also means its events were
             # published (exchange admin relies on it).
@@ -137,19 +120,14 @@ class Daemon:
             if isinstance(source, OrderSource):  # each batch stores how far each orders partition is done
                 writer.partition_progress = source.partition_progress
             await source.start()
-            ping = getattr(store, "ping", None)
-            if ping is not None:
-                self.probes["postgres"] = ping
-            if isinstance(source, OrderSource):
-                kafka_source = source
-                self.probes["kafka"] = lambda: kafka_source.probe(_PROBE_TIMEOUT_S)
+            self._register_probes(store, source)
             async with asyncio.TaskGroup() as tg:
                 loop_tasks = [tg.create_task(lp.run(), name=f"loop-{lp.symbol}") for lp in self.loops.values()]
                 writer_task = tg.create_task(writer.run(), name="journal-writer")
                 source_task = tg.create_task(source.run(), name="order-source")
                 timer = tg.create_task(self._snapshot_timer(), name="snapshot-timer")
                 lag = tg.create_task(self._watch_loop_lag(), name="loop-lag")
-                probes = tg.create_task(self._probe_dependencies(), name="dependency-probes")
+                probes = tg.create_task(self.probes.run(), name="dependency-probes")
                 fanout_task = tg.create_task(fanout.run(), name="fan-out") if fanout is not None else None
                 stop = tg.create_task(self._stop.wait(), name="stop-signal")
                 watched = [source_task, writer_task, *loop_tasks, *([fanout_task] if fanout_task else [])]
@@ -180,6 +158,13 @@ class Daemon:
                 except Exception as exc:
                     self._log.warning("closing a connection failed", what=name, error=repr(exc))
 
+    def _register_probes(self, store: Store, source: Source) -> None:
+        probe = store_probe(store)
+        if probe is not None:
+            self.probes.checks[probe[0]] = probe[1]
+        if isinstance(source, OrderSource):
+            self.probes.checks["kafka"] = lambda: source.probe(PROBE_TIMEOUT_S)
+
     async def _open_and_recover(self, store: Store) -> dict[str, Recovered]:
         """Connect, migrate (if configured) and recover. A transient store error (the database restarting, a
         connection the server ended during the load) is retried with backoff for up to ``_STARTUP_RETRY_S``,
@@ -206,34 +191,6 @@ class Daemon:
                                   retry_in_s=round(delay, 2), error=str(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-
-    def _make_source(self, specs: Mapping[str, Instrument], applied_offsets: dict[tuple[str, str, int], int],
-                     publisher: KafkaEventPublisher | None, kafka_options: Mapping[str, Any],
-                     store: Store) -> Source:
-        s = self.settings
-        if s.order_source.kind == "generator":
-            from exchange.adapters.generator.source import GeneratorSource
-
-            return GeneratorSource(loops=self.loops, instruments=specs, applied_offsets=applied_offsets,
-                                   seed=s.order_source.seed, rate=s.order_source.rate,
-                                   clients=s.order_source.clients, metrics=self.metrics,
-                                   on_caught_up=self._caught_up)
-        assert publisher is not None, "the settings require the Kafka publisher with the Kafka source"
-        verifier = Verifier(self.admin_keys)
-        if verifier.key_ids:
-            self._log.info("operator actions: signed ones are applied", key_ids=verifier.key_ids)
-        else:
-            self._log.warning(f"no operator keys ({ENV_KEYS}): halt, resume, clear and snapshot requests are "
-                              "refused (not_authorized); set it to key_id:secret to allow signed ones")
-        return OrderSource(
-            bootstrap_servers=s.kafka.bootstrap_servers, topic=s.kafka.orders_topic,
-            group_id=s.kafka.group_id, loops=self.loops, instruments=specs, applied_offsets=applied_offsets,
-            publisher=publisher, dead_letter_topic=s.kafka.dead_letter_topic, metrics=self.metrics,
-            client_options={**kafka_options, "session_timeout_ms": s.kafka.session_timeout_ms,
-                            "fetch_max_wait_ms": s.kafka.fetch_max_wait_ms,
-                            "heartbeat_interval_ms": s.kafka.heartbeat_interval_ms},
-            on_caught_up=self._caught_up, verifier=verifier, max_message_bytes=s.kafka.max_message_bytes,
-            ledger=store if isinstance(store, InputLedger) else None)
 
     async def _shutdown(self, source: Source, source_task: asyncio.Task[None], timer: asyncio.Task[None],
                         loop_tasks: list[asyncio.Task[None]], journal: asyncio.Queue[list[JournalItem] | None],
@@ -291,30 +248,6 @@ class Daemon:
             if lag >= 0.1:
                 self._log.warning("event loop stalled", stalled_ms=round(lag * 1000, 1))
 
-    async def _probe_dependencies(self) -> None:
-        """Check every dependency every few seconds, so /readyz names the ones that cannot be reached
-        even while no traffic would notice (an idle daemon with its database gone is not ready)."""
-        while True:
-            for name, probe in list(self.probes.items()):
-                try:
-                    async with asyncio.timeout(_PROBE_TIMEOUT_S):
-                        await probe()
-                except Exception as exc:
-                    if name not in self.unreachable:
-                        self._log.warning("dependency unreachable", dependency=name, error=_describe(exc))
-                    self.unreachable[name] = _describe(exc)
-                    self.metrics.dependency_up.labels(name).set(0)
-                    continue
-                self._reachable_again(name)
-            await asyncio.sleep(_PROBE_INTERVAL_S)
-
-    def _reachable_again(self, name: str) -> None:
-        if self.unreachable.pop(name, None) is not None:
-            self._log.info("dependency reachable again", dependency=name)
-            if name != "postgres":  # the journal writer counts its own recoveries
-                self.metrics.reconnected(name)
-        self.metrics.dependency_up.labels(name).set(1)
-
     def _caught_up(self) -> None:
         self.ready = True
         self.metrics.ready.set(1)
@@ -322,8 +255,8 @@ class Daemon:
 
     async def _on_durable(self, batch: Batch) -> None:
         m = self.metrics
-        if self.settings.storage.kind in self.unreachable:  # a commit just succeeded: no need to wait for a probe
-            self._reachable_again(self.settings.storage.kind)
+        if self.settings.storage.kind in self.probes.unreachable:  # a commit succeeded: no need to wait for a probe
+            self.probes.reachable(self.settings.storage.kind)
         now_ns = time.time_ns()
         wall_clock = self.source is not None and self.source.wall_clock_timestamps  # else the source measures
         per_instrument: dict[str, list[Any]] = {}
@@ -348,141 +281,6 @@ class Daemon:
         now = time.monotonic()
         for snap in batch.snapshots:
             self._last_snapshot[snap.instrument] = now
-
-    # ------------------------------------------------------------------ HTTP
-
-    def _routes(self) -> Mapping[str, Any]:
-        return {"/healthz": self._healthz, "/readyz": self._readyz, "/metrics": self._metrics_page,
-                "/status": self._status}
-
-    def _healthz(self) -> Response:
-        """Alive: 200. Degraded outputs (market data, Kafka publishing) are named, still with 200."""
-        fan = self.fanout
-        problems = []
-        if fan is not None and fan.sink_error is not None and not fan.sink_up:
-            problems.append(f"market data degraded: {fan.sink_error}")
-        if fan is not None and fan.kafka_error is not None:
-            problems.append(f"kafka publishing retrying: {fan.kafka_error}")
-        body = ("degraded: " + "; ".join(problems) + "\n") if problems else "ok\n"
-        return 200, "text/plain", body.encode()
-
-    def _readyz(self) -> Response:
-        problems = []
-        if not self.recovered:
-            problems.append("recovering")
-        elif not self.ready:
-            problems.append("replaying input")
-        unreachable = dict(self.unreachable)
-        if self.writer is not None and self.writer.degraded:
-            unreachable[self.settings.storage.kind] = self.writer.last_error or "commits are failing"
-        problems += [f"{name}: {error}" for name, error in sorted(unreachable.items())]
-        problems += [incident.describe() for _, incident in sorted(self._incidents().items())]
-        body = msgspec.json.encode({"ready": not problems, "problems": problems,
-                                    "unreachable": sorted(unreachable)}) + b"\n"
-        return (503 if problems else 200), "application/json", body
-
-    def _incidents(self) -> Mapping[tuple[str, int], Incident]:
-        """Orders partitions the source does not read because their log lost data."""
-        return self.source.incidents if isinstance(self.source, OrderSource) else {}
-
-    def _metrics_page(self) -> Response:
-        now = time.monotonic()
-        m = self.metrics
-        for symbol, lp in self.loops.items():
-            book = lp.engine.book
-            m.book_orders.labels(symbol).set(len(book))
-            m.book_levels.labels(symbol, "bid").set(len(book.bids))
-            m.book_levels.labels(symbol, "ask").set(len(book.asks))
-            m.book_depth.labels(symbol, "bid").set(sum(level.total_lots for level in book.bids.values()))
-            m.book_depth.labels(symbol, "ask").set(sum(level.total_lots for level in book.asks.values()))
-            m.queue_depth_gauge.labels(symbol).set(lp.queue.qsize())
-            m.halted.labels(symbol).set(1 if lp.engine.halted else 0)
-            m.seq.labels(symbol).set(lp.engine.seq)
-            if symbol in self._last_snapshot:
-                m.snapshot_age.labels(symbol).set(now - self._last_snapshot[symbol])
-        if self.source is not None:
-            for (topic, partition), lag in self.source.lag().items():
-                m.consumer_lag.labels(topic, str(partition)).set(lag)
-        return 200, "text/plain; version=0.0.4", self.metrics.render()
-
-    def _status(self) -> Response:
-        out = {}
-        lags = self.source.lag() if self.source is not None else {}
-        for symbol, lp in self.loops.items():
-            book = lp.engine.book
-            spec = lp.engine.spec
-            bid, ask = book.best_bid(), book.best_ask()
-            out[symbol] = {
-                "seq": lp.engine.seq,
-                "resting_orders": len(book),
-                "best_bid": spec.ticks_to_price(bid) if bid is not None else None,
-                "best_ask": spec.ticks_to_price(ask) if ask is not None else None,
-                "halted": lp.engine.halted,
-                "queue_depth": lp.queue.qsize(),
-                # messages of this instrument's orders partition not yet read (shared with the partition's
-                # other instruments); null until the instrument has committed something
-                "consumer_lag": lags.get(self._partition_of[symbol]) if symbol in self._partition_of else None,
-                "last_snapshot_age_s": (round(time.monotonic() - self._last_snapshot[symbol], 3)
-                                        if symbol in self._last_snapshot else None),
-            }
-        incidents = [{"topic": i.topic, "partition": i.partition, "problem": i.problem, "since": i.since}
-                     for _, i in sorted(self._incidents().items())]
-        body = msgspec.json.encode({"ready": self.ready and not incidents, "instruments": out,
-                                    "input_incidents": incidents,
-                                    "publishing": self.fanout.status() if self.fanout else None}) + b"\n"
-        return 200, "application/json", body
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return "no answer in time" if isinstance(exc, TimeoutError) else text
-
-
-def make_store(settings: Settings) -> PostgresStore | SqliteStore:
-    """The store the settings choose (``[storage] kind``): PostgreSQL or one SQLite file.
-
-    Both implement :class:`~exchange.ports.Store` and :class:`~exchange.ports.History`.
-    """
-    if settings.storage.kind == "sqlite":
-        from exchange.adapters.sqlite import SqliteStore
-
-        return SqliteStore(settings.storage.path, settings.instruments, snapshot_keep=settings.engine.snapshot_keep,
-                           synchronous=settings.storage.synchronous)
-    from exchange.adapters.postgres import PostgresStore, connect_options
-
-    return PostgresStore(settings.postgres.dsn, settings.instruments, pool_size=settings.postgres.pool_size,
-                         snapshot_keep=settings.engine.snapshot_keep,
-                         connect_options=connect_options(settings.postgres))
-
-
-def _fanout(settings: Settings, store: Store, kafka: KafkaEventPublisher | None, memory: MemorySink | None,
-            metrics: Metrics) -> FanOut | None:
-    """The fan-out task's set-up; None when nothing is published (no Kafka events, no market data).
-
-    Market data goes to Redis or to the in-process bus ``memory``; either way the channel and key names,
-    depth, refresh and heartbeat come from ``[redis]``. The bus keeps nothing across a restart (its
-    consumers start from the book key), so it alone needs no watermark and nothing is re-published.
-    """
-    r = settings.redis
-    if kafka is None or not settings.kafka.publish_events:
-        kafka = None
-    sink: Sink | None = memory
-    if r.enabled:
-        from exchange.adapters.redis import RedisSink
-
-        sink = RedisSink(r)
-    if kafka is None and sink is None:
-        return None
-    if sink is not None:
-        metrics.marketdata_up.set(1)
-    needs_watermark = kafka is not None or r.enabled
-    progress = store if needs_watermark and hasattr(store, "published_seqs") and hasattr(store, "record_published") \
-        else None
-    return FanOut(settings.instrument_map(), kafka=kafka, sink=sink,
-                  names=r.channel, depth=r.book_depth, queue_size=settings.journal.publish_queue_size,
-                  heartbeat_s=r.heartbeat_interval_s, book_refresh_s=r.book_refresh_ms / 1000,
-                  progress=progress, metrics=metrics)  # type: ignore[arg-type]
-
 
 def run_daemon(settings: Settings) -> int:
     """``exchange run``: 0 after a clean shutdown; 1 after one critical log line naming the error that stopped it."""

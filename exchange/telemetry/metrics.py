@@ -215,3 +215,14 @@ class Metrics:
             self.trades.labels(instrument).inc(trades)
             self.traded_lots.labels(instrument).inc(lots)
             self.orders_matched.labels(instrument).inc(matched)
+
+
+_DISCARDED: list[Metrics] = []
+
+
+def discarded() -> Metrics:
+    """One :class:`Metrics` that nobody reads, shared: what a component built without the daemon's own
+    (a test, a tool, a benchmark) counts into, so that no component needs a ``metrics is None`` branch."""
+    if not _DISCARDED:
+        _DISCARDED.append(Metrics())
+    return _DISCARDED[0]

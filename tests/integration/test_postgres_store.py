@@ -233,7 +233,8 @@ def test_the_numeric_wire_codec_agrees_with_postgresql(pg_dsn: str) -> None:
     """The store's own NUMERIC codec (pre-encoded prices and sizes) against the server's text form."""
     import random
 
-    from exchange.adapters.postgres import _decode_numeric, _encode_numeric, _init_connection, numeric_binary
+    from exchange.adapters.postgres.connection import _init_connection
+    from exchange.adapters.postgres.numeric import _decode_numeric, _encode_numeric, numeric_binary
 
     rng = random.Random(3)
     values = [(0, 0), (0, 3), (1, 0), (-1, 0), (10_000, 2), (5, 4), (5, 5), (-42, 1), (10**37, 0), (1, 18),

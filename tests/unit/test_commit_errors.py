@@ -16,7 +16,8 @@ import asyncpg
 import msgspec
 import pytest
 
-from exchange.adapters import postgres, sqlite
+from exchange.adapters.postgres import errors as postgres
+from exchange.adapters.sqlite import errors as sqlite
 from exchange.ports import StoreUnavailable
 from exchange.projections.rows import RowError
 

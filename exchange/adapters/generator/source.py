@@ -39,6 +39,7 @@ from exchange.pipeline.loop import Control, Inbound, InstrumentLoop
 from exchange.pipeline.router import Refusal, Router, SnapshotRequested
 from exchange.ports import Batch, InputPosition
 from exchange.telemetry.logging import get_logger
+from exchange.telemetry.metrics import Metrics, discarded
 
 __all__ = ["GENERATOR_TOPIC", "GeneratorSource", "generated_commands"]
 
@@ -58,7 +59,7 @@ class GeneratorSource:
 
     def __init__(self, *, loops: Mapping[str, InstrumentLoop], instruments: Mapping[str, Instrument],
                  applied_offsets: Mapping[tuple[str, str, int], int], seed: int = 1, rate: float = 1000.0,
-                 clients: int = 20, metrics: Any = None, on_caught_up: Callable[[], None] | None = None,
+                 clients: int = 20, metrics: Metrics | None = None, on_caught_up: Callable[[], None] | None = None,
                  latency_samples: int = 100_000) -> None:
         if rate <= 0:
             raise ValueError("rate must be positive (orders per second)")
@@ -76,7 +77,7 @@ class GeneratorSource:
         self._applied = {symbol: applied_offsets.get((symbol, GENERATOR_TOPIC, 0), -1) for symbol in loops}
         self._resume = min(self._applied.values(), default=-1) + 1  # the first message any instrument needs
         self._replay_until = max(self._applied.values(), default=-1)
-        self._metrics = metrics
+        self._metrics = metrics if metrics is not None else discarded()
         self._on_caught_up = on_caught_up
         self._stopping = asyncio.Event()
         self._sent_ns: dict[int, int] = {}  # offset -> when it was handed to its loop (perf_counter_ns)
@@ -203,7 +204,7 @@ class GeneratorSource:
         now = time.perf_counter_ns()
         sent = self._sent_ns
         latencies = self.latencies
-        histogram = self._metrics.order_latency if self._metrics is not None else None
+        histogram = self._metrics.order_latency
         for item in batch.applied:
             pos = item.position
             if pos is None or pos.topic != GENERATOR_TOPIC:
@@ -212,5 +213,4 @@ class GeneratorSource:
             if started is not None:
                 latency = now - started
                 latencies.append((item.instrument, latency))
-                if histogram is not None:
-                    histogram.observe(latency / 1e9)
+                histogram.observe(latency / 1e9)

@@ -30,6 +30,7 @@ from exchange.adapters.kafka.homes import Homes
 from exchange.adapters.kafka.logs import LogReader
 from exchange.pipeline.offsets import PartitionPlan, plan_partition
 from exchange.ports import InputLedger, InputReset, StoreUnavailable
+from exchange.telemetry.metrics import Metrics
 
 __all__ = ["Assignment", "Incident"]
 
@@ -53,7 +54,7 @@ class Assignment:
     (the partitions' own offsets, operator resets), None in tests that have no store."""
 
     def __init__(self, *, topic: str, accounting: InputAccounting, dead_letters: DeadLetters, homes: Homes,
-                 ledger: InputLedger | None, metrics: Any, log: Any) -> None:
+                 ledger: InputLedger | None, metrics: Metrics, log: Any) -> None:
         self.topic = topic
         self._accounting = accounting
         self._dead_letters = dead_letters
@@ -144,8 +145,7 @@ class Assignment:
         self._accounting.stop_replay(key)
         self._log.error("orders partition not consumed: its log does not hold what this exchange applied",
                         partition=tp.partition, problem=problem, what_to_do=incident.describe())
-        if self._metrics is not None:
-            self._metrics.input_incidents.set(len(self.incidents))
+        self._metrics.input_incidents.set(len(self.incidents))
 
     def check_highwater(self, consumer: AIOKafkaConsumer) -> None:
         """A log end below the position read so far means the log lost data while this process ran."""
@@ -185,8 +185,7 @@ class Assignment:
                                start_offset=plan.start)
                 self._unblock(consumer, tp, plan.start, ends)
                 unblocked = True
-        if self._metrics is not None:
-            self._metrics.input_incidents.set(len(self.incidents))
+        self._metrics.input_incidents.set(len(self.incidents))
         return unblocked
 
     async def _apply_reset(self, consumer: AIOKafkaConsumer, logs: LogReader | None, tp: TopicPartition,

@@ -32,6 +32,7 @@ from exchange.adapters.kafka.logs import LogReader
 from exchange.adapters.kafka.publisher import KafkaEventPublisher
 from exchange.core.types import RejectReason
 from exchange.pipeline.router import Refusal
+from exchange.telemetry.metrics import Metrics
 
 __all__ = ["DeadLetters"]
 
@@ -49,7 +50,7 @@ class DeadLetters:
     together at its end (or once :attr:`full`), each offset done in ``accounting`` once it is on the broker."""
 
     def __init__(self, publisher: KafkaEventPublisher, topic: str, accounting: InputAccounting, *,
-                 metrics: Any, log: Any) -> None:
+                 metrics: Metrics, log: Any) -> None:
         self._publisher = publisher
         self.topic = topic
         self._accounting = accounting
@@ -91,8 +92,7 @@ class DeadLetters:
                                  for r in refused if r.refusal.client_id])
         await publisher.deliver([publisher.dead_letter(self.topic, r.record, r.refusal) for r in refused])
         for r in refused:
-            if self._metrics is not None:
-                self._metrics.dead_letters.labels(r.refusal.reason.value).inc()
+            self._metrics.dead_letters.labels(r.refusal.reason.value).inc()
             self._dead_log.warning(reason=r.refusal.reason.value, text=r.refusal.text, partition=r.record.partition,
                                    offset=r.record.offset)
             self._accounting.done(r.key, r.record.offset)

@@ -34,6 +34,7 @@ from exchange.core.types import RejectReason
 from exchange.pipeline.router import Refusal
 from exchange.ports import Applied, OrderStates
 from exchange.telemetry.logging import get_logger
+from exchange.telemetry.metrics import Metrics, discarded
 from exchange.wire.codec import MAX_TS_NS, WireEncoder, encode, event_to_wire
 
 __all__ = ["KafkaEventPublisher", "OutRecord"]
@@ -75,10 +76,10 @@ class KafkaEventPublisher:
 
     def __init__(self, *, bootstrap_servers: str, events_topic: str, instruments: Mapping[str, Instrument],
                  client_options: Mapping[str, Any] | None = None, publish_events: bool = True,
-                 order_states: OrderStates | None = None, metrics: Any = None, trades_topic: str = "",
+                 order_states: OrderStates | None = None, metrics: Metrics | None = None, trades_topic: str = "",
                  batch_records: bool = True, max_record_bytes: int = 1_000_000) -> None:
         self._bootstrap = bootstrap_servers
-        self._metrics = metrics
+        self._metrics = metrics if metrics is not None else discarded()
         self.batch_records = batch_records
         self.events_topic = events_topic
         self.trades_topic = trades_topic
@@ -115,7 +116,7 @@ class KafkaEventPublisher:
             raise RuntimeError("publisher not started")
         return self._producer
 
-    async def publish(self, applied: Sequence[Applied]) -> None:
+    async def publish(self, applied: Sequence[Applied]) -> None:  # noqa: C901 - one pass over a round's events
         """Publish durable events to their clients' keys and trades keyed by instrument; wait for the acks.
 
         With ``batch_records`` (the default) one record carries a client's events of the round,
@@ -285,8 +286,7 @@ class KafkaEventPublisher:
 
     def _drop(self, record: OutRecord, error: BaseException) -> None:
         self.dropped += 1
-        if self._metrics is not None:
-            self._metrics.records_dropped.labels(record.topic).inc()
+        self._metrics.records_dropped.labels(record.topic).inc()
         _log.error("the broker refused a record for what it is; dropped (the input stays on its topic)",
                    topic=record.topic, bytes=len(record.value), headers=dict(record.headers) or None,
                    error=f"{type(error).__name__}: {error}")

@@ -58,6 +58,7 @@ from exchange.pipeline.loop import Control, Inbound, InstrumentLoop
 from exchange.pipeline.router import DEFAULT_MAX_MESSAGE_BYTES, Refusal, Router, SnapshotRequested
 from exchange.ports import Applied, Batch, InputLedger, InputPosition
 from exchange.telemetry.logging import get_logger
+from exchange.telemetry.metrics import Metrics, discarded
 from exchange.wire.auth import Verifier
 
 __all__ = ["OrderSource"]
@@ -82,7 +83,7 @@ class OrderSource:
                  loops: Mapping[str, InstrumentLoop], instruments: Mapping[str, Instrument],
                  applied_offsets: Mapping[tuple[str, str, int], int], publisher: KafkaEventPublisher,
                  dead_letter_topic: str, client_options: Mapping[str, Any] | None = None,
-                 commit_interval_s: float = 1.0, metrics: Any = None,
+                 commit_interval_s: float = 1.0, metrics: Metrics | None = None,
                  on_caught_up: Callable[[], None] | None = None, verifier: Verifier | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, ledger: InputLedger | None = None) -> None:
         self._bootstrap = bootstrap_servers
@@ -91,15 +92,15 @@ class OrderSource:
         self._loops = loops
         self._options = dict(client_options or {})
         self._commit_interval_s = commit_interval_s
-        self._metrics = metrics
+        self._metrics = metrics if metrics is not None else discarded()
         self._on_caught_up = on_caught_up
         self._log = get_logger("exchange.source", topic=topic)
         self._accounting = InputAccounting(topic, applied_offsets)
         self._homes = Homes(instruments, applied_offsets, topic)
-        self._dead_letters = DeadLetters(publisher, dead_letter_topic, self._accounting, metrics=metrics,
+        self._dead_letters = DeadLetters(publisher, dead_letter_topic, self._accounting, metrics=self._metrics,
                                          log=self._log)
         self._assignment = Assignment(topic=topic, accounting=self._accounting, dead_letters=self._dead_letters,
-                                      homes=self._homes, ledger=ledger, metrics=metrics, log=self._log)
+                                      homes=self._homes, ledger=ledger, metrics=self._metrics, log=self._log)
         self._router = Router(instruments, verifier=verifier or Verifier({}), max_message_bytes=max_message_bytes,
                               partitions=self._homes.router_view)
         self._consumer: AIOKafkaConsumer | None = None
@@ -179,7 +180,7 @@ class OrderSource:
         dead_letters = self._dead_letters
         while not self._stopping.is_set():
             records = await self._fetch(consumer)
-            if records and metrics is not None:
+            if records:
                 now_ms = time.time() * 1000
                 for batch in records.values():
                     metrics.consume_delay.observe(max(0.0, now_ms - batch[0].timestamp) / 1000)
@@ -314,8 +315,7 @@ class OrderSource:
         """
         await self._send_refused()  # what this poll refused so far need not wait for the queue
         held = self._assignment.hold(consumer)
-        if self._metrics is not None:
-            self._metrics.consumer_paused(True)
+        self._metrics.consumer_paused(True)
         paused_at = time.monotonic()
         try:
             while True:
@@ -330,8 +330,7 @@ class OrderSource:
                                           "writer keeping up?)", instrument=loop.symbol, depth=loop.queue.qsize())
         finally:
             self._assignment.release(consumer, held)
-            if self._metrics is not None:
-                self._metrics.consumer_paused(False)
+            self._metrics.consumer_paused(False)
             waited = time.monotonic() - paused_at
             if waited >= 1.0:
                 self._log.info("consumer resumed", instrument=loop.symbol, paused_s=round(waited, 3))
@@ -341,9 +340,8 @@ class OrderSource:
         if not accounting.replay_until or self._assigning:
             return
         behind = accounting.behind(self._assignment.incidents)
-        if self._metrics is not None:
-            self._metrics.recovery_replayed.set(self.replayed)
-            self._metrics.recovery_behind.set(behind)
+        self._metrics.recovery_replayed.set(self.replayed)
+        self._metrics.recovery_behind.set(behind)
         now = time.monotonic()
         if behind and now >= self._next_progress_log:
             self._next_progress_log = now + 1.0

@@ -1,0 +1,126 @@
+"""Loading at start-up: each instrument's durable state read from PostgreSQL, as functions over a connection.
+
+:func:`_load_states` reads, inside the read-only repeatable-read transaction the store holds, each
+instrument's counters, its open orders in book order (price-time priority), its dedupe window
+(:func:`_read_window`), its input offsets and its positions, and gives them as
+:class:`~exchange.ports.Recovered`. The store warms its caches from the result. Every read walks an
+index in its order and goes a chunk or a page at a time, so memory stays within what is kept; a long
+read logs its progress once a second (on the recovery logger: loading is part of recovery).
+
+Functions and constants only; names with a leading underscore are the package's own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import structlog
+
+from exchange.adapters.postgres.connection import _Conn
+from exchange.core.dedupe import NewestFirstWindow
+from exchange.core.instruments import Instrument
+from exchange.core.state import EngineState, RestingOrder
+from exchange.core.types import Side, StpMode
+from exchange.ports import Position, Recovered
+from exchange.projections.rows import Progress
+
+_recovery_log = structlog.get_logger("exchange.recovery")  # loading is part of recovery
+
+_SIDES = {s.value: s for s in Side}
+_STPS = {s.value: s for s in StpMode}
+_LOAD_CHUNK = 50_000
+_LOG_EVERY_S = 1.0
+
+_SQL_OPEN_ORDERS = """
+SELECT order_id, client_id, client_order_id, side, price_ticks, qty_lots, remaining_lots, priority, expire_ns,
+       post_only, stp
+FROM orders
+WHERE instrument = $1 AND status IN ('open', 'partially_filled')
+ORDER BY side, CASE WHEN side = 'buy' THEN -price_ticks ELSE price_ticks END, priority"""
+
+# the dedupe window: finished orders newest first, one page below the last row read (see _read_window)
+_SQL_DONE = """
+SELECT client_id, client_order_id, order_id, updated_seq, priority FROM orders
+WHERE instrument = $1 AND status IN ('filled', 'canceled', 'expired') AND (updated_seq, priority) < ($2, $3)
+ORDER BY updated_seq DESC, priority DESC
+LIMIT $4"""
+_ABOVE_EVERY_ROW = 2**63 - 1  # an (updated_seq, priority) bound no row reaches: the first page
+
+
+async def _load_states(conn: _Conn, instruments: Sequence[Instrument]) -> dict[str, Recovered]:
+    """The durable state of each instrument (fresh when nothing is stored), read on ``conn`` inside the
+    caller's read-only transaction (one snapshot for every instrument)."""
+    await conn.execute("SET LOCAL work_mem = '256MB'")  # sort the open orders in memory
+    return {spec.symbol: await _load_one(conn, spec) for spec in instruments}
+
+
+async def _load_one(conn: _Conn, spec: Instrument) -> Recovered:
+    symbol = spec.symbol
+    started = time.monotonic()
+    row = await conn.fetchrow(
+        "SELECT seq, next_order_id, next_trade_id, halted FROM engine_progress WHERE instrument = $1", symbol)
+    progress = (Progress(row["seq"], row["next_order_id"], row["next_trade_id"], row["halted"]) if row
+                else Progress())
+    orders: list[RestingOrder] = []
+    sides, stps = _SIDES, _STPS
+    cursor = await conn.cursor(_SQL_OPEN_ORDERS, symbol)
+    logged = started
+    while True:
+        chunk = await cursor.fetch(_LOAD_CHUNK)
+        orders.extend(RestingOrder(r[0], r[1], r[2], sides[r[3]], r[4], r[5], r[6], r[7], r[8], r[9], stps[r[10]])
+                      for r in chunk)
+        if len(chunk) < _LOAD_CHUNK:
+            break
+        now = time.monotonic()
+        if now - logged >= _LOG_EVERY_S:
+            logged = now
+            _recovery_log.info("loading open orders", instrument=symbol, orders_loaded=len(orders),
+                               elapsed_s=round(now - started, 3))
+    done: list[tuple[str, str, int]] = []
+    if spec.dedupe_window:
+        done = await _read_window(conn, spec)
+    offsets = {(r[0], r[1]): r[2] for r in await conn.fetch(
+        "SELECT topic, partition, last_offset FROM input_offsets WHERE instrument = $1", symbol)}
+    positions = {r[0]: Position(int(r[1]), int(r[2]), int(r[3])) for r in await conn.fetch(
+        "SELECT client_id, net_lots, cost, realized FROM positions WHERE instrument = $1", symbol)}
+    state = EngineState(symbol, progress.seq, progress.next_order_id, progress.next_trade_id, orders, done,
+                        progress.halted)
+    if len(orders) >= _LOAD_CHUNK:
+        _recovery_log.info("open orders loaded", instrument=symbol, orders_loaded=len(orders),
+                           elapsed_s=round(time.monotonic() - started, 3))
+    return Recovered(state, offsets, positions)
+
+
+async def _read_window(conn: _Conn, spec: Instrument) -> list[tuple[str, str, int]]:
+    """An instrument's dedupe window from its finished orders, read newest first (:class:`NewestFirstWindow`).
+
+    Pages of ``orders_finished_idx`` in descending order, each below the last row read, so every page is
+    an index range scan whatever the planner believes of the table. It stops when the window is full, which
+    may take more than ``dedupe_window`` rows, up to every finished order of the instrument, when a few
+    clients finished most of them: their rows beyond their ``dedupe_per_client`` newest are read and
+    skipped. Memory stays within the window and a page. A long read logs its progress once a second.
+    """
+    window = NewestFirstWindow(spec.dedupe_window, spec.dedupe_per_client)
+    started = logged = time.monotonic()
+    seq = priority = _ABOVE_EVERY_ROW
+    while True:
+        page = min(_LOAD_CHUNK, max(1_000, spec.dedupe_window - len(window)))
+        rows = await conn.fetch(_SQL_DONE, spec.symbol, seq, priority, page)
+        full = False
+        for r in rows:
+            if not window.add(r[0], r[1], r[2]):
+                full = True
+                break
+        if full or len(rows) < page:
+            break
+        seq, priority = rows[-1][3], rows[-1][4]
+        now = time.monotonic()
+        if now - logged >= _LOG_EVERY_S:
+            logged = now
+            _recovery_log.info("loading the dedupe window", instrument=spec.symbol, rows_read=window.rows,
+                               remembered=len(window), elapsed_s=round(now - started, 3))
+    if window.rows >= _LOAD_CHUNK:
+        _recovery_log.info("dedupe window loaded", instrument=spec.symbol, rows_read=window.rows,
+                           remembered=len(window), elapsed_s=round(time.monotonic() - started, 3))
+    return window.entries()

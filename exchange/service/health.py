@@ -1,0 +1,157 @@
+"""Health, readiness, status and metrics pages, and the dependency probes behind them.
+
+``/healthz`` says the process is alive (and names degraded outputs), ``/readyz`` whether it may take
+traffic (recovered, caught up, every dependency reachable, no input incident), ``/status`` the state of
+each instrument, ``/metrics`` the Prometheus page (gauges refreshed from the live books on each scrape).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from exchange.adapters.kafka import Incident, OrderSource
+from exchange.service.http import Response
+from exchange.telemetry.logging import get_logger
+from exchange.telemetry.metrics import Metrics
+
+if TYPE_CHECKING:
+    from exchange.service.daemon import Daemon
+
+__all__ = ["Endpoints", "Probes"]
+
+PROBE_INTERVAL_S = 2.0  # how often each dependency is checked for /readyz
+PROBE_TIMEOUT_S = 3.0
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return "no answer in time" if isinstance(exc, TimeoutError) else text
+
+
+class Probes:
+    """Which dependencies answer: ``unreachable`` maps each one that does not to why (for /readyz and
+    ``exchange_dependency_up``); adapters register a cheap check under the dependency's name."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.checks: dict[str, Callable[[], Awaitable[Any]]] = {}
+        self.unreachable: dict[str, str] = {}
+        self._metrics = metrics
+        self._log = get_logger("exchange.daemon")
+
+    async def run(self) -> None:
+        """Check every dependency every few seconds, so /readyz names the ones that cannot be reached
+        even while no traffic would notice (an idle daemon with its database gone is not ready)."""
+        while True:
+            for name, probe in list(self.checks.items()):
+                try:
+                    async with asyncio.timeout(PROBE_TIMEOUT_S):
+                        await probe()
+                except Exception as exc:
+                    if name not in self.unreachable:
+                        self._log.warning("dependency unreachable", dependency=name, error=_describe(exc))
+                    self.unreachable[name] = _describe(exc)
+                    self._metrics.dependency_up.labels(name).set(0)
+                    continue
+                self.reachable(name)
+            await asyncio.sleep(PROBE_INTERVAL_S)
+
+    def reachable(self, name: str) -> None:
+        """``name`` answered (a probe, or a commit that just succeeded)."""
+        if self.unreachable.pop(name, None) is not None:
+            self._log.info("dependency reachable again", dependency=name)
+            if name != "postgres":  # the journal writer counts its own recoveries
+                self._metrics.reconnected(name)
+        self._metrics.dependency_up.labels(name).set(1)
+
+
+class Endpoints:
+    """The HTTP handlers, reading the running daemon's state (they never change it)."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._d = daemon
+
+    def routes(self) -> Mapping[str, Callable[[], Response]]:
+        return {"/healthz": self.healthz, "/readyz": self.readyz, "/metrics": self.metrics_page,
+                "/status": self.status}
+
+    def healthz(self) -> Response:
+        """Alive: 200. Degraded outputs (market data, Kafka publishing) are named, still with 200."""
+        fan = self._d.fanout
+        problems = []
+        if fan is not None and fan.sink_error is not None and not fan.sink_up:
+            problems.append(f"market data degraded: {fan.sink_error}")
+        if fan is not None and fan.kafka_error is not None:
+            problems.append(f"kafka publishing retrying: {fan.kafka_error}")
+        body = ("degraded: " + "; ".join(problems) + "\n") if problems else "ok\n"
+        return 200, "text/plain", body.encode()
+
+    def readyz(self) -> Response:
+        problems = []
+        if not self._d.recovered:
+            problems.append("recovering")
+        elif not self._d.ready:
+            problems.append("replaying input")
+        unreachable = dict(self._d.probes.unreachable)
+        if self._d.writer is not None and self._d.writer.degraded:
+            unreachable[self._d.settings.storage.kind] = self._d.writer.last_error or "commits are failing"
+        problems += [f"{name}: {error}" for name, error in sorted(unreachable.items())]
+        problems += [incident.describe() for _, incident in sorted(self._incidents().items())]
+        body = msgspec.json.encode({"ready": not problems, "problems": problems,
+                                    "unreachable": sorted(unreachable)}) + b"\n"
+        return (503 if problems else 200), "application/json", body
+
+    def _incidents(self) -> Mapping[tuple[str, int], Incident]:
+        """Orders partitions the source does not read because their log lost data."""
+        return self._d.source.incidents if isinstance(self._d.source, OrderSource) else {}
+
+    def metrics_page(self) -> Response:
+        now = time.monotonic()
+        m = self._d.metrics
+        for symbol, lp in self._d.loops.items():
+            book = lp.engine.book
+            m.book_orders.labels(symbol).set(len(book))
+            m.book_levels.labels(symbol, "bid").set(len(book.bids))
+            m.book_levels.labels(symbol, "ask").set(len(book.asks))
+            m.book_depth.labels(symbol, "bid").set(sum(level.total_lots for level in book.bids.values()))
+            m.book_depth.labels(symbol, "ask").set(sum(level.total_lots for level in book.asks.values()))
+            m.queue_depth_gauge.labels(symbol).set(lp.queue.qsize())
+            m.halted.labels(symbol).set(1 if lp.engine.halted else 0)
+            m.seq.labels(symbol).set(lp.engine.seq)
+            if symbol in self._d._last_snapshot:
+                m.snapshot_age.labels(symbol).set(now - self._d._last_snapshot[symbol])
+        if self._d.source is not None:
+            for (topic, partition), lag in self._d.source.lag().items():
+                m.consumer_lag.labels(topic, str(partition)).set(lag)
+        return 200, "text/plain; version=0.0.4", self._d.metrics.render()
+
+    def status(self) -> Response:
+        out = {}
+        lags = self._d.source.lag() if self._d.source is not None else {}
+        for symbol, lp in self._d.loops.items():
+            book = lp.engine.book
+            spec = lp.engine.spec
+            bid, ask = book.best_bid(), book.best_ask()
+            out[symbol] = {
+                "seq": lp.engine.seq,
+                "resting_orders": len(book),
+                "best_bid": spec.ticks_to_price(bid) if bid is not None else None,
+                "best_ask": spec.ticks_to_price(ask) if ask is not None else None,
+                "halted": lp.engine.halted,
+                "queue_depth": lp.queue.qsize(),
+                # messages of this instrument's orders partition not yet read (shared with the partition's
+                # other instruments); null until the instrument has committed something
+                "consumer_lag": lags.get(self._d._partition_of[symbol]) if symbol in self._d._partition_of else None,
+                "last_snapshot_age_s": (round(time.monotonic() - self._d._last_snapshot[symbol], 3)
+                                        if symbol in self._d._last_snapshot else None),
+            }
+        incidents = [{"topic": i.topic, "partition": i.partition, "problem": i.problem, "since": i.since}
+                     for _, i in sorted(self._incidents().items())]
+        body = msgspec.json.encode({"ready": self._d.ready and not incidents, "instruments": out,
+                                    "input_incidents": incidents,
+                                    "publishing": self._d.fanout.status() if self._d.fanout else None}) + b"\n"
+        return 200, "application/json", body
