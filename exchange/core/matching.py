@@ -3,9 +3,9 @@
 Why one module: it is longer than 600 lines because it is one class, :class:`MatchingEngine`, the
 single writer of a book, whose indices (the book, the live-order index, the dedupe window, the expiry
 heap and its live count) share invariants every command handler keeps; split over modules (mixins,
-or functions taking the engine) that one set of invariants would be spread over files, and the hot
-path would pay for the indirection. What is not the engine lives elsewhere: the engine image and its
-hash in :mod:`exchange.core.state`, the dedupe window in :mod:`exchange.core.dedupe`, the book in
+or functions taking the engine) that one set of invariants would be spread over files. What is not
+the engine lives elsewhere: the engine image and its hash in :mod:`exchange.core.state`, the dedupe
+window in :mod:`exchange.core.dedupe`, the book in
 :mod:`exchange.core.book`.
 
 One :class:`MatchingEngine` owns one instrument's book. It validates a command
