@@ -60,7 +60,7 @@ class Feed:
             if out:
                 applied.append(Applied(out[0].instrument, out, InputPosition("orders", 0, self.offset)))
                 n += len(out)
-        return Batch(applied)
+        return Batch(applied, epochs={spec.symbol: 1 for spec in INSTRUMENTS})  # the first take's epochs
 
 
 async def main() -> None:
@@ -80,6 +80,7 @@ async def main() -> None:
         store = PostgresStore(dsn, INSTRUMENTS)
         await store.start()
         await store.migrate()
+        await store.take([spec.symbol for spec in INSTRUMENTS], [], "bench")
         await store.load(INSTRUMENTS)
         feed = Feed(args.seed)
         done = 0

@@ -24,7 +24,7 @@ is retried with the very same batch until it succeeds.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -34,9 +34,28 @@ from exchange.core.events import Event
 from exchange.core.instruments import Instrument
 from exchange.core.state import EngineState
 
-__all__ = ["Applied", "Batch", "History", "InputLedger", "InputPosition", "InputReset", "OrderStates", "Outgoing",
-           "Position", "PublishWatermark", "Recovered", "Sink", "SinkUnavailable", "SnapshotRequest", "Source", "Store",
-           "StoreUnavailable"]
+__all__ = [
+    "Applied",
+    "Batch",
+    "Epochs",
+    "Fenced",
+    "History",
+    "Holder",
+    "InputLedger",
+    "InputPosition",
+    "InputReset",
+    "OrderStates",
+    "Outgoing",
+    "Position",
+    "PublishWatermark",
+    "Recovered",
+    "Sink",
+    "SinkUnavailable",
+    "SnapshotRequest",
+    "Source",
+    "Store",
+    "StoreUnavailable",
+]
 
 
 class InputPosition(msgspec.Struct, frozen=True, gc=False):
@@ -70,13 +89,20 @@ class SnapshotRequest:
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """Everything one transaction makes durable."""
+    """Everything one transaction makes durable, and the ownership epochs it was prepared under.
+
+    A store writes a batch only while every epoch it carries is still the stored one (see
+    :class:`Epochs`): ``epochs`` has one for each instrument with records or snapshots in the batch,
+    ``partition_epochs`` one for each partition in ``partitions``.
+    """
 
     applied: Sequence[Applied]
     snapshots: Sequence[SnapshotRequest] = ()
     # per (topic, partition) of the input: an offset every message up to which is durable (or needed nothing),
     # stored as the partition's own input_offsets row (instrument "") with the batch
     partitions: Mapping[tuple[str, int], int] = field(default_factory=dict)
+    epochs: Mapping[str, int] = field(default_factory=dict)
+    partition_epochs: Mapping[tuple[str, int], int] = field(default_factory=dict)
 
     def last_seq(self) -> dict[str, int]:
         """Highest sequence number per instrument in this batch."""
@@ -135,6 +161,38 @@ class StoreUnavailable(Exception):
         self.retriable = retriable
 
 
+@dataclass(frozen=True, slots=True)
+class Epochs:
+    """Ownership epochs: per instrument, and per orders partition ``(topic, partition)``.
+
+    Taking an instrument or a partition (:meth:`Store.take`) bumps its epoch in the store; a batch
+    carries the epochs its records were prepared under, and the store refuses it (:class:`Fenced`), in
+    the transaction that would write it, once another process has taken one of them since.
+    """
+
+    instruments: Mapping[str, int] = field(default_factory=dict)
+    partitions: Mapping[tuple[str, int], int] = field(default_factory=dict)
+
+
+class Fenced(Exception):
+    """The store refused a batch: another process took some of its instruments or partitions since it was
+    prepared. ``current`` holds the stored epochs of exactly those (0: never taken). Nothing was written.
+
+    Not a :class:`StoreUnavailable`: retrying cannot help, and stopping would be wrong. The writer drops what
+    belongs to them and commits the rest; the process stops applying them and carries on with the others.
+    """
+
+    def __init__(self, current: Epochs) -> None:
+        def now(epoch: int) -> str:
+            return f"epoch now {epoch}" if epoch else "never taken"
+
+        parts = [f"{symbol} ({now(epoch)})" for symbol, epoch in sorted(current.instruments.items())]
+        parts += [f"{topic}[{partition}] ({now(epoch)})"
+                  for (topic, partition), epoch in sorted(current.partitions.items())]
+        super().__init__("fenced: another process took " + ", ".join(parts))
+        self.current = current
+
+
 class Store(Protocol):
     """Durable storage for the daemon (PostgreSQL in production, SQLite in the embedded default)."""
 
@@ -151,7 +209,16 @@ class Store(Protocol):
         ...
 
     async def commit(self, batch: Batch) -> None:
-        """Make the batch durable in one transaction, or raise :class:`StoreUnavailable`."""
+        """Make the batch durable in one transaction, or raise :class:`StoreUnavailable` or :class:`Fenced`."""
+        ...
+
+    async def take(self, instruments: Sequence[str], partitions: Sequence[tuple[str, int]], owner: str) -> Epochs:
+        """Take ownership: bump the epoch of each instrument and partition (waiting for a commit under the old
+        epoch to end) and return the new ones. ``owner`` names the process for operators."""
+        ...
+
+    async def epochs(self, instruments: Sequence[str], partitions: Sequence[tuple[str, int]]) -> Epochs:
+        """The stored epochs of these instruments and partitions (0: never taken)."""
         ...
 
     async def order_states(self, instrument: str, order_ids: Sequence[int]) -> list[dict[str, Any]]:
@@ -252,6 +319,23 @@ class Source(Protocol):
     def lag(self) -> dict[tuple[str, int], int]:
         """Per input partition: messages waiting to be read (empty when the source has no backlog)."""
         ...
+
+
+class Holder(Protocol):
+    """What a source asks of the process when its input's partitions come and go: take the instruments that live
+    on them (recovered, a loop each, under new epochs), give them up (everything of theirs durable and published
+    first), and, once an assignment is complete, forget what it did not give back. The daemon's
+    :class:`~exchange.service.holdings.Holdings`."""
+
+    async def acquire(self, instruments: Sequence[str], partitions: Sequence[tuple[str, int]]
+                      ) -> Mapping[str, Mapping[tuple[str, int], int]]:
+        """Returns the stored input offsets, ``(topic, partition) -> last applied``, of each instrument loaded from
+        the store (one kept from before has none)."""
+        ...
+
+    async def release(self, instruments: Sequence[str], partitions: Sequence[tuple[str, int]]) -> None: ...
+
+    def keep_only(self, instruments: Iterable[str]) -> None: ...
 
 
 # -- market data and order events out ----------------------------------------------------------------

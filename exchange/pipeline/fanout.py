@@ -22,13 +22,22 @@ that are behind, and, while the sink is down, tries to reach it again; when it i
 back every book key is rewritten before anything else, so subscribers resync
 from fresh images.
 
-Re-publication after a restart: the watermark is written only after both
-outputs took the events, so at start-up every event after it may not have gone
-out. :meth:`FanOut.prepare` rebuilds the market-data view at the watermark
-(the latest snapshot at or below it plus the stored events up to it), and
-:meth:`FanOut.run` publishes the stored events from the watermark to the
-durable seq again, with their own sequence numbers, before any new batch.
-Consumers drop what they already have by sequence number (trades by trade id).
+Re-publication after a restart, or when this process takes an instrument
+another one published: the watermark is written only after both outputs took
+the events, so every event after it may not have gone out. :meth:`FanOut.adopt`
+rebuilds the instrument's market-data view at the watermark (the latest snapshot
+at or below it plus the stored events up to it), and :meth:`FanOut.run` publishes
+the stored events from the watermark to the durable seq again, with their own
+sequence numbers, before any new batch of it. Consumers drop what they already
+have by sequence number (trades by trade id).
+
+Instruments come and go (:meth:`FanOut.adopt`, :meth:`FanOut.park`,
+:meth:`FanOut.drop`): only those this process owns are published, heartbeats
+included, and with an :class:`~exchange.pipeline.ownership.Ownership` nothing
+goes out unless it confirms the process's epochs (its lease): a process that
+lost an instrument while it was frozen sends nothing for it when it wakes.
+:meth:`FanOut.flush` returns once everything queued before it is published and
+the watermark stored.
 
 A sink failure never stops the daemon: market data is degraded (``sink_up`` is
 false, metrics and ``/healthz`` show it) while matching, persistence and Kafka
@@ -39,12 +48,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from exchange.core.events import Event
 from exchange.core.instruments import Instrument
 from exchange.core.state import EngineState
+from exchange.pipeline.loop import Flush
+from exchange.pipeline.ownership import Ownership
 from exchange.ports import Applied, Batch, History, Outgoing, PublishWatermark, Sink, SinkUnavailable
 from exchange.projections.marketdata import MarketData
 from exchange.telemetry.logging import get_logger
@@ -117,7 +128,7 @@ class FanOut:
                  names: ChannelNames | None = None, depth: int = 0, queue_size: int = 64,
                  heartbeat_s: float = 1.0, book_refresh_s: float = 0.1, progress: PublishWatermark | None = None,
                  progress_interval_s: float = 0.5, metrics: Metrics | None = None,
-                 clock_ns: Callable[[], int] = time.time_ns) -> None:
+                 clock_ns: Callable[[], int] = time.time_ns, ownership: Ownership | None = None) -> None:
         if sink is not None and names is None:
             raise ValueError("a sink needs channel names")
         self._specs = dict(specs)
@@ -125,7 +136,8 @@ class FanOut:
         self._sink = sink
         self._names = names
         self._depth = depth
-        self._queue: asyncio.Queue[Batch | None] = asyncio.Queue(queue_size)
+        self._queue: asyncio.Queue[Batch | Flush | None] = asyncio.Queue(queue_size)
+        self._ownership = ownership
         self._heartbeat_s = heartbeat_s
         self._book_refresh_s = book_refresh_s
         self._progress = progress
@@ -133,7 +145,8 @@ class FanOut:
         self._metrics = metrics if metrics is not None else discarded()
         self._clock_ns = clock_ns
         self._log = get_logger("exchange.fanout")
-        self.builders: dict[str, MarketData] = {}
+        self.builders: dict[str, MarketData] = {}  # the instruments published (owned), their market-data views
+        self._parked: dict[str, MarketData] = {}  # given up, maybe taken again at the next assignment
         self._backlog: dict[str, tuple[int, int]] = {}  # instrument -> (watermark, durable seq) to re-publish
         self._recovered: dict[str, EngineState] = {}
         self._history: History | None = None
@@ -152,40 +165,83 @@ class FanOut:
     # ---------------------------------------------------------------- start-up
 
     async def prepare(self, states: Mapping[str, EngineState], history: History | None = None) -> None:
-        """Build the market-data views; find what may not have gone out before the last stop.
-
-        ``states`` are the recovered engine images. With a watermark store and a
-        history, each view is rebuilt at its watermark and the events from there to
-        the durable seq are queued for re-publication.
-        """
-        self._recovered = dict(states)
+        """Adopt every instrument of ``states`` (the recovered engine images): see :meth:`adopt`."""
         self._history = history
         stored = await self._progress.published_seqs() if self._progress is not None and history else {}
         for symbol, state in states.items():
-            spec = self._specs[symbol]
-            durable = state.seq
-            watermark = stored.get(symbol)
-            if history is None or self._progress is None:
-                watermark = durable
-            elif watermark is None:
-                snapshot = await history.latest_snapshot(symbol, durable) if durable else None
-                watermark = snapshot.state.seq if snapshot is not None else 0
-                if durable:
-                    self._log.warning("no publish watermark stored (first start with fan-out?); re-publishing "
-                                      "from the latest snapshot", instrument=symbol, from_seq=watermark,
-                                      durable_seq=durable)
-            elif watermark > durable:
-                self._log.warning("the publish watermark is ahead of the durable seq (database restored?); "
-                                  "nothing is re-published", instrument=symbol, watermark=watermark, durable=durable)
-                watermark = durable
-            if watermark == durable:
-                self.builders[symbol] = MarketData(spec, state, depth=self._depth)
+            await self._adopt(symbol, state, stored.get(symbol))
+
+    async def adopt(self, symbol: str, state: EngineState, history: History | None = None) -> None:
+        """Publish ``symbol`` from now on, recovered at ``state``: its view is rebuilt at the stored watermark
+        and the events from there to ``state.seq`` are queued for re-publication (with a watermark store and a
+        history; else the view starts at ``state``)."""
+        self._history = history if history is not None else self._history
+        stored = (await self._progress.published_seqs() if self._progress is not None and self._history is not None
+                  else {})
+        await self._adopt(symbol, state, stored.get(symbol))
+
+    async def _adopt(self, symbol: str, state: EngineState, watermark: int | None) -> None:
+        history = self._history
+        self._parked.pop(symbol, None)
+        self._recovered[symbol] = state
+        spec = self._specs[symbol]
+        durable = state.seq
+        stored = watermark
+        if history is None or self._progress is None:
+            watermark = durable
+        elif watermark is None:
+            snapshot = await history.latest_snapshot(symbol, durable) if durable else None
+            watermark = snapshot.state.seq if snapshot is not None else 0
+            if durable:
+                self._log.warning("no publish watermark stored (first start with fan-out?); re-publishing "
+                                  "from the latest snapshot", instrument=symbol, from_seq=watermark,
+                                  durable_seq=durable)
+        elif watermark > durable:
+            self._log.warning("the publish watermark is ahead of the durable seq (database restored?); "
+                              "nothing is re-published", instrument=symbol, watermark=watermark, durable=durable)
+            watermark = durable
+        if watermark == durable:
+            self.builders[symbol] = MarketData(spec, state, depth=self._depth)
+        else:
+            self.builders[symbol] = MarketData(spec, await self._state_at(spec, watermark), depth=self._depth)
+            self._backlog[symbol] = (watermark, durable)
+        self.published[symbol] = watermark
+        self._stored[symbol] = stored if stored is not None else -1
+        self._key_seq.pop(symbol, None)
+        self._key_at.pop(symbol, None)
+
+    def park(self, symbols: Iterable[str]) -> None:
+        """Stop publishing these (given up, with everything of theirs published: see :meth:`flush`); their
+        views are kept for :meth:`unpark` if this process takes them again with nothing written meanwhile."""
+        for symbol in symbols:
+            builder = self.builders.pop(symbol, None)
+            if builder is not None:
+                self._parked[symbol] = builder
+
+    def unpark(self, symbols: Iterable[str]) -> list[str]:
+        """Publish these parked instruments again; returns those that were not parked (to :meth:`adopt`)."""
+        missing = []
+        for symbol in symbols:
+            builder = self._parked.pop(symbol, None)
+            if builder is None:
+                missing.append(symbol)
             else:
-                self.builders[symbol] = MarketData(spec, await self._state_at(spec, watermark),
-                                                   depth=self._depth)
-                self._backlog[symbol] = (watermark, durable)
-            self.published[symbol] = watermark
-            self._stored[symbol] = stored.get(symbol, -1)
+                self.builders[symbol] = builder
+        return missing
+
+    def drop(self, symbols: Iterable[str]) -> None:
+        """Forget these for good (another process owns them): nothing of theirs is published from now on."""
+        tables: list[dict[str, Any]] = [self.builders, self._parked, self._backlog, self._recovered, self.published,
+                                        self._stored, self._key_seq, self._key_at]
+        for symbol in symbols:
+            for table in tables:
+                table.pop(symbol, None)
+
+    async def flush(self) -> None:
+        """Return once every batch queued before this call is published and the watermark is stored."""
+        marker = Flush()
+        await self._queue.put(marker)
+        await marker.done
 
     async def _state_at(self, spec: Instrument, seq: int) -> EngineState:
         assert self._history is not None
@@ -222,11 +278,12 @@ class FanOut:
         await self._queue.put(None)
 
     async def run(self) -> None:
-        await self._republish()
         queue = self._queue
         next_tick = time.monotonic()
         done = False
         while not done:
+            if self._backlog:
+                await self._republish()
             wait = next_tick - time.monotonic()
             if wait <= 0:
                 await self._tick()
@@ -237,25 +294,40 @@ class FanOut:
             except TimeoutError:
                 continue
             batches: list[Batch] = []
-            item: Batch | None = first
+            item: Batch | Flush | None = first
+            flush: Flush | None = None
             n_events = 0
             while True:
                 if item is None:
                     done = True
                     break
+                if type(item) is Flush:
+                    flush = item
+                    break
+                assert type(item) is Batch
                 batches.append(item)
                 n_events += sum(len(a.events) for a in item.applied)
                 if len(batches) >= _MAX_ROUND or n_events >= _ROUND_EVENTS or queue.empty():
                     break
                 item = queue.get_nowait()
+            if self._backlog:  # an instrument adopted while this waited: its old events go first
+                await self._republish()
             if batches:
                 await self._round([a for b in batches for a in b.applied])
+            if flush is not None:
+                await self._store_progress(force=True)
+                if not flush.done.done():
+                    flush.done.set_result(None)
         await self._tick()
         await self._store_progress(force=True)
 
     async def _republish(self) -> None:
         history = self._history
-        for symbol, (watermark, durable) in sorted(self._backlog.items()):
+        backlog = dict(self._backlog)
+        self._backlog.clear()
+        for symbol, (watermark, durable) in sorted(backlog.items()):
+            if symbol not in self.builders:
+                continue  # given up meanwhile
             assert history is not None
             started = time.monotonic()
             self._log.info("re-publishing events that may not have gone out before the restart",
@@ -264,7 +336,11 @@ class FanOut:
                 await self._round([Applied(symbol, chunk, None)])
                 self.republished += len(chunk)
                 self._metrics.republished.inc(len(chunk))
-            builder = self.builders[symbol]
+                if symbol not in self.builders:
+                    break  # lost meanwhile
+            builder = self.builders.get(symbol)
+            if builder is None:
+                continue
             if builder.seq != durable or not builder.same_book(self._recovered[symbol]):
                 self._log.error("the market-data view rebuilt by re-publication differs from the recovered book; "
                                 "starting it from the recovered book (subscribers will resync)", instrument=symbol,
@@ -272,10 +348,14 @@ class FanOut:
                 self.builders[symbol] = MarketData(self._specs[symbol], self._recovered[symbol], depth=self._depth)
             self._log.info("re-published", instrument=symbol, events=durable - watermark,
                            elapsed_s=round(time.monotonic() - started, 3))
-        self._backlog.clear()
 
     async def _round(self, applied: Sequence[Applied]) -> None:
-        """Publish one round: market data, then Kafka (retried until taken), then the watermark."""
+        """Publish one round: market data, then Kafka (retried until taken), then the watermark. Only the
+        instruments this process (still) owns, once it has confirmed its epochs."""
+        await self._confirmed()
+        builders = self.builders
+        if any(item.instrument not in builders for item in applied):
+            applied = [item for item in applied if item.instrument in builders]  # lost meanwhile: not ours to send
         self.rounds += 1
         per: dict[str, list[Event]] = {}
         for item in applied:
@@ -366,8 +446,17 @@ class FanOut:
                 self.kafka_error = None
             return
 
+    async def _confirmed(self) -> None:
+        """Wait until the ownership (if any) confirms this process's epochs (see its lease)."""
+        delay = 0.05
+        while self._ownership is not None and not await self._ownership.confirm():
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
     async def _tick(self) -> None:
         """Heartbeats, book keys that are behind, a reconnect attempt while the sink is down; the watermark."""
+        if self._ownership is not None and not await self._ownership.confirm():
+            return  # nothing goes out unconfirmed; the next tick tries again
         if self._sink is not None and self._names is not None:
             names = self._names
             reconnected = False

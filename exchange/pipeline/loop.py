@@ -2,9 +2,11 @@
 
 An :class:`InstrumentLoop` is the only code that touches its engine. It takes
 :class:`Inbound` commands (and controls: snapshot, stop) from its bounded queue
-in order, applies them, and hands the outcomes to the journal writer in chunks.
-Controls travel in the same queue as orders, so a snapshot reflects exactly
-the commands before it.
+in order, applies them, and hands the outcomes to the journal writer in
+:class:`Chunk` s, each stamped with the ownership epoch the loop runs under (a
+loop lives for one ownership of its instrument: taking the instrument again makes
+a new loop). Controls travel in the same queue as orders, so a snapshot reflects
+exactly the commands before it.
 
 An exception escaping ``engine.apply`` is a bug in the core: the loop logs it
 with context and re-raises, which stops the daemon; recovery brings it back
@@ -14,6 +16,7 @@ consistent (nothing after the last durable batch was published).
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass, field
 from enum import Enum
 
 import msgspec
@@ -24,10 +27,31 @@ from exchange.ports import Applied, InputPosition, SnapshotRequest
 from exchange.telemetry.logging import get_logger
 from exchange.telemetry.metrics import Metrics, discarded
 
-__all__ = ["Control", "Inbound", "InstrumentLoop", "JournalItem"]
+__all__ = ["Chunk", "Control", "Flush", "Inbound", "InstrumentLoop", "JournalItem", "JournalQueue"]
 
 JournalItem = Applied | SnapshotRequest
 _CHUNK = 128  # commands applied per wake-up before yielding to the event loop
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Outcomes of one instrument's loop for the journal writer, in order, under the ownership epoch they were
+    prepared under (the batch that holds them carries it: see :class:`~exchange.ports.Batch`)."""
+
+    instrument: str
+    epoch: int
+    items: list[JournalItem]
+
+
+@dataclass(eq=False, slots=True)
+class Flush:
+    """A marker on the journal queue: ``done`` is resolved once everything put on the queue before it is durable
+    and its listeners ran (or was dropped, fenced). How giving an instrument up waits for its last outcomes."""
+
+    done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+JournalQueue = asyncio.Queue[Chunk | Flush | None]  # None: the loops have stopped, the writer ends
 
 
 class Inbound(msgspec.Struct, frozen=True, gc=False):
@@ -45,10 +69,11 @@ class Control(Enum):
 class InstrumentLoop:
     """Applies one instrument's commands in order; the single writer of its book."""
 
-    def __init__(self, engine: MatchingEngine, journal: asyncio.Queue[list[JournalItem] | None], *,
-                 queue_size: int = 10_000, metrics: Metrics | None = None) -> None:
+    def __init__(self, engine: MatchingEngine, journal: JournalQueue, *, epoch: int = 0, queue_size: int = 10_000,
+                 metrics: Metrics | None = None) -> None:
         self.engine = engine
         self.symbol = engine.symbol
+        self.epoch = epoch
         self.queue: asyncio.Queue[Inbound | Control] = asyncio.Queue(queue_size)
         self._journal = journal
         self._metrics = metrics if metrics is not None else discarded()
@@ -94,10 +119,11 @@ class InstrumentLoop:
             self._metrics.commands_applied(self.symbol, applied, queue.qsize())
             if out:
                 journal = self._journal
+                chunk = Chunk(self.symbol, self.epoch, out)
                 if journal.full():
-                    await journal.put(out)  # back-pressure: waits for the writer
+                    await journal.put(chunk)  # back-pressure: waits for the writer
                 else:
-                    journal.put_nowait(out)
+                    journal.put_nowait(chunk)
                     # yield: neither put() with room nor get() on a non-empty queue suspends, so without
                     # this a loop with a backlog would apply all of it in one go, holding up every other
                     # task (the journal writer's round trips above all) for tens of milliseconds

@@ -13,6 +13,19 @@ was idle, ``linger_ms`` after its first item. So batches become durable one
 after the other, in order, and only the task of the one commit in flight holds
 state about it.
 
+Each chunk carries the ownership epoch its loop runs under, and the batch carries
+the epochs of its chunks (and those of its partitions' rows, from the process's
+:class:`~exchange.pipeline.ownership.Ownership`). A commit the store refuses as
+:class:`~exchange.ports.Fenced` -- another process took some of its instruments
+since -- is not retried as it is: what belongs to them is dropped (never published,
+its input offsets never committed), the process is told (it stops applying
+them), and the rest of the batch is committed. Chunks still queued under the
+fenced epochs are dropped as they come.
+
+A :class:`~exchange.pipeline.loop.Flush` on the queue ends the batch it falls in;
+it is resolved once that batch is durable and its listeners ran: giving an
+instrument up waits for its last outcomes this way.
+
 A failed commit is retried with the very same batch, with exponential backoff,
 for as long as the error is retriable; nothing is dropped. Meanwhile the queue
 fills, the loops block on it, their queues fill, and the consumer pauses: that
@@ -37,8 +50,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
-from exchange.pipeline.loop import JournalItem
-from exchange.ports import Applied, Batch, SnapshotRequest, Store, StoreUnavailable
+from exchange.pipeline.loop import Chunk, Flush, JournalQueue
+from exchange.pipeline.ownership import Ownership
+from exchange.ports import Applied, Batch, Epochs, Fenced, SnapshotRequest, Store, StoreUnavailable
 from exchange.telemetry.logging import get_logger
 from exchange.telemetry.metrics import Metrics, discarded
 
@@ -66,12 +80,32 @@ def _transient(exc: BaseException) -> str | None:
     return None  # KeyboardInterrupt, SystemExit
 
 
+class _Gathered:
+    """The next batch while it is gathered: records, snapshots, the epoch of each instrument, flush markers."""
+
+    __slots__ = ("applied", "epochs", "flushes", "n_events", "snapshots")
+
+    def __init__(self) -> None:
+        self.applied: list[Applied] = []
+        self.snapshots: list[SnapshotRequest] = []
+        self.epochs: dict[str, int] = {}
+        self.flushes: list[Flush] = []
+        self.n_events = 0
+
+
 class JournalWriter:
-    def __init__(self, store: Store, queue: asyncio.Queue[list[JournalItem] | None], *, max_events: int = 5000,
+    """``ownership``: the process's epochs (its partitions' for the partition rows; fenced commits are reported to
+    it); None where the writer runs alone (tests, tools), and then no partition rows are stored."""
+
+    def __init__(self, store: Store, queue: JournalQueue, *, max_events: int = 5000,
                  linger_ms: float = 2.0, backoff_max_s: float = 5.0,
-                 listeners: Sequence[DurableListener] = (), metrics: Metrics | None = None) -> None:
+                 listeners: Sequence[DurableListener] = (), metrics: Metrics | None = None,
+                 ownership: Ownership | None = None) -> None:
         self._store = store
         self._queue = queue
+        self._ownership = ownership
+        self._fenced: set[tuple[str, int]] = set()  # (instrument, epoch) refused by the store: dropped on sight
+        self._carry: Chunk | None = None  # a chunk under another epoch than its instrument's in the batch gathered
         self._max_events = max_events
         self._linger_s = linger_ms / 1000
         self._backoff_max_s = backoff_max_s
@@ -91,6 +125,13 @@ class JournalWriter:
     def add_listener(self, listener: DurableListener) -> None:
         self._listeners.append(listener)
 
+    async def flush(self) -> None:
+        """Return once everything put on the journal queue before this call is durable (or fenced) and its
+        listeners ran."""
+        marker = Flush()
+        await self._queue.put(marker)
+        await marker.done
+
     async def run(self) -> None:
         """Commit batches until a ``None`` sentinel arrives on the queue (after the loops stopped).
 
@@ -103,14 +144,15 @@ class JournalWriter:
         end = False
         try:
             while not end:
-                applied, snapshots, n_events, end = await self._gather(committing)
+                gathered, end = await self._gather(committing)
                 if committing is not None:
                     await committing  # raises if that commit failed for good
                     committing = None
-                if applied or snapshots:
-                    batch = Batch(applied, snapshots,
-                                  self.partition_progress(applied) if self.partition_progress is not None else {})
-                    committing = asyncio.create_task(self._commit(batch, n_events), name="journal-commit")
+                if gathered.applied or gathered.snapshots:
+                    committing = asyncio.create_task(self._commit(self._batch(gathered), gathered.n_events,
+                                                                  gathered.flushes), name="journal-commit")
+                else:
+                    _resolve(gathered.flushes)  # nothing of its own: what came before it is durable already
             if committing is not None:
                 await committing
                 committing = None
@@ -119,25 +161,37 @@ class JournalWriter:
                 committing.cancel()
                 await asyncio.gather(committing, return_exceptions=True)
 
-    async def _gather(self, committing: asyncio.Task[None] | None,
-                      ) -> tuple[list[Applied], list[SnapshotRequest], int, bool]:
-        """The next batch's records, snapshot requests and event count, and whether the queue has ended.
+    def _batch(self, gathered: _Gathered) -> Batch:
+        """The batch of what was gathered, with its epochs and its partitions' rows (those this process holds)."""
+        partitions: Mapping[tuple[str, int], int] = {}
+        partition_epochs: dict[tuple[str, int], int] = {}
+        if self.partition_progress is not None:
+            partitions = self.partition_progress(gathered.applied)
+            held = self._ownership.partitions if self._ownership is not None else {}
+            partitions = {key: offset for key, offset in partitions.items() if key in held}
+            partition_epochs = {key: held[key] for key in partitions}
+        return Batch(gathered.applied, gathered.snapshots, partitions, gathered.epochs, partition_epochs)
+
+    async def _gather(self, committing: asyncio.Task[None] | None) -> tuple[_Gathered, bool]:
+        """The next batch's records, and whether the queue has ended.
 
         It is complete when it holds ``max_events`` events, or when ``committing`` (the commit in flight)
         ends -- then possibly empty, so that the caller takes that commit's outcome at once -- or, if no
-        commit was in flight when its first item came, ``linger_ms`` after that item.
+        commit was in flight when its first item came, ``linger_ms`` after that item; or at a flush
+        marker, or at a chunk of an instrument it holds under another epoch (that chunk begins the next).
         """
         queue = self._queue
-        applied: list[Applied] = []
-        snapshots: list[SnapshotRequest] = []
-        n_events = 0
+        gathered = _Gathered()
         deadline: float | None = None  # the idle writer's linger: from the batch's first item
-        while n_events < self._max_events:
+        if self._carry is not None:
+            chunk, self._carry = self._carry, None
+            self._take(chunk, gathered)
+        while gathered.n_events < self._max_events:
             if committing is not None and committing.done():
                 break
-            chunk: list[JournalItem] | None
+            item: Chunk | Flush | None
             if not queue.empty():
-                chunk = queue.get_nowait()
+                item = queue.get_nowait()
             elif committing is not None:
                 getter = asyncio.ensure_future(queue.get())
                 try:
@@ -147,41 +201,64 @@ class JournalWriter:
                         getter.cancel()  # Queue.get takes the item only when it resumes: nothing is lost
                 if not getter.done() or getter.cancelled():
                     continue  # the commit ended first
-                chunk = getter.result()
+                item = getter.result()
             elif deadline is None:
-                chunk = await queue.get()
+                item = await queue.get()
             else:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 try:
-                    chunk = await asyncio.wait_for(queue.get(), remaining)
+                    item = await asyncio.wait_for(queue.get(), remaining)
                 except TimeoutError:
                     break
-            if chunk is None:
-                return applied, snapshots, n_events, True
+            if item is None:
+                return gathered, True
+            if type(item) is Flush:
+                gathered.flushes.append(item)
+                break
+            assert type(item) is Chunk
+            if not self._take(item, gathered):
+                self._carry = item
+                break
             if deadline is None and committing is None:
                 deadline = time.monotonic() + self._linger_s
-            n_events += self._take(chunk, applied, snapshots)
-        return applied, snapshots, n_events, False
+        return gathered, False
 
     async def _notify(self, batch: Batch) -> None:
         for listener in self._listeners:
             await listener(batch)
 
-    @staticmethod
-    def _take(chunk: list[JournalItem], applied: list[Applied], snapshots: list[SnapshotRequest]) -> int:
+    def _take(self, chunk: Chunk, gathered: _Gathered) -> bool:
+        """Add ``chunk`` to the batch gathered; False if it belongs to the next (its instrument is in this one
+        under another epoch). A chunk under a fenced epoch is dropped."""
+        symbol, epoch = chunk.instrument, chunk.epoch
+        held = gathered.epochs.get(symbol)
+        if held is not None and held != epoch:
+            return False
+        if (symbol, epoch) in self._fenced:
+            return True
+        gathered.epochs[symbol] = epoch
+        applied, snapshots = gathered.applied, gathered.snapshots
         n = 0
-        for item in chunk:
+        for item in chunk.items:
             if type(item) is Applied:
                 applied.append(item)
                 n += len(item.events)
             else:
                 snapshots.append(item)  # type: ignore[arg-type]
-        return n
+        gathered.n_events += n
+        return True
 
-    async def _commit(self, batch: Batch, n_events: int) -> None:
-        """Commit ``batch``, retrying while retriable; then tell the listeners."""
+    async def _commit(self, batch: Batch, n_events: int, flushes: Sequence[Flush] = ()) -> None:
+        """Commit ``batch``, retrying while retriable, without what was fenced; then tell the listeners and
+        resolve the batch's flush markers."""
+        try:
+            await self._commit_batch(batch, n_events)
+        finally:
+            _resolve(flushes)
+
+    async def _commit_batch(self, batch: Batch, n_events: int) -> None:
         delay = 0.05
         attempt = 0
         while True:
@@ -189,6 +266,12 @@ class JournalWriter:
             started = time.perf_counter()
             try:
                 await self._store.commit(batch)
+            except Fenced as exc:
+                batch = await self._without_fenced(batch, exc.current)
+                n_events = sum(len(item.events) for item in batch.applied)
+                if not batch.applied and not batch.snapshots:
+                    return
+                continue
             except BaseException as exc:
                 error = _transient(exc)
                 if error is None:
@@ -220,3 +303,31 @@ class JournalWriter:
         self.events += n_events
         self._metrics.batch_committed(n_events, elapsed)
         await self._notify(batch)
+
+    async def _without_fenced(self, batch: Batch, current: Epochs) -> Batch:
+        """The store fenced ``batch``: forget what it holds of the instruments and partitions another process
+        took (``current``: their stored epochs), tell the ownership, and return the rest of it."""
+        stale = Epochs({s: batch.epochs[s] for s in current.instruments if s in batch.epochs},
+                       {k: batch.partition_epochs[k] for k in current.partitions if k in batch.partition_epochs})
+        if not stale.instruments and not stale.partitions:
+            raise StoreUnavailable(f"the store fenced a batch for what it does not hold: {current}", retriable=False)
+        self._fenced.update(stale.instruments.items())
+        dropped = sum(1 for item in batch.applied if item.instrument in stale.instruments)
+        self._log.error("journal commit fenced: another process took instruments of this batch; their records "
+                        "are dropped (never published, their input offsets never committed) and the rest of the "
+                        "batch is committed", instruments=sorted(stale.instruments),
+                        partitions=sorted(f"{t}[{p}]" for t, p in stale.partitions), records_dropped=dropped)
+        if self._ownership is not None:
+            await self._ownership.fenced(stale, current)
+        lost, lost_parts = stale.instruments, stale.partitions
+        return Batch([item for item in batch.applied if item.instrument not in lost],
+                     [snap for snap in batch.snapshots if snap.instrument not in lost],
+                     {k: o for k, o in batch.partitions.items() if k not in lost_parts},
+                     {s: e for s, e in batch.epochs.items() if s not in lost},
+                     {k: e for k, e in batch.partition_epochs.items() if k not in lost_parts})
+
+
+def _resolve(flushes: Sequence[Flush]) -> None:
+    for marker in flushes:
+        if not marker.done.done():
+            marker.done.set_result(None)

@@ -24,6 +24,11 @@ Rules (one event at a time, sequence numbers strictly +1):
   its count must be the number of open orders;
 - ``rejected``: nothing changes but the seq.
 
+Every event about an order must name the order's owner: the client (and client order id) of a
+``canceled``, ``expired`` or ``amended`` event, and the maker's and the taker's of a ``filled`` one,
+are those the order was accepted with. The engine never emits anything else, so an event that names
+another client was not the engine's outcome for this book (another writer's, or a doctored row).
+
 A finished order enters the dedupe window exactly as the engine remembers it
 (:class:`exchange.core.dedupe.DedupeWindow`, same ``dedupe_window`` and
 ``dedupe_per_client``, same finish order). Started from a snapshot, which
@@ -118,7 +123,7 @@ class EventApplier:
         elif isinstance(event, OrderAccepted):
             self._accept(event)
         elif isinstance(event, OrderCanceled | OrderExpired):
-            self._end(event.order_id, seq)
+            self._end(event.order_id, seq, event.client_id, event.client_order_id)
         elif isinstance(event, OrderAmended):
             self._amend(event)
         elif isinstance(event, BookCleared):
@@ -176,18 +181,29 @@ class EventApplier:
             raise ReplayError(f"{self.symbol}: seq {ev.seq} is trade {ev.trade_id} but the next trade id is "
                               f"{self.next_trade_id}")
         self.next_trade_id = ev.trade_id + 1
-        self._reduce(ev.maker_order_id, ev.qty_lots, ev.maker_remaining_lots, ev.seq, maker=True)
-        self._reduce(ev.taker_order_id, ev.qty_lots, ev.taker_remaining_lots, ev.seq, maker=False)
+        self._reduce(ev.maker_order_id, ev.qty_lots, ev.maker_remaining_lots, ev.seq, ev.maker_client_id,
+                     ev.maker_client_order_id, maker=True)
+        self._reduce(ev.taker_order_id, ev.qty_lots, ev.taker_remaining_lots, ev.seq, ev.taker_client_id,
+                     ev.taker_client_order_id, maker=False)
 
-    def _reduce(self, oid: int, lots: int, left: int, seq: int, *, maker: bool) -> None:
+    def _owner(self, seq: int, oid: int, owner: tuple[str, str], named: tuple[str, str]) -> None:
+        """The event at ``seq`` names ``named`` (client, client order id) for order ``oid``, owned by ``owner``."""
+        if named != owner:
+            raise ReplayError(f"{self.symbol}: seq {seq} names client {named[0]!r} (client order id {named[1]!r}) for "
+                              f"order {oid}, which belongs to {owner[0]!r} ({owner[1]!r}): not an outcome of this "
+                              "book (another writer's event, or an edited row)")
+
+    def _reduce(self, oid: int, lots: int, left: int, seq: int, client: str, coid: str, *, maker: bool) -> None:
         order = self.book.orders.get(oid)
         if order is None:
             if maker or oid not in self._transient:
                 raise ReplayError(f"{self.symbol}: seq {seq} fills order {oid}, which is not open")
+            self._owner(seq, oid, self._transient[oid], (client, coid))
             if not left:
                 client, coid = self._transient.pop(oid)
                 self._remember(client, coid, oid, seq)
             return
+        self._owner(seq, oid, (order.client_id, order.client_order_id), (client, coid))
         if order.remaining - lots != left:
             raise ReplayError(f"{self.symbol}: seq {seq} fills {lots} of order {oid} leaving {left}, but "
                               f"{order.remaining} was open")
@@ -199,21 +215,24 @@ class EventApplier:
         levels[-order.price if order.side is _BUY else order.price].total_lots -= lots
         order.remaining = left
 
-    def _end(self, oid: int, seq: int) -> None:
+    def _end(self, oid: int, seq: int, client: str, coid: str) -> None:
         order = self.book.orders.get(oid)
         if order is not None:
+            self._owner(seq, oid, (order.client_id, order.client_order_id), (client, coid))
             self.book.remove(order)
             self._remember(order.client_id, order.client_order_id, oid, seq)
             return
         ident = self._transient.pop(oid, None)
         if ident is None:
             raise ReplayError(f"{self.symbol}: seq {seq} ends order {oid}, which is not open")
+        self._owner(seq, oid, ident, (client, coid))
         self._remember(ident[0], ident[1], oid, seq)
 
     def _amend(self, ev: OrderAmended) -> None:
         order = self.book.orders.get(ev.order_id)
         if order is None:
             raise ReplayError(f"{self.symbol}: seq {ev.seq} amends order {ev.order_id}, which is not open")
+        self._owner(ev.seq, ev.order_id, (order.client_id, order.client_order_id), (ev.client_id, ev.client_order_id))
         if not ev.requeued:
             lots = order.qty - ev.qty_lots
             if lots <= 0 or order.remaining - lots != ev.remaining_lots:

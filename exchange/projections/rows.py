@@ -74,14 +74,16 @@ __all__ = [
     "Progress",
     "RowError",
     "Scale",
+    "acceptable",
     "already_durable",
     "derive_rows",
+    "different_events",
     "finished_statuses",
     "open_statuses",
 ]
 
 # The shape of every row kind, defined here only: the rows are tuples (or lists) of these fields in this
-# order, and whatever reads them -- the stores' statements, exchange_commit_batch (migration 007, through
+# order, and whatever reads them -- the stores' statements, exchange_commit_batch (migration 008, through
 # the positions the PostgreSQL store sends with each batch), the positions below -- finds a field by its
 # name here. The names are the tables' column names, but filled_delta (added to filled_lots).
 EVENT_COLUMNS = ("instrument", "seq", "ts_ns", "type", "order_id", "client_id", "payload")
@@ -99,6 +101,7 @@ TRADE_COLUMNS = (
 UPDATE_FIELDS = ("instrument", "order_id", "remaining_lots", "filled_delta", "qty_lots", "price_ticks", "priority",
                  "status", "updated_seq", "updated_ts_ns")
 POSITION_FIELDS = ("client_id", "instrument", "net_lots", "cost", "realized", "updated_seq")
+_EV_INSTRUMENT, _EV_PAYLOAD = EVENT_COLUMNS.index("instrument"), EVENT_COLUMNS.index("payload")
 open_statuses = ("open", "partially_filled")
 finished_statuses = ("filled", "canceled", "expired")
 
@@ -417,3 +420,31 @@ def already_durable(rows: BatchRows, stored: Mapping[str, Progress]) -> bool:
             "these instruments, or the loop did not start from the stored state; stop the daemon and "
             "compare engine_progress with the loops' seq (`exchange recover --verify`).", retriable=False)
     return bool(durable)
+
+
+def acceptable(batch: Batch, specs: Mapping[str, Instrument]) -> None:
+    """Refuse for good (:class:`StoreUnavailable`) a batch of an instrument this store does not know, or one that
+    would write something without an ownership epoch to fence it by: an instrument (records or snapshots) missing
+    from ``batch.epochs``, a partition row missing from ``batch.partition_epochs``."""
+    instruments = {item.instrument for item in batch.applied} | {snap.instrument for snap in batch.snapshots}
+    unknown = sorted(instruments - specs.keys())
+    if unknown:
+        raise StoreUnavailable(f"batch refused: instrument {', '.join(map(repr, unknown))} is not configured in this "
+                               "store", retriable=False)
+    missing = sorted(instruments - batch.epochs.keys())
+    missing += [f"{topic}[{partition}]" for topic, partition in sorted(batch.partitions.keys()
+                                                                        - batch.partition_epochs.keys())]
+    if missing:
+        raise StoreUnavailable(f"batch refused: it carries no ownership epoch for {', '.join(missing)}; every batch "
+                               "is prepared under the epochs its writer took (Store.take)", retriable=False)
+
+
+def different_events(rows: BatchRows, stored: Mapping[str, Sequence[bytes]]) -> list[str]:
+    """For a batch found already durable: the instruments whose stored events in the batch's seq range are not
+    byte for byte the batch's own (``stored``: per instrument, the payloads of those seqs in order). A lost
+    acknowledgement is recognised by content, so a different batch for the same seqs -- another writer's --
+    is never answered "already durable"."""
+    mine: dict[str, list[bytes]] = {}
+    for row in rows.events:
+        mine.setdefault(row[_EV_INSTRUMENT], []).append(bytes(row[_EV_PAYLOAD]))
+    return sorted(symbol for symbol, payloads in mine.items() if list(map(bytes, stored.get(symbol, ()))) != payloads)

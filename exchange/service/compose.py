@@ -14,7 +14,8 @@ from exchange.adapters.postgres import PostgresStore, connect_options
 from exchange.adapters.sqlite import SqliteStore
 from exchange.pipeline.fanout import FanOut, MemorySink
 from exchange.pipeline.loop import InstrumentLoop
-from exchange.ports import InputLedger, PublishWatermark, Sink, Source, Store
+from exchange.pipeline.ownership import Ownership
+from exchange.ports import Holder, InputLedger, PublishWatermark, Sink, Source, Store
 from exchange.settings import Settings
 from exchange.telemetry.logging import get_logger
 from exchange.telemetry.metrics import Metrics
@@ -23,15 +24,16 @@ from exchange.wire.auth import ENV_KEYS, Verifier
 __all__ = ["kafka_publisher", "make_fanout", "make_source", "make_store", "store_probe"]
 
 
-def make_store(settings: Settings) -> PostgresStore | SqliteStore:
+def make_store(settings: Settings, *, engine: bool = False) -> PostgresStore | SqliteStore:
     """The store the settings choose (``[storage] kind``): PostgreSQL or one SQLite file.
 
     Both implement :class:`~exchange.ports.Store`, :class:`~exchange.ports.History` and
-    :class:`~exchange.ports.InputLedger`; PostgreSQL also keeps the publishing watermark.
+    :class:`~exchange.ports.InputLedger`; PostgreSQL also keeps the publishing watermark. ``engine``: the
+    store of an engine process (the daemon, not a tool), which holds a SQLite file exclusively.
     """
     if settings.storage.kind == "sqlite":
         return SqliteStore(settings.storage.path, settings.instruments, snapshot_keep=settings.engine.snapshot_keep,
-                           synchronous=settings.storage.synchronous)
+                           synchronous=settings.storage.synchronous, exclusive=engine)
     return PostgresStore(settings.postgres.dsn, settings.instruments, pool_size=settings.postgres.pool_size,
                          snapshot_keep=settings.engine.snapshot_keep,
                          connect_options=connect_options(settings.postgres))
@@ -55,7 +57,7 @@ def kafka_publisher(settings: Settings, store: Store, metrics: Metrics) -> Kafka
 
 
 def make_fanout(settings: Settings, store: Store, kafka: KafkaEventPublisher | None, memory: MemorySink | None,
-                metrics: Metrics) -> FanOut | None:
+                metrics: Metrics, *, ownership: Ownership | None = None) -> FanOut | None:
     """The fan-out task's set-up; None when nothing is published (no Kafka events, no market data).
 
     Market data goes to Redis or to the in-process bus ``memory``; either way the channel and key names,
@@ -79,14 +81,16 @@ def make_fanout(settings: Settings, store: Store, kafka: KafkaEventPublisher | N
     return FanOut(settings.instrument_map(), kafka=kafka, sink=sink,
                   names=r.channel, depth=r.book_depth, queue_size=settings.journal.publish_queue_size,
                   heartbeat_s=r.heartbeat_interval_s, book_refresh_s=r.book_refresh_ms / 1000,
-                  progress=watermark, metrics=metrics)
+                  progress=watermark, metrics=metrics, ownership=ownership)
 
 
 def make_source(settings: Settings, *, loops: Mapping[str, InstrumentLoop],
                 applied_offsets: dict[tuple[str, str, int], int], publisher: KafkaEventPublisher | None,
                 store: Store, metrics: Metrics, admin_keys: Mapping[str, bytes],
-                on_caught_up: Callable[[], None]) -> Source:
-    """The order source the settings choose: the Kafka consumer group, or the in-process generator."""
+                on_caught_up: Callable[[], None], holder: Holder | None = None, ownership: Ownership | None = None,
+                on_fatal: Callable[[BaseException], None] | None = None) -> Source:
+    """The order source the settings choose: the Kafka consumer group (it takes the instruments of the partitions
+    the group assigns through ``holder``), or the in-process generator (its instruments are taken already)."""
     s = settings
     specs = s.instrument_map()
     if s.order_source.kind == "generator":
@@ -111,4 +115,5 @@ def make_source(settings: Settings, *, loops: Mapping[str, InstrumentLoop],
                         "fetch_max_wait_ms": s.kafka.fetch_max_wait_ms,
                         "heartbeat_interval_ms": s.kafka.heartbeat_interval_ms},
         on_caught_up=on_caught_up, verifier=verifier, max_message_bytes=s.kafka.max_message_bytes,
-        ledger=store if isinstance(store, InputLedger) else None)
+        ledger=store if isinstance(store, InputLedger) else None, holder=holder, ownership=ownership,
+        on_fatal=on_fatal)

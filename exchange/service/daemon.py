@@ -20,18 +20,20 @@ import asyncio
 import gc
 import os
 import signal
+import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from exchange.adapters.kafka import OrderSource
-from exchange.core.matching import MatchingEngine
 from exchange.pipeline.fanout import FanOut, MemorySink
-from exchange.pipeline.loop import Control, InstrumentLoop, JournalItem
+from exchange.pipeline.loop import Control, InstrumentLoop, JournalQueue
+from exchange.pipeline.ownership import Ownership
 from exchange.pipeline.writer import JournalWriter
-from exchange.ports import Batch, History, Recovered, Source, Store, StoreUnavailable
+from exchange.ports import Batch, Recovered, Source, Store, StoreUnavailable
 from exchange.service.compose import kafka_publisher, make_fanout, make_source, make_store, store_probe
 from exchange.service.health import PROBE_TIMEOUT_S, Endpoints, Probes
+from exchange.service.holdings import Holdings
 from exchange.service.http import HttpServer
 from exchange.settings import Settings
 from exchange.telemetry.logging import configure_logging, get_logger
@@ -53,12 +55,15 @@ class Daemon:
         self.admin_keys = parse_keys((os.environ if env is None else env).get(ENV_KEYS))
         self.metrics = Metrics()
         self.marketdata = MemorySink() if settings.publisher.marketdata == "memory" else None
-        self.recovery: dict[str, Recovered] = {}  # what start-up recovery loaded, per instrument
+        self.recovery: dict[str, Recovered] = {}  # what taking each owned instrument loaded (Holdings.recovered)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"  # names this process in the ownership tables
         self._log = get_logger("exchange.daemon")
         self._stop = asyncio.Event()
-        self.ready = False
-        self.recovered = False
-        self.loops: dict[str, InstrumentLoop] = {}
+        self._serving = False  # between start-up and shutdown
+        self.recovered = False  # the first instruments are taken (the generator's at once, Kafka's when assigned)
+        self.loops: dict[str, InstrumentLoop] = {}  # the owned instruments' loops (Holdings.loops)
+        self.holdings: Holdings | None = None
+        self.ownership: Ownership | None = None
         self.writer: JournalWriter | None = None
         self.source: Source | None = None
         self.http: HttpServer | None = None
@@ -66,63 +71,80 @@ class Daemon:
         self._last_snapshot: dict[str, float] = {}
         self._partition_of: dict[str, tuple[str, int]] = {}  # instrument -> the orders partition it came from
         self._started = time.monotonic()
+        self._gc_frozen = False
         self.probes = Probes(self.metrics)  # which dependencies answer, for /readyz and exchange_dependency_up
+
+    @property
+    def ready(self) -> bool:
+        """Serving, its instruments taken, and caught up with their input."""
+        return self._serving and self.recovered and self.source is not None and self.source.caught_up
 
     def request_stop(self) -> None:
         self._stop.set()
 
-    async def run(self) -> int:
+    async def run(self) -> int:  # noqa: C901 - the composition, in the order it must happen
         s = self.settings
-        specs = s.instrument_map()
-        store = make_store(s)
+        store = make_store(s, engine=True)
         http = self.http = HttpServer(s.http.host, s.http.port, Endpoints(self).routes()) if s.http.port else None
         publisher = kafka_publisher(s, store, self.metrics)
-        fanout = self.fanout = make_fanout(s, store, publisher, self.marketdata, self.metrics)
+        # the lease: below the group's session timeout, so a process frozen long enough to lose its partitions
+        # checks its epochs before it publishes anything again (see exchange.pipeline.ownership)
+        ownership = self.ownership = Ownership(store.epochs, lease_s=s.kafka.session_timeout_ms / 2000,
+                                               metrics=self.metrics)
+        fanout = self.fanout = make_fanout(s, store, publisher, self.marketdata, self.metrics, ownership=ownership)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        fatal: asyncio.Future[BaseException] = loop.create_future()
+
+        def on_fatal(exc: BaseException) -> None:
+            if not fatal.done():
+                fatal.set_result(exc)
+
         try:
             if http is not None:
                 await http.start()
                 self._log.info("http endpoints listening", host=s.http.host, port=http.port)
-            recovered = self.recovery = await self._open_and_recover(store)
-            self.recovered = True
-            # What recovery loaded lives for the whole run: keep it out of every future collection,
-            # and collect the young generation less often (the hot path makes no reference cycles).
-            gc.collect()
-            gc.freeze()
-            gc.set_threshold(50_000, 20, 100)
-            journal: asyncio.Queue[list[JournalItem] | None] = asyncio.Queue(s.journal.queue_size)
-            for symbol, rec in recovered.items():
-                engine = MatchingEngine.from_state(specs[symbol], rec.state)
-                self.loops[symbol] = InstrumentLoop(engine, journal, queue_size=s.engine.queue_size,
-                                                    metrics=self.metrics)
-            if fanout is not None:
-                await fanout.prepare({symbol: rec.state for symbol, rec in recovered.items()},
-                                     store if isinstance(store, History) else None)
-                await fanout.start()
-            applied_offsets = {(symbol, topic, partition): offset
-                               for symbol, rec in recovered.items()
-                               for (topic, partition), offset in rec.offsets.items()}
-            if publisher is not None:
-                await publisher.start()
-            source = self.source = make_source(s, loops=self.loops, applied_offsets=applied_offsets,
-                                               publisher=publisher, store=store, metrics=self.metrics,
-                                               admin_keys=self.admin_keys, on_caught_up=self._caught_up)
-            # With publishing, input offsets are marked durable only once the events are published (the
-            # fan-out calls source.on_published): a committed input offset then also means its events were
-            # published (exchange admin relies on it).
-            if fanout is not None:
-                fanout.add_listener(source.on_published)
+            await self._open(store)
+            journal: JournalQueue = asyncio.Queue(s.journal.queue_size)
             writer = self.writer = JournalWriter(
                 store, journal, max_events=s.journal.max_events, linger_ms=s.journal.linger_ms, metrics=self.metrics,
-                listeners=[fanout.on_durable if fanout is not None else source.on_published, self._on_durable])
-            if isinstance(source, OrderSource):  # each batch stores how far each orders partition is done
-                writer.partition_progress = source.partition_progress
-            await source.start()
-            self._register_probes(store, source)
+                ownership=ownership)
+            if fanout is not None:
+                await fanout.start()
+            if publisher is not None:
+                await publisher.start()
             async with asyncio.TaskGroup() as tg:
-                loop_tasks = [tg.create_task(lp.run(), name=f"loop-{lp.symbol}") for lp in self.loops.values()]
+                holdings = self.holdings = Holdings(
+                    store=store, specs=s.instrument_map(), ownership=ownership, journal=journal, writer=writer,
+                    fanout=fanout, metrics=self.metrics, owner=self.owner, queue_size=s.engine.queue_size,
+                    release_timeout_s=s.engine.shutdown_timeout_s, stopping=self._stop.is_set,
+                    spawn=lambda coro, name: tg.create_task(coro, name=name))
+                self.loops, self.recovery = holdings.loops, holdings.recovered
+                ownership.on_lost = holdings.lose
+                applied_offsets: dict[tuple[str, str, int], int] = {}
+                if s.order_source.kind == "generator":  # one process, every instrument, from the start
+                    taken = await self._acquire(holdings, [spec.symbol for spec in s.instruments], [])
+                    applied_offsets = {(symbol, topic, partition): offset for symbol, offsets in taken.items()
+                                       for (topic, partition), offset in offsets.items()}
+                source = self.source = make_source(
+                    s, loops=holdings.loops, applied_offsets=applied_offsets, publisher=publisher, store=store,
+                    metrics=self.metrics, admin_keys=self.admin_keys, on_caught_up=self._caught_up,
+                    holder=_Taking(self, holdings), ownership=ownership, on_fatal=on_fatal)
+                if isinstance(source, OrderSource):
+                    holdings.on_lost_partitions = source.lose
+                # With publishing, input offsets are marked durable only once the events are published (the
+                # fan-out calls source.on_published): a committed input offset then also means its events were
+                # published (exchange admin relies on it).
+                if fanout is not None:
+                    fanout.add_listener(source.on_published)
+                writer.add_listener(fanout.on_durable if fanout is not None else source.on_published)
+                writer.add_listener(self._on_durable)
+                if isinstance(source, OrderSource):  # each batch stores how far each orders partition is done
+                    writer.partition_progress = source.partition_progress
+                self._serving = True
+                await source.start()
+                self._register_probes(store, source)
                 writer_task = tg.create_task(writer.run(), name="journal-writer")
                 source_task = tg.create_task(source.run(), name="order-source")
                 timer = tg.create_task(self._snapshot_timer(), name="snapshot-timer")
@@ -130,19 +152,25 @@ class Daemon:
                 probes = tg.create_task(self.probes.run(), name="dependency-probes")
                 fanout_task = tg.create_task(fanout.run(), name="fan-out") if fanout is not None else None
                 stop = tg.create_task(self._stop.wait(), name="stop-signal")
-                watched = [source_task, writer_task, *loop_tasks, *([fanout_task] if fanout_task else [])]
-                # whichever comes first: a stop request, or a long-lived task ending (a failure)
-                await asyncio.wait([stop, *watched], return_when=asyncio.FIRST_COMPLETED)
+                watched = [source_task, writer_task, *([fanout_task] if fanout_task else [])]
+                # whichever comes first: a stop request, a long-lived task ending (a failure), a loop that raised,
+                # or a rebalance that could not be handled
+                waited: list[asyncio.Future[Any]] = [stop, holdings.failed, fatal, *watched]
+                await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
                 if not stop.done():
                     stop.cancel()
+                for done in (holdings.failed, fatal):
+                    if done.done():
+                        raise done.result()
                 for task in watched:
                     if task.done() and task.exception() is not None:
                         raise task.exception()  # type: ignore[misc]
                 probes.cancel()
-                await self._shutdown(source, source_task, timer, loop_tasks, journal, writer_task, fanout_task)
+                await self._shutdown(source, source_task, timer, holdings, journal, writer_task, fanout_task)
                 lag.cancel()
             return 0
         finally:
+            self._serving = False
             # bounded: a dependency that is down must not keep a stopping daemon alive
             closers = [("order source", self.source.stop() if self.source is not None else None),
                        ("kafka producer", publisher.stop() if publisher is not None else None),
@@ -158,6 +186,20 @@ class Daemon:
                 except Exception as exc:
                     self._log.warning("closing a connection failed", what=name, error=repr(exc))
 
+    async def _acquire(self, holdings: Holdings, instruments: Sequence[str],
+                       partitions: Sequence[tuple[str, int]]) -> dict[str, dict[tuple[str, int], int]]:
+        """Take instruments (see :meth:`Holdings.acquire`); the first time, settle the garbage collector."""
+        taken = await holdings.acquire(instruments, partitions)
+        if not self._gc_frozen:
+            # What recovery loaded lives for the whole run: keep it out of every future collection, and collect
+            # the young generation less often (the hot path makes no reference cycles).
+            gc.collect()
+            gc.set_threshold(50_000, 20, 100)
+            self._gc_frozen = True
+        gc.freeze()
+        self.recovered = True
+        return taken
+
     def _register_probes(self, store: Store, source: Source) -> None:
         probe = store_probe(store)
         if probe is not None:
@@ -165,12 +207,10 @@ class Daemon:
         if isinstance(source, OrderSource):
             self.probes.checks["kafka"] = lambda: source.probe(PROBE_TIMEOUT_S)
 
-    async def _open_and_recover(self, store: Store) -> dict[str, Recovered]:
-        """Connect, migrate (if configured) and recover. A transient store error (the database restarting, a
-        connection the server ended during the load) is retried with backoff for up to ``_STARTUP_RETRY_S``,
-        each attempt logged; anything else, or a database still away after that, stops the start."""
-        from recovery.rebuild import recover
-
+    async def _open(self, store: Store) -> None:
+        """Connect and migrate (if configured). A transient store error (the database restarting) is retried with
+        backoff for up to ``_STARTUP_RETRY_S``, each attempt logged; anything else, or a database still away after
+        that, stops the start."""
         s = self.settings
         deadline = time.monotonic() + _STARTUP_RETRY_S
         delay = 0.2
@@ -183,20 +223,20 @@ class Daemon:
                     applied = await store.migrate()
                     if applied:
                         self._log.info("migrations applied", names=applied)
-                return await recover(store, s.instruments, metrics=self.metrics)
+                return
             except StoreUnavailable as exc:
                 if not exc.retriable or time.monotonic() + delay > deadline:
                     raise
-                self._log.warning("the store is not available for recovery yet; retrying", attempt=attempt,
+                self._log.warning("the store is not available yet; retrying", attempt=attempt,
                                   retry_in_s=round(delay, 2), error=str(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
     async def _shutdown(self, source: Source, source_task: asyncio.Task[None], timer: asyncio.Task[None],
-                        loop_tasks: list[asyncio.Task[None]], journal: asyncio.Queue[list[JournalItem] | None],
-                        writer_task: asyncio.Task[None], fanout_task: asyncio.Task[None] | None) -> None:
+                        holdings: Holdings, journal: JournalQueue, writer_task: asyncio.Task[None],
+                        fanout_task: asyncio.Task[None] | None) -> None:
         started = time.monotonic()
-        self.ready = False
+        self._serving = False
         self.metrics.ready.set(0)
         self._log.info("shutting down: draining queues")
         try:
@@ -204,9 +244,7 @@ class Daemon:
                 source.stop_consuming()
                 timer.cancel()
                 await source_task
-                for instrument_loop in self.loops.values():
-                    await instrument_loop.queue.put(Control.STOP)  # final snapshot after the last command
-                await asyncio.gather(*loop_tasks)
+                await holdings.stop_all()  # each loop: a final snapshot after the last command
                 await journal.put(None)
                 await writer_task
                 if fanout_task is not None and self.fanout is not None:
@@ -229,7 +267,7 @@ class Daemon:
         interval = self.settings.engine.snapshot_interval_s
         while True:
             await asyncio.sleep(interval)
-            for instrument_loop in self.loops.values():
+            for instrument_loop in list(self.loops.values()):
                 await instrument_loop.queue.put(Control.SNAPSHOT)
 
     async def _watch_loop_lag(self) -> None:
@@ -249,9 +287,8 @@ class Daemon:
                 self._log.warning("event loop stalled", stalled_ms=round(lag * 1000, 1))
 
     def _caught_up(self) -> None:
-        self.ready = True
         self.metrics.ready.set(1)
-        self._log.info("ready", instruments=len(self.loops))
+        self._log.info("ready", instruments=sorted(self.loops))
 
     async def _on_durable(self, batch: Batch) -> None:
         m = self.metrics
@@ -281,6 +318,24 @@ class Daemon:
         now = time.monotonic()
         for snap in batch.snapshots:
             self._last_snapshot[snap.instrument] = now
+
+class _Taking:
+    """The source's :class:`~exchange.ports.Holder`: the daemon's holdings, the first taking settling the collector."""
+
+    def __init__(self, daemon: Daemon, holdings: Holdings) -> None:
+        self._daemon = daemon
+        self._holdings = holdings
+
+    async def acquire(self, instruments: Sequence[str], partitions: Sequence[tuple[str, int]]
+                      ) -> dict[str, dict[tuple[str, int], int]]:
+        return await self._daemon._acquire(self._holdings, instruments, partitions)
+
+    async def release(self, instruments: Sequence[str], partitions: Sequence[tuple[str, int]]) -> None:
+        await self._holdings.release(instruments, partitions)
+
+    def keep_only(self, instruments: Iterable[str]) -> None:
+        self._holdings.keep_only(instruments)
+
 
 def run_daemon(settings: Settings) -> int:
     """``exchange run``: 0 after a clean shutdown; 1 after one critical log line naming the error that stopped it."""

@@ -92,8 +92,11 @@ class Endpoints:
 
     def readyz(self) -> Response:
         problems = []
+        rebalancing = isinstance(self._d.source, OrderSource) and self._d.source.rebalancing_since is not None
         if not self._d.recovered:
             problems.append("recovering")
+        elif rebalancing:
+            problems.append("rebalancing: partitions taken away, the new assignment not in place yet")
         elif not self._d.ready:
             problems.append("replaying input")
         unreachable = dict(self._d.probes.unreachable)
@@ -101,9 +104,25 @@ class Endpoints:
             unreachable[self._d.settings.storage.kind] = self._d.writer.last_error or "commits are failing"
         problems += [f"{name}: {error}" for name, error in sorted(unreachable.items())]
         problems += [incident.describe() for _, incident in sorted(self._incidents().items())]
+        problems += [f"{topic}[{partition}]: another process took its instruments (a commit was fenced); not read "
+                     "until the consumer group takes the partition away" for topic, partition in sorted(self._lost())]
         body = msgspec.json.encode({"ready": not problems, "problems": problems,
-                                    "unreachable": sorted(unreachable)}) + b"\n"
+                                    "unreachable": sorted(unreachable), "owner": self._d.owner,
+                                    "instruments": self._owned()}) + b"\n"
         return (503 if problems else 200), "application/json", body
+
+    def _owned(self) -> dict[str, dict[str, Any]]:
+        """The instruments this process owns: the epoch of each, and the orders partition it came with."""
+        holdings = self._d.holdings
+        owned = holdings.describe() if holdings is not None else {}
+        if isinstance(self._d.source, OrderSource):
+            partitions = self._d.source.owned()
+            for symbol, entry in owned.items():
+                entry["partition"] = partitions.get(symbol)
+        return owned
+
+    def _lost(self) -> Mapping[tuple[str, int], float]:
+        return self._d.source.lost if isinstance(self._d.source, OrderSource) else {}
 
     def _incidents(self) -> Mapping[tuple[str, int], Incident]:
         """Orders partitions the source does not read because their log lost data."""
@@ -112,7 +131,8 @@ class Endpoints:
     def metrics_page(self) -> Response:
         now = time.monotonic()
         m = self._d.metrics
-        for symbol, lp in self._d.loops.items():
+        m.ready.set(1 if self._d.ready else 0)
+        for symbol, lp in list(self._d.loops.items()):
             book = lp.engine.book
             m.book_orders.labels(symbol).set(len(book))
             m.book_levels.labels(symbol, "bid").set(len(book.bids))
@@ -132,11 +152,14 @@ class Endpoints:
     def status(self) -> Response:
         out = {}
         lags = self._d.source.lag() if self._d.source is not None else {}
-        for symbol, lp in self._d.loops.items():
+        owned = self._owned()
+        for symbol, lp in sorted(self._d.loops.items()):
             book = lp.engine.book
             spec = lp.engine.spec
             bid, ask = book.best_bid(), book.best_ask()
             out[symbol] = {
+                "epoch": lp.epoch,
+                "partition": owned.get(symbol, {}).get("partition"),
                 "seq": lp.engine.seq,
                 "resting_orders": len(book),
                 "best_bid": spec.ticks_to_price(bid) if bid is not None else None,
@@ -151,7 +174,12 @@ class Endpoints:
             }
         incidents = [{"topic": i.topic, "partition": i.partition, "problem": i.problem, "since": i.since}
                      for _, i in sorted(self._incidents().items())]
-        body = msgspec.json.encode({"ready": self._d.ready and not incidents, "instruments": out,
-                                    "input_incidents": incidents,
+        rebalancing = self._d.source.rebalancing_since if isinstance(self._d.source, OrderSource) else None
+        body = msgspec.json.encode({"ready": self._d.ready and not incidents, "owner": self._d.owner,
+                                    "rebalancing_s": round(time.monotonic() - rebalancing, 3)
+                                    if rebalancing is not None else None,
+                                    "instruments": out, "input_incidents": incidents,
+                                    "lost_partitions": [{"topic": t, "partition": p, "since": since}
+                                                        for (t, p), since in sorted(self._lost().items())],
                                     "publishing": self._d.fanout.status() if self._d.fanout else None}) + b"\n"
         return 200, "application/json", body

@@ -156,7 +156,20 @@ class Metrics:
         self.marketdata_messages = Counter("exchange_marketdata_commands_total",
                                            "Market-data messages and book-key writes sent", registry=r)
         self.republished = Counter("exchange_republished_events_total",
-                                   "Events published again at start-up after the stored watermark", registry=r)
+                                   "Events published again after the stored watermark (start-up, an instrument taken)",
+                                   registry=r)
+        # scale-out (exchange.pipeline.ownership, exchange.adapters.kafka.source)
+        self.owned_instruments = Gauge("exchange_owned_instruments",
+                                       "Instruments this process owns (holds the epoch of)", registry=r)
+        self.fenced_commits = Counter("exchange_fenced_commits_total",
+                                      "Journal commits the store refused because another process took instruments "
+                                      "of the batch", registry=r)
+        self.rebalances = Counter("exchange_rebalances_total",
+                                  "Consumer-group rebalances this process went through (its first join included)",
+                                  registry=r)
+        self.rebalance_pause = Histogram("exchange_rebalance_pause_seconds",
+                                         "From partitions revoked to the new assignment taken and planned",
+                                         buckets=(.01, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60), registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -9,6 +9,7 @@ client order ids, edge rejections; several clients, so self-trades happen.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -160,8 +161,16 @@ class Workload:
             snaps: list[SnapshotRequest] = []
             if snapshot_every and len(out) % snapshot_every == snapshot_every - 1:
                 snaps = [self.snapshot(s, window=snapshot_window) for s in self.engines if self.rng.random() < 0.8]
-            out.append(Batch(applied, snaps))
+            out.append(stamped(Batch(applied, snaps)))
         return out
+
+
+def stamped(batch: Batch, epoch: int = 1) -> Batch:
+    """``batch`` as a writer that took its instruments and partitions prepares it: under ``epoch`` each (1: the
+    first take on a fresh database, as :meth:`tests.integration.test_stores.Backend.store` does)."""
+    instruments = {a.instrument for a in batch.applied} | {s.instrument for s in batch.snapshots}
+    return dataclasses.replace(batch, epochs=dict.fromkeys(instruments, epoch),
+                               partition_epochs=dict.fromkeys(batch.partitions, epoch))
 
 
 def fills(events: Sequence[Event]) -> list[Any]:

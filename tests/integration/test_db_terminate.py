@@ -29,7 +29,7 @@ from aiokafka import AIOKafkaProducer
 from exchange.adapters.generator.flow import OrderFlow
 from exchange.adapters.postgres import PostgresStore
 from exchange.core.instruments import Instrument
-from exchange.pipeline.loop import JournalItem
+from exchange.pipeline.loop import Chunk, JournalQueue
 from exchange.pipeline.writer import JournalWriter
 from exchange.ports import Batch, StoreUnavailable
 from tests.integration._workload import SPECS, Workload
@@ -87,14 +87,19 @@ def test_every_batch_commits_exactly_once_while_the_stores_sessions_are_ended_ag
         admin = await asyncpg.connect(ADMIN_DSN)
         try:
             await store.migrate()
+            epochs = (await store.take([spec.symbol for spec in SPECS], [], "test")).instruments
             await store.load(SPECS)
-            queue: asyncio.Queue[list[JournalItem] | None] = asyncio.Queue(maxsize=4)
+            queue: JournalQueue = asyncio.Queue(maxsize=4)
             writer = JournalWriter(store, queue, max_events=160, linger_ms=1.0, backoff_max_s=0.2)
             writing = asyncio.create_task(writer.run())
 
             async def feed() -> None:
                 for batch in batches:
-                    await queue.put([*batch.applied, *batch.snapshots])
+                    for spec in SPECS:
+                        items = [*(a for a in batch.applied if a.instrument == spec.symbol),
+                                 *(s for s in batch.snapshots if s.instrument == spec.symbol)]
+                        if items:
+                            await queue.put(Chunk(spec.symbol, epochs[spec.symbol], items))
                     if jitter.random() < 0.5:
                         await asyncio.sleep(jitter.uniform(0, 0.003))
                 await queue.put(None)

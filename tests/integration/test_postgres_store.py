@@ -59,6 +59,7 @@ async def migrated_store(dsn: str, specs: list[Instrument] = SPECS) -> PostgresS
     store = PostgresStore(dsn, specs, pool_size=2, one_statement_max_events=_commit_path["max"])
     await store.start()
     await store.migrate()
+    await store.take([spec.symbol for spec in specs], [], "test")  # epoch 1: what the workload's batches carry
     if _commit_path["max"]:
         await store.load(specs)
     return store
@@ -171,14 +172,14 @@ def test_terminated_connection_mid_commit_is_retriable_and_the_retry_writes_once
 
 
 def test_exchange_commit_batch_finds_every_field_by_its_name(pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The document says where each field is in its rows (migration 007): the same batches with the fields of
+    """The document says where each field is in its rows (migration 008): the same batches with the fields of
     every kind of row in reverse order store the same rows."""
     work = Workload(seed=31)
     batches = work.batches(600, max_batch=60)
     document = PostgresStore._document
 
-    def reversed_fields(self: PostgresStore, rows: Any, *, copied: bool) -> str:
-        doc = json.loads(document(self, rows, copied=copied))
+    def reversed_fields(self: PostgresStore, rows: Any, batch: Batch, *, copied: bool) -> str:
+        doc = json.loads(document(self, rows, batch, copied=copied))
         for kind, at in doc["fields"].items():
             doc["fields"][kind] = {name: len(at) - 1 - i for name, i in at.items()}
             doc[kind] = [row[::-1] for row in doc[kind]]

@@ -16,7 +16,7 @@ from exchange.core.state import EngineState
 from exchange.ports import Batch, SnapshotRequest
 from exchange.projections.applier import EventApplier, ReplayError
 from recovery.rebuild import RecoveryError, describe_difference, recover
-from tests.integration._workload import SPECS, Workload
+from tests.integration._workload import SPECS, Workload, stamped
 from tests.support.verify import verify
 
 
@@ -35,6 +35,7 @@ async def execute(dsn: str, sql: str, *args: Any) -> str:
 async def store_batches(dsn: str, batches: list[Batch]) -> None:
     async with PostgresStore(dsn, SPECS) as store:
         await store.migrate()
+        await store.take([spec.symbol for spec in SPECS], [], "test")  # epoch 1: what the batches carry
         await store.load(SPECS)
         for batch in batches:
             await store.commit(batch)
@@ -283,7 +284,7 @@ def test_verify_without_snapshots_and_with_a_damaged_one(pg_dsn: str) -> None:
         engine = work.engines[spec.symbol]
         async with PostgresStore(pg_dsn, SPECS) as store:
             bad = msgspec.structs.replace(engine.export_state(), next_trade_id=engine.next_trade_id + 5)
-            await store.commit(Batch([], [SnapshotRequest(spec.symbol, bad, "0" * 32)]))
+            await store.commit(stamped(Batch([], [SnapshotRequest(spec.symbol, bad, "0" * 32)])))
         report = await verify(pg_dsn, SPECS)
         assert not report.ok
         problems = {i.instrument: i.problems for i in report.instruments}

@@ -18,7 +18,7 @@ import asyncio
 import json
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -44,14 +44,17 @@ from exchange import (
 )
 from exchange.adapters.postgres import PostgresStore
 from exchange.adapters.sqlite import SqliteStore
+from exchange.adapters.sqlite.schema import migrations
 from exchange.ports import Applied, Batch, History, InputPosition, Position, SnapshotRequest, StoreUnavailable
 from exchange.projections.applier import EventApplier
 from exchange.projections.positions import apply_fill
 from recovery.rebuild import RecoveryError, describe_difference, recover, replay_stored
 from recovery.verify import verify_store
-from tests.integration._workload import SPECS, Workload, positions_from_fills
+from tests.integration._workload import SPECS, Workload, positions_from_fills, stamped
 
 pytestmark = pytest.mark.integration
+
+SQLITE_SHIPPED = [name for name, _ in migrations()]
 
 AnyStore = PostgresStore | SqliteStore
 
@@ -63,12 +66,20 @@ class Backend:
     fetch: Callable[[str], Awaitable[list[dict[str, Any]]]]
     execute: Callable[[str], Awaitable[None]]
     one_statement: bool = False  # PostgreSQL's one-statement commit path
+    taken: set[str] = field(default_factory=set)  # instruments and partitions taken on this database
 
-    async def store(self, specs: Sequence[Instrument] = SPECS) -> AnyStore:
-        """A started, migrated store."""
+    async def store(self, specs: Sequence[Instrument] = SPECS,
+                    partitions: Sequence[tuple[str, int]] = ()) -> AnyStore:
+        """A started, migrated store; the first one takes the instruments and partitions (epoch 1 each, which
+        :func:`tests.integration._workload.stamped` batches carry), later ones share that ownership."""
         store = self.new_store(specs)
         await store.start()
         await store.migrate()
+        instruments = [spec.symbol for spec in specs if spec.symbol not in self.taken]
+        keys = [key for key in partitions if f"{key}" not in self.taken]
+        if instruments or keys:
+            await store.take(instruments, keys, "test")
+            self.taken.update([*instruments, *map(str, keys)])
         if self.one_statement:
             await store.load(specs)
         return store
@@ -151,16 +162,16 @@ def test_batch_commit_writes_exactly_the_expected_rows(backend: Backend) -> None
     def applied(command: Any, offset: int) -> Applied:
         return Applied("X", engine.apply(command), InputPosition("orders", 3, offset))
 
-    batch1 = Batch([
+    batch1 = stamped(Batch([
         applied(_place("alice", "a1", Side.BUY, 10_000, 50, 1_700_000_000_123_456_789), 10),  # seq 1: rests
         applied(_place("bob", "b1", Side.SELL, 10_000, 20, 1_700_000_001_000_000_000), 11),  # 2 accepted, 3 fill
-    ])
-    batch2 = Batch([
+    ]))
+    batch2 = stamped(Batch([
         applied(AmendOrder("X", "alice", "a1", qty_lots=40, ts_ns=1_700_000_002_000_000_000), 12),  # 4 amended
         applied(_place("carol", "c1", Side.SELL, 9_900, 30, 1_700_000_003_000_000_000,
                        tif=TimeInForce.IOC), 13),  # 5 accepted, 6 fill alice (done), 7 canceled remainder 10
         applied(_place("carol", "c1", Side.SELL, 9_900, 1, 1_700_000_004_000_000_000), 14),  # 8 dup rejected
-    ], [])
+    ], []))
     fetch = backend.fetch
 
     async def scenario() -> None:
@@ -401,8 +412,8 @@ def test_a_gap_or_an_unknown_instrument_is_refused_and_not_retriable(backend: Ba
                 await store.commit(batches[2])  # batches[1] is missing
             assert not info.value.retriable
             assert "sequence" in str(info.value)
-            stranger = Batch([Applied("ZZZ", MatchingEngine(other).apply(
-                PlaceOrder("ZZZ", "a", "1", Side.BUY, OrderType.LIMIT, 1, 1)), None)])
+            stranger = stamped(Batch([Applied("ZZZ", MatchingEngine(other).apply(
+                PlaceOrder("ZZZ", "a", "1", Side.BUY, OrderType.LIMIT, 1, 1)), None)]))
             with pytest.raises(StoreUnavailable) as info:
                 await store.commit(stranger)
             assert not info.value.retriable
@@ -417,8 +428,8 @@ def test_a_gap_or_an_unknown_instrument_is_refused_and_not_retriable(backend: Ba
 
 def test_orders_row_missing_is_refused_loudly(backend: Backend) -> None:
     engine = MatchingEngine(SPEC)
-    first = Batch([Applied("X", engine.apply(_place("alice", "a1", Side.BUY, 100, 5, 1)), None)])
-    second = Batch([Applied("X", engine.apply(_place("bob", "b1", Side.SELL, 100, 5, 2)), None)])
+    first = stamped(Batch([Applied("X", engine.apply(_place("alice", "a1", Side.BUY, 100, 5, 1)), None)]))
+    second = stamped(Batch([Applied("X", engine.apply(_place("bob", "b1", Side.SELL, 100, 5, 2)), None)]))
 
     async def scenario() -> None:
         store = await backend.store([SPEC])
@@ -473,7 +484,8 @@ def test_a_halt_is_durable_and_recovery_restores_it(backend: Backend) -> None:
         store = await backend.store()
         try:
             for n, command in enumerate(commands):  # one batch each, with the progress row following
-                await store.commit(Batch([Applied(spec.symbol, engine.apply(command), InputPosition("in", 0, n))]))
+                await store.commit(stamped(Batch([Applied(spec.symbol, engine.apply(command),
+                                                          InputPosition("in", 0, n))])))
         finally:
             await store.stop()
         again = backend.new_store(SPECS)
@@ -527,7 +539,7 @@ def _dominated_batches(engine: MatchingEngine, commands: int, seed: int, *, snap
         commands -= len(applied)
         snaps = ([SnapshotRequest(symbol, engine.export_state(window=False), engine.state_hash())]
                  if snapshots and rng.random() < 0.3 else [])
-        batches.append(Batch(applied, snaps))
+        batches.append(stamped(Batch(applied, snaps)))
     return batches
 
 
@@ -542,15 +554,15 @@ def test_a_window_that_one_client_dominates_is_rebuilt_exactly(backend: Backend)
     engine = MatchingEngine(spec)
     batches = _dominated_batches(engine, 3_000, seed=5)
     last = SnapshotRequest(spec.symbol, engine.export_state(window=False), engine.state_hash())
-    batches.append(Batch([], [last]))
+    batches.append(stamped(Batch([], [last])))
     # then the market maker finishes ten orders (the first six forgotten at once: K = 4), five quiet clients one
     first = engine.next_order_id
     tail = [PlaceOrder(spec.symbol, "mm", f"last-{n}", Side.BUY, OrderType.LIMIT, 1, 1, TimeInForce.IOC, 10**6 + n)
             for n in range(10)]
     tail += [PlaceOrder(spec.symbol, f"late-{n}", "x", Side.BUY, OrderType.LIMIT, 1, 1, TimeInForce.IOC, 10**6 + 10)
              for n in range(5)]
-    batches.append(Batch([Applied(spec.symbol, engine.apply(c), InputPosition("orders", 0, 10**6 + n))
-                          for n, c in enumerate(tail)]))
+    batches.append(stamped(Batch([Applied(spec.symbol, engine.apply(c), InputPosition("orders", 0, 10**6 + n))
+                                  for n, c in enumerate(tail)])))
     window = engine.export_state().done
     assert len(window) == spec.dedupe_window
     assert sum(1 for c, _, _ in window if c == "mm") == spec.dedupe_per_client
@@ -714,7 +726,7 @@ def test_sqlite_file_is_created_in_wal_mode_and_migrations_apply_once(tmp_path: 
 
     async def scenario() -> None:
         async with SqliteStore(path, SPECS) as store:
-            assert await store.migrate() == ["001_initial", "002_input_resets"]
+            assert await store.migrate() == SQLITE_SHIPPED
             assert await store.migrate() == []
         async with SqliteStore(path, SPECS, synchronous="normal") as again:
             assert await again.migrate() == []
@@ -726,7 +738,7 @@ def test_sqlite_file_is_created_in_wal_mode_and_migrations_apply_once(tmp_path: 
         finally:
             for s in stores:
                 await s.stop()
-        assert sorted(map(len, results)) == [0, 0, 2]  # one migrator applies both, the others nothing
+        assert sorted(map(len, results)) == [0, 0, len(SQLITE_SHIPPED)]  # one migrator applies all, the others nothing
 
     run(scenario())
     conn = sqlite3.connect(path)
@@ -735,7 +747,7 @@ def test_sqlite_file_is_created_in_wal_mode_and_migrations_apply_once(tmp_path: 
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         assert {"orders", "order_events", "trades", "positions", "engine_progress", "input_offsets", "snapshots",
                 "schema_migrations"} <= tables
-        assert [r[0] for r in conn.execute("SELECT name FROM schema_migrations")] == ["001_initial", "002_input_resets"]
+        assert [r[0] for r in conn.execute("SELECT name FROM schema_migrations")] == ["001_initial", "002_input_resets", "003_ownership"]
     finally:
         conn.close()
     with pytest.raises(ValueError, match="synchronous"):
@@ -755,6 +767,7 @@ def test_sqlite_unmigrated_locked_and_foreign_files_say_what_to_do(tmp_path: Pat
             assert "exchange migrate" in str(info.value)
         async with SqliteStore(path, SPECS, busy_timeout_s=0.05) as store:
             await store.migrate()
+            await store.take([spec.symbol for spec in SPECS], [], "test")
             other = sqlite3.connect(path, isolation_level=None)
             other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
             try:
@@ -812,9 +825,9 @@ def test_every_value_the_edge_lets_through_is_stored(backend: Backend) -> None:
         applied.append(Applied(spec.symbol, engine.apply(command), InputPosition("in", 0, n)))
 
     async def scenario() -> None:
-        store = await backend.store([spec])
+        store = await backend.store([spec], [("in", 0)])
         try:
-            await store.commit(Batch(applied, partitions={("in", 0): len(messages) - 1}))
+            await store.commit(stamped(Batch(applied, partitions={("in", 0): len(messages) - 1})))
         finally:
             await store.stop()
         async with backend.new_store([spec]) as again:

@@ -9,7 +9,7 @@ import pytest
 
 from exchange.adapters.generator.source import GENERATOR_TOPIC, GeneratorSource, generated_commands
 from exchange.core.matching import MatchingEngine
-from exchange.pipeline.loop import Inbound, InstrumentLoop, JournalItem
+from exchange.pipeline.loop import Inbound, InstrumentLoop, JournalQueue
 from exchange.ports import Applied, Batch
 from exchange.settings import load_instruments
 from exchange.wire.codec import decode_command
@@ -19,7 +19,7 @@ SPECS = {spec.symbol: spec for spec in load_instruments(DEMO)}
 
 
 def make_loops(queue_size: int = 100_000) -> dict[str, InstrumentLoop]:
-    journal: asyncio.Queue[list[JournalItem] | None] = asyncio.Queue()
+    journal: JournalQueue = asyncio.Queue()
     return {symbol: InstrumentLoop(MatchingEngine(spec), journal, queue_size=queue_size)
             for symbol, spec in SPECS.items()}
 

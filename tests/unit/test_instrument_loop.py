@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from itertools import pairwise
 
-from exchange.pipeline.loop import Control, Inbound, InstrumentLoop, JournalItem
+from exchange.pipeline.loop import Control, Inbound, InstrumentLoop, JournalQueue
 from tests.unit._helpers import BUY, SELL, make_engine, place
 
 
@@ -15,7 +15,7 @@ def test_a_loop_with_a_backlog_yields_between_chunks() -> None:
     journal writer's round trips to the database waited behind it)."""
 
     async def scenario() -> tuple[list[int], int]:
-        journal: asyncio.Queue[list[JournalItem] | None] = asyncio.Queue()
+        journal: JournalQueue = asyncio.Queue()
         loop = InstrumentLoop(make_engine(), journal, queue_size=10_000)
         for i in range(5000):
             side = BUY if i % 2 else SELL

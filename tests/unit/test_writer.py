@@ -1,4 +1,5 @@
-"""The journal writer's "batch durable" log line (bench/e2e.py measures latency from it)."""
+"""The journal writer: one commit in flight, retries, its "batch durable" log line (bench/e2e.py measures latency
+from it), fenced commits and flushes."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import structlog
 
 from exchange.adapters.sqlite import SqliteStore
 from exchange.core.matching import MatchingEngine
-from exchange.pipeline.loop import JournalItem
+from exchange.pipeline.loop import Chunk, JournalQueue
+from exchange.pipeline.ownership import Ownership
 from exchange.pipeline.writer import JournalWriter
-from exchange.ports import Applied, Batch, InputPosition, StoreUnavailable
+from exchange.ports import Applied, Batch, Epochs, Fenced, InputPosition, StoreUnavailable
 from exchange.telemetry.logging import configure_logging
 from tests.unit._helpers import BUY, SELL, make_engine, make_spec, place
 
@@ -25,16 +27,16 @@ async def _write(tmp_path: Path, level: str) -> tuple[list[dict[str, object]], i
     saved = structlog.get_config()
     configure_logging(level, "json", stream=stream)
     engine = make_engine()
-    chunk: list[JournalItem] = [
-        Applied(engine.symbol, engine.apply(command), InputPosition("orders", 0, offset))
-        for offset, command in enumerate([place("a", BUY, 100, 5), place("b", SELL, 100, 3, client="bob")])]
+    items = [Applied(engine.symbol, engine.apply(command), InputPosition("orders", 0, offset))
+             for offset, command in enumerate([place("a", BUY, 100, 5), place("b", SELL, 100, 3, client="bob")])]
     store = SqliteStore(tmp_path / "journal.sqlite", [make_spec()])
     await store.start()
     try:
         await store.migrate()
+        epochs = await store.take([engine.symbol], [], "test")
         await store.load([make_spec()])
-        queue: asyncio.Queue[list[JournalItem] | None] = asyncio.Queue()
-        await queue.put(chunk)
+        queue: JournalQueue = asyncio.Queue()
+        await queue.put(Chunk(engine.symbol, epochs.instruments[engine.symbol], items))
         await queue.put(None)
         await JournalWriter(store, queue, linger_ms=0).run()
     finally:
@@ -93,9 +95,9 @@ class GatedStore:
             self.in_flight -= 1
 
 
-def _run_writer(store: object, **options: Any) -> tuple[asyncio.Queue[list[JournalItem] | None], asyncio.Task[None]]:
+def _run_writer(store: object, **options: Any) -> tuple[JournalQueue, asyncio.Task[None]]:
     """A writer over ``store`` running as a task (call it inside the event loop), with its queue."""
-    queue: asyncio.Queue[list[JournalItem] | None] = asyncio.Queue()
+    queue: JournalQueue = asyncio.Queue()
     writer = JournalWriter(store, queue, **options)  # type: ignore[arg-type]
     return queue, asyncio.create_task(writer.run())
 
@@ -104,9 +106,10 @@ def _last(batch: Batch) -> int:
     return max(batch.last_seq().values())
 
 
-def _chunk(engine: MatchingEngine, n: int) -> list[JournalItem]:
-    return [Applied(engine.symbol, engine.apply(place(f"c{engine.seq}", BUY, 100 - engine.seq % 50, 1)), None)
-            for _ in range(n)]
+def _chunk(engine: MatchingEngine, n: int, epoch: int = 1) -> Chunk:
+    return Chunk(engine.symbol, epoch, [
+        Applied(engine.symbol, engine.apply(place(f"c{engine.seq}", BUY, 100 - engine.seq % 50, 1)), None)
+        for _ in range(n)])
 
 
 async def _settle() -> None:
@@ -326,7 +329,7 @@ def test_a_commit_failing_for_any_reason_but_its_content_is_retried_and_shows_in
         async def listener(batch: Batch) -> None:
             heard.append(_last(batch))
 
-        queue: asyncio.Queue[list[JournalItem] | None] = asyncio.Queue()
+        queue: JournalQueue = asyncio.Queue()
         writer = store.writer = JournalWriter(store, queue, linger_ms=0, backoff_max_s=0.05,  # type: ignore[arg-type]
                                               listeners=[listener])
         await queue.put(_chunk(engine, 3))
@@ -361,3 +364,104 @@ def test_a_writer_cancelled_in_the_middle_of_a_commit_stops_and_does_not_retry()
 
     store = asyncio.run(scenario())
     assert store.log == [("commit", 2)]  # no second attempt
+
+
+# --------------------------------------------------------------- fenced commits, flushes, epochs
+
+
+class FencingStore(GatedStore):
+    """Commits at once; refuses a batch holding ``X`` under epoch 1 as fenced (another process holds epoch 2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[Batch] = []
+
+    async def commit(self, batch: Batch) -> None:
+        if batch.epochs.get("X") == 1:
+            raise Fenced(Epochs({"X": 2}))
+        self.batches.append(batch)
+
+
+def test_a_fenced_commit_drops_the_lost_instrument_and_commits_the_rest() -> None:
+    """Another process took X: its records in the batch and every later chunk of X under the old epoch are dropped
+    (never handed to the listeners), the ownership hears of it, and T's records are committed."""
+
+    async def scenario() -> tuple[FencingStore, list[Batch], list[Epochs], Ownership]:
+        t, x = make_engine(), make_engine(symbol="X")
+        store = FencingStore()
+        heard: list[Batch] = []
+        lost: list[Epochs] = []
+
+        async def listener(batch: Batch) -> None:
+            heard.append(batch)
+
+        async def read(instruments: Any, partitions: Any) -> Epochs:
+            return Epochs({"T": 1, "X": 2})
+
+        async def on_lost(epochs: Epochs) -> None:
+            lost.append(epochs)
+
+        ownership = Ownership(read, lease_s=10)
+        ownership.hold(Epochs({"T": 1, "X": 1}))
+        ownership.on_lost = on_lost
+        queue, task = _run_writer(store, linger_ms=0, listeners=[listener], ownership=ownership)
+        await queue.put(_chunk(t, 2))
+        await queue.put(_chunk(x, 3))
+        await _settle()
+        await queue.put(_chunk(x, 1))  # queued after the fence: dropped on sight
+        await queue.put(_chunk(t, 1))
+        await queue.put(None)
+        await asyncio.wait_for(task, 5)
+        return store, heard, lost, ownership
+
+    store, heard, lost, ownership = asyncio.run(scenario())
+    assert lost == [Epochs({"X": 1})]
+    assert ownership.instruments == {"T": 1}
+    assert [item.instrument for batch in store.batches for item in batch.applied] == ["T", "T", "T"]
+    assert [batch.epochs for batch in store.batches] == [{"T": 1}, {"T": 1}]
+    assert [item.instrument for batch in heard for item in batch.applied] == ["T", "T", "T"]
+
+
+def test_a_flush_returns_once_everything_before_it_is_durable_and_heard() -> None:
+    async def scenario() -> list[tuple[str, int]]:
+        engine = make_engine()
+        store = GatedStore()
+
+        async def listener(batch: Batch) -> None:
+            store.log.append(("listener", _last(batch)))
+
+        queue: JournalQueue = asyncio.Queue()
+        writer = JournalWriter(store, queue, linger_ms=300, listeners=[listener])  # type: ignore[arg-type]
+        task = asyncio.create_task(writer.run())
+        await queue.put(_chunk(engine, 2))
+        flushed = asyncio.create_task(writer.flush())  # ends the batch at once: no linger
+        await _settle()
+        assert store.log == [("commit", 2)]
+        assert not flushed.done()
+        store.gates[0].set()
+        await asyncio.wait_for(flushed, 5)
+        store.log.append(("flushed", 0))
+        await asyncio.wait_for(writer.flush(), 5)  # nothing queued: at once
+        await queue.put(None)
+        await asyncio.wait_for(task, 5)
+        return store.log
+
+    assert asyncio.run(scenario()) == [("commit", 2), ("durable", 2), ("listener", 2), ("flushed", 0)]
+
+
+def test_an_instrument_under_two_epochs_never_shares_a_batch() -> None:
+    """Taken again (a new loop, a new epoch) while outcomes of the old loop were still queued: each epoch's records
+    go in a batch of their own, so each batch carries the one epoch it was prepared under."""
+
+    async def scenario() -> list[Batch]:
+        engine = make_engine()
+        store = FencingStore()
+        queue, task = _run_writer(store, linger_ms=50)
+        await queue.put(_chunk(engine, 2, epoch=3))
+        await queue.put(_chunk(engine, 1, epoch=4))
+        await queue.put(None)
+        await asyncio.wait_for(task, 5)
+        return store.batches
+
+    batches = asyncio.run(scenario())
+    assert [(dict(b.epochs), _last(b)) for b in batches] == [({"T": 3}, 2), ({"T": 4}, 3)]

@@ -131,6 +131,15 @@ class InputAccounting:
         self.position[key] = start
         self.replay_until[key] = end
 
+    def adopt(self, offsets: Mapping[str, Mapping[Key, int]]) -> None:
+        """Instruments taken from the store: their stored offsets, ``instrument -> (topic, partition) -> last
+        applied``, replace what this process knew of them (another process may have moved them since)."""
+        for instrument, stored in offsets.items():
+            for key in [k for k in self.applied if k[0] == instrument]:
+                del self.applied[key]
+            for (topic, partition), offset in stored.items():
+                self.applied[(instrument, topic, partition)] = offset
+
     def reset(self, key: Key, offset: int) -> None:
         """An operator's reset: every instrument of the partition continues at ``offset``."""
         topic, partition = key

@@ -11,7 +11,9 @@ again, or an operator asks to continue from a stated offset (``exchange admin ac
 journaled in ``input_resets``; applied once nothing of the partition is in flight).
 
 :class:`Assignment` is the one owner of which assigned partitions are planned (``ready``), which of
-those are read (``routable``: no incident), the incidents, and the back-pressure pause; where each
+those are read (``routable``: no incident, not lost), the incidents, the partitions lost to another
+process (``lost``: a fenced commit; not read until the group takes them away), and the back-pressure
+pause; where each
 is read from is :class:`~exchange.adapters.kafka.accounting.InputAccounting`'s, how far it is
 dead-lettered :class:`~exchange.adapters.kafka.deadletters.DeadLetters`'.
 """
@@ -64,7 +66,8 @@ class Assignment:
         self._log = log
         self.incidents: dict[tuple[str, int], Incident] = {}
         self.ready: set[tuple[str, int]] = set()  # partitions whose assignment plan is in place
-        self.routable: set[tuple[str, int]] = set()  # of those, the ones without an incident
+        self.routable: set[tuple[str, int]] = set()  # of those, the ones without an incident, not lost
+        self.lost: dict[tuple[str, int], float] = {}  # taken by another process (fenced): since when (time.time())
         self._held = False  # paused for back-pressure (a partition planned meanwhile stays paused)
 
     # ---------------------------------------------------------------- the group assigns and revokes
@@ -107,11 +110,35 @@ class Assignment:
                               "partition are refused", instrument=symbol, stored_partition=home,
                               murmur2_partition=expected, partitions=self._homes.count)
 
+    def unroute(self, keys: Iterable[tuple[str, int]]) -> None:
+        """Stop handing on records of these partitions (the group is taking them away)."""
+        for key in keys:
+            self.routable.discard(key)
+
+    def lose(self, consumer: AIOKafkaConsumer, keys: Iterable[tuple[str, int]]) -> None:
+        """Another process owns these partitions now (a commit was fenced): stop reading them, forget what was in
+        flight (it is never committed), and wait for the group to take them away."""
+        assigned = {(tp.topic, tp.partition): tp for tp in consumer.assignment()}
+        keys = [key for key in keys if key not in self.lost]
+        for key in keys:
+            self.lost[key] = time.time()
+            self.routable.discard(key)
+            self._dead_letters.forget(key)
+            if key in assigned:
+                consumer.pause(assigned[key])
+        self._accounting.forget(keys)
+
+    @property
+    def unread(self) -> set[tuple[str, int]]:
+        """The assigned partitions not read: an incident, or lost to another process."""
+        return self.incidents.keys() | self.lost.keys()
+
     def revoked(self, partitions: Iterable[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
         self._accounting.forget(keys)
         for key in keys:
             self.incidents.pop(key, None)
+            self.lost.pop(key, None)
             self._dead_letters.forget(key)
             self.ready.discard(key)
             self.routable.discard(key)
@@ -127,8 +154,7 @@ class Assignment:
 
     def release(self, consumer: AIOKafkaConsumer, held: Iterable[TopicPartition]) -> None:
         """Resume what :meth:`hold` paused, except the partitions not planned or blocked meanwhile."""
-        consumer.resume(*[tp for tp in held if (tp.topic, tp.partition) not in self.incidents
-                          and (tp.topic, tp.partition) in self.ready])
+        consumer.resume(*[tp for tp in held if (tp.topic, tp.partition) in self.routable])
         self._held = False
 
     # ---------------------------------------------------------------- logs that lost data

@@ -61,6 +61,11 @@ class DeadLetters:
         self._dead_log = _RateLimited(log, "message dead-lettered", per_s=10)
 
     @property
+    def pending(self) -> bool:
+        """Refusals gathered and not sent yet."""
+        return bool(self._pending)
+
+    @property
     def full(self) -> bool:
         """Enough refusals gathered to send them before the poll ends."""
         return len(self._pending) >= _REFUSED_MAX
@@ -119,8 +124,10 @@ class DeadLetters:
         return await logs.dead_lettered_through(TopicPartition(self.topic, parts[tp.partition % len(parts)]), tp, start)
 
     def forget(self, key: tuple[str, int]) -> None:
-        """The partition was revoked, or is read again from an operator's offset: read it back next time."""
+        """The partition was revoked, lost to another process, or is read again from an operator's offset: read it
+        back next time; its refusals not sent yet are dropped (whoever reads it next refuses them again)."""
         self._through.pop(key, None)
+        self._pending = [r for r in self._pending if r.key != key]
 
 
 class _RateLimited:

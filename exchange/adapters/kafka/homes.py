@@ -28,6 +28,7 @@ class Homes:
 
     def __init__(self, instruments: Iterable[str], applied: Mapping[tuple[str, str, int], int], topic: str) -> None:
         self._symbols = list(instruments)
+        self._topic = topic
         self.stored = _homes(applied, topic)  # instrument -> the orders partition it lives on (stored)
         self._count = 0  # of the orders topic, once known: murmur2 places instruments not yet stored
         self._murmur: dict[tuple[str, int], int] = {}  # configured instruments only: the router asks for no other
@@ -62,6 +63,18 @@ class Homes:
         if instrument not in self.stored:
             self.stored[instrument] = partition
             self._refresh()
+
+    def refresh(self, stored: Mapping[tuple[str, int], int]) -> None:
+        """The store's input offsets of the orders topic, ``(instrument, partition) -> last offset`` (another
+        process may have stored instruments' first offsets since): their homes are learned."""
+        for instrument, partition in _homes({(i, self._topic, p): o for (i, p), o in stored.items()},
+                                            self._topic).items():
+            self.learned(instrument, partition)
+
+    def instruments_on(self, partitions: Iterable[int]) -> list[str]:
+        """The configured instruments that live on these partitions (known once the topic's count is)."""
+        wanted = set(partitions)
+        return [symbol for symbol in self._symbols if self.partition_of(symbol) in wanted]
 
     def moved(self) -> list[tuple[str, int, int]]:
         """``(instrument, stored partition, murmur2 partition)`` of each instrument stored on another

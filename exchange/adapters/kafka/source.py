@@ -19,6 +19,16 @@ guard: it yields a command, a snapshot request or a refusal, and never raises.
 A refused message is dead-lettered, exactly once, and answered when the sender
 is known; neither stops the consumer.
 
+Ownership follows the group's assignment (several engine processes may share one
+group): the partitions assigned are planned only after the process has taken the
+instruments that live on them (:class:`~exchange.ports.Holder`: new epochs, each
+book recovered from the store); the partitions taken away are handed back only
+after everything of theirs is durable and published and their offsets committed.
+A partition whose instruments another process took meanwhile (a fenced commit) is
+no longer read (:meth:`OrderSource.lose`) until the group takes it away. The
+assignor is sticky, so a member joining or leaving moves only the partitions it
+must.
+
 The source is split by role, one owner for each piece of its state:
 
 - here: the consumer client and its lifecycle, the poll loop, each record's way to its loop
@@ -38,10 +48,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
+from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
 from aiokafka.errors import KafkaError, NoOffsetForPartitionError, OffsetOutOfRangeError
 
 from exchange.adapters.kafka.accounting import InputAccounting
@@ -55,8 +67,9 @@ from exchange.core.commands import Command
 from exchange.core.instruments import Instrument
 from exchange.core.types import RejectReason
 from exchange.pipeline.loop import Control, Inbound, InstrumentLoop
+from exchange.pipeline.ownership import Ownership
 from exchange.pipeline.router import DEFAULT_MAX_MESSAGE_BYTES, Refusal, Router, SnapshotRequested
-from exchange.ports import Applied, Batch, InputLedger, InputPosition
+from exchange.ports import Applied, Batch, Holder, InputLedger, InputPosition, StoreUnavailable
 from exchange.telemetry.logging import get_logger
 from exchange.telemetry.metrics import Metrics, discarded
 from exchange.wire.auth import Verifier
@@ -67,6 +80,9 @@ _POLL_MS = 50
 _ROUTE_SLICE = 200  # records routed between yields to the event loop
 _MAX_RECORDS = 1000  # per poll: bounds how long routing holds the event loop (a few ms)
 _REVIEW_S = 2.0  # how often blocked partitions are looked at again (an operator's reset, a log that came back)
+# sticky first: a member joining or leaving moves only the partitions it must (the others keep their books);
+# round robin, aiokafka's default, as well, so that a group keeps working while its members are upgraded
+_ASSIGNORS = (StickyPartitionAssignor, RoundRobinPartitionAssignor)
 
 
 class OrderSource:
@@ -74,7 +90,11 @@ class OrderSource:
 
     ``verifier`` checks operator actions (the default refuses them all: no keys); ``ledger`` is the
     store's side of the input (the partitions' own offsets, operator resets; see
-    :class:`~exchange.ports.InputLedger`), None in tests that have no store.
+    :class:`~exchange.ports.InputLedger`), None in tests that have no store. ``holder`` takes and gives up
+    the instruments of the partitions assigned and revoked (None: ``loops`` holds every instrument, as in
+    tests with one consumer); ``ownership`` confirms this process's epochs before dead letters go out.
+    ``on_fatal`` gets what a rebalance listener could not handle (aiokafka would only log it): the daemon
+    stops on it.
     """
 
     wall_clock_timestamps = True  # a command's ts_ns is its Kafka message time, set by the producer
@@ -85,7 +105,9 @@ class OrderSource:
                  dead_letter_topic: str, client_options: Mapping[str, Any] | None = None,
                  commit_interval_s: float = 1.0, metrics: Metrics | None = None,
                  on_caught_up: Callable[[], None] | None = None, verifier: Verifier | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, ledger: InputLedger | None = None) -> None:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, ledger: InputLedger | None = None,
+                 holder: Holder | None = None, ownership: Ownership | None = None,
+                 on_fatal: Callable[[BaseException], None] | None = None) -> None:
         self._bootstrap = bootstrap_servers
         self.topic = topic
         self._group_id = group_id
@@ -103,6 +125,13 @@ class OrderSource:
                                       homes=self._homes, ledger=ledger, metrics=self._metrics, log=self._log)
         self._router = Router(instruments, verifier=verifier or Verifier({}), max_message_bytes=max_message_bytes,
                               partitions=self._homes.router_view)
+        self._ledger = ledger
+        self._holder = holder
+        self._ownership = ownership
+        self._on_fatal = on_fatal
+        self._owned: dict[tuple[str, int], list[str]] = {}  # assigned partition -> the instruments taken for it
+        self._assigned_once = False  # caught up only after the first assignment
+        self.rebalancing_since: float | None = None  # monotonic: partitions revoked, the new assignment not in place
         self._consumer: AIOKafkaConsumer | None = None
         self._logs: LogReader | None = None  # no group: reads the dead-letter topic and checks logs
         self._stopping = asyncio.Event()
@@ -128,7 +157,7 @@ class OrderSource:
         # auto_offset_reset "none": a position the log does not have is an error to report (an incident),
         # never a silent jump to the earliest or latest offset. Every partition is sought explicitly.
         options = {"enable_auto_commit": False, "auto_offset_reset": "none", "fetch_max_wait_ms": 10,
-                   "max_poll_records": 1000, **self._options}
+                   "max_poll_records": 1000, "partition_assignment_strategy": _ASSIGNORS, **self._options}
         logs = LogReader(self._bootstrap, self._options)
         consumer = AIOKafkaConsumer(bootstrap_servers=self._bootstrap, group_id=self._group_id, **options)
         await logs.start()
@@ -168,7 +197,7 @@ class OrderSource:
         """The journal writer forms a batch of ``applied``: per partition read here, the offset every message
         up to which is in this batch or an earlier one, or needed nothing (skipped, dead-lettered); see
         :meth:`.accounting.InputAccounting.partition_progress`."""
-        return self._accounting.partition_progress(applied, self._assignment.incidents)
+        return self._accounting.partition_progress(applied, self._assignment.unread)
 
     async def run(self) -> None:
         """Consume until :meth:`stop_consuming`; commits published offsets every ``commit_interval_s``."""
@@ -306,6 +335,8 @@ class OrderSource:
             self.skipped += 1  # dead-lettered before a restart
 
     async def _send_refused(self) -> None:
+        if self._ownership is not None and self._dead_letters.pending and not await self._ownership.confirm():
+            return  # nothing goes out before this process knows it still owns its partitions; next poll
         self.dead_lettered += await self._dead_letters.send()
 
     async def _wait_for_room(self, consumer: AIOKafkaConsumer, loop: InstrumentLoop, item: Inbound) -> None:
@@ -337,9 +368,9 @@ class OrderSource:
 
     def _check_caught_up(self) -> None:
         accounting = self._accounting
-        if not accounting.replay_until or self._assigning:
+        if not self._assigned_once or self._assigning:
             return
-        behind = accounting.behind(self._assignment.incidents)
+        behind = accounting.behind(self._assignment.unread)
         self._metrics.recovery_replayed.set(self.replayed)
         self._metrics.recovery_behind.set(behind)
         now = time.monotonic()
@@ -391,7 +422,7 @@ class OrderSource:
 
     async def _commit(self, consumer: AIOKafkaConsumer) -> None:
         assigned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
-        offsets = self._accounting.committable(assigned, self._assignment.incidents)
+        offsets = self._accounting.committable(assigned, self._assignment.unread)
         if not offsets:
             return
         try:
@@ -404,24 +435,104 @@ class OrderSource:
     # ------------------------------------------------------- the group's rebalances (see :mod:`.rebalance`)
 
     async def revoking(self, partitions: set[TopicPartition]) -> None:
-        """The group takes ``partitions`` away: dead-letter and commit what is done first, then drop them."""
+        """The group takes ``partitions`` away: stop handing their records on, give their instruments up (all of
+        their outcomes durable and published), dead-letter and commit what is done, then drop them."""
         consumer = self._consumer
-        if consumer is not None:
+        if consumer is None:
+            return
+        keys = sorted((tp.topic, tp.partition) for tp in partitions)
+        self.caught_up = False
+        self.rebalancing_since = time.monotonic()
+        self._metrics.rebalances.inc()
+        self._assignment.unroute(keys)
+        instruments = [symbol for key in keys for symbol in self._owned.pop(key, ())]
+        self._log.info("partitions revoked", partitions=[p for _, p in keys], instruments=instruments)
+        try:
+            if self._holder is not None and (instruments or keys) and not self._stopping.is_set():
+                await self._holder.release(instruments, keys)
             await self._send_refused()
             await self._commit(consumer)
-        self._assignment.revoked(partitions)
+        except Exception as exc:  # aiokafka would only log it
+            self._fatal(exc)
+        finally:
+            self._assignment.revoked(partitions)
 
     async def assigned(self, partitions: set[TopicPartition]) -> None:
-        """The group gives this member ``partitions``: plan them, then replay up to their log ends."""
+        """The group gives this member ``partitions``: take their instruments, plan them, then replay up to their
+        log ends."""
         consumer = self._consumer
-        if consumer is None or not partitions:
+        if consumer is None or self._stopping.is_set():
             return
         self._assigning = True  # caught up only once every new partition is planned
         self.caught_up = False
         try:
-            await self._assignment.assign(consumer, self._logs, partitions)
+            await self._take(consumer, partitions)
+            if partitions:
+                await self._assignment.assign(consumer, self._logs, partitions)
+            self._assigned_once = True
             self._replay_started = time.monotonic()
             self._next_progress_log = self._replay_started + 1.0
             self.caught_up = False
+        except Exception as exc:  # aiokafka would only log it
+            self._fatal(exc)
         finally:
             self._assigning = False
+            if self.rebalancing_since is not None:
+                self._metrics.rebalance_pause.observe(time.monotonic() - self.rebalancing_since)
+                self.rebalancing_since = None
+
+    async def _take(self, consumer: AIOKafkaConsumer, partitions: set[TopicPartition]) -> None:
+        """Take the instruments of ``partitions`` before anything of them is read (they stay paused meanwhile)."""
+        tps = sorted(partitions)
+        consumer.pause(*tps)
+        keys = [(tp.topic, tp.partition) for tp in tps]
+        self._homes.counted(len(consumer.partitions_for_topic(self.topic) or ()))
+        if self._ledger is not None:
+            self._homes.refresh(await self._retrying(lambda: self._ledger.input_offsets(self.topic)))  # type: ignore[union-attr]
+        by_partition = {key: self._homes.instruments_on([key[1]]) for key in keys}
+        instruments = [symbol for key in keys for symbol in by_partition[key]]
+        self._log.info("partitions assigned", partitions=[p for _, p in keys], instruments=instruments)
+        if self._holder is not None:
+            offsets = await self._holder.acquire(instruments, keys)
+            self._holder.keep_only(instruments)
+            self._accounting.adopt(offsets)
+        self._owned.update(by_partition)
+
+    async def _retrying(self, read: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+        delay = 0.1
+        while True:
+            try:
+                return await read()
+            except StoreUnavailable as exc:
+                if not exc.retriable or self._stopping.is_set():
+                    raise
+                self._log.warning("reading the stored input offsets failed; retrying", error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _fatal(self, exc: BaseException) -> None:
+        self._log.critical("taking or giving up partitions failed", error=f"{type(exc).__name__}: {exc}")
+        if self._on_fatal is not None:
+            self._on_fatal(exc)
+        else:
+            raise exc
+
+    async def lose(self, partitions: Iterable[tuple[str, int]], instruments: Iterable[str]) -> None:
+        """Another process took these (a fenced commit): their partitions -- with the instruments' own -- are not
+        read, and nothing of them is committed, until the group takes them away."""
+        keys = set(partitions) | {key for key, symbols in self._owned.items() if set(symbols) & set(instruments)}
+        consumer = self._consumer
+        if consumer is None or not keys:
+            return
+        self._assignment.lose(consumer, keys)
+        self._log.error("orders partitions lost to another process; not read until the consumer group takes them "
+                        "away", partitions=sorted(p for _, p in keys))
+
+    @property
+    def lost(self) -> Mapping[tuple[str, int], float]:
+        """Assigned partitions another process owns now (``/readyz``): since when (``time.time()``)."""
+        return self._assignment.lost
+
+    def owned(self) -> dict[str, int]:
+        """Each instrument taken for an assigned partition, and that partition."""
+        return {symbol: partition for (_, partition), symbols in self._owned.items() for symbol in symbols}

@@ -46,8 +46,13 @@ _Leased: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
 # batch's ``UPDATE orders ... FROM (its rows)`` as a hash join over every open order (or a generic
 # plan scanning them once per updated row), a chunk of the event journal as a bitmap scan plus an
 # on-disk sort of everything after it. Seconds instead of milliseconds, so those plan shapes are off.
+#
+# A transaction of this store is never idle for long: its statements follow each other at once. One idle for
+# seconds belongs to a process that is frozen (SIGSTOP, a VM paused) or cut off, and it holds the row locks
+# of its instruments' ownership: the server ends that session after 5 s, so a new owner's take (which waits
+# for those locks) goes through, and the frozen writer finds its commit refused when it wakes.
 _SESSION_SETTINGS = {"jit": "off", "enable_hashjoin": "off", "enable_mergejoin": "off",
-                     "enable_bitmapscan": "off"}
+                     "enable_bitmapscan": "off", "idle_in_transaction_session_timeout": "5s"}
 
 
 def connect_options(postgres: PostgresSettings) -> dict[str, Any]:

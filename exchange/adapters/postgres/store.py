@@ -4,7 +4,7 @@
 :class:`~exchange.ports.History` for recovery) with asyncpg.
 
 One :meth:`~PostgresStore.commit` is ONE transaction. A small batch is one
-round trip: a call of ``exchange_commit_batch`` (migration 007) with the
+round trip: a call of ``exchange_commit_batch`` (migration 008) with the
 whole batch as one JSON document. A large one (or one with snapshots) is a handful of
 round trips whatever its size: events, trades and new orders go in by binary
 COPY, then the same function changes the pre-existing orders, positions,
@@ -16,11 +16,16 @@ computed by the server.
 
 Safety nets, all inside that transaction:
 
+- fencing: the batch carries the ownership epoch of each of its instruments and orders
+  partitions (taken by :meth:`~PostgresStore.take`); their rows are locked ``FOR SHARE`` and
+  compared first, and a batch prepared under an epoch another process has bumped since is
+  refused (:class:`~exchange.ports.Fenced`) with nothing written (migration 008);
 - the batch must continue each instrument's stored sequence exactly
   (``engine_progress`` rows are locked ``FOR UPDATE`` and compared): a gap or an
   overlap means two writers or a bad replay and is refused, not retried;
 - a batch that is already durable (a commit whose acknowledgement was lost) is
-  recognised and succeeds without writing anything twice;
+  recognised by content -- its events must be the stored ones, byte for byte -- and
+  succeeds without writing anything twice;
 - every update must hit an open order row.
 
 Positions are absolute values computed from an in-memory cache (filled by
@@ -31,7 +36,8 @@ that cache, of the counters and of the pool.
 
 Every connection is leased for one block of work and closed if the block fails (see
 :mod:`.connection`); what each error means, and which are retried, is in :mod:`.errors`; what
-:meth:`~PostgresStore.load` reads is in :mod:`.loading`.
+:meth:`~PostgresStore.load` reads is in :mod:`.loading`; the ownership epochs and the check of a batch
+found already durable in :mod:`.fencing`.
 """
 
 from __future__ import annotations
@@ -48,13 +54,14 @@ import structlog
 
 from exchange.adapters.postgres.connection import _Conn, _create_pool, _lease_connection, _Leased
 from exchange.adapters.postgres.errors import _commit_failure, _moved, _unavailable
+from exchange.adapters.postgres.fencing import _epoch_rows, _fenced, _same_as_stored, _stored_epochs, _take
 from exchange.adapters.postgres.loading import _load_states
 from exchange.adapters.postgres.numeric import _ServerScale, _WireScale
 from exchange.core.events import Event
 from exchange.core.instruments import Instrument
 from exchange.core.state import EngineState
 from exchange.migrations import apply_migrations
-from exchange.ports import Batch, InputReset, Position, Recovered, SnapshotRequest, StoreUnavailable
+from exchange.ports import Batch, Epochs, Fenced, InputReset, Position, Recovered, SnapshotRequest, StoreUnavailable
 from exchange.projections.rows import (
     EVENT_COLUMNS,
     ORDER_COLUMNS,
@@ -64,6 +71,7 @@ from exchange.projections.rows import (
     BatchRows,
     Progress,
     Scale,
+    acceptable,
     already_durable,
     derive_rows,
 )
@@ -81,6 +89,8 @@ SELECT instrument, seq, next_order_id, next_trade_id, halted FROM engine_progres
 WHERE instrument = ANY($1::text[]) ORDER BY instrument FOR UPDATE"""
 
 _SQL_COMMIT_BATCH = "SELECT exchange_commit_batch($1::text::jsonb)"
+_SQL_FENCE = "SELECT exchange_fence($1::text::jsonb)"
+
 # the document's rows are arrays; exchange_commit_batch finds each field by its name, at the position these
 # give (the rows' shapes are defined in exchange.projections.rows, and here for the document's own rows)
 _PROGRESS_FIELDS = ("instrument", "first_seq", "last_seq", "next_order_id", "next_trade_id", "halted")
@@ -144,6 +154,7 @@ class PostgresStore:
         self._step_rows = {symbol: (symbol, format(sc.tick, "f"), format(sc.lot, "f"))
                            for symbol, sc in self._server_scales.items()}
         self.one_statement_commits = 0  # how many batches took the one-statement path (tests)
+        self._taken: dict[str, int] = {}  # the epochs this store took last, per instrument
 
     def _scale(self, spec: Instrument) -> Scale:
         return self._scales[spec.symbol]
@@ -229,17 +240,18 @@ class PostgresStore:
                 self._positions.setdefault(symbol, {}).update(changed)
 
     async def commit(self, batch: Batch) -> None:
-        """Make ``batch`` durable in one transaction, or raise :class:`StoreUnavailable`.
+        """Make ``batch`` durable in one transaction, or raise :class:`StoreUnavailable` (or :class:`Fenced`).
 
         The journal writer commits one batch at a time, in order, and retries a failed commit with the
         same batch. A small batch of loaded instruments takes the one-statement path, anything else
         (more than ``one_statement_max_events`` events, snapshots, an instrument this store has not
         loaded) the COPY path.
         """
+        acceptable(batch, self.specs)
         last = batch.last_seq()  # the batch's last seq per instrument
         if last and all(symbol in self._progress and self._progress[symbol].seq >= seq
-                        for symbol, seq in last.items()):
-            return  # this store already committed it: a retry after success
+                        and batch.epochs[symbol] == self._taken.get(symbol) for symbol, seq in last.items()):
+            return  # this store already committed it under the same epochs: a retry after success
         pool = self._require_pool()
         symbols = sorted(last)
         if not batch.snapshots and self._small(batch) and all(symbol in self._progress for symbol in symbols):
@@ -260,6 +272,10 @@ class PostgresStore:
         loaded: dict[str, dict[str, Position]] = {}  # instruments whose state this attempt read from the database
         try:
             async with self._lease(pool) as conn, conn.transaction():
+                # fenced first: the COPYs below must not collide with rows a new owner wrote
+                fenced = await conn.fetchval(_SQL_FENCE, _encode_json(_epoch_rows(batch)).decode())
+                if fenced is not None:
+                    raise _fenced(fenced)
                 stored = {r["instrument"]: Progress(r["seq"], r["next_order_id"], r["next_trade_id"], r["halted"])
                           for r in await conn.fetch(_SQL_PROGRESS_LOCK, symbols)}
                 missing = [symbol for symbol in symbols if symbol not in self._progress]
@@ -273,11 +289,12 @@ class PostgresStore:
                 if already_durable(rows, stored):
                     # an earlier attempt committed but its acknowledgement was lost: nothing to write;
                     # forget the cached state of these instruments, it is reloaded from the database
+                    await _same_as_stored(conn, rows)
                     self._forget(symbols)
                     _log.warning("batch already durable; commit acknowledged without writing", last_seq=last)
                     return
-                await self._write(conn, rows)
-        except StoreUnavailable:
+                await self._write(conn, rows, batch)
+        except (StoreUnavailable, Fenced):
             raise
         except Exception as exc:
             raise _commit_failure(exc, last) from exc
@@ -287,7 +304,7 @@ class PostgresStore:
 
     async def _commit_one_statement(self, pool: asyncpg.Pool, batch: Batch, symbols: list[str],
                                     last: dict[str, int]) -> None:
-        """A small batch in ONE round trip: ``exchange_commit_batch`` (migration 007) in its own transaction.
+        """A small batch in ONE round trip: ``exchange_commit_batch`` (migration 008) in its own transaction.
 
         A batch of a few dozen events spends most of a multi-statement commit
         waiting on round trips (about ten, each a scheduling hop on a busy
@@ -299,25 +316,30 @@ class PostgresStore:
         """
         try:
             rows = derive_rows(batch, self.specs, self._progress, self._positions, self._server_scale)
-            document = self._document(rows, copied=False)
+            document = self._document(rows, batch, copied=False)
             async with self._lease(pool) as conn:
                 answer = await conn.fetchval(_SQL_COMMIT_BATCH, document)
-        except StoreUnavailable:
+                if answer is not None:  # nothing was written: fenced, or not where the stored sequence is
+                    refusal = msgspec.json.decode(answer, type=dict[str, Any])
+                    if "fenced" in refusal:
+                        raise _fenced(answer)
+                    stored = {symbol: Progress(seq) for symbol, seq in refusal["stored"].items()}
+                    if not already_durable(rows, stored):  # raises if it is neither durable nor next
+                        raise StoreUnavailable(f"batch refused by the database although it continues {stored}",
+                                               retriable=False)
+                    await _same_as_stored(conn, rows)
+        except (StoreUnavailable, Fenced):
             raise
         except Exception as exc:
             raise _commit_failure(exc, last) from exc
-        if answer is not None:  # nothing was written: the stored sequence is not where the batch starts
-            stored = {symbol: Progress(seq) for symbol, seq in msgspec.json.decode(answer, type=dict[str, int]).items()}
-            if not already_durable(rows, stored):  # raises if it is neither durable nor next
-                raise StoreUnavailable(f"batch refused by the database although it continues {stored}",
-                                       retriable=False)
+        if answer is not None:
             self._forget(symbols)
             _log.warning("batch already durable; commit acknowledged without writing", last_seq=last)
             return
         self.one_statement_commits += 1
         self._adopt(rows)
 
-    def _document(self, rows: BatchRows, *, copied: bool) -> str:
+    def _document(self, rows: BatchRows, batch: Batch, *, copied: bool) -> str:
         """The batch as ``exchange_commit_batch`` takes it; without events, trades and new orders if ``copied``.
 
         One JSON document: msgspec writes it in a fraction of a microsecond per row, where asyncpg's array
@@ -333,9 +355,10 @@ class PostgresStore:
             "orders": [] if copied else rows.new_orders,
             "updates": rows.order_updates, "positions": rows.position_rows,
             "offsets": [(*key, offset) for key, offset in sorted(rows.offsets.items())],
+            **_epoch_rows(batch),
         }).decode()
 
-    async def _write(self, conn: _Conn, rows: BatchRows) -> None:
+    async def _write(self, conn: _Conn, rows: BatchRows, batch: Batch) -> None:
         """Every row of one batch on one connection inside its transaction: the new rows (events, trades,
         new orders) by COPY; the rest -- updated orders, positions, counters, offsets -- as the one-statement
         path writes it; then the batch's snapshots."""
@@ -345,8 +368,8 @@ class PostgresStore:
             await conn.copy_records_to_table("trades", records=rows.trades, columns=TRADE_COLUMNS)
         if rows.new_orders:
             await conn.copy_records_to_table("orders", records=rows.new_orders, columns=ORDER_COLUMNS)
-        if await conn.fetchval(_SQL_COMMIT_BATCH, self._document(rows, copied=True)) is not None:
-            raise _moved()
+        if await conn.fetchval(_SQL_COMMIT_BATCH, self._document(rows, batch, copied=True)) is not None:
+            raise _moved()  # (the epochs were checked first, and their rows are locked since)
         if rows.snapshots:
             await conn.execute(_SQL_SNAPSHOTS_INSERT, *_columns(rows.snapshots, 5))
             await conn.execute(_SQL_SNAPSHOTS_PRUNE, sorted({s[0] for s in rows.snapshots}), self.snapshot_keep)
@@ -369,6 +392,30 @@ class PostgresStore:
                                               rec.state.halted)
             self._positions[symbol] = dict(rec.positions)
         return out
+
+    # ---------------------------------------------------------------- ownership
+
+    async def take(self, instruments: Sequence[str], partitions: Sequence[tuple[str, int]], owner: str) -> Epochs:
+        """Bump the epochs of ``instruments`` and ``partitions`` in one transaction and return the new ones (see
+        :mod:`.fencing`). Waits for a commit under the old epochs to end (at most 2 s, then a retriable error)."""
+        pool = self._require_pool()
+        try:
+            async with self._lease(pool) as conn, conn.transaction():
+                epochs = await _take(conn, instruments, partitions, owner)
+        except Exception as exc:
+            raise _unavailable(exc, "taking ownership of " + ", ".join(
+                [*sorted(instruments), *(f"{t}[{p}]" for t, p in sorted(partitions))])) from exc
+        self._taken.update(epochs.instruments)
+        return epochs
+
+    async def epochs(self, instruments: Sequence[str], partitions: Sequence[tuple[str, int]]) -> Epochs:
+        """The stored epochs of ``instruments`` and ``partitions`` (0: never taken)."""
+        pool = self._require_pool()
+        try:
+            async with self._lease(pool) as conn:
+                return await _stored_epochs(conn, instruments, partitions, self.command_timeout)
+        except Exception as exc:
+            raise _unavailable(exc, "reading the ownership epochs") from exc
 
     # ------------------------------------------------------------------ lookups
 

@@ -38,6 +38,8 @@ strings in :mod:`.decimals`.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -55,7 +57,7 @@ from exchange.adapters.sqlite.schema import _apply_migrations
 from exchange.core.events import Event
 from exchange.core.instruments import Instrument
 from exchange.core.state import EngineState
-from exchange.ports import Batch, InputReset, Position, Recovered, SnapshotRequest, StoreUnavailable
+from exchange.ports import Batch, Epochs, Fenced, InputReset, Position, Recovered, SnapshotRequest, StoreUnavailable
 from exchange.projections.rows import (
     EVENT_COLUMNS,
     ORDER_COLUMNS,
@@ -66,8 +68,10 @@ from exchange.projections.rows import (
     Progress,
     RowError,
     Scale,
+    acceptable,
     already_durable,
     derive_rows,
+    different_events,
 )
 
 __all__ = ["SYNCHRONOUS_MODES", "SqliteStore"]
@@ -145,6 +149,44 @@ DELETE FROM snapshots WHERE instrument = ?1 AND seq NOT IN (
     SELECT seq FROM snapshots WHERE instrument = ?1 ORDER BY seq DESC LIMIT ?2)"""
 
 
+def _lock_file(lock: Path, path: Path) -> int:
+    """Hold an exclusive ``flock`` on ``lock`` (with this process's id in it); refuse if another process has it."""
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StoreUnavailable(
+            f"{path} is in use by another exchange process (pid {holder}, which holds {lock}): SQLite is for one "
+            "engine process. Stop that process first, or run several on PostgreSQL ([storage] kind = "
+            '"postgres"), where each instrument has one writer at a time.', retriable=False) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _stored_epochs(conn: sqlite3.Connection, instruments: Sequence[str],
+                   partitions: Sequence[tuple[str, int]]) -> Epochs:
+    """The stored epochs of these instruments and partitions (0: never taken)."""
+    found = dict(conn.execute("SELECT instrument, epoch FROM instrument_owners WHERE instrument IN "
+                              f"({', '.join('?' * len(instruments))})", list(instruments)).fetchall()
+                 ) if instruments else {}
+    parts = {(t, int(p)): int(e) for t, p, e in conn.execute("SELECT topic, partition, epoch FROM partition_owners")
+             } if partitions else {}
+    return Epochs({i: int(found.get(i, 0)) for i in instruments}, {p: parts.get(p, 0) for p in partitions})
+
+
+def _moved_epochs(conn: sqlite3.Connection, batch: Batch) -> Epochs:
+    """The batch's instruments and partitions whose stored epoch is no longer the one it carries."""
+    stored = _stored_epochs(conn, sorted(batch.epochs), sorted(batch.partition_epochs))
+    return Epochs({i: e for i, e in stored.instruments.items() if e != batch.epochs[i]},
+                  {p: e for p, e in stored.partitions.items() if e != batch.partition_epochs[p]})
+
+
 class SqliteStore:
     """Durable storage in one SQLite file (see the module docstring).
 
@@ -152,10 +194,16 @@ class SqliteStore:
     snapshots are kept per instrument. ``synchronous`` is ``"full"`` (default)
     or ``"normal"``. ``busy_timeout_s`` is how long a statement waits for a
     lock another process holds before failing (retriably).
+
+    ``exclusive`` (the daemon's): while started, the store holds an exclusive lock on
+    ``<path>.lock`` (``flock``, released by the kernel when the process ends, however it ends), and a
+    second process that tries is refused at once, saying which process has the file. SQLite is for
+    one engine process; several share a PostgreSQL database instead. Readers (``exchange recover
+    --verify``) do not take it.
     """
 
     def __init__(self, path: str | Path, instruments: Iterable[Instrument], *, snapshot_keep: int = 3,
-                 synchronous: str = "full", busy_timeout_s: float = 5.0) -> None:
+                 synchronous: str = "full", busy_timeout_s: float = 5.0, exclusive: bool = False) -> None:
         if snapshot_keep < 1:
             raise ValueError("snapshot_keep must be at least 1")
         if synchronous not in SYNCHRONOUS_MODES:
@@ -165,12 +213,15 @@ class SqliteStore:
         self.snapshot_keep = snapshot_keep
         self.synchronous = synchronous
         self.busy_timeout_s = busy_timeout_s
+        self.exclusive = exclusive
+        self._lock_fd: int | None = None  # <path>.lock, held while started (exclusive)
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None  # used on the executor's thread only
         # per instrument: counters and positions as last committed (or loaded); touched on that thread only
         self._progress: dict[str, Progress] = {}
         self._positions: dict[str, dict[str, Position]] = {}
         self._scales = {symbol: _TextScale(spec) for symbol, spec in self.specs.items()}
+        self._taken: dict[str, int] = {}  # the epochs this store took last, per instrument
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -212,7 +263,7 @@ class SqliteStore:
             raise StoreUnavailable("the SQLite store is not started (or was stopped)", retriable=True)
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-        except StoreUnavailable:
+        except (StoreUnavailable, Fenced):
             raise
         except RowError as exc:
             raise StoreUnavailable(f"batch refused: {exc}", retriable=False) from exc
@@ -221,9 +272,12 @@ class SqliteStore:
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT)
-        conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
+        if self.exclusive:
+            self._lock_fd = _lock_file(Path(f"{self.path}.lock"), self.path)
         try:
+            # autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT)
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
+            self._conn = conn
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
                 raise StoreUnavailable(f"{self.path}: SQLite refused WAL mode (journal_mode is {mode!r}); put the "
@@ -231,14 +285,18 @@ class SqliteStore:
             conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
             conn.execute("PRAGMA foreign_keys = OFF")
         except BaseException:
-            conn.close()
+            self._close()
             raise
-        self._conn = conn
 
     def _close(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
+        try:
+            if conn is not None:
+                conn.close()
+        finally:
+            fd, self._lock_fd = self._lock_fd, None
+            if fd is not None:
+                os.close(fd)  # releases the lock
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -265,15 +323,19 @@ class SqliteStore:
                          classify=_commit_failure)
 
     def _commit(self, batch: Batch) -> None:
+        acceptable(batch, self.specs)
         last = batch.last_seq()
         if last and all(symbol in self._progress and self._progress[symbol].seq >= seq
-                        for symbol, seq in last.items()):
-            return  # this store already committed it: a retry after success
+                        and batch.epochs[symbol] == self._taken.get(symbol) for symbol, seq in last.items()):
+            return  # this store already committed it under the same epochs: a retry after success
         conn = self._db()
         symbols = sorted(last)
         loaded: dict[str, dict[str, Position]] = {}  # instruments whose state this attempt read from the file
         conn.execute("BEGIN IMMEDIATE")
         try:
+            moved = _moved_epochs(conn, batch)
+            if moved.instruments or moved.partitions:
+                raise Fenced(moved)
             stored = {r[0]: Progress(r[1], r[2], r[3], bool(r[4])) for r in conn.execute(
                 "SELECT instrument, seq, next_order_id, next_trade_id, halted FROM engine_progress WHERE instrument IN "
                 f"({', '.join('?' * len(symbols))})", symbols)} if symbols else {}
@@ -284,6 +346,14 @@ class SqliteStore:
                 progress = {**self._progress, **{s: stored.get(s) or Progress() for s in missing}}
             rows = derive_rows(batch, self.specs, progress, {**self._positions, **loaded}, self._scale)
             if already_durable(rows, stored):
+                differ = different_events(rows, {symbol: [r[0] for r in conn.execute(
+                    "SELECT payload FROM order_events WHERE instrument = ? AND seq >= ? AND seq <= ? ORDER BY seq",
+                    (symbol, first, rows.progress[symbol].seq))] for symbol, first in rows.first_seq.items()})
+                if differ:
+                    raise StoreUnavailable(
+                        f"batch refused: the seqs it holds of {', '.join(differ)} are stored already, with other "
+                        "events: another writer committed them, or this engine did not start from the stored "
+                        "state. Stop the daemon and run `exchange recover --verify`.", retriable=False)
                 conn.rollback()
                 # an earlier attempt committed but its acknowledgement was lost: nothing to write;
                 # forget the cached state of these instruments, it is read from the file again
@@ -364,6 +434,38 @@ class SqliteStore:
                                               rec.state.halted)
             self._positions[symbol] = dict(rec.positions)
         return out
+
+    # ---------------------------------------------------------------- ownership
+
+    async def take(self, instruments: Sequence[str], partitions: Sequence[tuple[str, int]], owner: str) -> Epochs:
+        """Bump the epochs of ``instruments`` and ``partitions`` in one transaction; return the new ones."""
+        epochs = await self._call(self._take, "taking ownership", sorted(set(instruments)), sorted(set(partitions)),
+                                  owner)
+        return epochs
+
+    def _take(self, instruments: list[str], partitions: list[tuple[str, int]], owner: str) -> Epochs:
+        conn = self._db()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany("INSERT INTO instrument_owners (instrument, epoch, owner) VALUES (?, 1, ?) "
+                             "ON CONFLICT (instrument) DO UPDATE SET epoch = epoch + 1, owner = excluded.owner, "
+                             "taken_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')", [(i, owner) for i in instruments])
+            conn.executemany("INSERT INTO partition_owners (topic, partition, epoch, owner) VALUES (?, ?, 1, ?) "
+                             "ON CONFLICT (topic, partition) DO UPDATE SET epoch = epoch + 1, owner = excluded.owner, "
+                             "taken_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
+                             [(t, p, owner) for t, p in partitions])
+            epochs = _stored_epochs(conn, instruments, partitions)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.rollback()
+            raise
+        self._taken.update(epochs.instruments)
+        return epochs
+
+    async def epochs(self, instruments: Sequence[str], partitions: Sequence[tuple[str, int]]) -> Epochs:
+        """The stored epochs of ``instruments`` and ``partitions`` (0: never taken)."""
+        return await self._call(lambda: _stored_epochs(self._db(), sorted(set(instruments)), sorted(set(partitions))),
+                                "reading the ownership epochs")
 
     # ------------------------------------------------------------------ lookups
 
