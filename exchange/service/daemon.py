@@ -118,7 +118,9 @@ class Daemon:
                 holdings = self.holdings = Holdings(
                     store=store, specs=s.instrument_map(), ownership=ownership, journal=journal, writer=writer,
                     fanout=fanout, metrics=self.metrics, owner=self.owner, queue_size=s.engine.queue_size,
-                    release_timeout_s=s.engine.shutdown_timeout_s, stopping=self._stop.is_set,
+                    # giving partitions up must end within the group's patience (aiokafka's rebalance timeout is
+                    # the session timeout), or the group goes on without this member
+                    release_timeout_s=s.kafka.session_timeout_ms / 1000, stopping=self._stop.is_set,
                     spawn=lambda coro, name: tg.create_task(coro, name=name))
                 self.loops, self.recovery = holdings.loops, holdings.recovered
                 ownership.on_lost = holdings.lose

@@ -182,16 +182,18 @@ class Holdings:
             self._log.error("giving instruments up did not finish in time: what was not durable is left to the next "
                             "owner's replay", instruments=sorted(loops), timeout_s=self._release_timeout_s)
         held = self._ownership.instruments
-        for symbol, loop in loops.items():
-            if clean and held.get(symbol) == loop.epoch:  # (not lost meanwhile)
-                self._parked[symbol] = _Parked(loop.engine, loop.epoch, self.recovered[symbol])
+        parked = [s for s, loop in loops.items() if clean and held.get(s) == loop.epoch]  # (not lost meanwhile)
+        for symbol in parked:
+            loop = loops[symbol]
+            self._parked[symbol] = _Parked(loop.engine, loop.epoch, self.recovered[symbol])
         if self._fanout is not None:
-            self._fanout.park(loops)
-            if not clean:
-                self._fanout.drop(loops)
+            self._fanout.park(parked)
+            self._fanout.drop([s for s in loops if s not in parked])
         self._ownership.release(instruments, partitions)
+        for symbol in loops:
+            self._metrics.forget_instrument(symbol)
         self._log.info("instruments given up", instruments={s: lp.engine.seq for s, lp in sorted(loops.items())},
-                       partitions=[f"{t}[{p}]" for t, p in sorted(partitions)], parked=clean,
+                       partitions=[f"{t}[{p}]" for t, p in sorted(partitions)], parked=sorted(parked),
                        elapsed_s=round(time.monotonic() - started, 3))
 
     def keep_only(self, instruments: Iterable[str]) -> None:
@@ -218,7 +220,8 @@ class Holdings:
             self._parked.pop(symbol, None)
         if self._fanout is not None:
             self._fanout.drop(symbols)
-        self._metrics.owned_instruments.set(len(self._ownership.instruments))
+        for symbol in symbols:
+            self._metrics.forget_instrument(symbol)
         if self.on_lost_partitions is not None:
             await self.on_lost_partitions(lost.partitions, lost.instruments)
 

@@ -13,6 +13,7 @@ Labels stay bounded: ``instrument`` (configured), ``reason`` (an enum),
 
 from __future__ import annotations
 
+import contextlib
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
@@ -180,6 +181,18 @@ class Metrics:
         if n:
             self.orders_received.labels(instrument).inc(n)
         self.queue_depth_gauge.labels(instrument).set(depth)
+
+    def forget_instrument(self, instrument: str) -> None:
+        """This process no longer owns ``instrument``: its gauges go (the owner's are the ones to read; counters
+        stay, they count what this process did)."""
+        for gauge, labels in ((self.book_orders, [(instrument,)]), (self.queue_depth_gauge, [(instrument,)]),
+                              (self.halted, [(instrument,)]), (self.seq, [(instrument,)]),
+                              (self.snapshot_age, [(instrument,)]), (self.published_seq, [(instrument,)]),
+                              (self.book_levels, [(instrument, "bid"), (instrument, "ask")]),
+                              (self.book_depth, [(instrument, "bid"), (instrument, "ask")])):
+            for values in labels:
+                with contextlib.suppress(KeyError):
+                    gauge.remove(*values)
 
     def published(self, seqs: Mapping[str, int]) -> None:
         for instrument, seq in seqs.items():

@@ -86,9 +86,9 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 class Followers:
     """Followers of every instrument, running in their own thread and event loop."""
 
-    def __init__(self, url: str, *, keep_messages: bool = False) -> None:
+    def __init__(self, url: str, *, keep_messages: bool = False, symbols: list[str] = SYMBOLS) -> None:
         settings = RedisSettings(enabled=True, url=url)
-        self.by_symbol = {sym: Follower(settings, sym, keep_messages=keep_messages) for sym in SYMBOLS}
+        self.by_symbol = {sym: Follower(settings, sym, keep_messages=keep_messages) for sym in symbols}
         self._loop = asyncio.new_event_loop()
         self._stop: asyncio.Event | None = None
         self._started = threading.Event()

@@ -151,12 +151,14 @@ class InputAccounting:
         self.replay_until.pop(key, None)
 
     def forget(self, keys: Iterable[Key]) -> None:
-        """The partitions were revoked."""
+        """The partitions were revoked (or lost to another process): where they are read from next time is
+        planned from the store."""
         keys = list(keys)
         self.tracker.forget(keys)
         self.batched.forget(keys)
         for key in keys:
             self.replay_until.pop(key, None)
+            self.position.pop(key, None)
 
     # ---------------------------------------------------------------- reporting
 

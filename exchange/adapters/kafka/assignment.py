@@ -80,7 +80,7 @@ class Assignment:
         # fetcher does not look for one) before the first await, resumed once it is sought to the plan's start.
         consumer.pause(*tps)
         for tp in tps:
-            consumer.seek(tp, accounting.position.get((tp.topic, tp.partition), 0))
+            consumer.seek(tp, 0)
         self._homes.counted(len(consumer.partitions_for_topic(self.topic) or ()))
         stored = await self._stored_offsets()
         for tp in tps:
@@ -92,8 +92,9 @@ class Assignment:
                 self.block(consumer, tp, plan.problem)
                 self.ready.add(key)
                 continue
-            # Records this process routed in an earlier assignment of the partition are not read again.
-            start = max(plan.start, accounting.position.get(key, 0))
+            # Read from the plan: what this process routed in an earlier assignment of the partition was made
+            # durable before it was given up (or, if that did not finish, its engine was reloaded from the store)
+            start = plan.start
             dead_through = await self._dead_letters.read_back(logs, tp, start)
             consumer.seek(tp, start)
             accounting.seek(key, start)

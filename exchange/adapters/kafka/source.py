@@ -485,6 +485,8 @@ class OrderSource:
         """Take the instruments of ``partitions`` before anything of them is read (they stay paused meanwhile)."""
         tps = sorted(partitions)
         consumer.pause(*tps)
+        for tp in tps:  # a position, so the fetcher does not look for one while the partition waits for its plan
+            consumer.seek(tp, 0)
         keys = [(tp.topic, tp.partition) for tp in tps]
         self._homes.counted(len(consumer.partitions_for_topic(self.topic) or ()))
         if self._ledger is not None:

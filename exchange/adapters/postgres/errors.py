@@ -2,9 +2,9 @@
 
 Errors of a commit (:func:`_commit_failure`): only what the batch's own content causes is final --
 SQLSTATE classes 22 (data exception) and 23 (integrity violation), ``exchange_commit_batch``'s own
-check (EXU01 rows missing), a batch that does not continue the stored sequence, and Python-side
-encoding errors of the batch's values -- and raises ``StoreUnavailable(retriable=False)`` with a
-message saying what to check. Everything else is the database going away, and the journal writer
+checks (EXU01 rows missing, EXU03 rows without an ownership epoch), a batch that does not continue
+the stored sequence, and Python-side encoding errors of the batch's values -- and raises
+``StoreUnavailable(retriable=False)`` with a message saying what to check. Everything else is the database going away, and the journal writer
 retries it with backoff: ``StoreUnavailable(retriable=True)`` for lost connections, whatever
 exception the driver raises for them (asyncpg's ``InternalClientError`` when the server ended a
 session under it, interface errors, a cancellation inside its pool), ``OSError``, timeouts, and
@@ -53,6 +53,8 @@ def _commit_failure(exc: BaseException, last: Mapping[str, int]) -> StoreUnavail
         state = exc.sqlstate or ""
         if state == "EXU01":
             return _rows_missing(exc.args[0] if exc.args else str(exc))
+        if state == "EXU03":  # rows without an ownership epoch: the batch itself is wrong
+            return StoreUnavailable(f"batch refused: {exc.args[0] if exc.args else exc}", retriable=False)
         refused = _unavailable(exc, doing)
         if state[:2] in _CONTENT_SQLSTATE_CLASSES or refused.retriable:
             return refused

@@ -154,7 +154,6 @@ class PostgresStore:
         self._step_rows = {symbol: (symbol, format(sc.tick, "f"), format(sc.lot, "f"))
                            for symbol, sc in self._server_scales.items()}
         self.one_statement_commits = 0  # how many batches took the one-statement path (tests)
-        self._taken: dict[str, int] = {}  # the epochs this store took last, per instrument
 
     def _scale(self, spec: Instrument) -> Scale:
         return self._scales[spec.symbol]
@@ -249,9 +248,6 @@ class PostgresStore:
         """
         acceptable(batch, self.specs)
         last = batch.last_seq()  # the batch's last seq per instrument
-        if last and all(symbol in self._progress and self._progress[symbol].seq >= seq
-                        and batch.epochs[symbol] == self._taken.get(symbol) for symbol, seq in last.items()):
-            return  # this store already committed it under the same epochs: a retry after success
         pool = self._require_pool()
         symbols = sorted(last)
         if not batch.snapshots and self._small(batch) and all(symbol in self._progress for symbol in symbols):
@@ -405,7 +401,6 @@ class PostgresStore:
         except Exception as exc:
             raise _unavailable(exc, "taking ownership of " + ", ".join(
                 [*sorted(instruments), *(f"{t}[{p}]" for t, p in sorted(partitions))])) from exc
-        self._taken.update(epochs.instruments)
         return epochs
 
     async def epochs(self, instruments: Sequence[str], partitions: Sequence[tuple[str, int]]) -> Epochs:

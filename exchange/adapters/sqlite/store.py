@@ -221,7 +221,6 @@ class SqliteStore:
         self._progress: dict[str, Progress] = {}
         self._positions: dict[str, dict[str, Position]] = {}
         self._scales = {symbol: _TextScale(spec) for symbol, spec in self.specs.items()}
-        self._taken: dict[str, int] = {}  # the epochs this store took last, per instrument
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -325,9 +324,6 @@ class SqliteStore:
     def _commit(self, batch: Batch) -> None:
         acceptable(batch, self.specs)
         last = batch.last_seq()
-        if last and all(symbol in self._progress and self._progress[symbol].seq >= seq
-                        and batch.epochs[symbol] == self._taken.get(symbol) for symbol, seq in last.items()):
-            return  # this store already committed it under the same epochs: a retry after success
         conn = self._db()
         symbols = sorted(last)
         loaded: dict[str, dict[str, Position]] = {}  # instruments whose state this attempt read from the file
@@ -459,7 +455,6 @@ class SqliteStore:
         except BaseException:
             conn.rollback()
             raise
-        self._taken.update(epochs.instruments)
         return epochs
 
     async def epochs(self, instruments: Sequence[str], partitions: Sequence[tuple[str, int]]) -> Epochs:
