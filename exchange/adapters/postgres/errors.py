@@ -5,11 +5,11 @@ SQLSTATE classes 22 (data exception) and 23 (integrity violation), ``exchange_co
 checks (EXU01 rows missing, EXU03 rows without an ownership epoch), a batch that does not continue
 the stored sequence, and Python-side encoding errors of the batch's values -- and raises
 ``StoreUnavailable(retriable=False)`` with a message saying what to check. Everything else is the
-database going away, and the journal writer retries it with backoff: ``StoreUnavailable(retriable=True)`` for lost connections, whatever
-exception the driver raises for them (asyncpg's ``InternalClientError`` when the server ended a
-session under it, interface errors, a cancellation inside its pool), ``OSError``, timeouts, and
-every other server error (a revoked privilege, a dropped table: an operator can put those right
-while the daemon waits).
+database going away, and the journal writer retries it with backoff: ``StoreUnavailable(retriable=True)``
+for lost connections, whatever exception the driver raises for them (asyncpg's ``InternalClientError``
+when the server ended a session under it, interface errors, a cancellation inside its pool),
+``OSError``, timeouts, and every other server error (a revoked privilege, a dropped table: an operator
+can put those right while the daemon waits).
 
 Outside commits (start-up, lookups: :func:`_unavailable`) lost connections, ``OSError``, timeouts
 and the server's transient classes (08, 40, 53, 57, 58) are retriable and anything else is not.
