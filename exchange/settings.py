@@ -303,6 +303,7 @@ ENV_OVERRIDES: dict[tuple[str, str], str] = {
     ("postgres", "dsn"): "EXCHANGE_POSTGRES_DSN",
     ("postgres", "password"): "EXCHANGE_POSTGRES_PASSWORD",
     ("redis", "password"): "EXCHANGE_REDIS_PASSWORD",
+    ("http", "port"): "EXCHANGE_HTTP_PORT",  # several processes on one host: one port each
 }
 
 # allowed values of string settings: (section, key) -> choices
@@ -325,8 +326,18 @@ _FILES = {("kafka", "ssl_cafile"), ("kafka", "ssl_certfile"), ("kafka", "ssl_key
 
 
 def _overridden(section: T, name: str, env: Mapping[str, str]) -> T:
-    """``section`` with the environment overrides of ``[name]`` applied."""
-    changes = {key: env[var] for (sec, key), var in ENV_OVERRIDES.items() if sec == name and var in env}
+    """``section`` with the environment overrides of ``[name]`` applied (an integer setting's as an integer)."""
+    changes: dict[str, Any] = {}
+    for (sec, key), var in ENV_OVERRIDES.items():
+        if sec != name or var not in env:
+            continue
+        value: Any = env[var]
+        if isinstance(getattr(section, key), int):
+            try:
+                value = int(value)
+            except ValueError:
+                raise ConfigError(f"{var}={value!r}: [{name}] {key} must be an integer") from None
+        changes[key] = value
     return replace(section, **changes) if changes else section  # type: ignore[type-var]
 
 

@@ -36,12 +36,13 @@ def service(name: str) -> dict[str, Any]:
 
 
 def published(svc: dict[str, Any]) -> dict[int, str]:
-    """container port -> host address, from ``"127.0.0.1:8080:8080"`` entries (same port on both sides)."""
+    """container port -> host address, from ``"127.0.0.1:8080:8080"`` entries (the same port on both sides, or a
+    range that starts with it: one host port per process of a scaled service)."""
     out = {}
     for entry in svc.get("ports", []):
         parts = str(entry).split(":")
         host_ip = parts[0] if len(parts) == 3 else "0.0.0.0"
-        assert parts[-2] == parts[-1], f"{entry}: the host port differs from the container port"
+        assert parts[-2].split("-")[0] == parts[-1], f"{entry}: the host port differs from the container port"
         out[int(parts[-1])] = host_ip
     return out
 
@@ -86,9 +87,12 @@ def test_the_daemon_config_agrees_with_the_stack() -> None:
     assert (dsn.hostname, dsn.port or 5432, dsn.path.lstrip("/"), dsn.username) == (
         "postgres", 5432, pg_env["POSTGRES_DB"], pg_env["POSTGRES_USER"])
     assert 5432 in published(service("postgres"))
-    # HTTP: listens on all interfaces in the container, published on the host's loopback only
+    # HTTP: listens on all interfaces in the container, published on the host's loopback only, one host port per
+    # process of `docker compose up --scale exchange=N`
     assert settings.http.host == "0.0.0.0"
     assert published(exchange) == {settings.http.port: "127.0.0.1"}
+    low, high = map(int, exchange["ports"][0].split(":")[1].split("-"))
+    assert high - low + 1 >= 3, "room for several processes"
     for name in compose()["services"]:
         assert set(published(service(name)).values()) <= {"127.0.0.1"}, f"{name} publishes beyond localhost"
 
@@ -102,8 +106,9 @@ def test_prometheus_scrapes_the_daemon() -> None:
     jobs = {job["job_name"]: job for job in prom["scrape_configs"]}
     job = jobs["exchange"]
     assert job.get("metrics_path", "/metrics") == "/metrics"
-    targets = [t for group in job["static_configs"] for t in group["targets"]]
-    assert targets == [f"exchange:{settings.http.port}"]
+    # every process of the (scaled) service: DNS discovery of the service name, each address on the daemon's port
+    assert [(d["names"], d["type"], d["port"]) for d in job["dns_sd_configs"]] == [
+        (["exchange"], "A", settings.http.port)]
 
 
 def test_grafana_is_provisioned_from_config() -> None:

@@ -88,6 +88,15 @@ def test_environment_overrides_connection_strings_and_secrets(tmp_path: Path) ->
     assert load_settings(path, env={}).kafka.sasl_password == "file-secret"
 
 
+def test_each_process_on_a_host_gets_its_http_port_from_the_environment(tmp_path: Path) -> None:
+    """Several engine processes on one host share one configuration file: ``EXCHANGE_HTTP_PORT`` sets each one's."""
+    path = write(tmp_path, "[http]\nport = 8080\n")
+    assert load_settings(path, env={"EXCHANGE_HTTP_PORT": "8081"}).http.port == 8081
+    assert load_settings(path, env={}).http.port == 8080
+    with pytest.raises(ConfigError, match=r"EXCHANGE_HTTP_PORT='x': \[http\] port must be an integer"):
+        load_settings(path, env={"EXCHANGE_HTTP_PORT": "x"})
+
+
 def test_kafka_options_plaintext_sasl_and_tls() -> None:
     assert client_options(KafkaSettings()) == {"security_protocol": "PLAINTEXT"}
     sasl = client_options(KafkaSettings(security_protocol="SASL_PLAINTEXT", sasl_mechanism="SCRAM-SHA-512",
