@@ -210,18 +210,18 @@ class Holdings:
 
     async def lose(self, lost: Epochs) -> None:
         """Another process took these (a fenced commit, or the lease check): stop at once, forget them."""
-        symbols = [s for s, epoch in lost.instruments.items() if s in self.loops and self.loops[s].epoch == epoch]
-        for symbol in symbols:
-            del self.loops[symbol]
-            task = self._tasks.pop(symbol, None)
-            if task is not None:
-                task.cancel()
-        for symbol in lost.instruments:
+        # (``lost`` holds only what this process still held under those epochs: nothing it took again since)
+        for symbol, epoch in lost.instruments.items():
+            loop = self.loops.get(symbol)
+            if loop is not None and loop.epoch == epoch:  # (else being given up already: release ends it)
+                del self.loops[symbol]
+                task = self._tasks.pop(symbol, None)
+                if task is not None:
+                    task.cancel()
             self._parked.pop(symbol, None)
-        if self._fanout is not None:
-            self._fanout.drop(symbols)
-        for symbol in symbols:
             self._metrics.forget_instrument(symbol)
+        if self._fanout is not None:
+            self._fanout.drop(lost.instruments)  # nothing more goes out for them, heartbeats included
         if self.on_lost_partitions is not None:
             await self.on_lost_partitions(lost.partitions, lost.instruments)
 

@@ -258,6 +258,10 @@ def test_processes_share_the_instruments_and_survive_a_kill_a_freeze_and_a_late_
             seq = msg["seq"]
         trades = sorted({t["trade_id"] for m in follower.received if m["type"] == "trades" for t in m["trades"]})
         assert trades == [e.trade_id for e in expected[symbol] if type(e).__name__ == "OrderFilled"]
+        # a stale owner's heartbeat would go back in seq: none did (b, frozen, published nothing when it woke)
+        beats = [(m["seq"], m["time_ns"]) for m in follower.received if m["type"] == "heartbeat"]
+        back = [(a, b) for a, b in zip(beats, beats[1:], strict=False) if b[0] < a[0]]
+        assert not back, f"{symbol}: a heartbeat went back in seq: {back[:3]}"
     # order events (Kafka): every seq of every instrument, none missing after deduplication
     records = asyncio.run(read_topic(kafka.bootstrap_servers, f"{topic}.events", sum(final.values()), wait_s=60.0,
                                      count=lambda r: len(json.loads(r.value).get("events", ())), linger_s=1.0))

@@ -468,7 +468,8 @@ class OrderSource:
         try:
             await self._take(consumer, partitions)
             if partitions:
-                await self._assignment.assign(consumer, self._logs, partitions)
+                await self._retrying("planning the assigned partitions",
+                                     lambda: self._assignment.assign(consumer, self._logs, partitions))
             self._assigned_once = True
             self._replay_started = time.monotonic()
             self._next_progress_log = self._replay_started + 1.0
@@ -489,8 +490,10 @@ class OrderSource:
             consumer.seek(tp, 0)
         keys = [(tp.topic, tp.partition) for tp in tps]
         self._homes.counted(len(consumer.partitions_for_topic(self.topic) or ()))
-        if self._ledger is not None:
-            self._homes.refresh(await self._retrying(lambda: self._ledger.input_offsets(self.topic)))  # type: ignore[union-attr]
+        ledger = self._ledger
+        if ledger is not None:
+            self._homes.refresh(await self._retrying("reading the stored input offsets",
+                                                     lambda: ledger.input_offsets(self.topic)))
         by_partition = {key: self._homes.instruments_on([key[1]]) for key in keys}
         instruments = [symbol for key in keys for symbol in by_partition[key]]
         self._log.info("partitions assigned", partitions=[p for _, p in keys], instruments=instruments)
@@ -500,15 +503,16 @@ class OrderSource:
             self._accounting.adopt(offsets)
         self._owned.update(by_partition)
 
-    async def _retrying(self, read: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    async def _retrying(self, doing: str, attempt: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+        """``attempt()``, again while the store answers with a transient error (the database restarting)."""
         delay = 0.1
         while True:
             try:
-                return await read()
+                return await attempt()
             except StoreUnavailable as exc:
                 if not exc.retriable or self._stopping.is_set():
                     raise
-                self._log.warning("reading the stored input offsets failed; retrying", error=str(exc))
+                self._log.warning(f"{doing} failed; retrying", retry_in_s=round(delay, 2), error=str(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
