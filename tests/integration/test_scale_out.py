@@ -23,7 +23,8 @@ import json
 import signal
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,9 @@ from exchange.core.instruments import Instrument
 from exchange.ports import Applied, Batch
 from tests.integration.daemon import DaemonProcess, free_port, produce, read_topic, write_config
 from tests.integration.expect import encoded, replay_messages, stored_state, wait_for_seq
-from tests.integration.test_fanout import REDIS_OPTIONS, Followers, RedisServer
+from tests.integration.test_fanout import REDIS_OPTIONS, Followers
 from tests.support.broker import KafkaBroker
+from tests.support.redis_server import RedisServer
 from tests.support.verify import verify
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -60,17 +62,6 @@ PARTITIONS = 8
 N_MESSAGES = 16_000
 SEED = 20261207
 SESSION_TIMEOUT_S = 1.0  # write_config's [kafka] session_timeout_ms
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        if server.proc is not None:
-            server.kill()
 
 
 class Cluster:
@@ -260,7 +251,7 @@ def test_processes_share_the_instruments_and_survive_a_kill_a_freeze_and_a_late_
         assert trades == [e.trade_id for e in expected[symbol] if type(e).__name__ == "OrderFilled"]
         # a stale owner's heartbeat would go back in seq: none did (b, frozen, published nothing when it woke)
         beats = [(m["seq"], m["time_ns"]) for m in follower.received if m["type"] == "heartbeat"]
-        back = [(a, b) for a, b in zip(beats, beats[1:], strict=False) if b[0] < a[0]]
+        back = [(a, b) for a, b in pairwise(beats) if b[0] < a[0]]
         assert not back, f"{symbol}: a heartbeat went back in seq: {back[:3]}"
     # order events (Kafka): every seq of every instrument, none missing after deduplication
     records = asyncio.run(read_topic(kafka.bootstrap_servers, f"{topic}.events", sum(final.values()), wait_s=60.0,
