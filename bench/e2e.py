@@ -583,7 +583,7 @@ async def rebalance_phase(args: argparse.Namespace, dsn: str, group: Group, boot
     leaver = group.running[-1]
     survivors = group.running[:-1]
     moved = {s for s, o in owners.items() if group.daemons[o] is leaver}
-    before = group.metrics(survivors)
+    metrics_before = group.metrics(survivors)
     plan, total, t0_ns = build_plan(args.rate, args.rebalance_seconds, flow, expect)
     say(f"phase 3: {args.rate:,} orders/s for {args.rebalance_seconds}s ({total:,} orders); SIGTERM to daemon "
         f"{group.daemons.index(leaver)} (owns {', '.join(sorted(moved))}) 1 s in")
@@ -602,10 +602,10 @@ async def rebalance_phase(args: argparse.Namespace, dsn: str, group: Group, boot
         raise leave.error
     assert leaver.terminate(timeout=60) == 0, leaver.tail()  # exited already: its code, and its log closed
     group.running.remove(leaver)
-    after = group.metrics(survivors)
-    pause_sum, pause_count = _delta(_histogram(after, "exchange_rebalance_pause_seconds"),
-                                    _histogram(before, "exchange_rebalance_pause_seconds"))
-    rebalances = _counter(after, "exchange_rebalances_total") - _counter(before, "exchange_rebalances_total")
+    metrics = group.metrics(survivors)
+    pause_sum, pause_count = _delta(_histogram(metrics, "exchange_rebalance_pause_seconds"),
+                                    _histogram(metrics_before, "exchange_rebalance_pause_seconds"))
+    rebalances = _counter(metrics, "exchange_rebalances_total") - _counter(metrics_before, "exchange_rebalances_total")
     t_term, t_settled = leave.t_term, leave.t_settled
 
     def after(event: str, prefix: bool = False, last: bool = False) -> float:
@@ -636,7 +636,8 @@ async def rebalance_phase(args: argparse.Namespace, dsn: str, group: Group, boot
             "survivors_assigned_s": after("partitions assigned"),
             "survivors_taken_s": after("instruments taken"),
             "survivors_planned_s": after("partition assigned", last=True),
-            "survivors_caught_up_s": after("replay done; caught up with the input"),
+            # the last: a survivor may also log one between its revocation and its new assignment (nothing assigned)
+            "survivors_caught_up_s": after("replay done; caught up with the input", last=True),
             "pause_sum_s": round(pause_sum, 3), "pause_count": int(pause_count),
             "pause_mean_s": round(pause_sum / pause_count, 3) if pause_count else math.nan,
             "rebalances": int(rebalances), "join_requests": joins,
@@ -895,6 +896,7 @@ def main() -> None:
     args = parser.parse_args()
 
     counts: list[int] = args.processes
+    layout: tuple[tuple[Instrument, ...], int, bool]
     if counts == [1] and args.partitions is None:
         layout = (INSTRUMENTS, PARTITIONS, False)  # today's benchmark
     else:

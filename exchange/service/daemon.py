@@ -77,7 +77,9 @@ class Daemon:
     @property
     def ready(self) -> bool:
         """Serving, its instruments taken, and caught up with their input."""
-        return self._serving and self.recovered and self.source is not None and self.source.caught_up
+        source = self.source
+        return (self._serving and self.recovered and source is not None and source.caught_up
+                and not (isinstance(source, OrderSource) and source.rebalancing_since is not None))
 
     def request_stop(self) -> None:
         self._stop.set()

@@ -68,6 +68,8 @@ class LogReader:
             reader.assign([dead_letters])
             begin = (await reader.beginning_offsets([dead_letters]))[dead_letters]
             end = (await reader.end_offsets([dead_letters]))[dead_letters]
+            if end <= begin:
+                return -1  # an empty partition (a broker that reports the last batch's start says at least begin+1)
             window, hi = _FIRST_WINDOW, None
             while True:
                 lo = max(begin, end - window)

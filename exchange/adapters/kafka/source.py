@@ -52,7 +52,6 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
 from aiokafka.errors import KafkaError, NoOffsetForPartitionError, OffsetOutOfRangeError
 
@@ -80,9 +79,10 @@ _POLL_MS = 50
 _ROUTE_SLICE = 200  # records routed between yields to the event loop
 _MAX_RECORDS = 1000  # per poll: bounds how long routing holds the event loop (a few ms)
 _REVIEW_S = 2.0  # how often blocked partitions are looked at again (an operator's reset, a log that came back)
-# sticky first: a member joining or leaving moves only the partitions it must (the others keep their books);
-# round robin, aiokafka's default, as well, so that a group keeps working while its members are upgraded
-_ASSIGNORS = (StickyPartitionAssignor, RoundRobinPartitionAssignor)
+# sticky: a member joining or leaving moves only the partitions it must (the others keep their books). One assignor
+# only: aiokafka (0.14) sends one JoinGroup request per configured assignor at every rebalance, and a broker holds
+# each of them for a join round. Every member of the group must name it (README: scale-out, upgrades).
+_ASSIGNORS = (StickyPartitionAssignor,)
 
 
 class OrderSource:
@@ -368,8 +368,8 @@ class OrderSource:
 
     def _check_caught_up(self) -> None:
         accounting = self._accounting
-        if not self._assigned_once or self._assigning:
-            return
+        if not self._assigned_once or self._assigning or self.rebalancing_since is not None:
+            return  # (between partitions revoked and the new ones assigned there is nothing to catch up with)
         behind = accounting.behind(self._assignment.unread)
         self._metrics.recovery_replayed.set(self.replayed)
         self._metrics.recovery_behind.set(behind)
