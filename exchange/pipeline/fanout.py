@@ -218,16 +218,13 @@ class FanOut:
             if builder is not None:
                 self._parked[symbol] = builder
 
-    def unpark(self, symbols: Iterable[str]) -> list[str]:
-        """Publish these parked instruments again; returns those that were not parked (to :meth:`adopt`)."""
-        missing = []
-        for symbol in symbols:
-            builder = self._parked.pop(symbol, None)
-            if builder is None:
-                missing.append(symbol)
-            else:
-                self.builders[symbol] = builder
-        return missing
+    def unpark(self, symbol: str) -> bool:
+        """Publish this parked instrument again (taken back with nothing written meanwhile); False if its view was
+        not kept (then :meth:`adopt` it)."""
+        builder = self._parked.pop(symbol, None)
+        if builder is not None:
+            self.builders[symbol] = builder
+        return builder is not None
 
     def drop(self, symbols: Iterable[str]) -> None:
         """Forget these for good (another process owns them): nothing of theirs is published from now on."""

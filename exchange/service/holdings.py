@@ -115,8 +115,8 @@ class Holdings:
         for symbol in instruments:
             if symbol in kept:
                 engine, rec = kept[symbol]
-                if self._fanout is not None:
-                    self._fanout.unpark([symbol])
+                if self._fanout is not None and not self._fanout.unpark(symbol):
+                    await self._fanout.adopt(symbol, engine.export_state(window=False), history)
             else:
                 rec = loaded[symbol]
                 engine = MatchingEngine.from_state(self._specs[symbol], rec.state)

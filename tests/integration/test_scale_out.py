@@ -221,9 +221,14 @@ def test_processes_share_the_instruments_and_survive_a_kill_a_freeze_and_a_late_
                             "batch is committed":
             assert set(line["instruments"]) <= set(frozen)
     assert {s: e for s, e in epochs_while_frozen.items() if s in frozen}, "a took b's instruments under new epochs"
+    taken = []
     for name in ("a", "b", "c", "d"):
-        logged = (tmp_path / f"{name}.log").read_text()
-        assert '"event": "partitions assigned"' in logged or '"event":"partitions assigned"' in logged
+        log = [json.loads(line) for line in (tmp_path / f"{name}.log").read_text().splitlines()
+               if line.startswith("{")]
+        assert any(line["event"] == "partitions assigned" for line in log), f"{name} never logged its assignment"
+        taken += [line for line in log if line["event"] == "instruments taken"]
+    # a partition a rebalance gives back to the same process keeps its book: nothing is loaded again
+    assert any(line["kept"] for line in taken), "no book was kept across a rebalance"
 
     # the database equals one uninterrupted run of the same input
     clean_dsn = pg_factory()
