@@ -219,6 +219,7 @@ class Holdings:
                 if task is not None:
                     task.cancel()
             self._parked.pop(symbol, None)
+            self.recovered.pop(symbol, None)
             self._metrics.forget_instrument(symbol)
         if self._fanout is not None:
             self._fanout.drop(lost.instruments)  # nothing more goes out for them, heartbeats included
