@@ -77,9 +77,9 @@ __all__ = [
     "acceptable",
     "already_durable",
     "derive_rows",
-    "different_events",
     "finished_statuses",
     "open_statuses",
+    "same_as_stored",
 ]
 
 # The shape of every row kind, defined here only: the rows are tuples (or lists) of these fields in this
@@ -439,12 +439,18 @@ def acceptable(batch: Batch, specs: Mapping[str, Instrument]) -> None:
                                "is prepared under the epochs its writer took (Store.take)", retriable=False)
 
 
-def different_events(rows: BatchRows, stored: Mapping[str, Sequence[bytes]]) -> list[str]:
-    """For a batch found already durable: the instruments whose stored events in the batch's seq range are not
-    byte for byte the batch's own (``stored``: per instrument, the payloads of those seqs in order). A lost
-    acknowledgement is recognised by content, so a different batch for the same seqs -- another writer's --
-    is never answered "already durable"."""
+def same_as_stored(rows: BatchRows, stored: Mapping[str, Sequence[bytes]]) -> None:
+    """For a batch found already durable: refuse it for good (:class:`StoreUnavailable`) unless the stored events
+    in its seq range are its own, byte for byte (``stored``: per instrument, the payloads of those seqs in order).
+    A lost acknowledgement is recognised by content, so a different batch for the same seqs -- another writer's,
+    or an engine that did not start from the stored state -- is never answered "already durable"."""
     mine: dict[str, list[bytes]] = {}
     for row in rows.events:
         mine.setdefault(row[_EV_INSTRUMENT], []).append(bytes(row[_EV_PAYLOAD]))
-    return sorted(symbol for symbol, payloads in mine.items() if list(map(bytes, stored.get(symbol, ()))) != payloads)
+    differ = sorted(symbol for symbol, payloads in mine.items()
+                    if list(map(bytes, stored.get(symbol, ()))) != payloads)
+    if differ:
+        raise StoreUnavailable(
+            f"batch refused: the seqs it holds of {', '.join(differ)} are stored already, with other events: another "
+            "writer committed them, or this engine did not start from the stored state. Stop the daemon and run "
+            "`exchange recover --verify`.", retriable=False)

@@ -22,8 +22,8 @@ from typing import Any
 import msgspec
 
 from exchange.adapters.postgres.connection import _Conn
-from exchange.ports import Batch, Epochs, Fenced, StoreUnavailable
-from exchange.projections.rows import BatchRows, different_events
+from exchange.ports import Batch, Epochs, Fenced
+from exchange.projections.rows import BatchRows, same_as_stored
 
 # Taking ownership: a new epoch per instrument and partition. The rows are locked in one (sorted) order; a commit
 # under the old epoch holds them FOR SHARE, so a take waits for it to end -- at most lock_timeout here, then the
@@ -86,13 +86,8 @@ def _fenced(answer: str) -> Fenced:
 
 
 async def _same_as_stored(conn: _Conn, rows: BatchRows) -> None:
-    """A batch found already durable must be the very batch stored: its events are compared with the stored ones
-    byte for byte (:func:`~exchange.projections.rows.different_events`); else it is refused for good."""
-    stored = {symbol: [r[0] for r in await conn.fetch(_SQL_STORED_PAYLOADS, symbol, first, rows.progress[symbol].seq)]
-              for symbol, first in rows.first_seq.items()}
-    differ = different_events(rows, stored)
-    if differ:
-        raise StoreUnavailable(
-            f"batch refused: the seqs it holds of {', '.join(differ)} are stored already, with other events: another "
-            "writer committed them, or this engine did not start from the stored state. Stop the daemon and run "
-            "`exchange recover --verify`.", retriable=False)
+    """A batch found already durable must be the very batch stored
+    (:func:`~exchange.projections.rows.same_as_stored`): its stored events are read back for the comparison."""
+    same_as_stored(rows, {symbol: [r[0] for r in await conn.fetch(_SQL_STORED_PAYLOADS, symbol, first,
+                                                                  rows.progress[symbol].seq)]
+                          for symbol, first in rows.first_seq.items()})

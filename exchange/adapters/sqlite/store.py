@@ -11,7 +11,11 @@ same rules as :class:`~exchange.adapters.postgres.PostgresStore`:
 - the batch must continue each instrument's stored sequence exactly (read
   inside the transaction, which ``BEGIN IMMEDIATE`` makes the only writer of the
   file); a gap or an overlap is refused and not retried, and a batch that is
-  already durable (its acknowledgement was lost) succeeds without writing twice;
+  already durable (its acknowledgement was lost, recognised by its events) succeeds
+  without writing twice;
+- the batch's ownership epochs are checked first in that transaction, as in
+  PostgreSQL (:class:`~exchange.ports.Fenced`); the file itself is held by one
+  engine process (``exclusive``: a lock file), which SQLite is for;
 - every update must hit an open order row; snapshots beyond ``snapshot_keep``
   per instrument are pruned in the same transaction.
 
@@ -71,7 +75,7 @@ from exchange.projections.rows import (
     acceptable,
     already_durable,
     derive_rows,
-    different_events,
+    same_as_stored,
 )
 
 __all__ = ["SYNCHRONOUS_MODES", "SqliteStore"]
@@ -342,14 +346,9 @@ class SqliteStore:
                 progress = {**self._progress, **{s: stored.get(s) or Progress() for s in missing}}
             rows = derive_rows(batch, self.specs, progress, {**self._positions, **loaded}, self._scale)
             if already_durable(rows, stored):
-                differ = different_events(rows, {symbol: [r[0] for r in conn.execute(
+                same_as_stored(rows, {symbol: [r[0] for r in conn.execute(
                     "SELECT payload FROM order_events WHERE instrument = ? AND seq >= ? AND seq <= ? ORDER BY seq",
                     (symbol, first, rows.progress[symbol].seq))] for symbol, first in rows.first_seq.items()})
-                if differ:
-                    raise StoreUnavailable(
-                        f"batch refused: the seqs it holds of {', '.join(differ)} are stored already, with other "
-                        "events: another writer committed them, or this engine did not start from the stored "
-                        "state. Stop the daemon and run `exchange recover --verify`.", retriable=False)
                 conn.rollback()
                 # an earlier attempt committed but its acknowledgement was lost: nothing to write;
                 # forget the cached state of these instruments, it is read from the file again
