@@ -469,6 +469,10 @@ class FanOut:
                 now_ns = self._clock_ns()
                 commands: list[Outgoing] = []
                 for symbol, builder in self.builders.items():
+                    if symbol in self._backlog:
+                        # adopted while this tick waited: its view is at the watermark, behind what the previous
+                        # owner published; nothing of it goes out before its stored events are re-published
+                        continue
                     if reconnected or self._key_seq.get(symbol) != builder.seq:
                         commands.append(("set", names("book", symbol), builder.book()))
                         self._key_at[symbol] = now

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import pytest
 
+from exchange.core.events import Event
 from exchange.pipeline.fanout import _ROUND_EVENTS, FanOut, MemorySink
-from exchange.ports import Applied, Batch, SinkUnavailable
+from exchange.pipeline.ownership import Ownership
+from exchange.ports import Applied, Batch, Epochs, SinkUnavailable
 from exchange.settings import ConfigError, RedisSettings, load_settings
 from tests.integration._workload import SPECS, Workload
 
@@ -163,6 +165,76 @@ def test_a_backlog_is_published_in_rounds_of_bounded_size() -> None:
         assert max(output.rounds) < _ROUND_EVENTS + biggest_batch
         for symbol in pub.published:
             assert pub.published[symbol] == work.engines[symbol].seq
+
+    asyncio.run(main())
+
+
+class EventHistory:
+    """The stored events of a workload, no snapshots (what :meth:`FanOut.adopt` rebuilds a view from)."""
+
+    def __init__(self, work: Workload) -> None:
+        self._events = work.events
+
+    async def latest_snapshot(self, instrument: str, max_seq: int | None = None) -> None:
+        return None
+
+    async def read_events(self, instrument: str, after_seq: int,
+                          upto_seq: int | None = None) -> AsyncIterator[Sequence[Event]]:
+        yield [e for e in self._events if e.instrument == instrument and after_seq < e.seq
+               and (upto_seq is None or e.seq <= upto_seq)]
+
+
+class Watermarks:
+    def __init__(self, seqs: dict[str, int]) -> None:
+        self.seqs = seqs
+
+    async def published_seqs(self) -> dict[str, int]:
+        return dict(self.seqs)
+
+    async def record_published(self, seqs: Mapping[str, int]) -> None:
+        self.seqs.update(seqs)
+
+
+def test_an_instrument_adopted_during_a_tick_sends_no_heartbeat_behind_its_previous_owner() -> None:
+    """Taken from another process, an instrument's view starts at the stored watermark, behind what that
+    process published: its heartbeat and book key wait until the stored events are re-published."""
+    async def main() -> None:
+        work, _ = _batches(300)
+        symbol = SPECS[0].symbol
+        durable = work.engines[symbol].seq
+        assert durable > 20
+        gate = asyncio.Event()
+        reads = 0
+
+        async def read(instruments: Sequence[str], partitions: Sequence[tuple[str, int]]) -> Epochs:
+            nonlocal reads
+            reads += 1
+            await gate.wait()
+            return Epochs({s: 1 for s in instruments}, {})
+
+        ownership = Ownership(read, lease_s=60.0)
+        ownership.hold(Epochs({s.symbol: 1 for s in SPECS}, {}))
+        sink = MemorySink()
+        beats = sink.subscribe(_names("heartbeat", symbol))
+        pub = FanOut({s.symbol: s for s in SPECS}, kafka=RoundOutput(), sink=sink, names=_names,
+                     heartbeat_s=0.01, book_refresh_s=0.0, progress=Watermarks({symbol: durable // 2}),
+                     ownership=ownership)
+        history = EventHistory(work)
+        await pub.prepare({s.symbol: Workload(seed=0).engines[s.symbol].export_state() for s in SPECS[1:]},
+                          history)
+        await pub.start()
+        task = asyncio.create_task(pub.run())
+        await _until(lambda: reads == 1)  # the first tick waits for its confirmation
+        await pub.adopt(symbol, work.engines[symbol].export_state())
+        gate.set()
+        await _until(lambda: pub.published.get(symbol) == durable and beats.qsize() > 0)
+        await pub.close()
+        await task
+        seqs = []
+        while not beats.empty():
+            seqs.append(json.loads(await beats.get())["seq"])
+        assert seqs and set(seqs) == {durable}, seqs
+        assert json.loads(sink.keys[_names("book", symbol)])["seq"] == durable
 
     asyncio.run(main())
 
