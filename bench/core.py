@@ -5,6 +5,7 @@
     python bench/core.py --baseline      # the bare SortedDict-of-deques loop, for scale
     python bench/core.py --decode        # the edge instead: wire message -> command, per second
     python bench/core.py --snapshot      # a periodic snapshot's work on the event loop, full dedupe window
+    python bench/core.py --balances      # the same flow with balances off and on, interleaved
 
 The flow is deterministic (seeded): limit orders around a moving mid price,
 cancels of live orders, amends, market orders and IOC limits that sweep several
@@ -22,6 +23,12 @@ flow of three instruments.
 periodic snapshot costs the daemon's event loop: the engine's image, its state
 hash and its JSON encoding, as the snapshot and the journal writer make them;
 then the same with the dedupe window in the image, as snapshots held it before.
+
+``--balances`` times the flow on an instrument without balances and on the same instrument keeping
+them (maker 1 bp, taker 5 bp, a price band wide enough for every market order of the flow; every
+client funded beforehand by untimed deposits large enough that no order is refused, so both runs
+match the same orders), interleaved 2,000 commands at a time so that the machine's drift falls on
+both alike, and reports the median ratio of at least 5 passes.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from exchange import (
     StpMode,
     TimeInForce,
 )
+from exchange.core.commands import Deposit
 
 SYMBOL = "BENCH"
 SPEC = Instrument.from_decimals(SYMBOL, tick_size="0.01", lot_size="1", stp_default=StpMode.NONE)
@@ -134,6 +142,47 @@ def run_core(commands: list[Command]) -> tuple[float, int, int, MatchingEngine]:
     elapsed = time.perf_counter() - start
     n_trades = engine.next_trade_id - 1
     return elapsed, n_events, n_trades, engine
+
+
+BALANCES_SPEC = Instrument.from_decimals(SYMBOL, tick_size="0.01", lot_size="1", stp_default=StpMode.NONE,
+                                         price_band_bps=10_000, balances=True, base_asset="B", quote_asset="Q",
+                                         maker_fee_bps=1, taker_fee_bps=5)
+
+
+def run_balances(commands: list[Command], repeat: int, chunk: int = 2_000) -> None:
+    """The flow with balances off and on, interleaved: two engines take the same commands ``chunk`` at a time,
+    in turns (which goes first alternates), so that the machine's drift, which is large on a shared machine
+    even between two runs in a row, falls on both alike. Per pass the ratio of the two rates; the median of the
+    passes is the figure, with their range."""
+    clients = sorted({c.client_id for c in commands})
+    funding = [cmd for i, client in enumerate(clients) for cmd in (
+        Deposit(SYMBOL, client, "B", 10**9, f"b{i}"), Deposit(SYMBOL, client, "Q", 10**13, f"q{i}"))]
+    chunks = [commands[i:i + chunk] for i in range(0, len(commands), chunk)]
+    ratios, rates = [], []
+    for run in range(repeat):
+        engines = {"off": MatchingEngine(dataclasses.replace(BALANCES_SPEC, balances=False)),
+                   "on": MatchingEngine(BALANCES_SPEC)}
+        for cmd in funding:
+            engines["on"].apply(cmd)
+        elapsed = {"off": 0.0, "on": 0.0}
+        gc.collect()
+        for n, part in enumerate(chunks):
+            for mode in ("off", "on") if n % 2 == 0 else ("on", "off"):
+                apply = engines[mode].apply
+                start = time.perf_counter()
+                for cmd in part:
+                    apply(cmd)
+                elapsed[mode] += time.perf_counter() - start
+        trades = {mode: engine.next_trade_id - 1 for mode, engine in engines.items()}
+        assert trades["on"] == trades["off"], f"balances changed what traded: {trades}"
+        ratios.append(elapsed["off"] / elapsed["on"])
+        rates.append((len(commands) / elapsed["off"], len(commands) / elapsed["on"]))
+        print(f"  pass {run + 1}/{repeat}: off {rates[-1][0]:,.0f} commands/s, on {rates[-1][1]:,.0f}, on/off "
+              f"{ratios[-1]:.3f} ({trades['on']:,} trades each)", file=sys.stderr, flush=True)
+    order = sorted(range(repeat), key=ratios.__getitem__)
+    mid = order[len(order) // 2]
+    print(f"balances on/off: {ratios[mid]:.3f} (median of {repeat} passes, {min(ratios):.3f} - {max(ratios):.3f}); "
+          f"that pass: {rates[mid][0]:,.0f} commands/s off, {rates[mid][1]:,.0f} on")
 
 
 def run_baseline(commands: list[Command]) -> float:
@@ -285,6 +334,7 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true", help="measure one million resting orders instead")
     parser.add_argument("--decode", action="store_true", help="time wire message -> command instead")
     parser.add_argument("--snapshot", action="store_true", help="time a snapshot with a full dedupe window instead")
+    parser.add_argument("--balances", action="store_true", help="time the flow with balances off and on instead")
     parser.add_argument("--orders", type=int, default=1_000_000,
                         help="resting orders for --memory; finished orders (the window) for --snapshot")
     parser.add_argument("--levels", type=int, default=2_000, help="price levels per side for --memory")
@@ -300,6 +350,9 @@ def main() -> None:
         return
     print(f"generating {args.commands:,} commands (seed {args.seed})", file=sys.stderr)
     commands = generate(args.commands, args.seed)
+    if args.balances:
+        run_balances(commands, max(args.repeat, 5))
+        return
     best = float("inf")
     for run in range(args.repeat):
         elapsed, n_events, n_trades, engine = run_core(commands)

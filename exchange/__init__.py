@@ -17,13 +17,16 @@ from exchange.core.commands import (
     CancelOrder,
     ClearBook,
     Command,
+    Deposit,
     HaltInstrument,
     PlaceOrder,
     RejectInput,
     ResumeInstrument,
+    Withdraw,
 )
 from exchange.core.events import (
     BookCleared,
+    Deposited,
     Event,
     InstrumentHalted,
     InstrumentResumed,
@@ -33,6 +36,7 @@ from exchange.core.events import (
     OrderExpired,
     OrderFilled,
     OrderRejected,
+    Withdrawn,
 )
 from exchange.core.instruments import ConversionError, Instrument
 from exchange.core.matching import Exchange, MatchingEngine
@@ -48,6 +52,8 @@ __all__ = [
     "ClearBook",
     "Command",
     "ConversionError",
+    "Deposit",
+    "Deposited",
     "EngineState",
     "Event",
     "Exchange",
@@ -71,4 +77,6 @@ __all__ = [
     "Side",
     "StpMode",
     "TimeInForce",
+    "Withdraw",
+    "Withdrawn",
 ]

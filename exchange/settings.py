@@ -36,6 +36,7 @@ __all__ = [
     "PostgresSettings",
     "PublisherSettings",
     "RedisSettings",
+    "RiskSettings",
     "Settings",
     "SourceSettings",
     "StorageSettings",
@@ -175,6 +176,11 @@ class RedisSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RiskSettings:
+    balances: bool = False  # every instrument keeps balances unless its [[instruments]] entry says otherwise
+
+
+@dataclass(frozen=True, slots=True)
 class LogSettings:
     level: str = "info"
     format: str = "auto"  # json | console | auto (console on a terminal)
@@ -194,6 +200,7 @@ class Settings:
     storage: StorageSettings = StorageSettings()
     order_source: SourceSettings = SourceSettings()  # the [source] section (``source`` is the file read)
     publisher: PublisherSettings = PublisherSettings()
+    risk: RiskSettings = RiskSettings()
 
     def instrument_map(self) -> dict[str, Instrument]:
         return {spec.symbol: spec for spec in self.instruments}
@@ -239,8 +246,9 @@ def _names(kinds: tuple[type[Any], ...]) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
-def parse_instruments(entries: list[Any], where: str) -> tuple[Instrument, ...]:
-    """Read ``[[instruments]]`` entries."""
+def parse_instruments(entries: list[Any], where: str, *, balances: bool = False) -> tuple[Instrument, ...]:
+    """Read ``[[instruments]]`` entries; ``balances`` is ``[risk] balances``, what an entry without its own
+    ``balances`` key gets."""
     specs: list[Instrument] = []
     seen: set[str] = set()
     for n, entry in enumerate(entries, 1):
@@ -260,6 +268,11 @@ def parse_instruments(entries: list[Any], where: str) -> tuple[Instrument, ...]:
                 stp_default=t.get("stp_default", str, "none"),
                 dedupe_window=t.get("dedupe_window", int, 1_000_000),
                 dedupe_per_client=t.get("dedupe_per_client", int, 10_000),
+                balances=t.get("balances", bool, balances),
+                base_asset=t.get("base_asset", str, None),
+                quote_asset=t.get("quote_asset", str, None),
+                maker_fee_bps=t.get("maker_fee_bps", int, 0),
+                taker_fee_bps=t.get("taker_fee_bps", int, 0),
             )
         except ValueError as exc:
             raise ConfigError(f"{t.where}: {exc}") from None
@@ -366,7 +379,8 @@ def load_settings(path: str | Path, env: Mapping[str, str] | None = None) -> Set
     path = Path(path)
     env = os.environ if env is None else env
     top = Table(_read(path), str(path))
-    instruments = parse_instruments(top.get("instruments", list), str(path))
+    risk = _section(top, "risk", RiskSettings)
+    instruments = parse_instruments(top.get("instruments", list), str(path), balances=risk.balances)
     sections: dict[str, Any] = {name: _overridden(_section(top, name, cls), name, env) for name, cls in (
         ("kafka", KafkaSettings), ("postgres", PostgresSettings), ("journal", JournalSettings),
         ("engine", EngineSettings), ("http", HttpSettings), ("log", LogSettings), ("redis", RedisSettings))}
@@ -376,7 +390,7 @@ def load_settings(path: str | Path, env: Mapping[str, str] | None = None) -> Set
         _validate(name, section, str(path))
     _validate_redis(sections["redis"], str(path))
     settings = Settings(instruments=instruments, source=path, storage=adapters["storage"],
-                        order_source=adapters["source"], publisher=adapters["publisher"], **sections)
+                        order_source=adapters["source"], publisher=adapters["publisher"], risk=risk, **sections)
     top.finish()
     _check_adapters(settings, str(path))
     return settings
@@ -515,6 +529,10 @@ def _instrument_dict(spec: Instrument) -> dict[str, Any]:
     d["stp_default"] = str(spec.stp_default)
     d["dedupe_window"] = spec.dedupe_window
     d["dedupe_per_client"] = spec.dedupe_per_client
+    d["balances"] = spec.balances
+    if spec.base_asset:
+        d["base_asset"], d["quote_asset"] = spec.base_asset, spec.quote_asset
+    d["maker_fee_bps"], d["taker_fee_bps"] = spec.maker_fee_bps, spec.taker_fee_bps
     return d
 
 
@@ -550,4 +568,6 @@ def render_settings(settings: Settings, env: Mapping[str, str] | None = None) ->
 def load_instruments(path: str | Path) -> tuple[Instrument, ...]:
     """Only the ``[[instruments]]`` of a file (other sections are ignored, not checked)."""
     path = Path(path)
-    return parse_instruments(Table(_read(path), str(path)).get("instruments", list), str(path))
+    top = Table(_read(path), str(path))
+    default = top.table("risk").get("balances", bool, False)
+    return parse_instruments(top.get("instruments", list), str(path), balances=default)

@@ -3,13 +3,15 @@
 For each instrument :func:`recover`
 
 1. loads the durable state (:meth:`exchange.ports.Store.load`): the open
-   orders in priority order, the counters, the dedupe window, offsets and
-   positions, and rebuilds the engine from it;
+   orders in priority order, the counters, the dedupe window, offsets,
+   positions and balances (accounts, the fees account, the transfers
+   remembered), and rebuilds the engine from it;
 2. checks it, when the store keeps history (:class:`exchange.ports.History`):
    the latest snapshot at or below the durable seq, plus every stored event
    after it, replayed through :class:`exchange.projections.applier.EventApplier`, must give
-   the same state hash, the same counters and the same dedupe window. A
-   snapshot whose stored hash does not match its own content is refused too.
+   the same state hash (which covers the balances), the same counters, the same
+   dedupe window and the same balances. A snapshot whose stored hash does not
+   match its own content is refused too.
 
 The dedupe window of such a replay is the part of the window that finished
 after the snapshot (the daemon's snapshots leave the window out, and one that an
@@ -37,6 +39,7 @@ from typing import Any
 import msgspec
 import structlog
 
+from exchange.core.balances import transfer_summary
 from exchange.core.events import Event
 from exchange.core.instruments import Instrument
 from exchange.core.matching import MatchingEngine
@@ -45,7 +48,8 @@ from exchange.ports import History, Recovered, SnapshotRequest, Store
 from exchange.projections.applier import EventApplier, ReplayError
 from exchange.telemetry.metrics import Metrics, discarded
 
-__all__ = ["RecoveryError", "ReplayResult", "describe_difference", "recover", "replay_stored", "without_window"]
+__all__ = ["RecoveryError", "ReplayResult", "describe_balances", "describe_difference", "recover", "replay_stored",
+           "without_window"]
 
 _LOG_EVERY_S = 1.0
 
@@ -103,11 +107,12 @@ def without_window(state: EngineState) -> EngineState:
 
 
 def describe_difference(a: EngineState, b: EngineState, a_name: str, b_name: str, *,
-                        since: EngineState | None = None) -> str:
+                        since: EngineState | None = None, assets: tuple[str, str] = ("base", "quote")) -> str:
     """A short, human-readable account of how two engine images differ ("" when they are equal).
 
     ``since`` is the snapshot a partial dedupe window (``done_complete`` False) was replayed from; with it
     the windows are compared exactly (see :func:`_windows_agree`), without it only as tails of each other.
+    ``assets`` names the base and the quote asset in what is said of the balances (:func:`describe_balances`).
     """
     parts: list[str] = []
     for field in ("seq", "next_order_id", "next_trade_id", "halted"):
@@ -131,6 +136,46 @@ def describe_difference(a: EngineState, b: EngineState, a_name: str, b_name: str
     if not _windows_agree(a, b, since):
         parts.append(f"dedupe window differs ({len(a.done)}{'' if a.done_complete else ' recent'} vs "
                      f"{len(b.done)}{'' if b.done_complete else ' recent'} entries)")
+    balances = describe_balances(a, b, a_name, b_name, assets)
+    if balances:
+        parts.append(balances)
+    return "; ".join(parts)
+
+
+def describe_balances(a: EngineState, b: EngineState, a_name: str, b_name: str,
+                      assets: tuple[str, str] = ("base", "quote")) -> str:
+    """How two images' balances differ ("" when they agree): which client's balance of which asset (the first
+    five), the fees account, and the transfers remembered by one and not the other (when the other is not a
+    replay from a snapshot, which knows only the transfers decided after it) or with another outcome."""
+    parts: list[str] = []
+    mine = {c: (ba, br, qa, qr) for c, ba, br, qa, qr in a.accounts}
+    theirs = {c: (ba, br, qa, qr) for c, ba, br, qa, qr in b.accounts}
+    differ: list[str] = []
+    for client in sorted(mine.keys() | theirs.keys()):
+        x, y = mine.get(client, (0, 0, 0, 0)), theirs.get(client, (0, 0, 0, 0))
+        for i, asset in ((0, assets[0]), (2, assets[1])):
+            if x[i:i + 2] != y[i:i + 2]:
+                differ.append(f"{client} {asset} available {x[i]} reserved {x[i + 1]} ({a_name}) vs available "
+                              f"{y[i]} reserved {y[i + 1]} ({b_name})")
+    if differ:
+        more = f"; and {len(differ) - 5} more" if len(differ) > 5 else ""
+        parts.append(f"{len(differ)} balances differ: {'; '.join(differ[:5])}{more}")
+    if a.fees != b.fees:
+        parts.append(f"the fees account holds {a.fees} {assets[1]} ({a_name}) vs {b.fees} ({b_name})")
+    if transfer_summary(a) != transfer_summary(b):
+        (na, _), (nb, _) = transfer_summary(a), transfer_summary(b)
+        parts.append(f"the transfers remembered differ: {na} ({a_name}) vs {nb} ({b_name})"
+                     + ("" if na != nb else ", the same number with other ids or outcomes"))
+    told, known = dict(a.transfers), dict(b.transfers)
+    for ids, name, whole in ((sorted(told.keys() - known.keys()), a_name, b.transfers_complete),
+                             (sorted(known.keys() - told.keys()), b_name, a.transfers_complete)):
+        if ids and whole:  # (a replay from a snapshot knows only the transfers after it: no more than the whole)
+            parts.append(f"transfers remembered only in {name}: {ids[:10]}{' ...' if len(ids) > 10 else ''}")
+    changed = [t for t in sorted(told.keys() & known.keys()) if told[t] != known[t]]
+    if changed:
+        t = changed[0]
+        parts.append(f"{len(changed)} transfers remembered with another outcome, first {t!r}: {told[t]!r} "
+                     f"({a_name}) vs {known[t]!r} ({b_name})")
     return "; ".join(parts)
 
 
@@ -181,17 +226,19 @@ async def _check(store: History, spec: Instrument, rec: Recovered, engine: Match
     rebuilt = engine.export_state()
     book_hash = engine.state_hash()
     since = snapshot.state if snapshot is not None else None
+    assets = (spec.base_asset, spec.quote_asset)
     if replay.state_hash != book_hash or describe_difference(rebuilt, replay.state, "", "", since=since):
         source = (f"the snapshot at seq {replay.start_seq} plus the {replay.events} stored events after it"
                   if snapshot is not None else f"a replay of all {replay.events} stored events")
-        detail = describe_difference(rebuilt, replay.state, "open orders", "replay", since=since)
+        detail = describe_difference(rebuilt, replay.state, "open orders", "replay", since=since, assets=assets)
         raise RecoveryError(
             f"{symbol}: the book rebuilt from the open orders (state hash {book_hash}, {len(rebuilt.orders)} "
             f"orders) does not match {source} (state hash {replay.state_hash}, {len(replay.state.orders)} "
-            f"orders) at seq {durable}: {detail or 'same orders, different hash'}. The orders table and the "
-            "event journal disagree, so the daemon will not start. Run `exchange recover --verify` to see "
-            "which source is wrong (a full replay of the events is the reference) and repair the orders "
-            "table (or restore from a backup) before restarting.")
+            f"orders) at seq {durable}: {detail or 'same orders, different hash'}. The stored tables (orders, "
+            "and balances and transfers when the instrument keeps balances) and the event journal disagree, so "
+            "the daemon will not start. Run `exchange recover --verify` to see which source is wrong (a full "
+            "replay of the events is the reference) and repair the tables (or restore from a backup) before "
+            "restarting.")
     return replay.events
 
 

@@ -10,7 +10,9 @@ and replay (see the README for why not a separate topic):
 - ``cancel-all``: ``{"op": "clear", "instrument", "client_id": operator, "text"}``
   (every order, reason ``cleared``), or with ``--client``
   ``{"op": "cancel_all", "instrument", "client_id": client, "operator"}``;
-- ``snapshot``: ``{"op": "snapshot", "instrument", "client_id": operator}``.
+- ``snapshot``: ``{"op": "snapshot", "instrument", "client_id": operator}``;
+- ``deposit`` / ``withdraw`` (money in and out of a client's balances, on an instrument that keeps
+  them): ``{"op": "deposit", "instrument", "client_id": client, "asset", "amount", "transfer_id"}``.
 
 Every action is signed (:mod:`exchange.wire.auth`) with a key from
 ``EXCHANGE_ADMIN_KEYS`` (``--key-id`` picks one when there are several), its
@@ -43,7 +45,7 @@ from exchange.wire.codec import encode, parse_json
 
 __all__ = ["ACTIONS", "AdminOutcome", "admin_message", "run_accept_offset", "run_admin", "signing_key"]
 
-ACTIONS = ("halt", "resume", "snapshot", "cancel-all")
+ACTIONS = ("halt", "resume", "snapshot", "cancel-all", "deposit", "withdraw")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +57,14 @@ class AdminOutcome:
 
 
 def admin_message(action: str, instrument: str, *, operator: str, client: str | None = None,
-                  text: str = "") -> dict[str, Any]:
+                  text: str = "", asset: str | None = None, amount: str | None = None,
+                  transfer_id: str | None = None) -> dict[str, Any]:
     """The wire message for one action (see the module docstring), unsigned."""
+    if action in ("deposit", "withdraw"):
+        if not (client and asset and amount and transfer_id):
+            raise ValueError(f"{action} needs a client, an asset, an amount and a transfer id")
+        return {"op": action, "instrument": instrument, "client_id": client, "asset": asset, "amount": amount,
+                "transfer_id": transfer_id}
     if action in ("halt", "resume"):
         return {"op": action, "instrument": instrument, "client_id": operator, "text": text}
     if action == "snapshot":
@@ -100,6 +108,9 @@ def _wanted(message: dict[str, Any], ts_ns: int) -> Callable[[dict[str, Any]], b
         if op == "cancel_all":
             return bool(kind == "canceled" and event.get("reason") == "requested"
                         and event.get("client_id") == message["client_id"])
+        if op in ("deposit", "withdraw"):
+            return bool(kind == ("deposited" if op == "deposit" else "withdrawn")
+                        and event.get("transfer_id") == message["transfer_id"])
         return False
 
     return match

@@ -41,6 +41,7 @@ from typing import TextIO
 
 import msgspec
 
+from exchange.core.balances import Ledger
 from exchange.core.instruments import Instrument
 from exchange.projections.booksync import BookSync
 from exchange.projections.marketdata import MarketData
@@ -208,6 +209,10 @@ class LiveView:
                          f"state hash {engine.state_hash()}")
         for symbol, inst in self._inst.items():
             lines.append(f"  {symbol} market data: {self._compare(inst)}")
+        for symbol, inst in self._inst.items():
+            ledger = self.daemon.loops[symbol].engine.ledger
+            if ledger is not None:
+                lines.append(f"  {symbol} balances: {_balances(inst.spec, ledger)}")
         return lines
 
     def _compare(self, inst: _Instrument) -> str:
@@ -224,6 +229,16 @@ class LiveView:
                    f"{' and '.join(differ)} side ({problems})"
         return f"the view's book (from the bus) equals the engine's at seq {engine.seq}: {len(sync.bids)} bid and " \
                f"{len(sync.asks)} ask levels ({problems})"
+
+
+def _balances(spec: Instrument, ledger: Ledger) -> str:
+    """What an instrument's clients hold in all, and the fees the venue took."""
+    sums = [sum(column) for column in zip(*ledger.accounts.values(), strict=True)] or [0, 0, 0, 0]
+    amount = spec.units_to_amount
+    return (f"{len(ledger.accounts)} clients hold {amount(ledger.base, sums[0])} {ledger.base} available and "
+            f"{amount(ledger.base, sums[1])} reserved, {amount(ledger.quote, sums[2])} {ledger.quote} available and "
+            f"{amount(ledger.quote, sums[3])} reserved; fees taken {amount(ledger.quote, ledger.fees)} {ledger.quote}; "
+            f"{len(ledger.transfers)} transfers")
 
 
 def _percentiles(samples: list[int]) -> tuple[str, str]:

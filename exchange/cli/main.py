@@ -205,7 +205,8 @@ def _cmd_admin(args: argparse.Namespace) -> int:
     client = getattr(args, "client", None)
     key = signing_key(os.environ, args.key_id)
     message = admin_message(args.action, args.instrument, operator=args.operator, client=client,
-                            text=getattr(args, "text", ""))
+                            text=getattr(args, "text", ""), asset=getattr(args, "asset", None),
+                            amount=getattr(args, "amount", None), transfer_id=getattr(args, "transfer_id", None))
     outcome = asyncio.run(run_admin(settings, message, timeout_s=args.timeout, key=key))
     where = f"{settings.kafka.orders_topic}[{outcome.partition}] offset {outcome.offset}"
     for event in outcome.events:
@@ -217,7 +218,8 @@ def _cmd_admin(args: argparse.Namespace) -> int:
         return 1
     rejected = [e for e in outcome.events if e.get("type") == "rejected"]
     summary = {"halt": "halted", "resume": "resumed", "snapshot": "snapshot requested",
-               "cancel-all": f"{sum(e.get('type') == 'canceled' for e in outcome.events)} orders canceled"}
+               "cancel-all": f"{sum(e.get('type') == 'canceled' for e in outcome.events)} orders canceled",
+               "deposit": "deposited", "withdraw": "withdrawn"}
     print(f"exchange admin: {args.action} {args.instrument}: "
           + (f"rejected ({rejected[0].get('reason')}: {rejected[0].get('text')})" if rejected
              else f"applied ({summary[args.action]}); {where}"), file=sys.stderr)
@@ -348,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--config", help=_CONFIG_HELP)
     chk.set_defaults(func=_cmd_config_check)
 
-    adm = sub.add_parser("admin", help="operator actions: halt, resume, snapshot, cancel-all, accept-offset",
+    adm = sub.add_parser("admin", help="operator actions: halt, resume, snapshot, cancel-all, deposit, withdraw, "
+                                       "accept-offset",
                          description="Send a signed operator action through the orders topic, in order with the "
                                      "instrument's orders, wait until the daemon has applied it and print the "
                                      "events it caused. Exit 1 if it was rejected or not applied in time. The key "
@@ -362,7 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     for action, summary in (("halt", "stop trading an instrument (cancels still work)"),
                             ("resume", "trade on against the book as it was"),
                             ("snapshot", "snapshot the book now"),
-                            ("cancel-all", "cancel every order (`cleared`), or one client's with --client")):
+                            ("cancel-all", "cancel every order (`cleared`), or one client's with --client"),
+                            ("deposit", "money in: --amount of --asset to --client's available balance"),
+                            ("withdraw", "money out: --amount of --asset from --client's available balance")):
         act = actions.add_parser(action, parents=[common], help=summary, description=summary)
         act.add_argument("instrument")
         act.add_argument("--key-id", help="which key of EXCHANGE_ADMIN_KEYS signs (default: the only one)")
@@ -370,6 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
             act.add_argument("--text", default="", help="a note recorded with the action, e.g. why")
         if action == "cancel-all":
             act.add_argument("--client", help="only this client's orders (default: every order, reason `cleared`)")
+        if action in ("deposit", "withdraw"):
+            act.add_argument("--client", required=True, help="whose balance")
+            act.add_argument("--asset", required=True, help="the instrument's base or quote asset, e.g. USD")
+            act.add_argument("--amount", required=True, help="a decimal on the asset's grid, e.g. 1000.00")
+            act.add_argument("--transfer-id", required=True,
+                             help="the funding system's id of this transfer: a repeat is refused, never applied twice")
         act.set_defaults(func=_cmd_admin)
     acc = actions.add_parser(
         "accept-offset", parents=[common], help="continue an orders partition whose log lost data from an offset",

@@ -4,7 +4,8 @@ For every input line exactly one output line is written:
 
 - ``{"events": [...]}`` — the events the command caused (possibly none);
 - ``{"snapshot": {...}}`` — the answer to the control line ``{"op": "snapshot"}``:
-  every book's levels in priority order with their orders in FIFO order;
+  every book's levels in priority order with their orders in FIFO order and, on an instrument
+  that keeps balances, every client's balances and the fees the venue has taken;
 - ``{"error": {...}}`` — the line could not be understood (``reason`` says why, as the daemon's
   dead-letter reason would); the tool goes on. Nothing on a line makes the tool stop: the edge it
   shares with the daemon (:mod:`exchange.pipeline.router`) turns whatever goes wrong into an answer.
@@ -37,7 +38,8 @@ __all__ = ["book_snapshot", "bounded_lines", "replay"]
 
 
 def book_snapshot(engine: MatchingEngine) -> dict[str, Any]:
-    """One book as wire data: levels best first, orders FIFO, quantities as decimals."""
+    """One book as wire data: levels best first, orders FIFO, quantities as decimals; with balances, every
+    client's ``balances`` (both assets, decimals) and the ``fees`` account (quote asset)."""
     spec = engine.spec
 
     def side(levels: Iterable[Any]) -> list[dict[str, Any]]:
@@ -54,12 +56,23 @@ def book_snapshot(engine: MatchingEngine) -> dict[str, Any]:
             for level in levels
         ]
 
-    return {
+    out = {
         "seq": engine.seq,
         "state_hash": engine.state_hash(),
         "bids": side(engine.book.bids.values()),
         "asks": side(engine.book.asks.values()),
     }
+    ledger = engine.ledger
+    if ledger is not None:
+        accounts, fees, _ = ledger.image()
+        out["balances"] = [
+            {"client_id": client, "asset": asset, "available": spec.units_to_amount(asset, available),
+             "reserved": spec.units_to_amount(asset, reserved)}
+            for client, base_available, base_reserved, quote_available, quote_reserved in accounts
+            for asset, available, reserved in ((ledger.base, base_available, base_reserved),
+                                               (ledger.quote, quote_available, quote_reserved))]
+        out["fees"] = {"asset": ledger.quote, "amount": spec.units_to_amount(ledger.quote, fees)}
+    return out
 
 
 def replay(lines: Iterable[bytes], out: IO[bytes], instruments: Iterable[Instrument], *,

@@ -39,11 +39,11 @@ class Order:
     """A resting order. Mutable and internal to the core; never handed out in events."""
 
     __slots__ = ("client_id", "client_order_id", "expire_ns", "order_id", "post_only", "price",
-                 "priority", "qty", "remaining", "side", "stp")
+                 "priority", "qty", "rate", "remaining", "side", "stp")
 
     def __init__(self, order_id: int, client_id: str, client_order_id: str, side: Side, price: int,
                  qty: int, remaining: int, priority: int, expire_ns: int, post_only: bool,
-                 stp: StpMode) -> None:
+                 stp: StpMode, rate: int = 0) -> None:
         self.order_id = order_id
         self.client_id = client_id
         self.client_order_id = client_order_id
@@ -55,6 +55,7 @@ class Order:
         self.expire_ns = expire_ns
         self.post_only = post_only
         self.stp = stp
+        self.rate = rate  # balances: what each open lot holds (exchange.core.balances); 0 without balances
 
     def __repr__(self) -> str:
         return (f"Order(id={self.order_id}, {self.client_id}/{self.client_order_id}, {self.side} "
@@ -170,6 +171,8 @@ class OrderBook:
                         h.update(b"O%d:%d:%d:%d:%s:%s;" % (
                             o.order_id, o.remaining, o.qty, o.expire_ns,
                             o.client_id.encode(), o.client_order_id.encode()))
+                        if o.rate:  # (balances only: a book without them hashes as it always did)
+                            h.update(b"R%d;" % o.rate)
         return h.hexdigest()
 
     def check_invariants(self) -> None:

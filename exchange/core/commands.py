@@ -15,8 +15,8 @@ import msgspec
 
 from exchange.core.types import OrderType, RejectReason, Side, StpMode, TimeInForce
 
-__all__ = ["AmendOrder", "CancelAll", "CancelOrder", "ClearBook", "Command", "HaltInstrument", "PlaceOrder",
-           "RejectInput", "ResumeInstrument"]
+__all__ = ["AmendOrder", "CancelAll", "CancelOrder", "ClearBook", "Command", "Deposit", "HaltInstrument",
+           "PlaceOrder", "RejectInput", "ResumeInstrument", "Withdraw"]
 
 
 class PlaceOrder(msgspec.Struct, frozen=True, gc=False):
@@ -24,6 +24,8 @@ class PlaceOrder(msgspec.Struct, frozen=True, gc=False):
 
     ``price_ticks`` is ignored for market orders (use 0). ``expire_ns`` is only
     for ``GTD`` (0 otherwise). ``stp`` of ``None`` takes the instrument default.
+    ``funds`` is a market buy's budget in quote units (tick x lot), fees included, on an
+    instrument that keeps balances (0: none; the order is then reserved at its price band).
     """
 
     instrument: str
@@ -38,6 +40,7 @@ class PlaceOrder(msgspec.Struct, frozen=True, gc=False):
     post_only: bool = False
     stp: StpMode | None = None
     expire_ns: int = 0
+    funds: int = 0
 
 
 class CancelOrder(msgspec.Struct, frozen=True, gc=False):
@@ -114,6 +117,33 @@ class ResumeInstrument(msgspec.Struct, frozen=True, gc=False):
     ts_ns: int = 0
 
 
+class Deposit(msgspec.Struct, frozen=True, gc=False):
+    """Money in: ``amount`` of ``asset`` (the instrument's base asset, in lots, or its quote asset, in units of
+    tick x lot) becomes available to ``client_id`` on this instrument. ``transfer_id`` makes it idempotent: a
+    transfer id seen before (whatever its outcome) is rejected ``duplicate_transfer_id``. An operator-grade
+    action: the daemon applies it only when signed."""
+
+    instrument: str
+    client_id: str
+    asset: str
+    amount: int
+    transfer_id: str
+    ts_ns: int = 0
+
+
+class Withdraw(msgspec.Struct, frozen=True, gc=False):
+    """Money out: ``amount`` of ``asset`` leaves ``client_id``'s available balance on this instrument (never its
+    reserved one); refused ``insufficient_funds`` when the available balance is short. Idempotent by
+    ``transfer_id``, operator-grade, like :class:`Deposit`."""
+
+    instrument: str
+    client_id: str
+    asset: str
+    amount: int
+    transfer_id: str
+    ts_ns: int = 0
+
+
 class RejectInput(msgspec.Struct, frozen=True, gc=False):
     """Input the edge could not turn into a valid command (off-grid price, bad field, ...).
 
@@ -128,7 +158,8 @@ class RejectInput(msgspec.Struct, frozen=True, gc=False):
     text: str
     command: str = "place"  # what was refused: "place", "cancel", "amend", ...
     ts_ns: int = 0
+    transfer_id: str = ""  # a refused deposit or withdrawal's, when it could be read (the edge remembers nothing)
 
 
 Command = (PlaceOrder | CancelOrder | AmendOrder | CancelAll | ClearBook | HaltInstrument | ResumeInstrument
-           | RejectInput)
+           | RejectInput | Deposit | Withdraw)

@@ -7,16 +7,29 @@ counters, so the same command stream always yields byte-identical events.
 
 Fields ending in ``_ticks`` are prices and ``_lots`` quantities; the wire codec
 turns them into decimal strings named without the suffix.
+
+On an instrument that keeps balances (see :mod:`exchange.core.balances`) the events
+that move money say how: ``reserved`` (what an accepted order holds, or an amended
+one holds now: base lots for a sell, quote units of tick x lot for a buy),
+``released``, a fill's ``maker_fee`` and ``taker_fee`` (quote units), and
+``balances``: the resulting ``(client_id, asset, available, reserved)`` of every
+account the event changed, the venue's fees account (client ``""``) included. On an
+instrument without balances these fields keep their defaults and are left out of
+the encoding, so the events are byte for byte what they were.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import msgspec
 
 from exchange.core.types import CancelReason, OrderType, RejectReason, Side, StpMode, TimeInForce
 
 __all__ = [
+    "Balance",
     "BookCleared",
+    "Deposited",
     "Event",
     "InstrumentHalted",
     "InstrumentResumed",
@@ -26,10 +39,13 @@ __all__ = [
     "OrderExpired",
     "OrderFilled",
     "OrderRejected",
+    "Withdrawn",
 ]
 
+Balance = tuple[str, str, int, int]  # (client_id, asset, available, reserved) after the event; "" is the fees account
 
-class _Base(msgspec.Struct, frozen=True, gc=False, tag_field="type"):
+
+class _Base(msgspec.Struct, frozen=True, gc=False, tag_field="type", omit_defaults=True):
     instrument: str
     seq: int
     ts_ns: int
@@ -54,6 +70,9 @@ class OrderAccepted(_Base, frozen=True, gc=False, tag="accepted"):
     post_only: bool
     stp: StpMode
     expire_ns: int  # 0 unless GTD
+    reserved: int = 0  # balances: what the order holds (base lots to sell, quote units to buy)
+    funds: int = 0  # a market buy's budget (quote units), when it gave one
+    balances: Sequence[Balance] = ()
 
 
 class OrderRejected(_Base, frozen=True, gc=False, tag="rejected"):
@@ -66,9 +85,10 @@ class OrderRejected(_Base, frozen=True, gc=False, tag="rejected"):
     client_id: str
     client_order_id: str | None
     order_id: int | None
-    command: str  # "place", "cancel", "amend", "cancel_all", "clear", "halt", "resume" or "unknown"
+    command: str  # "place", "cancel", "amend", "cancel_all", "clear", "halt", "resume", "deposit", "withdraw"...
     reason: RejectReason
     text: str
+    transfer_id: str = ""  # a refused deposit or withdrawal's (its outcome is remembered under it)
 
 
 class OrderFilled(_Base, frozen=True, gc=False, tag="filled"):
@@ -86,6 +106,9 @@ class OrderFilled(_Base, frozen=True, gc=False, tag="filled"):
     taker_client_id: str
     taker_client_order_id: str
     taker_remaining_lots: int
+    maker_fee: int = 0  # balances: quote units, rounded up (negative: a rebate)
+    taker_fee: int = 0
+    balances: Sequence[Balance] = ()
 
 
 class OrderCanceled(_Base, frozen=True, gc=False, tag="canceled"):
@@ -98,6 +121,8 @@ class OrderCanceled(_Base, frozen=True, gc=False, tag="canceled"):
     price_ticks: int
     canceled_lots: int
     reason: CancelReason
+    released: int = 0  # balances: what the order no longer holds
+    balances: Sequence[Balance] = ()
 
 
 class OrderAmended(_Base, frozen=True, gc=False, tag="amended"):
@@ -113,6 +138,8 @@ class OrderAmended(_Base, frozen=True, gc=False, tag="amended"):
     qty_lots: int
     remaining_lots: int
     requeued: bool
+    reserved: int = 0  # balances: what the order holds now
+    balances: Sequence[Balance] = ()
 
 
 class OrderExpired(_Base, frozen=True, gc=False, tag="expired"):
@@ -124,6 +151,8 @@ class OrderExpired(_Base, frozen=True, gc=False, tag="expired"):
     side: Side
     price_ticks: int
     expired_lots: int
+    released: int = 0
+    balances: Sequence[Balance] = ()
 
 
 class InstrumentHalted(_Base, frozen=True, gc=False, tag="halted"):
@@ -157,5 +186,25 @@ class BookCleared(_Base, frozen=True, gc=False, tag="cleared"):
     orders: int
 
 
+class Deposited(_Base, frozen=True, gc=False, tag="deposited"):
+    """``amount`` of ``asset`` came in for ``client_id`` (units: base lots, or quote units of tick x lot)."""
+
+    client_id: str
+    asset: str
+    amount: int
+    transfer_id: str
+    balances: Sequence[Balance] = ()
+
+
+class Withdrawn(_Base, frozen=True, gc=False, tag="withdrawn"):
+    """``amount`` of ``asset`` left ``client_id``'s available balance."""
+
+    client_id: str
+    asset: str
+    amount: int
+    transfer_id: str
+    balances: Sequence[Balance] = ()
+
+
 Event = (OrderAccepted | OrderRejected | OrderFilled | OrderCanceled | OrderAmended | OrderExpired
-         | InstrumentHalted | InstrumentResumed | BookCleared)
+         | InstrumentHalted | InstrumentResumed | BookCleared | Deposited | Withdrawn)

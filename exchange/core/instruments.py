@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from exchange.core.types import RejectReason, StpMode
 
 __all__ = [
+    "MAX_AMOUNT_UNITS",
     "MAX_PRICE_TICKS",
     "MAX_QTY_LOTS",
     "ConversionError",
@@ -30,6 +31,8 @@ __all__ = [
 # usually far tighter.
 MAX_PRICE_TICKS = 10**15
 MAX_QTY_LOTS = 10**15
+MAX_AMOUNT_UNITS = 10**24  # a deposit, withdrawal or budget, in its asset's units (balances are NUMERIC columns)
+_MAX_FEE_BPS = 10_000  # a fee of 100% of the notional at most
 _MAX_DIGITS = 30  # integer digits + fraction digits accepted in a decimal string
 _MAX_SCALE = 18  # at most this many fraction digits
 
@@ -118,6 +121,13 @@ class Instrument:
     recently finished orders and among the ``dedupe_window`` most recent of those
     (see :class:`exchange.core.dedupe.DedupeWindow`). A value above
     ``dedupe_window`` behaves as ``dedupe_window``.
+
+    ``balances``: the engine keeps each client's balances of ``base_asset`` (in lots) and
+    ``quote_asset`` (in quote units of tick x lot, so that every trade's notional, price
+    ticks times lots, is a whole number of them), reserves what an order needs when it is
+    accepted and settles fills at the maker's price, charging ``maker_fee_bps`` and
+    ``taker_fee_bps`` (basis points of the notional, in the quote asset; a negative maker
+    fee is a rebate): see :mod:`exchange.core.balances`.
     """
 
     symbol: str
@@ -132,6 +142,11 @@ class Instrument:
     stp_default: StpMode = StpMode.NONE
     dedupe_window: int = 1_000_000
     dedupe_per_client: int = 10_000
+    balances: bool = False
+    base_asset: str = ""
+    quote_asset: str = ""
+    maker_fee_bps: int = 0
+    taker_fee_bps: int = 0
     # decimal string -> ticks / lots, for strings converted without error (see _CACHE_MAX); not part of the spec
     _ticks_of: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
     _lots_of: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -150,6 +165,11 @@ class Instrument:
         stp_default: StpMode | str = StpMode.NONE,
         dedupe_window: int = 1_000_000,
         dedupe_per_client: int = 10_000,
+        balances: bool = False,
+        base_asset: str | None = None,
+        quote_asset: str | None = None,
+        maker_fee_bps: int = 0,
+        taker_fee_bps: int = 0,
     ) -> Instrument:
         """Build a spec from decimal strings; raises ``ValueError`` naming the bad field."""
         if not symbol or not symbol.strip() or len(symbol) > 64:
@@ -185,8 +205,13 @@ class Instrument:
         max_ticks = limit("max_price", max_price, spec.price_to_ticks, MAX_PRICE_TICKS)
         if min_lots > max_lots:
             raise ValueError(f"{symbol}: min_qty {min_qty} is above max_qty {max_qty}")
+        base, quote = _assets(symbol, base_asset, quote_asset)
+        if balances and not (base and quote):
+            raise ValueError(f"{symbol}: balances need base_asset and quote_asset (or a symbol such as BTC-USD)")
+        _check_fees(symbol, maker_fee_bps, taker_fee_bps)
         return cls(symbol, tick_units, tick_scale, lot_units, lot_scale, min_lots, max_lots,
-                   max_ticks, price_band_bps, stp, dedupe_window, dedupe_per_client)
+                   max_ticks, price_band_bps, stp, dedupe_window, dedupe_per_client, balances, base, quote,
+                   maker_fee_bps, taker_fee_bps)
 
     @property
     def tick_size(self) -> str:
@@ -213,6 +238,55 @@ class Instrument:
     def lots_to_qty(self, lots: int) -> str:
         """Lots -> decimal string with the lot's number of decimals."""
         return _format(lots * self.lot_units, self.lot_scale)
+
+    # ---- balances: amounts of the base asset are lots, of the quote asset units of tick x lot
+
+    def amount_to_units(self, asset: str, value: object) -> int:
+        """A decimal amount of ``asset`` -> its units (lots, or quote units). Raises :class:`ConversionError`
+        (``invalid_amount``) off the asset's grid, zero or too large; ``unknown_asset`` for another asset."""
+        if asset == self.base_asset:
+            return _to_steps(value, "amount", RejectReason.INVALID_AMOUNT, self.lot_units, self.lot_scale,
+                             MAX_AMOUNT_UNITS)
+        if asset == self.quote_asset:
+            return _to_steps(value, "amount", RejectReason.INVALID_AMOUNT, self.tick_units * self.lot_units,
+                             self.tick_scale + self.lot_scale, MAX_AMOUNT_UNITS)
+        raise ConversionError(RejectReason.UNKNOWN_ASSET, f"{self.symbol} keeps balances of {self.base_asset} and "
+                              f"{self.quote_asset}, not {str(asset)[:40]!r}")
+
+    def units_to_amount(self, asset: str, units: int) -> str:
+        """Units of ``asset`` (the base or the quote asset) -> a decimal string (a minus sign when negative)."""
+        sign, units = ("-", -units) if units < 0 else ("", units)
+        if asset == self.base_asset:
+            return sign + _format(units * self.lot_units, self.lot_scale)
+        return sign + _format(units * self.tick_units * self.lot_units, self.tick_scale + self.lot_scale)
+
+
+def _check_fees(symbol: str, maker_fee_bps: int, taker_fee_bps: int) -> None:
+    """Fees within +-100%, no taker rebate, and no maker rebate above the taker fee; ``ValueError`` otherwise."""
+    for name, bps in (("maker_fee_bps", maker_fee_bps), ("taker_fee_bps", taker_fee_bps)):
+        if bps.__class__ is not int or not -_MAX_FEE_BPS <= bps <= _MAX_FEE_BPS:
+            raise ValueError(f"{symbol}: {name} must be an integer between -{_MAX_FEE_BPS} and {_MAX_FEE_BPS} "
+                             f"(basis points of the notional), got {bps!r}")
+    if taker_fee_bps < 0:
+        raise ValueError(f"{symbol}: taker_fee_bps must not be negative, got {taker_fee_bps} (a rebate is for "
+                         "makers: a negative maker_fee_bps)")
+    if maker_fee_bps + taker_fee_bps < 0:
+        raise ValueError(f"{symbol}: a maker rebate of {-maker_fee_bps} bps above the taker fee of "
+                         f"{taker_fee_bps} bps would pay out more on every trade than the venue takes in")
+
+
+def _assets(symbol: str, base: str | None, quote: str | None) -> tuple[str, str]:
+    """The base and quote asset: as given, else the two halves of a symbol such as ``BTC-USD`` or ``BTC/USD``."""
+    if base is None or quote is None:
+        for sep in ("-", "/"):
+            halves = symbol.split(sep)
+            if len(halves) == 2 and all(halves):
+                base, quote = base if base is not None else halves[0], quote if quote is not None else halves[1]
+                break
+    base, quote = base or "", quote or ""
+    if base and base == quote:
+        raise ValueError(f"{symbol}: base_asset and quote_asset must differ, both are {base!r}")
+    return base, quote
 
 
 def _cached_steps(cache: dict[str, int], value: object, what: str, reason: RejectReason, step_units: int,

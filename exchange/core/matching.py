@@ -53,6 +53,7 @@ from collections.abc import Callable, Iterable
 from heapq import heapify, heappop, heappush
 from typing import Any
 
+from exchange.core.balances import Ledger, ceil_bps, refused, transferred
 from exchange.core.book import Order, OrderBook
 from exchange.core.commands import (
     AmendOrder,
@@ -60,14 +61,18 @@ from exchange.core.commands import (
     CancelOrder,
     ClearBook,
     Command,
+    Deposit,
     HaltInstrument,
     PlaceOrder,
     RejectInput,
     ResumeInstrument,
+    Withdraw,
 )
 from exchange.core.dedupe import DedupeWindow
 from exchange.core.events import (
+    Balance,
     BookCleared,
+    Deposited,
     Event,
     InstrumentHalted,
     InstrumentResumed,
@@ -77,8 +82,9 @@ from exchange.core.events import (
     OrderExpired,
     OrderFilled,
     OrderRejected,
+    Withdrawn,
 )
-from exchange.core.instruments import Instrument
+from exchange.core.instruments import MAX_AMOUNT_UNITS, Instrument
 from exchange.core.state import EngineState, book_order, engine_state_hash, resting_orders
 from exchange.core.types import CancelReason, OrderType, RejectReason, Side, StpMode, TimeInForce
 
@@ -98,7 +104,7 @@ _EXPIRY_SLACK = 64  # the expiry heap is compacted when it holds more than 2 x l
 
 _COMMAND_NAMES: dict[type[Any], str] = {
     PlaceOrder: "place", CancelOrder: "cancel", AmendOrder: "amend", CancelAll: "cancel_all", ClearBook: "clear",
-    HaltInstrument: "halt", ResumeInstrument: "resume"}
+    HaltInstrument: "halt", ResumeInstrument: "resume", Deposit: "deposit", Withdraw: "withdraw"}
 
 
 def command_name(command: Command) -> str:
@@ -134,6 +140,9 @@ class MatchingEngine:
         self._expiries: list[tuple[int, int]] = []  # heap of (expire_ns, order_id), with entries of finished ones
         self._expiring = 0  # live GTD orders: each has exactly one entry in _expiries
         self._requeuing = 0  # the order id of an amended order while it trades out of the book (else 0)
+        # balances (exchange.core.balances), on an instrument that keeps them
+        self.ledger: Ledger | None = Ledger(spec) if spec.balances else None
+        self._budget = 0  # what a market buy's budget has left while it matches (a taker with rate 0)
         self._handlers: dict[type[Any], Callable[[Any, list[Event]], None]] = {
             PlaceOrder: self._place_halted,  # reached only while halted: see apply's fast path
             CancelOrder: self._cancel,
@@ -143,6 +152,8 @@ class MatchingEngine:
             HaltInstrument: self._halt,
             ResumeInstrument: self._resume,
             RejectInput: self._reject_input,
+            Deposit: self._deposit,
+            Withdraw: self._withdraw,
         }
 
     # ------------------------------------------------------------------ API
@@ -172,16 +183,24 @@ class MatchingEngine:
     def state_hash(self) -> str:
         """Hash of the book (levels and queues in priority order; see :meth:`OrderBook.state_hash`) and the
         halted flag."""
-        return engine_state_hash(self.book, self.halted)
+        return engine_state_hash(self.book, self.halted, self.ledger.digest() if self.ledger is not None else b"")
 
     def export_state(self, *, window: bool = True) -> EngineState:
         """A snapshot of the engine from which :meth:`from_state` rebuilds it exactly; without the dedupe
-        window if not ``window`` (what the periodic snapshots store: see :class:`EngineState`)."""
-        if not window:
-            return EngineState(self.symbol, self.seq, self.next_order_id, self.next_trade_id,
-                               resting_orders(self.book), [], self.halted, done_complete=False)
-        return EngineState(self.symbol, self.seq, self.next_order_id, self.next_trade_id,
-                           resting_orders(self.book), self._dedupe.entries(), self.halted)
+        window and the transfer ids if not ``window`` (what the periodic snapshots store: the store keeps both in
+        tables of their own; see :class:`EngineState`)."""
+        ledger = self.ledger
+        if ledger is None:
+            return EngineState(self.symbol, self.seq, self.next_order_id, self.next_trade_id, resting_orders(self.book),
+                               self._dedupe.entries() if window else [], self.halted, done_complete=window)
+        if window:
+            return EngineState(self.symbol, self.seq, self.next_order_id, self.next_trade_id, resting_orders(self.book),
+                               self._dedupe.entries(), self.halted, accounts=ledger.accounts_image(), fees=ledger.fees,
+                               transfers=sorted(ledger.transfers.items()))
+        return EngineState(self.symbol, self.seq, self.next_order_id, self.next_trade_id, resting_orders(self.book),
+                           [], self.halted, done_complete=False, accounts=ledger.accounts_image(), fees=ledger.fees,
+                           transfers_complete=False, transfers_count=len(ledger.transfers),
+                           transfers_sum=ledger.transfers_sum)
 
     @classmethod
     def from_state(cls, spec: Instrument, state: EngineState) -> MatchingEngine:
@@ -194,6 +213,9 @@ class MatchingEngine:
         if not state.done_complete:
             raise ValueError(f"{spec.symbol}: this state (seq {state.seq}) leaves out the dedupe window, as "
                              "snapshots do; an engine restored from it would accept duplicate client order ids")
+        if not state.transfers_complete:
+            raise ValueError(f"{spec.symbol}: this state (seq {state.seq}) leaves out the transfer ids, as snapshots "
+                             "do; an engine restored from it would apply a repeated deposit or withdrawal again")
         engine = cls(spec)
         engine.seq = state.seq
         engine.next_order_id = state.next_order_id
@@ -209,6 +231,11 @@ class MatchingEngine:
         engine._expiring = len(engine._expiries)
         for client_id, client_order_id, order_id in state.done:
             engine._remember(client_id, client_order_id, order_id)
+        if engine.ledger is not None:
+            engine.ledger.restore(state.accounts, state.fees, state.transfers)
+        elif state.accounts or state.fees or state.transfers or state.transfers_count:
+            raise ValueError(f"{spec.symbol}: this state (seq {state.seq}) holds balances, but the instrument keeps "
+                             "none ([risk] balances): an engine restored from it would lose them")
         return engine
 
     def open_order(self, client_id: str, client_order_id: str) -> Order | None:
@@ -218,7 +245,7 @@ class MatchingEngine:
 
     # ------------------------------------------------------------ commands
 
-    def _place(self, cmd: PlaceOrder, events: list[Event]) -> None:
+    def _place(self, cmd: PlaceOrder, events: list[Event]) -> None:  # noqa: C901 - the hot path, in one frame
         spec = self.spec
         ts = cmd.ts_ns
         client = cmd.client_id
@@ -279,26 +306,55 @@ class MatchingEngine:
                          f"{spec.ticks_to_price(best)}")
             return
 
+        rate = 0
+        ledger = self.ledger
+        if ledger is not None or cmd.funds:  # balances: hold what the order needs
+            account = None
+            if ledger is not None and otype is LIMIT and not cmd.funds:  # the common case, written out: _reserve
+                account = ledger.accounts.get(client)
+                i = 2 if buy else 0  # quote or base available (exchange.core.balances)
+                rate = price - (-price * ledger.reserve_bps) // 10_000 if buy else 1
+                held = qty * rate
+                if account is not None and account[i] >= held:
+                    account[i] -= held
+                    account[i + 1] += held
+                else:
+                    account = None
+            if account is None:
+                holds = self._reserve(cmd, buy, otype, price, limit_key, events)
+                if holds is None:
+                    return
+                held, rate = holds
         oid = self.next_order_id
         self.next_order_id = oid + 1
         self.seq += 1
         priority = self.seq  # an order's place in its queue is the sequence number of the event that queued it
-        events.append(OrderAccepted(self.symbol, priority, ts, oid, client, coid, side, otype, price, qty, tif,
-                                    post_only, stp, expire_ns))
+        if ledger is None:
+            events.append(OrderAccepted(self.symbol, priority, ts, oid, client, coid, side, otype, price, qty, tif,
+                                        post_only, stp, expire_ns))
+        else:
+            events.append(OrderAccepted(self.symbol, priority, ts, oid, client, coid, side, otype, price, qty, tif,
+                                        post_only, stp, expire_ns, held, cmd.funds,
+                                        ledger.balances(client, buy) if account is None else
+                                        [(client, ledger.quote if buy else ledger.base, account[i], account[i + 1])]))
+            self._budget = cmd.funds
         remaining = qty
         stopped = False
-        if tif is FOK and not (crosses and self._fok_fillable(opp, limit_key, qty, client, stp)):
-            self._cancel_remainder(events, ts, oid, client, coid, side, price, qty, CancelReason.FOK_UNFILLED)
+        if tif is FOK and not (crosses and self._fok_fillable(
+                opp, limit_key, qty, client, stp, self._budget if ledger is not None and buy and not rate else None)):
+            self._cancel_remainder(events, ts, oid, client, coid, side, price, qty, CancelReason.FOK_UNFILLED, rate)
             self._remember(client, coid, oid)
             return
         if crosses:
-            remaining, stopped = self._match(events, ts, oid, client, coid, side, opp, keys, limit_key, qty, stp)
+            remaining, stopped = self._match(events, ts, oid, client, coid, side, opp, keys, limit_key, qty, stp,
+                                             rate)
         if remaining:
             if stopped:
                 self._cancel_remainder(events, ts, oid, client, coid, side, price, remaining,
-                                       CancelReason.SELF_TRADE)
+                                       CancelReason.SELF_TRADE, rate)
             elif tif is GTC or tif is GTD:
-                order = Order(oid, client, coid, side, price, qty, remaining, priority, expire_ns, post_only, stp)
+                order = Order(oid, client, coid, side, price, qty, remaining, priority, expire_ns, post_only, stp,
+                              rate)
                 self.book.add(order)
                 if not live:  # none, or emptied (and dropped) by self-trade prevention while this one matched
                     live = self._live[client] = {}
@@ -309,8 +365,43 @@ class MatchingEngine:
                 return
             else:
                 self._cancel_remainder(events, ts, oid, client, coid, side, price, remaining,
-                                       CancelReason.IOC_REMAINDER)
+                                       CancelReason.IOC_REMAINDER, rate)
         self._remember(client, coid, oid)
+
+    def _reserve(self, cmd: PlaceOrder, buy: bool, otype: OrderType, price: int, limit_key: int,
+                 events: list[Event]) -> tuple[int, int] | None:
+        """Balances: hold what an accepted order needs (see :mod:`exchange.core.balances`) and return it with what
+        each lot holds (0 for a budget, or a market buy with nothing to buy), or reject the command (None) -- a
+        budget on anything but a market buy, a market buy that names no budget where no price band bounds it,
+        or available funds that fall short. Nothing changes on a rejection."""
+        ledger = self.ledger
+        funds = cmd.funds
+        error: tuple[RejectReason, str] | None = None
+        held = rate = 0
+        if funds and (ledger is None or not (buy and otype is MARKET)):
+            error = (RejectReason.INVALID_ORDER, "funds (a budget) is for market buys on an instrument that keeps "
+                     "balances")
+        elif funds and (funds.__class__ is not int or not 0 < funds <= MAX_AMOUNT_UNITS):
+            error = (RejectReason.INVALID_AMOUNT, f"funds must be a positive amount, got {funds!r}")
+        elif ledger is None:
+            return 0, 0
+        elif funds:
+            held = funds
+        elif buy and otype is MARKET and limit_key == _NO_LIMIT:
+            error = (RejectReason.INVALID_ORDER, f"{self.symbol} has no price band: a market buy must name its budget "
+                     "(funds)")
+        elif not (buy and otype is MARKET and limit_key == _NOTHING):  # (nothing to buy: it holds nothing)
+            rate = ledger.rate(buy, limit_key if buy else price)  # (a buy's limit key is its limit price)
+            held = cmd.qty_lots * rate
+        if error is None and ledger is not None and not ledger.hold(cmd.client_id, buy, held):
+            asset = ledger.quote if buy else ledger.base
+            error = (RejectReason.INSUFFICIENT_FUNDS,
+                     f"{asset} required {self.spec.units_to_amount(asset, held)}, available "
+                     f"{self.spec.units_to_amount(asset, ledger.available(cmd.client_id, buy))}")
+        if error is not None:
+            self._reject(events, cmd.ts_ns, cmd.client_id, cmd.client_order_id, None, "place", *error)
+            return None
+        return held, rate
 
     def _place_error(self, cmd: PlaceOrder) -> tuple[RejectReason, str] | None:
         """Why a place command must be rejected, or None if it is valid (the slow, thorough check)."""
@@ -368,26 +459,10 @@ class MatchingEngine:
         order = self._find(cmd.client_id, cmd.client_order_id, cmd.order_id, "amend", ts, events)
         if order is None:
             return
-        spec = self.spec
         new_price = order.price if cmd.price_ticks is None else cmd.price_ticks
         new_qty = order.qty if cmd.qty_lots is None else cmd.qty_lots
         filled = order.qty - order.remaining
-        error: tuple[RejectReason, str] | None = None
-        if cmd.price_ticks is None and cmd.qty_lots is None:
-            error = (RejectReason.INVALID_AMEND, "an amend must give a new price or a new quantity")
-        elif new_price.__class__ is not int or not 0 < new_price <= spec.max_price_ticks:
-            error = (RejectReason.INVALID_PRICE,
-                     f"limit price must be above zero and at most {spec.ticks_to_price(spec.max_price_ticks)}")
-        elif new_qty.__class__ is not int or not spec.min_qty_lots <= new_qty <= spec.max_qty_lots:
-            error = (RejectReason.INVALID_QUANTITY,
-                     f"quantity must be between {spec.lots_to_qty(spec.min_qty_lots)} and "
-                     f"{spec.lots_to_qty(spec.max_qty_lots)}")
-        elif new_qty <= filled:
-            error = (RejectReason.INVALID_AMEND,
-                     f"new total quantity {spec.lots_to_qty(new_qty)} must exceed the filled "
-                     f"{spec.lots_to_qty(filled)}; cancel the order instead")
-        elif new_price == order.price and new_qty == order.qty:
-            error = (RejectReason.INVALID_AMEND, "the amend changes nothing")
+        error = self._amend_error(cmd, order, new_price, new_qty)
         if order.side is BUY:
             opp, keys, limit_key = self.book.asks, self.book.ask_keys, new_price
         else:
@@ -395,44 +470,99 @@ class MatchingEngine:
         crosses = bool(keys) and keys[0][0] <= limit_key
         if error is None and order.post_only and crosses:
             error = (RejectReason.POST_ONLY_WOULD_TRADE,
-                     f"post-only order amended to {spec.ticks_to_price(new_price)} would trade")
+                     f"post-only order amended to {self.spec.ticks_to_price(new_price)} would trade")
+        new_rate, delta = order.rate, 0
+        if error is None and self.ledger is not None:  # (as for a place: after the checks that hold nothing)
+            new_rate, delta, error = self._amend_holds(order, new_price, new_qty - filled)
         if error is not None:
             self._reject(events, ts, order.client_id, order.client_order_id, order.order_id, "amend", *error)
             return
 
         old_price, old_qty = order.price, order.qty
+        if delta > 0:  # (what the amend holds more was checked to be available)
+            self.ledger.hold(order.client_id, order.side is BUY, delta)  # type: ignore[union-attr]
+        elif delta < 0:
+            self.ledger.free(order.client_id, order.side is BUY, -delta)  # type: ignore[union-attr]
         if new_price == old_price and new_qty < old_qty:
             self.book.reduce(order, old_qty - new_qty)
-            self.seq += 1
-            events.append(OrderAmended(self.symbol, self.seq, ts, order.order_id, order.client_id,
-                                       order.client_order_id, order.side, old_price, new_price, old_qty, new_qty,
-                                       order.remaining, False))
+            self._amended(events, ts, order, old_price, old_qty, new_price, new_qty, order.remaining, False, new_rate)
             return
 
         # cancel-and-replace under the same ids; the replacement may trade at once
         remaining = new_qty - filled
         self.book.remove(order)
-        self.seq += 1
+        self._amended(events, ts, order, old_price, old_qty, new_price, new_qty, remaining, True, new_rate)
         priority = self.seq
-        events.append(OrderAmended(self.symbol, self.seq, ts, order.order_id, order.client_id,
-                                   order.client_order_id, order.side, old_price, new_price, old_qty, new_qty,
-                                   remaining, True))
         stopped = False
         if crosses:
             self._requeuing = order.order_id  # out of the book but live: its expiry entry must stay
             remaining, stopped = self._match(events, ts, order.order_id, order.client_id, order.client_order_id,
-                                             order.side, opp, keys, limit_key, remaining, order.stp)
+                                             order.side, opp, keys, limit_key, remaining, order.stp, new_rate)
             self._requeuing = 0
         if remaining and not stopped:
             replacement = Order(order.order_id, order.client_id, order.client_order_id, order.side, new_price,
-                                new_qty, remaining, priority, order.expire_ns, order.post_only, order.stp)
+                                new_qty, remaining, priority, order.expire_ns, order.post_only, order.stp, new_rate)
             self.book.add(replacement)
             self._live[order.client_id][order.client_order_id] = replacement
             return
         if remaining:
             self._cancel_remainder(events, ts, order.order_id, order.client_id, order.client_order_id, order.side,
-                                   new_price, remaining, CancelReason.SELF_TRADE)
+                                   new_price, remaining, CancelReason.SELF_TRADE, new_rate)
         self._finish(order)
+
+    def _amend_error(self, cmd: AmendOrder, order: Order, new_price: int, new_qty: int
+                     ) -> tuple[RejectReason, str] | None:
+        """Why an amend of ``order`` to ``new_price`` and ``new_qty`` must be rejected (balances aside), or None."""
+        spec = self.spec
+        filled = order.qty - order.remaining
+        if cmd.price_ticks is None and cmd.qty_lots is None:
+            return (RejectReason.INVALID_AMEND, "an amend must give a new price or a new quantity")
+        if new_price.__class__ is not int or not 0 < new_price <= spec.max_price_ticks:
+            return (RejectReason.INVALID_PRICE,
+                    f"limit price must be above zero and at most {spec.ticks_to_price(spec.max_price_ticks)}")
+        if new_qty.__class__ is not int or not spec.min_qty_lots <= new_qty <= spec.max_qty_lots:
+            return (RejectReason.INVALID_QUANTITY,
+                    f"quantity must be between {spec.lots_to_qty(spec.min_qty_lots)} and "
+                    f"{spec.lots_to_qty(spec.max_qty_lots)}")
+        if new_qty <= filled:
+            return (RejectReason.INVALID_AMEND,
+                    f"new total quantity {spec.lots_to_qty(new_qty)} must exceed the filled "
+                    f"{spec.lots_to_qty(filled)}; cancel the order instead")
+        if new_price == order.price and new_qty == order.qty:
+            return (RejectReason.INVALID_AMEND, "the amend changes nothing")
+        return None
+
+    def _amend_holds(self, order: Order, new_price: int, new_remaining: int
+                     ) -> tuple[int, int, tuple[RejectReason, str] | None]:
+        """Balances: ``(rate, delta, error)`` of an amend: what each open lot will hold (a new price, a new rate),
+        how much more (or, negative, less) the order will hold, and ``insufficient_funds`` if that is not
+        available."""
+        ledger = self.ledger
+        assert ledger is not None
+        buy = order.side is BUY
+        rate = ledger.rate(buy, new_price) if new_price != order.price else order.rate
+        delta = new_remaining * rate - order.remaining * order.rate
+        available = ledger.available(order.client_id, buy)
+        if delta > available:
+            asset = ledger.quote if buy else ledger.base
+            return rate, delta, (RejectReason.INSUFFICIENT_FUNDS,
+                                 f"the amend needs {self.spec.units_to_amount(asset, delta)} more {asset}, available "
+                                 f"{self.spec.units_to_amount(asset, available)}")
+        return rate, delta, None
+
+    def _amended(self, events: list[Event], ts: int, order: Order, old_price: int, old_qty: int, new_price: int,
+                 new_qty: int, remaining: int, requeued: bool, rate: int) -> None:
+        self.seq += 1
+        ledger = self.ledger
+        if ledger is None:
+            events.append(OrderAmended(self.symbol, self.seq, ts, order.order_id, order.client_id,
+                                       order.client_order_id, order.side, old_price, new_price, old_qty, new_qty,
+                                       remaining, requeued))
+        else:
+            events.append(OrderAmended(self.symbol, self.seq, ts, order.order_id, order.client_id,
+                                       order.client_order_id, order.side, old_price, new_price, old_qty, new_qty,
+                                       remaining, requeued, remaining * rate,
+                                       ledger.balances(order.client_id, order.side is BUY)))
 
     def _cancel_all(self, cmd: CancelAll, events: list[Event]) -> None:
         live = self._live.get(cmd.client_id)
@@ -466,7 +596,61 @@ class MatchingEngine:
         events.append(InstrumentResumed(self.symbol, self.seq, cmd.ts_ns, cmd.client_id, cmd.text))
 
     def _reject_input(self, cmd: RejectInput, events: list[Event]) -> None:
-        self._reject(events, cmd.ts_ns, cmd.client_id, cmd.client_order_id, None, cmd.command, cmd.reason, cmd.text)
+        self._reject(events, cmd.ts_ns, cmd.client_id, cmd.client_order_id, None, cmd.command, cmd.reason, cmd.text,
+                     transfer_id=cmd.transfer_id)
+
+    def _transfer_error(self, cmd: Deposit | Withdraw, command: str) -> tuple[RejectReason, str] | None:
+        """Why a deposit or withdrawal cannot be applied as it is (nothing is remembered of it then)."""
+        ledger = self.ledger
+        if ledger is None:
+            return (RejectReason.BALANCES_DISABLED, f"{self.symbol} keeps no balances ([risk] balances = false)")
+        if cmd.client_id.__class__ is not str or not cmd.client_id or cmd.transfer_id.__class__ is not str \
+                or not cmd.transfer_id:
+            return (RejectReason.MALFORMED, f"a {command} needs a client_id and a transfer_id")
+        if cmd.asset not in (ledger.base, ledger.quote):
+            return (RejectReason.UNKNOWN_ASSET,
+                    f"{self.symbol} keeps balances of {ledger.base} and {ledger.quote}, not {str(cmd.asset)[:40]!r}")
+        if cmd.amount.__class__ is not int or not 0 < cmd.amount <= MAX_AMOUNT_UNITS:
+            return (RejectReason.INVALID_AMOUNT, f"the amount must be positive, got {cmd.amount!r}")
+        outcome = ledger.transfers.get(cmd.transfer_id)
+        if outcome is not None:
+            return (RejectReason.DUPLICATE_TRANSFER_ID, f"transfer {cmd.transfer_id!r} was seen before: {outcome}")
+        return None
+
+    def _deposit(self, cmd: Deposit, events: list[Event]) -> None:
+        error = self._transfer_error(cmd, "deposit")
+        if error is not None:
+            self._reject(events, cmd.ts_ns, cmd.client_id, None, None, "deposit", *error,
+                         transfer_id=cmd.transfer_id)
+            return
+        ledger = self.ledger
+        assert ledger is not None
+        base = cmd.asset == ledger.base
+        ledger.deposit(cmd.client_id, base, cmd.amount)
+        self.seq += 1
+        ledger.remember(cmd.transfer_id, transferred("deposited", self.spec.units_to_amount(cmd.asset, cmd.amount),
+                                                     cmd.asset, cmd.client_id, self.seq))
+        events.append(Deposited(self.symbol, self.seq, cmd.ts_ns, cmd.client_id, cmd.asset, cmd.amount,
+                                cmd.transfer_id, ledger.balances(cmd.client_id, not base)))
+
+    def _withdraw(self, cmd: Withdraw, events: list[Event]) -> None:
+        error = self._transfer_error(cmd, "withdraw")
+        ledger = self.ledger
+        if error is None:
+            assert ledger is not None
+            base = cmd.asset == ledger.base
+            if ledger.withdraw(cmd.client_id, base, cmd.amount):
+                self.seq += 1
+                ledger.remember(cmd.transfer_id, transferred(
+                    "withdrawn", self.spec.units_to_amount(cmd.asset, cmd.amount), cmd.asset, cmd.client_id, self.seq))
+                events.append(Withdrawn(self.symbol, self.seq, cmd.ts_ns, cmd.client_id, cmd.asset, cmd.amount,
+                                        cmd.transfer_id, ledger.balances(cmd.client_id, not base)))
+                return
+            error = (RejectReason.INSUFFICIENT_FUNDS,
+                     f"{cmd.asset} required {self.spec.units_to_amount(cmd.asset, cmd.amount)}, available "
+                     f"{self.spec.units_to_amount(cmd.asset, ledger.available(cmd.client_id, not base))}")
+            ledger.remember(cmd.transfer_id, refused(self.seq + 1, error[0].value, error[1]))
+        self._reject(events, cmd.ts_ns, cmd.client_id, None, None, "withdraw", *error, transfer_id=cmd.transfer_id)
 
     # ------------------------------------------------------------ matching
 
@@ -482,12 +666,17 @@ class MatchingEngine:
         lowest = -((-best * (_BPS - bps)) // _BPS)  # lowest sell price within the band, rounded up
         return -lowest
 
-    def _fok_fillable(self, opp: Any, limit_key: int, qty: int, client: str, stp: StpMode) -> bool:
+    def _fok_fillable(self, opp: Any, limit_key: int, qty: int, client: str, stp: StpMode,
+                      budget: int | None = None) -> bool:
+        """Would matching fill all ``qty`` now? As :meth:`_match` walks the book: up to ``limit_key``, through
+        self-trade prevention, and, for a market buy with a ``budget``, as far as the money goes (each fill's
+        notional and taker fee, rounded per fill)."""
         need = qty
+        ledger = self.ledger
         for key, level in opp.items():
             if key > limit_key:
                 return False
-            if stp is STP_NONE:
+            if stp is STP_NONE and budget is None:
                 need -= level.total_lots
                 if need <= 0:
                     return True
@@ -495,22 +684,36 @@ class MatchingEngine:
             for maker in level.orders:
                 if not maker.remaining:
                     continue
-                if maker.client_id == client:
+                if stp is not STP_NONE and maker.client_id == client:
                     if stp is CANCEL_RESTING:
                         continue
                     return False
-                need -= maker.remaining
+                lots = need if need < maker.remaining else maker.remaining
+                if budget is not None:
+                    assert ledger is not None
+                    if ledger.affordable(budget, level.price) < lots:
+                        return False  # the money runs out first
+                    notional = level.price * lots
+                    budget -= notional + ceil_bps(notional, ledger.taker_bps)
+                need -= lots
                 if need <= 0:
                     return True
         return False
 
-    def _match(self, events: list[Event], ts: int, oid: int, client: str, coid: str, side: Side, opp: Any,
-               keys: list[list[int]], limit_key: int, remaining: int, stp: StpMode) -> tuple[int, bool]:
-        """Walk the opposite side up to ``limit_key``; return (remaining, stopped by STP)."""
+    def _match(self, events: list[Event], ts: int, oid: int, client: str, coid: str,  # noqa: C901 - the hot loop
+               side: Side, opp: Any,
+               keys: list[list[int]], limit_key: int, remaining: int, stp: StpMode, rate: int = 0
+               ) -> tuple[int, bool]:
+        """Walk the opposite side up to ``limit_key``; return (remaining, stopped by STP). With balances, ``rate``
+        is what each lot of the taker holds (0 for a buy: a budget, ``self._budget``, limits what it takes)."""
         index = self.book.orders
         symbol = self.symbol
         check_stp = stp is not STP_NONE
         append = events.append
+        ledger = self.ledger
+        taker_buys = side is BUY
+        budget = ledger is not None and taker_buys and not rate
+        settle = ledger.fill if ledger is not None else None
         while keys:
             key = keys[0][0]
             if key > limit_key:
@@ -524,6 +727,12 @@ class MatchingEngine:
                 if not maker_left:
                     queue.popleft()
                     continue
+                if budget:
+                    affordable = ledger.affordable(self._budget, price)  # type: ignore[union-attr]
+                    if not affordable:  # the budget is spent: the rest of the order is canceled, nothing else
+                        if not level.count:
+                            del opp[key]
+                        return remaining, False
                 if check_stp and maker.client_id == client:
                     if stp is CANCEL_INCOMING:
                         return remaining, True
@@ -533,8 +742,7 @@ class MatchingEngine:
                     maker.remaining = 0
                     del index[maker.order_id]
                     self.seq += 1
-                    append(OrderCanceled(symbol, self.seq, ts, maker.order_id, client, maker.client_order_id,
-                                         maker.side, price, maker_left, CancelReason.SELF_TRADE))
+                    append(self._canceled(ts, maker, price, maker_left, CancelReason.SELF_TRADE))
                     self._finish(maker)
                     if stp is CANCEL_BOTH:
                         if not level.count:
@@ -542,6 +750,8 @@ class MatchingEngine:
                         return remaining, True
                     continue
                 fill = remaining if remaining < maker_left else maker_left
+                if budget and affordable < fill:
+                    fill = affordable
                 maker_left -= fill
                 remaining -= fill
                 maker.remaining = maker_left
@@ -549,9 +759,20 @@ class MatchingEngine:
                 trade_id = self.next_trade_id
                 self.next_trade_id = trade_id + 1
                 self.seq += 1
-                append(OrderFilled(symbol, self.seq, ts, trade_id, price, fill, side, maker.order_id,
-                                   maker.client_id, maker.client_order_id, maker_left, oid, client, coid,
-                                   remaining))
+                if settle is None:
+                    append(OrderFilled(symbol, self.seq, ts, trade_id, price, fill, side, maker.order_id,
+                                       maker.client_id, maker.client_order_id, maker_left, oid, client, coid,
+                                       remaining))
+                else:  # balances (exchange.core.balances): settle the fill at the maker's price
+                    if taker_buys:
+                        maker_fee, taker_fee, balances = settle(client, maker.client_id, price, fill, rate, False)
+                        if budget:
+                            self._spent(client, price * fill + taker_fee, remaining, balances)
+                    else:
+                        maker_fee, taker_fee, balances = settle(maker.client_id, client, price, fill, maker.rate, True)
+                    append(OrderFilled(symbol, self.seq, ts, trade_id, price, fill, side, maker.order_id,
+                                       maker.client_id, maker.client_order_id, maker_left, oid, client, coid,
+                                       remaining, maker_fee, taker_fee, balances))
                 if not maker_left:
                     queue.popleft()
                     level.count -= 1
@@ -564,6 +785,35 @@ class MatchingEngine:
             if not remaining:
                 break
         return remaining, False
+
+    def _spent(self, client: str, cost: int, remaining: int, balances: list[Balance]) -> None:
+        """A market buy with a budget paid ``cost`` for a fill; once its quantity is complete the rest of the budget
+        goes back at once (and the fill's ``balances`` say so)."""
+        ledger = self.ledger
+        assert ledger is not None
+        self._budget -= cost
+        if not remaining and self._budget:
+            ledger.free(client, True, self._budget)
+            self._budget = 0
+            account = ledger.accounts[client]
+            balances[1] = (client, ledger.quote, account[2], account[3])  # the buyer's quote, after the release
+
+    def _canceled(self, ts: int, order: Order, price: int, left: int, reason: CancelReason) -> OrderCanceled:
+        """The event of a resting order leaving the book with ``left`` lots open (already taken out); with balances,
+        what it held is released."""
+        ledger = self.ledger
+        if ledger is None:
+            return OrderCanceled(self.symbol, self.seq, ts, order.order_id, order.client_id, order.client_order_id,
+                                 order.side, price, left, reason)
+        client = order.client_id
+        released = left * order.rate
+        account = ledger.accounts[client]  # (it holds what the order held: Ledger.free, written out)
+        i = 2 if order.side is BUY else 0
+        account[i + 1] -= released
+        account[i] += released
+        return OrderCanceled(self.symbol, self.seq, ts, order.order_id, client, order.client_order_id, order.side,
+                             price, left, reason, released,
+                             [(client, ledger.quote if i else ledger.base, account[i], account[i + 1])])
 
     # ------------------------------------------------------------- helpers
 
@@ -603,19 +853,35 @@ class MatchingEngine:
         left = order.remaining
         self.book.remove(order)
         self.seq += 1
-        events.append(OrderCanceled(self.symbol, self.seq, ts, order.order_id, order.client_id,
-                                    order.client_order_id, order.side, order.price, left, reason))
+        if self.ledger is None:
+            events.append(OrderCanceled(self.symbol, self.seq, ts, order.order_id, order.client_id,
+                                        order.client_order_id, order.side, order.price, left, reason))
+        else:
+            events.append(self._canceled(ts, order, order.price, left, reason))
         self._finish(order)
 
     def _cancel_remainder(self, events: list[Event], ts: int, oid: int, client: str, coid: str, side: Side,
-                          price: int, left: int, reason: CancelReason) -> None:
+                          price: int, left: int, reason: CancelReason, rate: int = 0) -> None:
+        """An incoming order's remainder is dropped; with balances, what it still holds is released: ``left``
+        lots at ``rate`` each, or what its budget has left (``rate`` 0 on a buy)."""
         self.seq += 1
-        events.append(OrderCanceled(self.symbol, self.seq, ts, oid, client, coid, side, price, left, reason))
+        ledger = self.ledger
+        if ledger is None:
+            events.append(OrderCanceled(self.symbol, self.seq, ts, oid, client, coid, side, price, left, reason))
+            return
+        buy = side is BUY
+        if rate or not buy:
+            released = left * rate
+        else:
+            released, self._budget = self._budget, 0
+        ledger.free(client, buy, released)
+        events.append(OrderCanceled(self.symbol, self.seq, ts, oid, client, coid, side, price, left, reason,
+                                    released, ledger.balances(client, buy)))
 
     def _reject(self, events: list[Event], ts: int, client: str, coid: str | None, oid: int | None,
-                command: str, reason: RejectReason, text: str) -> None:
+                command: str, reason: RejectReason, text: str, *, transfer_id: str = "") -> None:
         self.seq += 1
-        events.append(OrderRejected(self.symbol, self.seq, ts, client, coid, oid, command, reason, text))
+        events.append(OrderRejected(self.symbol, self.seq, ts, client, coid, oid, command, reason, text, transfer_id))
 
     def _expire(self, ts: int, events: list[Event]) -> None:
         heap = self._expiries
@@ -628,8 +894,17 @@ class MatchingEngine:
             left = order.remaining
             self.book.remove(order)
             self.seq += 1
-            events.append(OrderExpired(self.symbol, self.seq, ts, oid, order.client_id, order.client_order_id,
-                                       order.side, order.price, left))
+            ledger = self.ledger
+            if ledger is None:
+                events.append(OrderExpired(self.symbol, self.seq, ts, oid, order.client_id, order.client_order_id,
+                                           order.side, order.price, left))
+            else:
+                buy = order.side is BUY
+                released = left * order.rate
+                ledger.free(order.client_id, buy, released)
+                events.append(OrderExpired(self.symbol, self.seq, ts, oid, order.client_id, order.client_order_id,
+                                           order.side, order.price, left, released,
+                                           ledger.balances(order.client_id, buy)))
             self._finish(order)
 
     def _finish(self, order: Order) -> None:

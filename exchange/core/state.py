@@ -40,6 +40,7 @@ class RestingOrder(msgspec.Struct, frozen=True, gc=False):
     expire_ns: int = 0
     post_only: bool = False
     stp: StpMode = StpMode.NONE
+    rate: int = 0  # balances: what each open lot holds (exchange.core.balances)
 
 
 class EngineState(msgspec.Struct, frozen=True):
@@ -59,6 +60,14 @@ class EngineState(msgspec.Struct, frozen=True):
     after the snapshot (see :class:`~exchange.core.dedupe.DedupeWindow`), and it is the whole window once
     ``dedupe_window`` entries are known. An engine never starts from an incomplete
     window (:meth:`~exchange.core.matching.MatchingEngine.from_state` refuses).
+
+    ``transfers_complete`` is False when ``transfers`` holds only some of the transfer ids the
+    engine remembers, for the same reason: a periodic snapshot leaves them out (they only grow; the
+    transfers table keeps them and recovery loads them from there), and a replay from such a snapshot
+    knows the transfers decided after it. ``transfers_count`` and ``transfers_sum`` then stand for all of
+    them (:func:`exchange.core.balances.summarize`; with a complete list they follow from it and are 0
+    here): that summary, not the list, is in the state hash, so a snapshot still checks every transfer
+    remembered. The dedupe window is not in the state hash.
     """
 
     instrument: str
@@ -68,24 +77,35 @@ class EngineState(msgspec.Struct, frozen=True):
     orders: list[RestingOrder]
     done: list[tuple[str, str, int]] = []
     halted: bool = False
-    done_complete: bool = True  # (last, with a default: stored snapshots from before it decode as complete)
+    done_complete: bool = True  # (with a default: stored snapshots from before it decode as complete)
+    # balances (exchange.core.balances): (client, base available, base reserved, quote available, quote reserved)
+    # of every client holding something, the fees account, and every transfer id decided on with its outcome
+    accounts: list[tuple[str, int, int, int, int]] = []
+    fees: int = 0
+    transfers: list[tuple[str, str]] = []
+    transfers_complete: bool = True
+    transfers_count: int = 0  # when not transfers_complete: how many transfers are remembered in all ...
+    transfers_sum: int = 0  # ... and the sum of their hashes (exchange.core.balances.summarize)
 
 
-def engine_state_hash(book: OrderBook, halted: bool) -> str:
-    """The book's hash, marked when the instrument is halted (a trading book hashes as the bare book)."""
+def engine_state_hash(book: OrderBook, halted: bool, balances: bytes = b"") -> str:
+    """The book's hash, marked when the instrument is halted, and combined with the balances
+    (:meth:`exchange.core.balances.Ledger.digest`) when there are any: a trading book without balances
+    hashes as the bare book."""
     book_hash = book.state_hash()
-    if not halted:
+    if not halted and not balances:
         return book_hash
-    return hashlib.blake2b(b"halted:" + book_hash.encode(), digest_size=16).hexdigest()
+    return hashlib.blake2b((b"halted:" if halted else b"") + book_hash.encode() + balances,
+                           digest_size=16).hexdigest()
 
 
 def resting_orders(book: OrderBook) -> list[RestingOrder]:
     """The book's live orders in priority order, as stored in snapshots."""
     return [RestingOrder(o.order_id, o.client_id, o.client_order_id, o.side, o.price, o.qty, o.remaining,
-                         o.priority, o.expire_ns, o.post_only, o.stp) for o in book.iter_orders()]
+                         o.priority, o.expire_ns, o.post_only, o.stp, o.rate) for o in book.iter_orders()]
 
 
 def book_order(r: RestingOrder) -> Order:
     """The live order a stored one stands for (the inverse of :func:`resting_orders`, one order)."""
     return Order(r.order_id, r.client_id, r.client_order_id, Side(r.side), r.price_ticks, r.qty_lots,
-                 r.remaining_lots, r.priority, r.expire_ns, r.post_only, StpMode(r.stp))
+                 r.remaining_lots, r.priority, r.expire_ns, r.post_only, StpMode(r.stp), r.rate)

@@ -57,6 +57,11 @@ class RejectReason(StrEnum):
     INSTRUMENT_HALTED = "instrument_halted"  # new orders and amends wait for resume; cancels still work
     NOT_HALTED = "not_halted"  # resume of an instrument that is trading
     NOT_AUTHORIZED = "not_authorized"  # an operator action without a valid, fresh signature
+    INSUFFICIENT_FUNDS = "insufficient_funds"  # the available balance does not cover what the command needs
+    DUPLICATE_TRANSFER_ID = "duplicate_transfer_id"  # a deposit or withdrawal's transfer id was seen before
+    INVALID_AMOUNT = "invalid_amount"  # a deposit, withdrawal or market-buy budget off its asset's grid, or zero
+    UNKNOWN_ASSET = "unknown_asset"  # neither the instrument's base nor its quote asset
+    BALANCES_DISABLED = "balances_disabled"  # a deposit or withdrawal on an instrument that keeps no balances
     INSTRUMENT_REQUIRED = "instrument_required"  # the daemon routes by instrument: the message must name one
     # refusals of the daemon's edge: the message never reached an instrument (dead-lettered, seq 0)
     MESSAGE_TOO_LARGE = "message_too_large"  # above [kafka] max_message_bytes

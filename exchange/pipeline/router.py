@@ -58,6 +58,7 @@ from exchange.wire.codec import (
     message_ts_ns,
     parse_json,
     quote,
+    valid_identifier,
 )
 
 __all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "Refusal", "Route", "Router", "SnapshotRequested"]
@@ -192,8 +193,9 @@ class Router:
             if self._verifier is not None:
                 problem = self._verifier.check(msg, ts_ns)
                 if problem is not None:
+                    transfer_id = msg.get("transfer_id") if command in ("deposit", "withdraw") else None
                     return RejectInput(instrument, operator or "", None, RejectReason.NOT_AUTHORIZED, problem,
-                                       command, ts_ns)
+                                       command, ts_ns, str(transfer_id) if valid_identifier(transfer_id) else "")
             if command == "snapshot":
                 return SnapshotRequested(instrument, operator)
         try:

@@ -24,6 +24,13 @@ Rules (one event at a time, sequence numbers strictly +1):
   its count must be the number of open orders;
 - ``rejected``: nothing changes but the seq.
 
+Balances (an instrument with ``balances``): every event that moves money carries the resulting
+``balances`` of each account it changed, and they become the applier's (the fees account, client
+``""``, included); an order's ``rate`` -- what each of its open lots holds -- is what its ``accepted``
+(or re-queuing ``amended``) event reserved over its open quantity; deposits and withdrawals, and a
+withdrawal refused ``insufficient_funds``, are remembered by transfer id with what the engine remembers.
+No balance may go negative.
+
 Every event about an order must name the order's owner: the client (and client order id) of a
 ``canceled``, ``expired`` or ``amended`` event, and the maker's and the taker's of a ``filled`` one,
 are those the order was accepted with. The engine never emits anything else, so an event that names
@@ -47,12 +54,15 @@ remembered) raises :class:`ReplayError`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
+from exchange.core.balances import FEES_ACCOUNT, digest, refused, summarize, transfer_summary, transferred
 from exchange.core.book import Order, OrderBook
 from exchange.core.dedupe import DedupeWindow
 from exchange.core.events import (
+    Balance,
     BookCleared,
+    Deposited,
     Event,
     InstrumentHalted,
     InstrumentResumed,
@@ -62,10 +72,11 @@ from exchange.core.events import (
     OrderExpired,
     OrderFilled,
     OrderRejected,
+    Withdrawn,
 )
 from exchange.core.instruments import Instrument
 from exchange.core.state import EngineState, engine_state_hash, resting_orders
-from exchange.core.types import OrderType, Side, StpMode, TimeInForce
+from exchange.core.types import OrderType, RejectReason, Side, StpMode, TimeInForce
 
 __all__ = ["EventApplier", "ReplayError"]
 
@@ -97,9 +108,15 @@ class EventApplier:
         self._transient: dict[int, tuple[str, str]] = {}  # accepted orders that never rest, until they end
         self._dedupe = DedupeWindow(spec.dedupe_window, spec.dedupe_per_client)
         self._done_complete = state.done_complete  # else: until the window is full
+        # balances: client -> [base available, base reserved, quote available, quote reserved]
+        self.accounts: dict[str, list[int]] = {c: [ba, br, qa, qr] for c, ba, br, qa, qr in state.accounts}
+        self.fees = state.fees
+        self.transfers = dict(state.transfers)
+        self._transfers_complete = state.transfers_complete  # a snapshot's: those decided after it only
+        self._transfers_count, self._transfers_sum = transfer_summary(state)  # all of them
         for r in state.orders:
             self.book.add(Order(r.order_id, r.client_id, r.client_order_id, Side(r.side), r.price_ticks, r.qty_lots,
-                                r.remaining_lots, r.priority, r.expire_ns, r.post_only, StpMode(r.stp)))
+                                r.remaining_lots, r.priority, r.expire_ns, r.post_only, StpMode(r.stp), r.rate))
         for client_id, client_order_id, order_id in state.done:
             self._remember(client_id, client_order_id, order_id, state.seq)
 
@@ -124,6 +141,7 @@ class EventApplier:
             self._accept(event)
         elif isinstance(event, OrderCanceled | OrderExpired):
             self._end(event.order_id, seq, event.client_id, event.client_order_id)
+            self._balances(event.balances, seq)
         elif isinstance(event, OrderAmended):
             self._amend(event)
         elif isinstance(event, BookCleared):
@@ -136,11 +154,53 @@ class EventApplier:
                 raise ReplayError(f"{self.symbol}: seq {seq} {'halts' if halting else 'resumes'} an instrument "
                                   f"that is {'already halted' if halting else 'trading'}")
             self.halted = halting
-        elif not isinstance(event, OrderRejected):
+        elif isinstance(event, Deposited | Withdrawn):
+            kind = "deposited" if isinstance(event, Deposited) else "withdrawn"
+            self._decided(event.transfer_id, transferred(
+                kind, self.spec.units_to_amount(event.asset, event.amount), event.asset, event.client_id, seq), seq)
+            self._balances(event.balances, seq)
+        elif isinstance(event, OrderRejected):
+            if event.transfer_id and event.reason is RejectReason.INSUFFICIENT_FUNDS:  # (as the engine remembers)
+                self._decided(event.transfer_id, refused(seq, event.reason.value, event.text), seq)
+        else:
             raise ReplayError(f"{self.symbol}: not an event: {event!r}")
 
     def state_hash(self) -> str:
-        return engine_state_hash(self.book, self.halted)
+        accounts, fees, _ = self._ledger_image()
+        return engine_state_hash(self.book, self.halted,
+                                 digest(accounts, fees, (self._transfers_count, self._transfers_sum)))
+
+    def _decided(self, transfer_id: str, outcome: str, seq: int) -> None:
+        """A transfer id decided on (as the engine remembers it: :meth:`exchange.core.balances.Ledger.remember`)."""
+        if transfer_id in self.transfers:
+            raise ReplayError(f"{self.symbol}: seq {seq} decides transfer {transfer_id!r}, decided before")
+        self.transfers[transfer_id] = outcome
+        self._transfers_count += 1
+        self._transfers_sum = (self._transfers_sum + summarize([(transfer_id, outcome)])[1]) % 2**128
+
+    def _ledger_image(self) -> tuple[list[tuple[str, int, int, int, int]], int, list[tuple[str, str]]]:
+        return ([(c, a[0], a[1], a[2], a[3]) for c, a in sorted(self.accounts.items()) if any(a)], self.fees,
+                sorted(self.transfers.items()))
+
+    def _balances(self, balances: Sequence[Balance], seq: int) -> None:
+        """The resulting balances an event carries become the applier's."""
+        base, quote = self.spec.base_asset, self.spec.quote_asset
+        for client, asset, available, reserved in balances:
+            if available < 0 or reserved < 0:
+                raise ReplayError(f"{self.symbol}: seq {seq} leaves {client!r} a negative {asset} balance "
+                                  f"({available} available, {reserved} reserved)")
+            if client == FEES_ACCOUNT:
+                self.fees = available
+                continue
+            account = self.accounts.get(client)
+            if account is None:
+                account = self.accounts[client] = [0, 0, 0, 0]
+            if asset == base:
+                account[0], account[1] = available, reserved
+            elif asset == quote:
+                account[2], account[3] = available, reserved
+            else:
+                raise ReplayError(f"{self.symbol}: seq {seq} moves {asset!r}, neither {base} nor {quote}")
 
     def export_state(self) -> EngineState:
         """The image as an :class:`EngineState` (orders in priority order), like the engine's export."""
@@ -148,9 +208,14 @@ class EventApplier:
             raise ReplayError(f"{self.symbol}: orders {sorted(self._transient)} are still being processed at seq "
                               f"{self.seq}; an image exists only between two commands")
         done = self._dedupe.entries()
+        accounts, fees, transfers = self._ledger_image()
         return EngineState(self.symbol, self.seq, self.next_order_id, self.next_trade_id,
                            resting_orders(self.book), done, self.halted,
-                           done_complete=self._done_complete or len(done) >= self.spec.dedupe_window)
+                           done_complete=self._done_complete or len(done) >= self.spec.dedupe_window,
+                           accounts=accounts, fees=fees, transfers=transfers,
+                           transfers_complete=self._transfers_complete,
+                           transfers_count=0 if self._transfers_complete else self._transfers_count,
+                           transfers_sum=0 if self._transfers_complete else self._transfers_sum)
 
     @property
     def done(self) -> list[tuple[str, str, int]]:
@@ -170,9 +235,10 @@ class EventApplier:
             raise ReplayError(f"{self.symbol}: seq {ev.seq} accepts order {oid} but the next order id is "
                               f"{self.next_order_id}")
         self.next_order_id = oid + 1
+        self._balances(ev.balances, ev.seq)
         if ev.order_type == _LIMIT and ev.tif in _RESTING_TIF:
             self.book.add(Order(oid, ev.client_id, ev.client_order_id, ev.side, ev.price_ticks, ev.qty_lots,
-                                ev.qty_lots, ev.seq, ev.expire_ns, ev.post_only, ev.stp))
+                                ev.qty_lots, ev.seq, ev.expire_ns, ev.post_only, ev.stp, ev.reserved // ev.qty_lots))
         else:
             self._transient[oid] = (ev.client_id, ev.client_order_id)
 
@@ -181,6 +247,7 @@ class EventApplier:
             raise ReplayError(f"{self.symbol}: seq {ev.seq} is trade {ev.trade_id} but the next trade id is "
                               f"{self.next_trade_id}")
         self.next_trade_id = ev.trade_id + 1
+        self._balances(ev.balances, ev.seq)
         self._reduce(ev.maker_order_id, ev.qty_lots, ev.maker_remaining_lots, ev.seq, ev.maker_client_id,
                      ev.maker_client_order_id, maker=True)
         self._reduce(ev.taker_order_id, ev.qty_lots, ev.taker_remaining_lots, ev.seq, ev.taker_client_id,
@@ -233,6 +300,7 @@ class EventApplier:
         if order is None:
             raise ReplayError(f"{self.symbol}: seq {ev.seq} amends order {ev.order_id}, which is not open")
         self._owner(ev.seq, ev.order_id, (order.client_id, order.client_order_id), (ev.client_id, ev.client_order_id))
+        self._balances(ev.balances, ev.seq)
         if not ev.requeued:
             lots = order.qty - ev.qty_lots
             if lots <= 0 or order.remaining - lots != ev.remaining_lots:
@@ -242,5 +310,6 @@ class EventApplier:
             return
         self.book.remove(order)
         self.book.add(Order(order.order_id, order.client_id, order.client_order_id, order.side, ev.price_ticks,
-                            ev.qty_lots, ev.remaining_lots, ev.seq, order.expire_ns, order.post_only, order.stp))
+                            ev.qty_lots, ev.remaining_lots, ev.seq, order.expire_ns, order.post_only, order.stp,
+                            ev.reserved // ev.remaining_lots))
 

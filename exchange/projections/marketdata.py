@@ -55,6 +55,7 @@ from sortedcontainers import SortedDict
 
 from exchange.core.events import (
     BookCleared,
+    Deposited,
     Event,
     InstrumentHalted,
     InstrumentResumed,
@@ -64,6 +65,7 @@ from exchange.core.events import (
     OrderExpired,
     OrderFilled,
     OrderRejected,
+    Withdrawn,
 )
 from exchange.core.instruments import Instrument
 from exchange.core.state import EngineState
@@ -121,7 +123,8 @@ class MarketData:
         self._handlers: dict[type[Any], Callable[[Any, list[dict[str, Any]], list[dict[str, Any]]], None]] = {
             OrderFilled: self._on_fill, OrderAccepted: self._on_accept, OrderCanceled: self._on_cancel,
             OrderExpired: self._on_expire, OrderAmended: self._on_amend, OrderRejected: self._on_reject,
-            InstrumentHalted: self._on_status, InstrumentResumed: self._on_status, BookCleared: self._on_cleared}
+            InstrumentHalted: self._on_status, InstrumentResumed: self._on_status, BookCleared: self._on_cleared,
+            Deposited: self._on_reject, Withdrawn: self._on_reject}  # money moves no book and is not public
         for r in state.orders:
             buy = r.side == "buy"
             self._orders[r.order_id] = [buy, r.price_ticks, r.remaining_lots]

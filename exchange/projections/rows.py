@@ -10,21 +10,30 @@
   where the previous row is needed (``filled_lots`` grows by ``filled_delta``;
   a ``None`` column keeps the stored value);
 - the new absolute position of every client the batch's fills touched;
+- balances (an instrument that keeps them, see :mod:`exchange.core.balances`): per
+  ``(instrument, client, asset)`` the last value the batch's events carry (their
+  ``balances``), with the seq of that event -- the venue's fees account is client
+  ``""`` --, and one ``transfers`` row per transfer the engine remembers: each
+  deposit and withdrawal applied, and each withdrawal refused ``insufficient_funds``
+  (``asset`` and the amount unknown then: the rejection does not carry them), with
+  the outcome text exactly as the engine remembers it;
 - per instrument, the seq and id counters at the end of the batch, and the
   highest input offset per topic partition; the partitions' own offsets
   (``Batch.partitions``, instrument ``""``); the batch's snapshots.
 
 Order status rules (``orders.status``):
 
-- ``accepted`` creates the row ``open`` with ``remaining = qty``, ``filled = 0``
-  and ``priority`` = its seq;
+- ``accepted`` creates the row ``open`` with ``remaining = qty``, ``filled = 0``,
+  ``priority`` = its seq and ``rate`` (what each open lot holds, with balances) =
+  ``reserved // qty`` (0 for a market buy's budget);
 - ``filled`` sets the maker's and the taker's remaining from the event, adds
   the fill to ``filled_lots``, and makes the status ``filled`` when nothing
   remains, else ``partially_filled``;
 - ``canceled`` and ``expired`` set remaining to 0 and the status of that name
   (``filled_lots`` tells how much traded before);
 - ``amended`` sets price, total quantity and remaining from the event and, when
-  it re-queued the order, ``priority`` to its seq; the status is unchanged;
+  it re-queued the order, ``priority`` to its seq and ``rate`` to
+  ``reserved // remaining``; the status is unchanged;
 - ``rejected`` creates a ``rejected`` row (``order_id`` NULL) when the refused
   command was a place, and changes nothing otherwise;
 - ``halted``/``resumed`` change no order; the instrument's ``halted`` flag in
@@ -41,15 +50,18 @@ so lower priority — finishes first), which is how the dedupe window is rebuilt
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
 import msgspec
 
+from exchange.core.balances import FEES_ACCOUNT, refused, transferred
 from exchange.core.events import (
+    Balance,
     BookCleared,
+    Deposited,
     InstrumentHalted,
     InstrumentResumed,
     OrderAccepted,
@@ -58,17 +70,20 @@ from exchange.core.events import (
     OrderExpired,
     OrderFilled,
     OrderRejected,
+    Withdrawn,
 )
 from exchange.core.instruments import Instrument
-from exchange.core.types import Side
+from exchange.core.types import RejectReason, Side
 from exchange.ports import Batch, Position, SnapshotRequest, StoreUnavailable
 from exchange.projections.positions import apply_fill
 
 __all__ = [
+    "BALANCE_FIELDS",
     "EVENT_COLUMNS",
     "ORDER_COLUMNS",
     "POSITION_FIELDS",
     "TRADE_COLUMNS",
+    "TRANSFER_COLUMNS",
     "UPDATE_FIELDS",
     "BatchRows",
     "Progress",
@@ -80,17 +95,19 @@ __all__ = [
     "finished_statuses",
     "open_statuses",
     "same_as_stored",
+    "stored_ledger",
+    "transfer_outcome",
 ]
 
 # The shape of every row kind, defined here only: the rows are tuples (or lists) of these fields in this
-# order, and whatever reads them -- the stores' statements, exchange_commit_batch (migration 008, through
+# order, and whatever reads them -- the stores' statements, exchange_commit_batch (migration 009, through
 # the positions the PostgreSQL store sends with each batch), the positions below -- finds a field by its
 # name here. The names are the tables' column names, but filled_delta (added to filled_lots).
 EVENT_COLUMNS = ("instrument", "seq", "ts_ns", "type", "order_id", "client_id", "payload")
 ORDER_COLUMNS = (
     "instrument", "created_seq", "order_id", "client_id", "client_order_id", "side", "order_type", "tif",
     "price_ticks", "qty_lots", "remaining_lots", "filled_lots", "status", "priority", "expire_ns", "post_only",
-    "stp", "reject_reason", "reject_text", "created_ts_ns", "updated_seq", "updated_ts_ns", "price", "qty",
+    "stp", "reject_reason", "reject_text", "created_ts_ns", "updated_seq", "updated_ts_ns", "price", "qty", "rate",
 )
 TRADE_COLUMNS = (
     "instrument", "trade_id", "seq", "ts_ns", "price_ticks", "qty_lots", "price", "qty", "aggressor_side",
@@ -99,8 +116,14 @@ TRADE_COLUMNS = (
 )
 # an update of a pre-existing order: None keeps the stored value; filled_delta is added to filled_lots
 UPDATE_FIELDS = ("instrument", "order_id", "remaining_lots", "filled_delta", "qty_lots", "price_ticks", "priority",
-                 "status", "updated_seq", "updated_ts_ns")
+                 "status", "updated_seq", "updated_ts_ns", "rate")
 POSITION_FIELDS = ("client_id", "instrument", "net_lots", "cost", "realized", "updated_seq")
+# balances: exact integers (base lots, or quote units of tick x lot); the store adds the decimal columns
+# (available_amount, reserved_amount) in the asset's units
+BALANCE_FIELDS = ("instrument", "client_id", "asset", "available", "reserved", "updated_seq")
+# a transfer the engine remembers; asset, amount_units and amount are NULL for a refused withdrawal
+TRANSFER_COLUMNS = ("instrument", "transfer_id", "client_id", "asset", "kind", "amount_units", "amount", "status",
+                    "outcome", "seq", "ts_ns")
 _EV_INSTRUMENT, _EV_PAYLOAD = EVENT_COLUMNS.index("instrument"), EVENT_COLUMNS.index("payload")
 open_statuses = ("open", "partially_filled")
 finished_statuses = ("filled", "canceled", "expired")
@@ -110,35 +133,41 @@ _BUY, _SELL = Side.BUY, Side.SELL
 _encode = msgspec.json.Encoder().encode
 
 # positions in a mutable order record (a list of ORDER_COLUMNS, for speed) while the batch is walked
-_PRICE, _QTY, _REMAINING, _FILLED, _STATUS, _PRIORITY, _UPDATED_SEQ, _UPDATED_TS, _PRICE_VALUE, _QTY_VALUE = map(
+_PRICE, _QTY, _REMAINING, _FILLED, _STATUS, _PRIORITY, _UPDATED_SEQ, _UPDATED_TS, _PRICE_VALUE, _QTY_VALUE, _RATE = map(
     ORDER_COLUMNS.index, ("price_ticks", "qty_lots", "remaining_lots", "filled_lots", "status", "priority",
-                          "updated_seq", "updated_ts_ns", "price", "qty"))
+                          "updated_seq", "updated_ts_ns", "price", "qty", "rate"))
 # positions in a mutable update record (a list of UPDATE_FIELDS) of a pre-existing order
-_U_REMAINING, _U_FILLED, _U_QTY, _U_PRICE, _U_PRIORITY, _U_STATUS, _U_SEQ, _U_TS = map(
+_U_REMAINING, _U_FILLED, _U_QTY, _U_PRICE, _U_PRIORITY, _U_STATUS, _U_SEQ, _U_TS, _U_RATE = map(
     UPDATE_FIELDS.index, ("remaining_lots", "filled_delta", "qty_lots", "price_ticks", "priority", "status",
-                          "updated_seq", "updated_ts_ns"))
+                          "updated_seq", "updated_ts_ns", "rate"))
+_INSUFFICIENT_FUNDS = RejectReason.INSUFFICIENT_FUNDS
 
 
 class Scale:
-    """One instrument's operator-facing decimals: ticks -> price, lots -> quantity.
+    """One instrument's operator-facing decimals: ticks -> price, lots -> quantity, units of an asset -> amount.
 
     The values go into the NUMERIC columns of the rows that are COPied (new
-    orders, trades). This one gives :class:`~decimal.Decimal`; a store may pass a
+    orders, trades, transfers). This one gives :class:`~decimal.Decimal`; a store may pass a
     subclass that gives its driver's wire form instead (see
     ``exchange.adapters.postgres``).
     """
 
-    __slots__ = ("lot", "tick")
+    __slots__ = ("base_asset", "lot", "tick")
 
     def __init__(self, spec: Instrument) -> None:
         self.tick = Decimal(spec.tick_size)
         self.lot = Decimal(spec.lot_size)
+        self.base_asset = spec.base_asset
 
     def price(self, ticks: int) -> Any:
         return self.tick * ticks
 
     def qty(self, lots: int) -> Any:
         return self.lot * lots
+
+    def amount(self, asset: str, units: int) -> Any:
+        """Units of the base asset (lots) or of the quote asset (tick x lot) in the asset's own units."""
+        return (self.lot if asset == self.base_asset else self.tick * self.lot) * units
 
 
 class RowError(ValueError):
@@ -167,7 +196,8 @@ class BatchRows:
     ``progress`` hold, per instrument with events, the batch's first seq and the
     counters at its end. ``offsets`` maps ``(instrument, topic, partition)`` to
     the highest offset. ``snapshots`` rows are ``(instrument, seq, state_hash,
-    order_count, state)``.
+    order_count, state)``. ``balance_rows`` hold :data:`BALANCE_FIELDS` (the store adds the
+    decimal columns), ``transfers`` :data:`TRANSFER_COLUMNS`.
     """
 
     events: list[tuple[Any, ...]] = field(default_factory=list)
@@ -180,16 +210,19 @@ class BatchRows:
     progress: dict[str, Progress] = field(default_factory=dict)
     offsets: dict[tuple[str, str, int], int] = field(default_factory=dict)
     snapshots: list[tuple[Any, ...]] = field(default_factory=list)
+    balance_rows: list[tuple[Any, ...]] = field(default_factory=list)
+    transfers: list[tuple[Any, ...]] = field(default_factory=list)
 
 
 class _Instrument:
     """Per-instrument working state while one batch is walked."""
 
-    __slots__ = ("first_seq", "halted", "last_seq", "new", "next_order_id", "next_trade_id", "old_positions",
-                 "position_seq", "positions", "rejected", "scale", "symbol", "updates")
+    __slots__ = ("balances", "first_seq", "halted", "last_seq", "new", "next_order_id", "next_trade_id",
+                 "old_positions", "position_seq", "positions", "rejected", "scale", "spec", "symbol", "updates")
 
     def __init__(self, spec: Instrument, progress: Progress, positions: Mapping[str, Position],
                  scale: Scale) -> None:
+        self.spec = spec
         self.symbol = spec.symbol
         self.scale = scale
         self.first_seq = 0
@@ -203,6 +236,20 @@ class _Instrument:
         self.old_positions = positions
         self.positions: dict[str, Position] = {}
         self.position_seq: dict[str, int] = {}
+        self.balances: dict[tuple[str, str], tuple[int, int, int]] = {}  # (client, asset) -> (avail, reserved, seq)
+
+
+def _moved(inst: _Instrument, balances: Sequence[Balance], seq: int) -> None:
+    """An event's resulting balances: the last value of each (client, asset) in the batch is the row's."""
+    rows = inst.balances
+    for client, asset, available, reserved in balances:
+        rows[(client, asset)] = (available, reserved, seq)
+
+
+def transfer_outcome(spec: Instrument, kind: str, asset: str, units: int, client: str, seq: int) -> str:
+    """What the engine remembers of an applied transfer (``kind`` deposit or withdraw) of ``units`` of ``asset``."""
+    return transferred("deposited" if kind == "deposit" else "withdrawn", spec.units_to_amount(asset, units), asset,
+                       client, seq)
 
 
 def _touch(inst: _Instrument, order_id: int, remaining: int, filled: int, status: str | None, seq: int,
@@ -219,7 +266,7 @@ def _touch(inst: _Instrument, order_id: int, remaining: int, filled: int, status
         return
     upd = inst.updates.get(order_id)
     if upd is None:
-        inst.updates[order_id] = [inst.symbol, order_id, remaining, filled, None, None, None, status, seq, ts]
+        inst.updates[order_id] = [inst.symbol, order_id, remaining, filled, None, None, None, status, seq, ts, None]
         return
     upd[_U_REMAINING] = remaining
     upd[_U_FILLED] += filled
@@ -292,8 +339,11 @@ def derive_rows(  # noqa: C901 - one pass over every event of a batch, a branch 
                 oid = ev.order_id
                 new[oid] = [symbol, seq, oid, ev.client_id, ev.client_order_id, ev.side, ev.order_type, ev.tif,
                             ev.price_ticks, ev.qty_lots, ev.qty_lots, 0, "open", seq, ev.expire_ns, ev.post_only,
-                            ev.stp, None, None, ts, seq, ts, None, None]  # price, qty: at the end of the batch
+                            ev.stp, None, None, ts, seq, ts, None, None,  # price, qty: at the end of the batch
+                            ev.reserved // ev.qty_lots if ev.reserved and not ev.funds else 0]
                 inst.next_order_id = oid + 1
+                if ev.balances:
+                    _moved(inst, ev.balances, seq)
                 events_append((symbol, seq, ts, "accepted", oid, ev.client_id, encode(ev)))
             elif isinstance(ev, OrderFilled):
                 lots = ev.qty_lots
@@ -313,17 +363,24 @@ def derive_rows(  # noqa: C901 - one pass over every event of a batch, a branch 
                 p = changed.get(tc) or old.get(tc) or _ZERO
                 changed[tc] = apply_fill(p, aggressor, price, lots)
                 inst.position_seq[mc] = inst.position_seq[tc] = seq
+                if ev.balances:
+                    _moved(inst, ev.balances, seq)
                 trades_append((symbol, ev.trade_id, seq, ts, price, lots, price_of(price), qty_of(lots), aggressor,
                                maker, mc, ev.maker_client_order_id, taker, tc, ev.taker_client_order_id))
                 events_append((symbol, seq, ts, "filled", taker, tc, encode(ev)))
             elif isinstance(ev, OrderCanceled):
                 _touch(inst, ev.order_id, 0, 0, "canceled", seq, ts)
+                if ev.balances:
+                    _moved(inst, ev.balances, seq)
                 events_append((symbol, seq, ts, "canceled", ev.order_id, ev.client_id, encode(ev)))
             elif isinstance(ev, OrderRejected):
                 if ev.command == "place":
                     inst.rejected.append((symbol, seq, None, ev.client_id, ev.client_order_id, None, None, None,
                                           None, None, 0, 0, "rejected", None, 0, False, None, ev.reason, ev.text,
-                                          ts, seq, ts, None, None))
+                                          ts, seq, ts, None, None, 0))
+                elif ev.transfer_id and ev.reason == _INSUFFICIENT_FUNDS:  # remembered, as the engine does
+                    out.transfers.append((symbol, ev.transfer_id, ev.client_id, None, ev.command, None, None,
+                                          "refused", refused(seq, _INSUFFICIENT_FUNDS.value, ev.text), seq, ts))
                 events_append((symbol, seq, ts, "rejected", ev.order_id, ev.client_id, encode(ev)))
             elif isinstance(ev, OrderAmended):
                 oid = ev.order_id
@@ -334,22 +391,28 @@ def derive_rows(  # noqa: C901 - one pass over every event of a batch, a branch 
                     rec[_REMAINING] = ev.remaining_lots
                     if ev.requeued:
                         rec[_PRIORITY] = seq
+                        rec[_RATE] = ev.reserved // ev.remaining_lots if ev.reserved and ev.remaining_lots else 0
                     rec[_UPDATED_SEQ] = seq
                     rec[_UPDATED_TS] = ts
                 else:
                     upd = inst.updates.get(oid)
                     if upd is None:
-                        upd = inst.updates[oid] = [symbol, oid, 0, 0, None, None, None, None, seq, ts]
+                        upd = inst.updates[oid] = [symbol, oid, 0, 0, None, None, None, None, seq, ts, None]
                     upd[_U_REMAINING] = ev.remaining_lots
                     upd[_U_QTY] = ev.qty_lots
                     upd[_U_PRICE] = ev.price_ticks
                     if ev.requeued:
                         upd[_U_PRIORITY] = seq
+                        upd[_U_RATE] = ev.reserved // ev.remaining_lots if ev.reserved and ev.remaining_lots else 0
                     upd[_U_SEQ] = seq
                     upd[_U_TS] = ts
+                if ev.balances:
+                    _moved(inst, ev.balances, seq)
                 events_append((symbol, seq, ts, "amended", oid, ev.client_id, encode(ev)))
             elif isinstance(ev, OrderExpired):
                 _touch(inst, ev.order_id, 0, 0, "expired", seq, ts)
+                if ev.balances:
+                    _moved(inst, ev.balances, seq)
                 events_append((symbol, seq, ts, "expired", ev.order_id, ev.client_id, encode(ev)))
             elif isinstance(ev, InstrumentHalted | InstrumentResumed):
                 inst.halted = isinstance(ev, InstrumentHalted)
@@ -357,6 +420,15 @@ def derive_rows(  # noqa: C901 - one pass over every event of a batch, a branch 
                                encode(ev)))
             elif isinstance(ev, BookCleared):
                 events_append((symbol, seq, ts, "cleared", None, ev.client_id, encode(ev)))
+            elif isinstance(ev, Deposited | Withdrawn):
+                kind = "deposit" if isinstance(ev, Deposited) else "withdraw"
+                asset, units, client = ev.asset, ev.amount, ev.client_id
+                out.transfers.append((symbol, ev.transfer_id, client, asset, kind, units,
+                                      inst.scale.amount(asset, units), "applied",
+                                      transfer_outcome(inst.spec, kind, asset, units, client, seq), seq, ts))
+                _moved(inst, ev.balances, seq)
+                events_append((symbol, seq, ts, "deposited" if kind == "deposit" else "withdrawn", None, client,
+                               encode(ev)))
             else:
                 raise RowError(f"{symbol}: not an event: {ev!r}")
     if inst is not None:
@@ -378,6 +450,9 @@ def derive_rows(  # noqa: C901 - one pass over every event of a batch, a branch 
             out.position_rows.extend(
                 (client, symbol, p.net_lots, p.cost, p.realized, inst.position_seq[client])
                 for client, p in inst.positions.items())
+        if inst.balances:
+            out.balance_rows.extend((symbol, client, asset, available, reserved, seq) for (client, asset), (
+                available, reserved, seq) in sorted(inst.balances.items()))
         out.first_seq[symbol] = inst.first_seq
         out.progress[symbol] = Progress(inst.last_seq, inst.next_order_id, inst.next_trade_id, inst.halted)
 
@@ -391,6 +466,48 @@ def derive_rows(  # noqa: C901 - one pass over every event of a batch, a branch 
     for (symbol, seq), snap in latest.items():
         out.snapshots.append((symbol, seq, snap.state_hash, len(snap.state.orders), encode(snap.state)))
     return out
+
+
+def stored_ledger(spec: Instrument, balances: Iterable[Any], transfers: Iterable[Any]
+                  ) -> tuple[list[tuple[str, int, int, int, int]], int, list[tuple[str, str]]]:
+    """The ledger image (:class:`~exchange.core.state.EngineState`'s ``accounts``, ``fees``, ``transfers``) that
+    stored rows make: ``balances`` rows ``(client_id, asset, available, reserved)`` and ``transfers`` rows
+    ``(transfer_id, client_id, asset, kind, amount_units, status, outcome, seq)``.
+
+    Accounts that hold nothing are left out, as the engine leaves them out; the fees account (client ``""``,
+    the quote asset) gives ``fees``. A transfer is remembered with its stored outcome; when the row's other
+    columns do not say the same (an applied one's client, asset, amount and seq; a refused one's seq), what
+    they say is appended to it, so that the image differs from the events' and recovery names the transfer.
+    Raises :class:`RowError` for a balance the engine cannot hold (another asset, a reserved fee).
+    """
+    base, quote = spec.base_asset, spec.quote_asset
+    accounts: dict[str, list[int]] = {}
+    fees = 0
+    for client, asset, available, reserved in balances:
+        available, reserved = int(available), int(reserved)
+        if client == FEES_ACCOUNT:
+            if asset != quote or reserved:
+                raise RowError(f"{spec.symbol}: the fees account holds {reserved} {asset} reserved, {available} "
+                               f"available; it holds only {quote}, never reserved")
+            fees = available
+        elif asset in (base, quote):
+            account = accounts.setdefault(client, [0, 0, 0, 0])
+            i = 0 if asset == base else 2
+            account[i], account[i + 1] = available, reserved
+        else:
+            raise RowError(f"{spec.symbol}: client {client!r} holds {asset!r}, which is neither {base} nor {quote}")
+    remembered: list[tuple[str, str]] = []
+    for transfer_id, client, asset, kind, units, status, outcome, seq in transfers:
+        if status == "applied":
+            says = transfer_outcome(spec, kind, asset, int(units), client, seq) if asset and units is not None \
+                else f"{kind} without an asset or amount"
+            agrees = outcome == says
+        else:
+            says = refused(seq, _INSUFFICIENT_FUNDS.value, "")[:-1]  # "refused at seq N: insufficient_funds ("
+            agrees = outcome.startswith(says) and outcome.endswith(")")
+        remembered.append((transfer_id, outcome if agrees else f"{outcome} [the row says: {says}]"))
+    image = [(c, a[0], a[1], a[2], a[3]) for c, a in sorted(accounts.items()) if any(a)]
+    return image, fees, sorted(remembered)
 
 
 def already_durable(rows: BatchRows, stored: Mapping[str, Progress]) -> bool:

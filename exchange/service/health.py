@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -31,6 +32,19 @@ PROBE_TIMEOUT_S = 3.0
 def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return "no answer in time" if isinstance(exc, TimeoutError) else text
+
+
+def _totals(instruments: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """Per asset, the sums over the instruments of /status that keep balances (each instrument holds its own
+    clients' money: a USD balance on BTC-USD is not one on ETH-USD)."""
+    totals: dict[str, dict[str, Decimal]] = {}
+    for status in instruments.values():
+        for asset, amounts in status.get("balances", {}).items():
+            into = totals.setdefault(asset, {})
+            for name, amount in amounts.items():
+                into[name] = into.get(name, Decimal(0)) + Decimal(amount)
+    return {asset: {name: str(amount) for name, amount in sorted(amounts.items())}
+            for asset, amounts in sorted(totals.items())}
 
 
 class Probes:
@@ -172,13 +186,23 @@ class Endpoints:
                 "last_snapshot_age_s": (round(time.monotonic() - self._d._last_snapshot[symbol], 3)
                                         if symbol in self._d._last_snapshot else None),
             }
+            ledger = lp.engine.ledger
+            if ledger is not None:
+                sums = [sum(column) for column in zip(*ledger.accounts.values(), strict=True)] or [0, 0, 0, 0]
+                out[symbol]["accounts"] = len(ledger.accounts)
+                out[symbol]["balances"] = {
+                    ledger.base: {"available": spec.units_to_amount(ledger.base, sums[0]),
+                                  "reserved": spec.units_to_amount(ledger.base, sums[1])},
+                    ledger.quote: {"available": spec.units_to_amount(ledger.quote, sums[2]),
+                                   "reserved": spec.units_to_amount(ledger.quote, sums[3]),
+                                   "fees": spec.units_to_amount(ledger.quote, ledger.fees)}}
         incidents = [{"topic": i.topic, "partition": i.partition, "problem": i.problem, "since": i.since}
                      for _, i in sorted(self._incidents().items())]
         rebalancing = self._d.source.rebalancing_since if isinstance(self._d.source, OrderSource) else None
         body = msgspec.json.encode({"ready": self._d.ready and not incidents, "owner": self._d.owner,
                                     "rebalancing_s": round(time.monotonic() - rebalancing, 3)
                                     if rebalancing is not None else None,
-                                    "instruments": out, "input_incidents": incidents,
+                                    "instruments": out, "assets": _totals(out), "input_incidents": incidents,
                                     "lost_partitions": [{"topic": t, "partition": p, "since": since}
                                                         for (t, p), since in sorted(self._lost().items())],
                                     "publishing": self._d.fanout.status() if self._d.fanout else None}) + b"\n"

@@ -1,7 +1,8 @@
 """Signed operator actions: HMAC-SHA256 over the canonical message, keys from the environment.
 
 Operator actions travel in the orders topic, where any producer could write them. So ``halt``,
-``resume``, ``clear``, ``snapshot`` and a ``cancel_all`` sent for a client by an operator are
+``resume``, ``clear``, ``snapshot``, the money movements ``deposit`` and ``withdraw`` (signed by the
+funding system that moved the money) and a ``cancel_all`` sent for a client by an operator are
 applied only when the message carries a valid, fresh signature::
 
     {"op": "halt", "instrument": "BTC-USD", "client_id": "ops-anna", "text": "news pending",
@@ -40,7 +41,7 @@ from exchange.settings import ConfigError
 __all__ = ["ENV_KEYS", "OPERATOR_OPS", "AdminKeyError", "Verifier", "canonical", "parse_keys", "sign"]
 
 ENV_KEYS = "EXCHANGE_ADMIN_KEYS"
-OPERATOR_OPS = frozenset({"halt", "resume", "clear", "snapshot"})  # and cancel_all when it carries "auth"
+OPERATOR_OPS = frozenset({"halt", "resume", "clear", "snapshot", "deposit", "withdraw"})  # and a cancel_all with "auth"
 DEFAULT_MAX_SKEW_MS = 60_000
 _KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 

@@ -42,10 +42,12 @@ from exchange.core.commands import (
     CancelOrder,
     ClearBook,
     Command,
+    Deposit,
     HaltInstrument,
     PlaceOrder,
     RejectInput,
     ResumeInstrument,
+    Withdraw,
 )
 from exchange.core.events import Event
 from exchange.core.instruments import ConversionError, Instrument
@@ -57,7 +59,7 @@ __all__ = ["MAX_ID_LEN", "MAX_TEXT_LEN", "MAX_TS_NS", "OPS", "WireEncoder", "Wir
 _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
 
-OPS = ("place", "cancel", "amend", "cancel_all", "clear", "halt", "resume")
+OPS = ("place", "cancel", "amend", "cancel_all", "clear", "halt", "resume", "deposit", "withdraw")
 MAX_ID_LEN = 64  # characters of an instrument, client id or client order id
 MAX_TEXT_LEN = 200  # characters of an operator's note
 INT64_MAX = 2**63 - 1  # every integer the store holds is a signed 64-bit column
@@ -197,6 +199,8 @@ def decode_fields(msg: Mapping[str, Any], op: str, client_id: str | None, client
                               f"characters without control characters; got {quote(msg['client_order_id'])}")
         if op == "place":
             return _place(msg, spec, client_id, client_order_id, ts_ns)
+        if op in ("deposit", "withdraw"):
+            return _transfer(op, msg, spec, client_id, ts_ns)
         return _cancel_or_amend(op, msg, spec, client_id, client_order_id, ts_ns)
     except (_FieldError, ConversionError) as exc:
         return RejectInput(instrument, client_id, client_order_id, exc.reason, exc.text, op, ts_ns)
@@ -259,8 +263,35 @@ def _place(msg: Mapping[str, Any], spec: Instrument, client_id: str, client_orde
     else:
         price = spec.price_to_ticks(msg.get("price"))
     qty = spec.qty_to_lots(msg.get("qty"))
+    funds = 0
+    if msg.get("funds") is not None:
+        if not (spec.balances and market and side is Side.BUY):
+            raise _FieldError(RejectReason.INVALID_ORDER, "funds (a budget in the quote asset) is for market buys on "
+                              "an instrument that keeps balances")
+        funds = spec.amount_to_units(spec.quote_asset, msg["funds"])
     return PlaceOrder(spec.symbol, client_id, client_order_id, side, order_type, price, qty, tif, ts_ns,
-                      post_only, stp, expire_ns)
+                      post_only, stp, expire_ns, funds)
+
+
+def _transfer(op: str, msg: Mapping[str, Any], spec: Instrument, client_id: str, ts_ns: int) -> Command:
+    """A deposit or withdrawal: ``asset`` (the instrument's base or quote asset), ``amount`` (a decimal on
+    that asset's grid) and ``transfer_id`` (what makes it idempotent) for the account ``client_id``."""
+    transfer_id = _ident(msg, "transfer_id")
+    try:
+        if transfer_id is None:
+            raise _FieldError(RejectReason.MALFORMED, f"transfer_id is missing or not a string of 1-{MAX_ID_LEN} "
+                              f"characters without control characters (it makes a {op} happen once)")
+        if not spec.balances:
+            raise _FieldError(RejectReason.BALANCES_DISABLED, f"{spec.symbol} keeps no balances "
+                              "([risk] balances = false)")
+        asset = _ident(msg, "asset")
+        if asset is None:
+            raise _FieldError(RejectReason.UNKNOWN_ASSET, f"asset is missing or not a string: {spec.base_asset} "
+                              f"or {spec.quote_asset}")
+        amount = spec.amount_to_units(asset, msg.get("amount"))
+    except (_FieldError, ConversionError) as exc:
+        return RejectInput(spec.symbol, client_id, None, exc.reason, exc.text, op, ts_ns, transfer_id or "")
+    return (Deposit if op == "deposit" else Withdraw)(spec.symbol, client_id, asset, amount, transfer_id, ts_ns)
 
 
 def _order_id(msg: Mapping[str, Any]) -> int | None:
@@ -290,8 +321,16 @@ def _cancel_or_amend(op: str, msg: Mapping[str, Any], spec: Instrument, client_i
 
 _PLANS: dict[type[Any], tuple[tuple[str, str, str], ...]] = {}
 
+# Balance fields (:mod:`exchange.core.events`) and the asset their units are in: "side" the order's (base
+# lots to sell, quote units to buy), "quote" the quote asset, "asset" the event's own ``asset``.
+_MONEY = {"reserved": "side", "released": "side", "funds": "quote", "maker_fee": "quote", "taker_fee": "quote",
+          "amount": "asset", "balances": "balances"}
+_SOMETIMES = frozenset({"funds", "transfer_id"})  # on the wire only when set, on any instrument
+
 
 def _plan(cls: type[Any]) -> tuple[tuple[str, str, str], ...]:
+    """``(field, wire name, kind)`` of every field of an event class; kind "price", "qty", a balance kind
+    (see ``_MONEY``), "sometimes" (:data:`_SOMETIMES`) or "" (as it is)."""
     plan = _PLANS.get(cls)
     if plan is None:
         fields = []
@@ -300,22 +339,55 @@ def _plan(cls: type[Any]) -> tuple[tuple[str, str, str], ...]:
                 fields.append((f.name, f.name[: -len("_ticks")], "price"))
             elif f.name.endswith("_lots"):
                 fields.append((f.name, f.name[: -len("_lots")], "qty"))
+            elif f.name in _SOMETIMES:
+                fields.append((f.name, f.name, "sometimes"))
+            elif f.name in _MONEY:
+                fields.append((f.name, f.name, _MONEY[f.name]))
             else:
                 fields.append((f.name, f.name, ""))
         plan = _PLANS[cls] = tuple(fields)
     return plan
 
 
+def _money(kind: str, value: Any, event: Event, spec: Instrument) -> Any:
+    """A balance field as decimal strings in its asset (``spec`` keeps balances)."""
+    if kind == "balances":
+        return [{"client_id": client, "asset": asset, "available": spec.units_to_amount(asset, available),
+                 "reserved": spec.units_to_amount(asset, reserved)} for client, asset, available, reserved in value]
+    if kind == "side":
+        asset = spec.base_asset if event.side is Side.SELL else spec.quote_asset  # type: ignore[union-attr]
+    else:
+        asset = spec.quote_asset if kind == "quote" else event.asset  # type: ignore[union-attr]
+    return spec.units_to_amount(asset, value)
+
+
 def event_to_wire(event: Event, spec: Instrument | None) -> dict[str, Any]:
-    """One event as a JSON-ready dict with decimal strings (market prices are null)."""
+    """One event as a JSON-ready dict with decimal strings (market prices are null).
+
+    The balance fields (``reserved``, ``released``, ``maker_fee``, ``taker_fee``, ``balances``, a
+    deposit's ``amount``) are decimal strings in their asset and present on an instrument that keeps
+    balances only; ``funds`` and ``transfer_id`` are present when set. Without ``spec`` (an unknown
+    instrument) numbers stay integers and unset fields are left out."""
     out: dict[str, Any] = {"type": type(event).__struct_config__.tag}
+    money = spec is not None and spec.balances
     for name, wire_name, kind in _plan(type(event)):
         value = getattr(event, name)
-        if kind and spec is not None:
-            if value is None or (kind == "price" and value == 0):
-                value = None
-            else:
-                value = spec.ticks_to_price(value) if kind == "price" else spec.lots_to_qty(value)
+        if kind in ("", "price", "qty"):
+            if kind and spec is not None:
+                if value is None or (kind == "price" and value == 0):
+                    value = None
+                else:
+                    value = spec.ticks_to_price(value) if kind == "price" else spec.lots_to_qty(value)
+        elif kind == "sometimes":
+            if not value:
+                continue
+            if name == "funds" and spec is not None:
+                value = spec.units_to_amount(spec.quote_asset, value)
+        elif money:
+            assert spec is not None
+            value = _money(kind, value, event, spec)
+        elif not value:
+            continue
         out[wire_name] = value
     return out
 
@@ -350,15 +422,17 @@ class WireEncoder:
         cls = type(event)
         plan = self._plans.get(cls)
         if plan is None:
-            plan = self._plans[cls] = (str(cls.__struct_config__.tag),
-                                       tuple((wire, kind) for _, wire, kind in _plan(cls)))
+            money = self._spec.balances  # without balances, the balance fields are left out
+            plan = self._plans[cls] = (str(cls.__struct_config__.tag), tuple(
+                (wire, kind if money or kind in ("", "price", "qty", "sometimes") else "skip")
+                for _, wire, kind in _plan(cls)))
         tag, fields = plan
         out: dict[str, Any] = {"type": tag}
         prices, qtys = self._prices, self._qtys
         for (wire_name, kind), value in zip(fields, msgspec.structs.astuple(event), strict=True):
-            if kind and value is not None:
+            if kind:
                 if kind == "price":
-                    if value == 0:
+                    if value == 0 or value is None:
                         value = None
                     else:
                         text = prices.get(value)
@@ -367,12 +441,20 @@ class WireEncoder:
                                 prices.clear()
                             text = prices[value] = self._spec.ticks_to_price(value)
                         value = text
+                elif kind == "qty":
+                    if value is not None:
+                        text = qtys.get(value)
+                        if text is None:
+                            if len(qtys) >= _CACHE_MAX:
+                                qtys.clear()
+                            text = qtys[value] = self._spec.lots_to_qty(value)
+                        value = text
+                elif kind == "skip" or (kind == "sometimes" and not value):
+                    continue
+                elif kind == "sometimes":
+                    if wire_name == "funds":
+                        value = self._spec.units_to_amount(self._spec.quote_asset, value)
                 else:
-                    text = qtys.get(value)
-                    if text is None:
-                        if len(qtys) >= _CACHE_MAX:
-                            qtys.clear()
-                        text = qtys[value] = self._spec.lots_to_qty(value)
-                    value = text
+                    value = _money(kind, value, event, self._spec)
             out[wire_name] = value
         return _encoder.encode(out)

@@ -5,6 +5,12 @@ vocabulary: limit GTC/IOC/FOK/GTD, market IOC/FOK, post-only, STP modes,
 cancels by client order id and by order id (of live, finished and unknown
 orders), amends that keep or lose priority (and cross), cancel-all, reused
 client order ids, edge rejections; several clients, so self-trades happen.
+
+An instrument that keeps balances (:data:`BALANCED`, in :data:`SPECS_WITH_BALANCES`) first funds every
+client (a deposit of each asset), then now and then deposits or withdraws (some withdrawals more than is
+available: refused and remembered; some transfer ids reused: rejected as duplicates), and sends market
+buys with a budget (``funds``) besides the rest; orders beyond a client's means are rejected
+``insufficient_funds``. The other instruments' streams are what they were.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import dataclasses
 import random
 from collections.abc import Sequence
 from typing import Any
+
+import msgspec
 
 from exchange import (
     AmendOrder,
@@ -31,6 +39,7 @@ from exchange import (
     StpMode,
     TimeInForce,
 )
+from exchange.core.commands import Deposit, Withdraw
 from exchange.ports import Applied, Batch, InputPosition, Position, SnapshotRequest
 from exchange.projections.positions import apply_fill
 
@@ -41,6 +50,10 @@ SPECS: list[Instrument] = [
     Instrument.from_decimals("BBB-USD", tick_size="0.5", lot_size="0.001", max_qty="0.08", dedupe_window=7,
                              stp_default="cancel_resting", price_band_bps=500),
 ]
+# balances: base CCC in lots of 0.1, quote USD in units of 0.01 x 0.1 = 0.001; a maker rebate, a taker fee
+BALANCED = Instrument.from_decimals("CCC-USD", tick_size="0.01", lot_size="0.1", max_qty="60", balances=True,
+                                   maker_fee_bps=-2, taker_fee_bps=25, price_band_bps=800)
+SPECS_WITH_BALANCES: list[Instrument] = [*SPECS, BALANCED]
 CLIENTS = ["alice", "bob", "carol", "dave", "erin", "frank"]
 _STPS: list[StpMode | None] = [None, None, None, StpMode.NONE, StpMode.CANCEL_RESTING, StpMode.CANCEL_INCOMING,
                                StpMode.CANCEL_BOTH]
@@ -59,6 +72,13 @@ class Workload:
         self.coids: dict[tuple[str, str], list[str]] = {}
         self.n = 0
         self.events: list[Event] = []  # every event, in the order produced
+        # balances: every client is funded first; transfer ids used so far (some are sent again)
+        self.funding: dict[str, list[Command]] = {
+            spec.symbol: [Deposit(spec.symbol, client, asset, amount, f"fund-{client}-{asset}")
+                          for client in CLIENTS
+                          for asset, amount in ((spec.base_asset, 150), (spec.quote_asset, 40_000))]
+            for spec in self.specs if spec.balances}
+        self.transfer_ids: list[str] = []
 
     # ------------------------------------------------------------- commands
 
@@ -78,7 +98,14 @@ class Workload:
         symbol = symbol or rng.choice(self.specs).symbol
         engine = self.engines[symbol]
         spec = engine.spec
+        funding = self.funding.get(symbol)
+        if funding:
+            return msgspec.structs.replace(funding.pop(0), ts_ns=ts)
         client = rng.choice(CLIENTS)
+        if spec.balances:
+            money = self._money(spec, client, ts)
+            if money is not None:
+                return money
         live = list(engine.book.orders.values())
         mid = 200
         x = rng.random()
@@ -134,7 +161,30 @@ class Workload:
             return PlaceOrder(symbol, client, coid, side, OrderType.LIMIT, price, qty, TimeInForce.FOK, ts_ns=ts,
                               stp=stp)
         tif = TimeInForce.IOC if rng.random() < 0.7 else TimeInForce.FOK
-        return PlaceOrder(symbol, client, coid, side, OrderType.MARKET, 0, qty, tif, ts_ns=ts, stp=stp)
+        funds = 0
+        if spec.balances and side is Side.BUY and rng.random() < 0.5:
+            funds = rng.randrange(1, qty * 230 + 2)  # a budget: sometimes less than the quantity costs
+        return PlaceOrder(symbol, client, coid, side, OrderType.MARKET, 0, qty, tif, ts_ns=ts, stp=stp, funds=funds)
+
+    def _money(self, spec: Instrument, client: str, ts: int) -> Command | None:
+        """Now and then a deposit or a withdrawal (else None): of either asset, sometimes more than is available
+        (refused), sometimes under a transfer id used before (a duplicate)."""
+        rng = self.rng
+        x = rng.random()
+        if x >= 0.07:
+            return None
+        base = rng.random() < 0.5
+        asset = spec.base_asset if base else spec.quote_asset
+        amount = rng.randrange(1, 400) if base else rng.randrange(1, 100_000)
+        if self.transfer_ids and rng.random() < 0.05:
+            tid = rng.choice(self.transfer_ids)
+        else:
+            self.n += 1
+            tid = f"t{self.n}"
+            self.transfer_ids.append(tid)
+        if x < 0.03:
+            return Deposit(spec.symbol, client, asset, amount, tid, ts)
+        return Withdraw(spec.symbol, client, asset, amount, tid, ts)
 
     def apply(self, command: Command) -> Applied:
         symbol = command.instrument
@@ -167,7 +217,7 @@ class Workload:
 
 def stamped(batch: Batch, epoch: int = 1) -> Batch:
     """``batch`` as a writer that took its instruments and partitions prepares it: under ``epoch`` each (1: the
-    first take on a fresh database, as :meth:`tests.integration.test_stores.Backend.store` does)."""
+    first take on a fresh database, as :meth:`tests.integration._backends.Backend.store` does)."""
     instruments = {a.instrument for a in batch.applied} | {s.instrument for s in batch.snapshots}
     return dataclasses.replace(batch, epochs=dict.fromkeys(instruments, epoch),
                                partition_epochs=dict.fromkeys(batch.partitions, epoch))

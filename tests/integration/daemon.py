@@ -18,6 +18,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from exchange.core.instruments import Instrument
+from exchange.wire.auth import sign
 
 
 def free_port() -> int:
@@ -50,6 +51,9 @@ def write_config(path: Path, *, instruments: Sequence[Instrument], bootstrap: st
         ]
         if spec.price_band_bps is not None:
             lines.append(f"price_band_bps = {spec.price_band_bps}")
+        if spec.balances:
+            lines += ["balances = true", f'base_asset = "{spec.base_asset}"', f'quote_asset = "{spec.quote_asset}"',
+                      f"maker_fee_bps = {spec.maker_fee_bps}", f"taker_fee_bps = {spec.taker_fee_bps}"]
         lines.append("")
     lines += [
         "[kafka]",
@@ -95,6 +99,12 @@ def write_config(path: Path, *, instruments: Sequence[Instrument], bootstrap: st
 ADMIN_KEY_ID = "test-ops"
 ADMIN_SECRET = "0f3c8a1e5b7d92c46e1a0b3f5d7c9e21"
 ADMIN_KEYS = f"{ADMIN_KEY_ID}:{ADMIN_SECRET}"  # EXCHANGE_ADMIN_KEYS of every test daemon (and exchange admin)
+
+
+def signed(msg: dict[str, Any]) -> dict[str, Any]:
+    """``msg`` signed with the test daemons' key at its own time (``ts_ns``, its Kafka timestamp in
+    :func:`produce`): an OrderFlow's ``signer`` for the deposits and withdrawals it sends."""
+    return sign(msg, ADMIN_KEY_ID, ADMIN_SECRET.encode(), msg["ts_ns"] // 1_000_000)
 
 
 class DaemonProcess:

@@ -62,13 +62,15 @@ def wait_for_seq(dsn: str, expected: dict[str, int], timeout: float, check: Any 
 
 
 async def stored_state(dsn: str) -> dict[str, Any]:
-    """Everything comparable between two databases: events, trades, orders, positions."""
+    """Everything comparable between two databases: events, trades, orders, positions, balances, transfers."""
     conn = await asyncpg.connect(dsn)
     try:
         events = await conn.fetch("SELECT instrument, seq, payload FROM order_events ORDER BY instrument, seq")
         trades = await conn.fetch("SELECT * FROM trades ORDER BY instrument, trade_id")
         orders = await conn.fetch("SELECT * FROM orders ORDER BY instrument, created_seq")
         positions = await conn.fetch("SELECT * FROM positions ORDER BY client_id, instrument")
+        balances = await conn.fetch("SELECT * FROM balances ORDER BY instrument, client_id, asset")
+        transfers = await conn.fetch("SELECT * FROM transfers ORDER BY instrument, transfer_id")
         progress = await conn.fetch("SELECT instrument, seq, next_order_id, next_trade_id FROM engine_progress "
                                     "ORDER BY instrument")
     finally:
@@ -78,6 +80,8 @@ async def stored_state(dsn: str) -> dict[str, Any]:
         "trades": [dict(r) for r in trades],
         "orders": [dict(r) for r in orders],
         "positions": [dict(r) for r in positions],
+        "balances": [dict(r) for r in balances],
+        "transfers": [dict(r) for r in transfers],
         "progress": [tuple(r) for r in progress],
     }
 

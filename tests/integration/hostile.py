@@ -4,7 +4,8 @@
 explicit partition or None (the producer's partitioner then picks: the contract), and a Kafka
 timestamp. Every class of the hostile-input issue is there, plus seeded random mutations of valid
 messages (bytes flipped or cut, fields given other types, sizes, nesting, NUL, huge integers,
-wrong keys and partitions, unsigned or forged operator actions).
+wrong keys and partitions, unsigned or forged operator actions, deposits, withdrawals and budgets
+with hostile amounts, assets and transfer ids).
 
 Messages that would reach an instrument's loop go only to the instrument ``target`` (so the other
 instruments' events are exactly those of the valid flow); the rest name any instrument and must
@@ -62,7 +63,7 @@ class HostileFlow:
         self._ms += rng.randint(0, 1)
         kinds = (self._deep, self._wrong_types, self._store_values, self._too_large, self._huge_fields,
                  self._wrong_partition, self._no_instrument, self._bad_coid, self._operator, self._mutation,
-                 self._mutation, self._mutation, self._unknown_instrument, self._garbage)
+                 self._mutation, self._mutation, self._unknown_instrument, self._garbage, self._money)
         return kinds[rng.randrange(len(kinds))]()
 
     # --------------------------------------------------------------- helpers
@@ -207,6 +208,36 @@ class HostileFlow:
             msg = sign(msg, self._key_id, self._secret, self._ms)
             msg["text"] = "tampered after signing"
         return self._to_target(msg, "unsigned or forged operator action")
+
+    def _money(self) -> Record:
+        """Deposits and withdrawals (signed, unsigned or forged) and budgets with hostile fields, for the target
+        (which keeps balances when the test configures it so; else they are refused ``balances_disabled``)."""
+        rng = self._rng
+        symbol = self._target.symbol
+        fine = rng.random() < 0.5  # half of them well-formed: applied, refused for funds, or repeated
+        amount = rng.choice(("100", "1000.00", "12.34", "5", str(10**22)) if fine else (
+            "0.001", "100.005", "0", "-5", "1e3", "NaN", "9" * 40, str(10**24 + 1), 1.5, 10**30, None, [], {"a": 1},
+            True))
+        client = f"h-{rng.randrange(30)}" if fine or rng.random() < 0.5 else rng.choice(("", None, "a\x00", "x" * 65))
+        if rng.random() < 0.3:  # a place with a hostile budget
+            msg: dict[str, Any] = {"op": "place", "instrument": symbol, "client_id": client or "h-1",
+                                   "client_order_id": f"f{self._n}", "side": rng.choice(("buy", "sell")),
+                                   "type": rng.choice(("market", "limit")), "qty": str(rng.randint(1, 5)),
+                                   "funds": amount}
+            if msg["type"] == "limit":
+                msg["price"] = "100.00"
+            return self._to_target(msg, "hostile budget")
+        msg = {"op": rng.choice(("deposit", "withdraw")), "instrument": symbol, "client_id": client,
+               "asset": rng.choice(("HOST", "USD") if fine else ("EUR", None, 5, "", "usd", "HOST", "USD")),
+               "amount": amount,
+               "transfer_id": f"t{rng.randrange(200)}" if fine else rng.choice((
+                   f"t{rng.randrange(200)}", f"t{self._n}", None, "", "x" * 65, "a\x00", 7))}
+        how = rng.randrange(4)
+        if how == 1:
+            msg = sign(msg, self._key_id, b"not the secret", self._ms)
+        elif how >= 2:  # signed: its fields reach the edge's checks and the engine's
+            msg = sign(msg, self._key_id, self._secret, self._ms)
+        return self._to_target(msg, "money")
 
     def _mutation(self) -> Record:
         """A valid message for the target, mutated at random."""

@@ -6,7 +6,8 @@ instruments, produced in chunks while the daemon runs. The daemon runs with a sn
 recovery. At the end the database must hold exactly what an uninterrupted daemon (another
 database, another consumer group, same topic) stored, and exactly what ``exchange replay``
 computes from the same input: every event byte for byte, every trade once, every order's final
-state, every position, and every book's state hash.
+state, every position, every balance, and every book's state hash. Three of the instruments keep
+balances, funded by signed deposits in the flow.
 """
 
 from __future__ import annotations
@@ -26,21 +27,23 @@ import pytest
 
 from exchange.adapters.generator.flow import OrderFlow
 from exchange.core.instruments import Instrument
-from tests.integration.daemon import DaemonProcess, free_port, produce, write_config
+from tests.integration.daemon import DaemonProcess, free_port, produce, signed, write_config
 from tests.integration.expect import encoded, replay_messages, stored_progress, stored_state, wait_for_seq
 from tests.support.broker import KafkaBroker
 from tests.support.verify import verify
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-INSTRUMENTS = (
+INSTRUMENTS = (  # balances on three of them (signed deposits and withdrawals in the flow), fees and a rebate
     Instrument.from_decimals("BTC-USD", tick_size="0.01", lot_size="0.001", max_qty="1000",
-                             price_band_bps=300, stp_default="cancel_resting"),
+                             price_band_bps=300, stp_default="cancel_resting", balances=True, maker_fee_bps=-2,
+                             taker_fee_bps=7),
     Instrument.from_decimals("ETH-USD", tick_size="0.01", lot_size="0.01", max_qty="10000",
-                             stp_default="cancel_incoming"),
+                             stp_default="cancel_incoming", balances=True, maker_fee_bps=3, taker_fee_bps=3),
     Instrument.from_decimals("SOL-USD", tick_size="0.001", lot_size="1", max_qty="100000",
                              stp_default="cancel_both"),
-    Instrument.from_decimals("DOGE-USD", tick_size="0.00001", lot_size="10", max_qty="10000000"),
+    Instrument.from_decimals("DOGE-USD", tick_size="0.00001", lot_size="10", max_qty="10000000", balances=True,
+                             taker_fee_bps=10),
 )
 N_MESSAGES = 30_000
 SEED = 20261121
@@ -63,7 +66,7 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(kafka: KafkaBrok
     topic = f"orders-{uuid.uuid4().hex[:8]}"
     kafka.create_topics({topic: 3, f"{topic}.events": 1, f"{topic}.trades": 1, f"{topic}.dlq": 1})
     messages: list[dict[str, Any] | bytes] = list(
-        OrderFlow(INSTRUMENTS, seed=SEED, malformed_every=997).messages(N_MESSAGES))
+        OrderFlow(INSTRUMENTS, seed=SEED, malformed_every=997, signer=signed).messages(N_MESSAGES))
     exchange, expected = replay_messages(messages, INSTRUMENTS)
     final_seq = {sym: evs[-1].seq for sym, evs in expected.items()}
 
@@ -109,6 +112,9 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(kafka: KafkaBrok
     assert len({(t["instrument"], t["trade_id"]) for t in crashed["trades"]}) == len(crashed["trades"])
     assert crashed["orders"] == uninterrupted["orders"]
     assert crashed["positions"] == uninterrupted["positions"]
+    assert crashed["balances"] == uninterrupted["balances"]
+    assert crashed["transfers"] == uninterrupted["transfers"]
+    assert {b["instrument"] for b in crashed["balances"]} == {s.symbol for s in INSTRUMENTS if s.balances}
     assert crashed["progress"] == uninterrupted["progress"]
 
     # and the `exchange replay` command line on the same input ends with the same books

@@ -87,6 +87,11 @@ def test_demo_produces_trades_and_a_restart_recovers_the_same_books(tmp_path: Pa
     for symbol, verdict in views.items():
         assert verdict.startswith(f"the view's book (from the bus) equals the engine's at seq {ran[symbol][3]}:"), \
             (symbol, verdict)
+    # the shipped demo keeps balances: the generator funded its clients, and fees were taken
+    money = {symbol: (int(clients), fees) for symbol, clients, fees in re.findall(
+        r"^  (\S+) balances: (\d+) clients hold .*; fees taken (\S+) ", first.stdout, re.M)}
+    assert sorted(money) == sorted(symbols), first.stdout[-2000:]
+    assert all(clients > 0 and fees.strip("0.") for clients, fees in money.values()), money
 
     second = demo(config, "--seconds", "2")
     assert second.returncode == 0, second.stderr[-3000:]

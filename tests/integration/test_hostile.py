@@ -5,7 +5,8 @@
   restarted cleanly and killed (SIGKILL) on the way. It never exits on its own; every refused
   message is dead-lettered exactly once; every instrument stores exactly what the daemon's own
   router and the core make of the input, and the valid instruments exactly what `exchange replay`
-  makes of the valid flow alone; `recover --verify` passes; resident memory stays bounded.
+  makes of the valid flow alone; `recover --verify` passes; resident memory stays bounded. Three of
+  the four instruments keep balances: money messages are hostile too (forged, off-grid, huge, repeated).
 - The broker restarted empty under a running daemon: nothing of the new log is applied until an
   operator accepts it (`exchange admin accept-offset`), and then nothing is lost.
 - An instrument fed from two partitions: only its own partition's messages, keyed by it, count.
@@ -32,7 +33,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from exchange.adapters.generator.flow import OrderFlow
 from exchange.adapters.kafka import partition_for
 from exchange.core.commands import Command
-from exchange.core.events import Event
+from exchange.core.events import Deposited, Event, OrderRejected
 from exchange.core.instruments import Instrument
 from exchange.core.matching import Exchange
 from exchange.core.types import RejectReason
@@ -44,6 +45,7 @@ from tests.integration.daemon import (
     free_port,
     produce,
     read_topic,
+    signed,
     write_config,
 )
 from tests.integration.expect import encoded, replay_messages, stored_progress, stored_state, wait_for_seq
@@ -53,15 +55,15 @@ from tests.support.verify import verify
 
 pytestmark = [pytest.mark.integration]
 
-VALID = (
+VALID = (  # balances on two of them and on the target: signed deposits in the valid flow, hostile ones in the rest
     Instrument.from_decimals("BTC-USD", tick_size="0.01", lot_size="0.001", max_qty="1000", price_band_bps=300,
-                             stp_default="cancel_resting"),
+                             stp_default="cancel_resting", balances=True, maker_fee_bps=1, taker_fee_bps=5),
     Instrument.from_decimals("ETH-USD", tick_size="0.01", lot_size="0.01", max_qty="10000"),
     Instrument.from_decimals("SOL-USD", tick_size="0.001", lot_size="1", max_qty="100000",
-                             stp_default="cancel_both"),
+                             stp_default="cancel_both", balances=True, maker_fee_bps=-1, taker_fee_bps=2),
 )
 TARGET = Instrument.from_decimals("HOST-USD", tick_size="0.01", lot_size="1", max_qty="1000", dedupe_window=50,
-                                 dedupe_per_client=5)
+                                 dedupe_per_client=5, balances=True, taker_fee_bps=3)
 INSTRUMENTS = (*VALID, TARGET)
 PARTITIONS = 3
 KEYS = {ADMIN_KEY_ID: ADMIN_SECRET.encode()}
@@ -136,7 +138,7 @@ def test_a_hostile_battery_never_stops_the_daemon_and_loses_nothing(kafka: Kafka
     rng = random.Random(20261204)
     topic = f"orders-{uuid.uuid4().hex[:8]}"
     kafka.create_topics({topic: PARTITIONS, f"{topic}.events": 3, f"{topic}.trades": 1, f"{topic}.dlq": PARTITIONS})
-    valid = list(OrderFlow(VALID, seed=7).messages(12_000))
+    valid = list(OrderFlow(VALID, seed=7, signer=signed).messages(12_000))
     hostile = HostileFlow(VALID, TARGET, seed=17, partitions=PARTITIONS, key=(ADMIN_KEY_ID, KEYS[ADMIN_KEY_ID]),
                           start_ms=valid[0]["ts_ns"] // 1_000_000, max_message_bytes=MAX_MESSAGE_BYTES)
     chunks: list[list[Record | dict[str, Any]]] = []
@@ -231,6 +233,12 @@ def test_a_hostile_battery_never_stops_the_daemon_and_loses_nothing(kafka: Kafka
     not_authorized = [e for e in target_events if getattr(e, "reason", None) is RejectReason.NOT_AUTHORIZED]
     assert len(not_authorized) > 1000  # the forged and unsigned operator actions, journaled with the claimed operator
     assert {e.client_id for e in not_authorized} >= {"mallory", "ops-anna"}  # type: ignore[attr-defined]
+    money = Counter(e.reason for e in target_events
+                    if isinstance(e, OrderRejected) and e.command in ("deposit", "withdraw"))
+    for reason in (RejectReason.NOT_AUTHORIZED, RejectReason.INVALID_AMOUNT, RejectReason.UNKNOWN_ASSET,
+                   RejectReason.DUPLICATE_TRANSFER_ID, RejectReason.MALFORMED):
+        assert money[reason] > 0, money
+    assert sum(isinstance(e, Deposited) for e in target_events) > 50
     # ... and the valid instruments exactly what `exchange replay` makes of the valid flow alone
     (tmp_path / "valid.jsonl").write_text("".join(json.dumps(m) + "\n" for m in valid))
     out = subprocess.run([sys.executable, "-m", "exchange", "replay", "--config", str(daemon.config),
@@ -273,7 +281,7 @@ def test_a_broker_restarted_empty_stops_its_partitions_until_an_operator_accepts
         topic = f"orders-{uuid.uuid4().hex[:8]}"
         topics = {topic: 2, f"{topic}.events": 1, f"{topic}.trades": 1, f"{topic}.dlq": 2}
         broker.create_topics(topics)
-        flow = OrderFlow(specs, seed=5)
+        flow = OrderFlow(specs, seed=5, signer=signed)
         first = list(flow.messages(1500))
         second = list(flow.messages(400))
         port = free_port()
@@ -348,7 +356,7 @@ def test_an_instrument_is_read_from_its_own_partition_only(kafka: KafkaBroker, p
     specs = VALID[:2]
     topic = f"orders-{uuid.uuid4().hex[:8]}"
     kafka.create_topics({topic: 2, f"{topic}.events": 1, f"{topic}.trades": 1, f"{topic}.dlq": 2})
-    flow = list(OrderFlow(specs, seed=9).messages(600))
+    flow = list(OrderFlow(specs, seed=9, signer=signed).messages(600))
     rng = random.Random(3)
     records: list[Record | dict[str, Any]] = []
     strays: list[Record] = []

@@ -24,7 +24,7 @@ import pytest
 
 from exchange.adapters.generator.flow import OrderFlow
 from exchange.core.instruments import Instrument
-from tests.integration.daemon import ADMIN_KEYS, DaemonProcess, free_port, produce, write_config
+from tests.integration.daemon import ADMIN_KEYS, DaemonProcess, free_port, produce, read_topic, write_config
 from tests.integration.expect import replay_messages, wait_for_seq
 from tests.integration.test_db_outage import _set_reachable
 from tests.support.broker import KafkaBroker
@@ -191,3 +191,72 @@ def test_metrics_health_status_admin_and_readiness(kafka: KafkaBroker, pg_dsn: s
     log = (tmp_path / "d.log").read_text()
     assert "dependency unreachable" in log
     assert "dependency reachable again" in log
+
+
+def test_money_through_the_daemon_admin_deposit_status_and_each_clients_own_balances(
+        kafka: KafkaBroker, pg_dsn: str, tmp_path: Path) -> None:
+    """Deposits and withdrawals are signed operator actions sent with `exchange admin`; an order the client cannot
+    pay for is refused; /status sums the balances; on the events topic each side of a fill sees only its own."""
+    spec = Instrument.from_decimals("BTC-USD", tick_size="0.01", lot_size="0.001", max_qty="1000", balances=True,
+                                    maker_fee_bps=1, taker_fee_bps=5)
+    topic = f"orders-{uuid.uuid4().hex[:8]}"
+    kafka.create_topics({topic: 1, f"{topic}.events": 1, f"{topic}.trades": 1, f"{topic}.dlq": 1})
+    port = free_port()
+    config = write_config(tmp_path / "d.toml", instruments=[spec], bootstrap=kafka.bootstrap_servers, dsn=pg_dsn,
+                          topic=topic, group_id=f"g-{topic}", http_port=port)
+    daemon = DaemonProcess(config, port, tmp_path / "d.log")
+    daemon.start()
+    try:
+        daemon.wait_ready(timeout=60)
+        for client, asset, amount, transfer in (("alice", "USD", "1000.00", "bank-1"), ("bob", "BTC", "1", "bank-2")):
+            done = admin(config, "deposit", "BTC-USD", "--client", client, "--asset", asset, "--amount", amount,
+                         "--transfer-id", transfer)
+            assert done.returncode == 0, done.stderr
+            assert '"type":"deposited"' in done.stdout
+            assert "applied (deposited)" in done.stderr
+        again = admin(config, "deposit", "BTC-USD", "--client", "alice", "--asset", "USD", "--amount", "1000.00",
+                      "--transfer-id", "bank-1")
+        assert again.returncode == 1
+        assert "duplicate_transfer_id" in again.stderr
+        assert "deposited 1000.00000 USD for alice at seq 1" in again.stderr
+
+        ts = time.time_ns() // 1_000_000 * 1_000_000
+        orders = [
+            {"op": "place", "instrument": "BTC-USD", "client_id": "bob", "client_order_id": "b-1", "side": "sell",
+             "price": "500.00", "qty": "0.5", "ts_ns": ts},
+            {"op": "place", "instrument": "BTC-USD", "client_id": "alice", "client_order_id": "a-1", "side": "buy",
+             "price": "500.00", "qty": "0.2", "ts_ns": ts + 1_000_000},
+            {"op": "place", "instrument": "BTC-USD", "client_id": "alice", "client_order_id": "a-2", "side": "buy",
+             "price": "500.00", "qty": "5", "ts_ns": ts + 2_000_000},  # 2,500 USD: more than alice has
+        ]
+        asyncio.run(produce(kafka.bootstrap_servers, topic, orders))
+        wait_for_seq(pg_dsn, {"BTC-USD": 7}, timeout=60, check=daemon.check_alive)
+        events = asyncio.run(stored_events(pg_dsn, "BTC-USD", 3))
+        assert [e["type"] for e in events] == ["accepted", "accepted", "filled", "rejected"]
+        assert events[-1]["reason"] == "insufficient_funds"
+
+        _, status = daemon.get("/status")
+        btc = status["instruments"]["BTC-USD"]
+        assert btc["accounts"] == 2
+        # alice: 1000 - 100 - 0.05 taker fee; bob: 0.5 BTC reserved + 0.3 resting, 100 - 0.01 maker fee
+        assert status["assets"]["USD"] == {"available": "999.94000", "fees": "0.06000", "reserved": "0.00000"}
+        assert status["assets"]["BTC"] == {"available": "0.700", "reserved": "0.300"}
+
+        def fills_by_key() -> dict[bytes, list[dict[str, Any]]]:
+            import json
+
+            records = asyncio.run(read_topic(kafka.bootstrap_servers, f"{topic}.events", 1, wait_s=5, linger_s=1))
+            out: dict[bytes, list[dict[str, Any]]] = {}
+            for r in records:
+                for e in json.loads(r.value).get("events", []):
+                    if e["type"] == "filled":
+                        out.setdefault(r.key, []).append(e)
+            return out
+
+        fills = wait_until("the fill on the events topic", lambda: len(fills_by_key()) == 2 and fills_by_key(), daemon)
+        for key, (fill,) in fills.items():
+            assert {b["client_id"] for b in fill["balances"]} == {key.decode()}  # its own, nobody else's
+            assert (fill["maker_fee"], fill["taker_fee"]) == ("0.01000", "0.05000")
+        assert daemon.terminate(timeout=60) == 0, daemon.tail()
+    finally:
+        daemon.ensure_stopped()

@@ -17,7 +17,7 @@ from exchange import Instrument
 from exchange.adapters.postgres import PostgresStore
 from exchange.migrations import available
 from exchange.ports import Batch, Position, StoreUnavailable
-from tests.integration._workload import SPECS, Workload, positions_from_fills
+from tests.integration._workload import SPECS, SPECS_WITH_BALANCES, Workload, positions_from_fills
 
 pytestmark = pytest.mark.integration
 
@@ -85,7 +85,7 @@ def test_migrations_apply_once_and_rerun_is_a_no_op(pg_dsn: str) -> None:
         tables = {r["tablename"] for r in await fetch(
             pg_dsn, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
         assert {"orders", "order_events", "trades", "positions", "engine_progress", "input_offsets", "snapshots",
-                "schema_migrations", "publish_progress"} <= tables
+                "schema_migrations", "publish_progress", "balances", "transfers"} <= tables
         indexes = {r["indexname"] for r in await fetch(
             pg_dsn, "SELECT indexname FROM pg_indexes WHERE schemaname = 'public'")}
         assert {"orders_client_order_idx", "orders_open_idx", "orders_finished_idx",
@@ -115,11 +115,12 @@ def test_concurrent_migrators_apply_each_migration_once(pg_dsn: str) -> None:
 
 
 async def assert_stored_exactly(dsn: str, batches: list[Batch], work: Workload, recovered: dict[str, Any]) -> list[Any]:
-    """Every event once, the recovered books equal the engines', positions equal the fills'; the events."""
+    """Every event once, the recovered books (balances included) equal the engines', positions equal the fills';
+    the events."""
     produced = [e for b in batches for a in b.applied for e in a.events]
     rows = await fetch(dsn, "SELECT instrument, seq FROM order_events ORDER BY instrument, seq")
     assert [(r["instrument"], r["seq"]) for r in rows] == sorted((e.instrument, e.seq) for e in produced)
-    for spec in SPECS:
+    for spec in work.specs:
         assert recovered[spec.symbol].state == work.engines[spec.symbol].export_state()
     stored = {(r["instrument"], r["client_id"]): Position(int(r["net_lots"]), int(r["cost"]), int(r["realized"]))
               for r in await fetch(dsn, "SELECT * FROM positions")}
@@ -128,11 +129,11 @@ async def assert_stored_exactly(dsn: str, batches: list[Batch], work: Workload, 
 
 
 def test_terminated_connection_mid_commit_is_retriable_and_the_retry_writes_once(pg_dsn: str) -> None:
-    work = Workload(seed=5)
+    work = Workload(SPECS_WITH_BALANCES, seed=5)
     batches = work.batches(600, max_batch=100)
 
     async def scenario() -> None:
-        store = await migrated_store(pg_dsn)
+        store = await migrated_store(pg_dsn, SPECS_WITH_BALANCES)
         try:
             half = len(batches) // 2
             for batch in batches[:half]:
@@ -163,7 +164,7 @@ def test_terminated_connection_mid_commit_is_retriable_and_the_retry_writes_once
             for batch in more:
                 await store.commit(batch)
             batches.extend(more)
-            recovered = await store.load(SPECS)
+            recovered = await store.load(SPECS_WITH_BALANCES)
         finally:
             await store.stop()
         await assert_stored_exactly(pg_dsn, batches, work, recovered)
@@ -172,9 +173,9 @@ def test_terminated_connection_mid_commit_is_retriable_and_the_retry_writes_once
 
 
 def test_exchange_commit_batch_finds_every_field_by_its_name(pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The document says where each field is in its rows (migration 008): the same batches with the fields of
-    every kind of row in reverse order store the same rows."""
-    work = Workload(seed=31)
+    """The document says where each field is in its rows (migration 008; 009 for balances, transfers and rates):
+    the same batches with the fields of every kind of row in reverse order store the same rows."""
+    work = Workload(SPECS_WITH_BALANCES, seed=31)
     batches = work.batches(600, max_batch=60)
     document = PostgresStore._document
 
@@ -188,11 +189,11 @@ def test_exchange_commit_batch_finds_every_field_by_its_name(pg_dsn: str, monkey
     monkeypatch.setattr(PostgresStore, "_document", reversed_fields)
 
     async def scenario() -> None:
-        store = await migrated_store(pg_dsn)
+        store = await migrated_store(pg_dsn, SPECS_WITH_BALANCES)
         try:
             for batch in batches:
                 await store.commit(batch)
-            recovered = await store.load(SPECS)
+            recovered = await store.load(SPECS_WITH_BALANCES)
         finally:
             await store.stop()
         produced = await assert_stored_exactly(pg_dsn, batches, work, recovered)
@@ -202,6 +203,18 @@ def test_exchange_commit_batch_finds_every_field_by_its_name(pg_dsn: str, monkey
                                      "ORDER BY instrument, trade_id")
         assert sorted((r["price_ticks"], r["qty_lots"], r["maker_order_id"]) for r in trades) == sorted(
             (e.price_ticks, e.qty_lots, e.maker_order_id) for e in fills)
+        # the decimal columns the server computes from the steps (base_asset among them)
+        spec = SPECS_WITH_BALANCES[-1]
+        units = {spec.base_asset: Decimal(spec.lot_size), spec.quote_asset: Decimal(spec.tick_size) * Decimal(
+            spec.lot_size)}
+        balances = await fetch(pg_dsn, "SELECT * FROM balances")
+        assert {r["asset"] for r in balances} == set(units)
+        assert all((r["available_amount"], r["reserved_amount"]) == (r["available"] * units[r["asset"]],
+                                                                     r["reserved"] * units[r["asset"]])
+                   for r in balances)
+        transfers = await fetch(pg_dsn, "SELECT * FROM transfers")
+        assert all(r["amount"] == r["amount_units"] * units[r["asset"]] for r in transfers if r["asset"])
+        assert {r["status"] for r in transfers} == {"applied", "refused"}
 
     run(scenario())
 

@@ -16,7 +16,7 @@ from exchange.core.state import EngineState
 from exchange.ports import Batch, SnapshotRequest
 from exchange.projections.applier import EventApplier, ReplayError
 from recovery.rebuild import RecoveryError, describe_difference, recover
-from tests.integration._workload import SPECS, Workload, stamped
+from tests.integration._workload import SPECS, SPECS_WITH_BALANCES, Workload, stamped
 from tests.support.verify import verify
 
 
@@ -46,8 +46,8 @@ async def store_batches(dsn: str, batches: list[Batch]) -> None:
 
 @pytest.mark.parametrize("seed", [1, 2, 3, 4])
 def test_applier_follows_the_engine_command_by_command(seed: int) -> None:
-    work = Workload(seed=seed)
-    appliers = {spec.symbol: EventApplier(spec) for spec in SPECS}
+    work = Workload(SPECS_WITH_BALANCES, seed=seed)  # balances too
+    appliers = {spec.symbol: EventApplier(spec) for spec in SPECS_WITH_BALANCES}
     for _ in range(3_000):
         applied = work.apply(work.command())
         applier = appliers[applied.instrument]

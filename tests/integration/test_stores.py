@@ -3,8 +3,8 @@
 Exact rows, round trips through load, retries of a batch whose acknowledgement
 was lost, refusal of gaps, unknown instruments and missing rows, history reads,
 and start-up recovery and the offline verify on top of them. Each test gets a
-:class:`Backend`: a factory of started, migrated stores on ONE fresh database,
-plus plain SQL access to it for checking rows (the SQL used is portable).
+:class:`~tests.integration._backends.Backend`: a factory of started, migrated stores on ONE fresh
+database, plus plain SQL access to it for checking rows (the SQL used is portable).
 PostgreSQL runs on both of its commit paths: small batches in one statement
 (the function of migration 002, which needs the instrument's counters loaded,
 as the daemon's recovery does) and the multi-statement COPY path.
@@ -17,13 +17,10 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import msgspec
 import pytest
 
@@ -50,96 +47,17 @@ from exchange.projections.applier import EventApplier
 from exchange.projections.positions import apply_fill
 from recovery.rebuild import RecoveryError, describe_difference, recover, replay_stored
 from recovery.verify import verify_store
+from tests.integration._backends import BACKENDS, Backend, dec, make_backend, run
 from tests.integration._workload import SPECS, Workload, positions_from_fills, stamped
 
 pytestmark = pytest.mark.integration
 
 SQLITE_SHIPPED = [name for name, _ in migrations()]
 
-AnyStore = PostgresStore | SqliteStore
 
-
-@dataclass
-class Backend:
-    kind: str  # postgres | sqlite
-    new_store: Callable[..., AnyStore]  # (specs) -> a store on this test's database, not started
-    fetch: Callable[[str], Awaitable[list[dict[str, Any]]]]
-    execute: Callable[[str], Awaitable[None]]
-    one_statement: bool = False  # PostgreSQL's one-statement commit path
-    taken: set[str] = field(default_factory=set)  # instruments and partitions taken on this database
-
-    async def store(self, specs: Sequence[Instrument] = SPECS,
-                    partitions: Sequence[tuple[str, int]] = ()) -> AnyStore:
-        """A started, migrated store; the first one takes the instruments and partitions (epoch 1 each, which
-        :func:`tests.integration._workload.stamped` batches carry), later ones share that ownership."""
-        store = self.new_store(specs)
-        await store.start()
-        await store.migrate()
-        instruments = [spec.symbol for spec in specs if spec.symbol not in self.taken]
-        keys = [key for key in partitions if f"{key}" not in self.taken]
-        if instruments or keys:
-            await store.take(instruments, keys, "test")
-            self.taken.update([*instruments, *map(str, keys)])
-        if self.one_statement:
-            await store.load(specs)
-        return store
-
-
-def _postgres(dsn: str, one_statement: bool) -> Backend:
-    async def fetch(sql: str) -> list[dict[str, Any]]:
-        conn = await asyncpg.connect(dsn)
-        try:
-            return [dict(r) for r in await conn.fetch(sql)]
-        finally:
-            await conn.close()
-
-    async def execute(sql: str) -> None:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    max_events = 1000 if one_statement else 0
-    return Backend("postgres", lambda specs: PostgresStore(dsn, specs, pool_size=2,
-                                                           one_statement_max_events=max_events),
-                   fetch, execute, one_statement)
-
-
-def _sqlite(path: Path) -> Backend:
-    def query(sql: str) -> list[dict[str, Any]]:
-        conn = sqlite3.connect(path)
-        conn.row_factory = sqlite3.Row
-        try:
-            rows = [dict(r) for r in conn.execute(sql)]
-            conn.commit()
-            return rows
-        finally:
-            conn.close()
-
-    async def fetch(sql: str) -> list[dict[str, Any]]:
-        return query(sql)
-
-    async def execute(sql: str) -> None:
-        query(sql)
-
-    return Backend("sqlite", lambda specs: SqliteStore(path, specs), fetch, execute)
-
-
-@pytest.fixture(params=["postgres-one-statement", "postgres-copy", "sqlite"])
+@pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    if request.param.startswith("postgres"):
-        return _postgres(request.getfixturevalue("pg_dsn"), request.param == "postgres-one-statement")
-    return _sqlite(tmp_path / "exchange.sqlite")
-
-
-def run(coro: Any) -> Any:
-    return asyncio.run(coro)
-
-
-def dec(value: Any) -> Decimal | None:
-    """A decimal column as a Decimal (PostgreSQL NUMERIC, or SQLite's exact TEXT)."""
-    return None if value is None else Decimal(str(value))
+    return make_backend(request, tmp_path)
 
 
 def stored_positions(rows: list[dict[str, Any]]) -> dict[tuple[str, str], Position]:

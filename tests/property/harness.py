@@ -22,6 +22,25 @@ the invariants that must hold whatever the command was:
 - the dedupe window (``export_state().done``) is the reference's, which
   recomputes the rule from the whole history of finished orders.
 
+On an instrument with balances (:meth:`Harness.check_balances`), also:
+
+- no balance is negative, the fees account included;
+- money is conserved per asset: deposits minus withdrawals (summed from the
+  ``deposited``/``withdrawn`` events) equal every client's available plus
+  reserved, plus the fees account for the quote asset;
+- each client's reserved amounts equal what its open orders hold: ``remaining *
+  rate`` of its buys (quote) and of its sells (base, a rate of 1), with the rate
+  the reference computed for each order (and the engine's stored rate equal to
+  it);
+- the engine's accounts, fees account and remembered transfer ids equal the
+  reference's;
+- the ``balances`` carried by the events, applied in order, give exactly the
+  engine's accounts and fees account: the events name every balance they change;
+- a ``duplicate_transfer_id`` rejection names the seq of the original outcome.
+
+Without balances the engine keeps no ledger and the events carry none of the
+balance fields (the reference's events are compared whole, defaults included).
+
 :meth:`Harness.final_checks` also rebuilds the engine from its exported state
 (through a JSON round trip) and replays the whole command history into a fresh
 engine, asserting byte-identical events.
@@ -30,25 +49,29 @@ engine, asserting byte-identical events.
 from __future__ import annotations
 
 import enum
+import functools
 import itertools
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
-from exchange.core.commands import AmendOrder, PlaceOrder
+from exchange.core.commands import AmendOrder, Deposit, PlaceOrder, Withdraw
 from exchange.core.events import (
+    Deposited,
     OrderAccepted,
     OrderAmended,
     OrderCanceled,
     OrderExpired,
     OrderFilled,
     OrderRejected,
+    Withdrawn,
 )
 from exchange.core.instruments import Instrument
 from exchange.core.matching import MatchingEngine
 from exchange.core.state import EngineState
-from exchange.core.types import OrderType, Side, StpMode
+from exchange.core.types import OrderType, RejectReason, Side, StpMode
 
 from .reference import ReferenceBook
 
@@ -69,6 +92,18 @@ SPECS: dict[str, Instrument] = {
     # STP cancel_both by default, no dedupe memory at all, band of 100% (sells may go to any price)
     "nomemory": Instrument.from_decimals("NOMEM", tick_size="1", lot_size="1", max_qty="40", max_price="200",
                                          price_band_bps=10_000, stp_default="cancel_both", dedupe_window=0),
+    # balances of FEE (lots) and USD (quote units of 0.01 x 1): fees of 0.15% (maker) and 0.35% (taker),
+    # big enough at ~100 ticks a lot that the per-fill rounding up matters; market buys banded to 5%
+    "fees": Instrument.from_decimals("FEE-USD", tick_size="0.01", lot_size="1", max_qty="40", max_price="2.00",
+                                     price_band_bps=500, dedupe_per_client=6, balances=True, maker_fee_bps=15,
+                                     taker_fee_bps=35),
+    # balances of REB (lots of 0.5) and EUR: a maker rebate of 0.25% (rounded towards zero: none below a
+    # notional of 400) and a taker fee of 0.4%; no price band (a market buy must name its budget);
+    # STP cancel_resting by default; a dedupe window of 8, 4 a client
+    "rebate": Instrument.from_decimals("REB", tick_size="1", lot_size="0.5", max_qty="20", max_price="200",
+                                       stp_default="cancel_resting", dedupe_window=8, dedupe_per_client=4,
+                                       balances=True, base_asset="REB", quote_asset="EUR", maker_fee_bps=-25,
+                                       taker_fee_bps=40),
 }
 
 
@@ -85,10 +120,15 @@ def _fmt_value(value: Any) -> str:
     return repr(value)
 
 
+@functools.cache
+def _defaults(cls: type[Any]) -> dict[str, Any]:
+    return {f.name: f.default for f in msgspec.structs.fields(cls)}
+
+
 def fmt_command(cmd: Any) -> str:
     """Python source that rebuilds ``cmd`` exactly (enum members vs plain strings preserved)."""
     fields = msgspec.structs.asdict(cmd)
-    defaults = {f.name: f.default for f in msgspec.structs.fields(cmd)}
+    defaults = _defaults(type(cmd))
     args = ", ".join(f"{k}={_fmt_value(v)}" for k, v in fields.items()
                      if defaults.get(k, msgspec.NODEFAULT) is msgspec.NODEFAULT or defaults[k] != v)
     return f"{type(cmd).__name__}({args})"
@@ -120,6 +160,10 @@ class Harness:
         self.last_seq = 0
         self.last_trade_id = 0
         self.finished: list[tuple[str, str]] = []  # (client, client order id) of finished orders, in order
+        # balances, from the events alone: deposits - withdrawals per asset, and every (client, asset) balance
+        # as the last event that named it left it ("" is the fees account)
+        self.net: dict[str, int] = {spec.base_asset: 0, spec.quote_asset: 0}
+        self.told: dict[tuple[str, str], tuple[int, int]] = {}
 
     # ------------------------------------------------------------------ step
 
@@ -138,6 +182,9 @@ class Harness:
             if isinstance(e, OrderRejected):
                 assert isinstance(e.text, str), e
                 assert e.text, f"rejection without text: {e}"
+                if e.reason is RejectReason.DUPLICATE_TRANSFER_ID and isinstance(cmd, Deposit | Withdraw):
+                    # a repeated transfer is told the seq of the original outcome
+                    assert re.search(rf"\bat seq {self.ref.transfers[e.transfer_id]}\b", e.text), e
         self._track(cmd, events)
         self.check_book()
         return events
@@ -147,6 +194,11 @@ class Harness:
     def _track(self, cmd: Any, events: list[Any]) -> None:
         for e in events:
             assert e.instrument == self.spec.symbol, e
+            for client, asset, available, reserved in getattr(e, "balances", ()):
+                self.told[client, asset] = (available, reserved)
+            if isinstance(e, Deposited | Withdrawn):
+                assert e.amount > 0, e
+                self.net[e.asset] += e.amount if isinstance(e, Deposited) else -e.amount
             assert e.seq == self.last_seq + 1, f"sequence gap: {self.last_seq} -> {e.seq}"
             self.last_seq = e.seq
             assert e.ts_ns == cmd.ts_ns, f"event timestamp {e.ts_ns} is not the input's {cmd.ts_ns}"
@@ -230,14 +282,15 @@ class Harness:
         assert not bids or not asks or bids[0] < asks[0], f"book crossed: {bids[0]} >= {asks[0]}"
         assert engine.book.best_bid() == (bids[0] if bids else None)
         assert engine.book.best_ask() == (asks[0] if asks else None)
-        window = engine.export_state().done
+        state = engine.export_state()
+        window = state.done
         assert window == ref.done, f"dedupe windows differ\n engine:    {window}\n reference: {ref.done}"
 
-        resting = engine.export_state().orders
+        resting = state.orders
         got = [(r.order_id, r.client_id, r.client_order_id, Side(r.side), r.price_ticks, r.qty_lots,
-                r.remaining_lots, r.expire_ns, r.post_only, StpMode(r.stp)) for r in resting]
+                r.remaining_lots, r.expire_ns, r.post_only, StpMode(r.stp), r.rate) for r in resting]
         want = [(o.order_id, o.client_id, o.client_order_id, o.side, o.price, o.qty, o.remaining, o.expire_ns,
-                 o.post_only, o.stp) for o in ref.orders()]
+                 o.post_only, o.stp, o.rate) for o in ref.orders()]
         assert got == want, f"resting orders differ\n engine:    {got}\n reference: {want}"
         for r in resting:  # documented: priority = seq of the accept / re-queuing amend
             assert r.priority == self.ledger[r.order_id].queued_seq, f"order {r.order_id} priority {r.priority}"
@@ -258,6 +311,51 @@ class Harness:
             if entry.order_type == OrderType.MARKET:
                 assert left == 0, f"market order {oid} rests"
         assert buy_filled == sell_filled, f"buys filled {buy_filled} != sells filled {sell_filled}"
+        self.check_balances(state)
+
+    def check_balances(self, state: EngineState) -> None:
+        """The balance invariants (see the module docstring) in ``state``, the engine's image; on an instrument
+        without balances, that there are none."""
+        engine, ref, spec = self.engine, self.ref, self.spec
+        if not spec.balances:
+            assert engine.ledger is None
+            assert (state.accounts, state.fees, state.transfers) == ([], 0, []), state
+            assert not self.told, self.told
+            return
+        base, quote = spec.base_asset, spec.quote_asset
+        accounts, fees = state.accounts, state.fees
+        assert all(min(a[1:]) >= 0 for a in accounts), f"a negative balance: {accounts}"
+        assert fees >= 0, f"the fees account is negative: {fees}"
+        assert all(any(a[1:]) for a in accounts), f"an empty account is kept: {accounts}"
+        assert sum(a[1] + a[2] for a in accounts) == self.net[base], (
+            f"{base} not conserved: deposited - withdrawn {self.net[base]}, held {accounts}")
+        assert sum(a[3] + a[4] for a in accounts) + fees == self.net[quote], (
+            f"{quote} not conserved: deposited - withdrawn {self.net[quote]}, held {accounts} + fees {fees}")
+        held: dict[str, list[int]] = {}  # client -> [base reserved, quote reserved] its open orders hold
+        for o in ref.orders():
+            entry = held.setdefault(o.client_id, [0, 0])
+            if o.side == Side.BUY:
+                assert o.rate == ref.rate(Side.BUY, o.price), f"{o} holds at a rate not its price's"
+                entry[1] += o.remaining * o.rate
+            else:
+                assert o.rate == 1, o
+                entry[0] += o.remaining
+        for client, _, base_reserved, _, quote_reserved in accounts:
+            assert [base_reserved, quote_reserved] == held.pop(client, [0, 0]), (
+                f"{client} has reserved {base_reserved} {base} and {quote_reserved} {quote}, its open orders "
+                f"hold {held.get(client)}: {ref.orders()}")
+        assert not any(any(v) for v in held.values()), f"open orders hold what no account has reserved: {held}"
+        want = ref.accounts_image()
+        assert accounts == want, f"balances differ\n engine:    {accounts}\n reference: {want}"
+        assert fees == ref.fees, f"fees differ: engine {fees}, reference {ref.fees}"
+        assert sorted(t for t, _ in state.transfers) == sorted(ref.transfers), (
+            f"remembered transfers differ\n engine:    {state.transfers}\n reference: {ref.transfers}")
+        assert self.net == ref.deposited, (self.net, ref.deposited)
+        told = {key: value for key, value in self.told.items() if key[0] and any(value)}
+        image = {(c, asset): value for c, ba, br, qa, qr in accounts
+                 for asset, value in ((base, (ba, br)), (quote, (qa, qr))) if any(value)}
+        assert told == image, f"the events' balances are not the engine's\n events: {told}\n engine: {image}"
+        assert self.told.get(("", quote), (0, 0)) == (fees, 0), (self.told.get(("", quote)), fees)
 
     # ---------------------------------------------------------------- final
 

@@ -48,6 +48,46 @@ Rules as implemented (and as the tests hold the engine to):
   combination, GTD expiry, expiry without GTD, duplicate live, duplicate
   finished. A duplicate's rejection carries the original order's id.
 
+Balances (``Instrument.balances``), from the rules in :mod:`exchange.core.balances`' docstring, written
+again here without importing it (or the engine):
+
+- Every client has, per asset (base in lots, quote in quote units of tick x lot), an available and a
+  reserved amount (a plain ``[available, reserved]`` list); the venue's fees account is one integer
+  of quote. An account that holds nothing reads as zeros.
+- A fee is ``ceil(notional * bps / 10000)`` (exact, with :class:`~fractions.Fraction`) of a fill's
+  notional ``price * lots``, by role: the maker's fee to the maker, the taker's to the taker. The buyer
+  pays notional + its fee, the seller receives notional - its fee, the venue gets both fees.
+- On accept a sell holds its quantity of base; a limit buy holds ``qty * rate`` of quote with
+  ``rate = price + ceil(price * max(maker, taker, 0) / 10000)``; a market buy holds its ``funds`` (a
+  budget: it then buys, maker by maker, the most lots the budget still pays for, fees included, and
+  stops at the first maker it cannot afford a lot of, before self-trade prevention looks at that
+  maker; a FOK is fillable only if the budget pays for all of it, as the trial on a copy finds), or
+  else ``qty`` at the rate of the price band's limit price (the largest whole tick inside the band); it
+  holds nothing when the opposite side is
+  empty, and without a band (and a non-empty opposite side) it is rejected ``invalid_order``. Not
+  enough available: ``insufficient_funds`` (checked after ``post_only_would_trade``). ``funds`` on
+  anything but a market buy on an instrument with balances is ``invalid_order``; a budget that is not
+  a positive integer up to ``MAX_AMOUNT_UNITS`` is ``invalid_amount``.
+- A fill of ``q`` lots takes ``q * rate`` from the buy order's reservation (a budget: exactly what the
+  fill costs), spends the cost and makes the rest available at once; the buyer gets ``q`` lots of
+  base; the seller's reservation gives ``q`` lots and it receives its proceeds. A budget's unspent
+  rest goes back when the order ends: with the fill that completes its quantity, else with the
+  cancellation of its remainder.
+- An order that ends unfilled (cancel, cancel-all, clear, expiry, IOC / FOK remainder, self-trade
+  prevention) releases ``remaining * rate``. An amend holds ``new_remaining * new_rate -
+  remaining * rate`` more (a new price takes a fresh rate, the same price keeps the order's), or
+  releases it when negative; when the client does not have it available, the amend is rejected
+  ``insufficient_funds`` (checked after ``post_only_would_trade``, as for a place) and nothing changes.
+- Deposits and withdrawals: ``balances_disabled``, ``malformed`` (empty client or transfer id),
+  ``unknown_asset``, ``invalid_amount``, ``duplicate_transfer_id`` in that order, none of them
+  remembered; then a withdrawal larger than the available amount is refused ``insufficient_funds``
+  and remembered, and an applied transfer is remembered. A withdrawal never touches reserved amounts.
+- Events: ``reserved``/``funds``/``released``/fees as above; ``balances`` lists the resulting
+  ``(client, asset, available, reserved)`` of what the event changed: the order's asset (quote for a
+  buy, base for a sell) for accepts, amends, cancels and expiries; for a fill the buyer's base and
+  quote, then the seller's (once if they are the same client), then the fees account ``("", quote,
+  fees, 0)``; for a transfer the asset moved.
+
 Rejection ``text`` is free-form prose: the reference leaves it empty and the
 tests compare rejections with the text blanked out.
 """
@@ -55,6 +95,7 @@ tests compare rejections with the text blanked out.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -64,13 +105,16 @@ from exchange.core.commands import (
     CancelAll,
     CancelOrder,
     ClearBook,
+    Deposit,
     HaltInstrument,
     PlaceOrder,
     RejectInput,
     ResumeInstrument,
+    Withdraw,
 )
 from exchange.core.events import (
     BookCleared,
+    Deposited,
     InstrumentHalted,
     InstrumentResumed,
     OrderAccepted,
@@ -79,7 +123,9 @@ from exchange.core.events import (
     OrderExpired,
     OrderFilled,
     OrderRejected,
+    Withdrawn,
 )
+from exchange.core.instruments import MAX_AMOUNT_UNITS
 from exchange.core.types import CancelReason, OrderType, RejectReason, Side, StpMode, TimeInForce
 
 __all__ = ["RefOrder", "ReferenceBook", "dedupe_window"]
@@ -112,6 +158,7 @@ class RefOrder:
     expire_ns: int
     post_only: bool
     stp: StpMode
+    rate: int = 0  # balances: what each open lot holds (a buy: quote units; a sell: 1 lot of base)
 
 
 def _enum(enum: type[Any], value: object) -> Any:
@@ -142,6 +189,10 @@ def _command_name(cmd: object) -> str:
         return "halt"
     if isinstance(cmd, ResumeInstrument):
         return "resume"
+    if isinstance(cmd, Deposit):
+        return "deposit"
+    if isinstance(cmd, Withdraw):
+        return "withdraw"
     return "unknown"
 
 
@@ -162,6 +213,15 @@ class ReferenceBook:
         self.events: list[Any] = []
         self.ts = 0
         self.halted = False
+        # balances
+        self.balances: bool = bool(spec.balances)
+        self.base: str = spec.base_asset
+        self.quote: str = spec.quote_asset
+        self.wallets: dict[str, dict[str, list[int]]] = {}  # client -> asset -> [available, reserved]
+        self.fees = 0  # the venue's fees account, in quote units
+        self.deposited: dict[str, int] = {spec.base_asset: 0, spec.quote_asset: 0}  # deposits - withdrawals
+        self.transfers: dict[str, int] = {}  # transfer id -> seq of the event that decided it
+        self.budget = 0  # what the incoming market buy's budget has left, while it trades
 
     # ------------------------------------------------------------ queries
 
@@ -202,15 +262,95 @@ class ReferenceBook:
                 return oid
         return None
 
+    # ------------------------------------------------------------ balances
+
+    def wallet(self, client: str, asset: str) -> list[int]:
+        """``[available, reserved]`` of ``client`` in ``asset`` (created empty on first use)."""
+        return self.wallets.setdefault(client, {}).setdefault(asset, [0, 0])
+
+    def balance(self, client: str, asset: str) -> tuple[str, str, int, int]:
+        available, reserved = self.wallet(client, asset)
+        return (client, asset, available, reserved)
+
+    def asset_of(self, side: Side) -> str:
+        """What an order of ``side`` holds: quote to buy, base to sell."""
+        return self.quote if side == Side.BUY else self.base
+
+    def fee(self, notional: int, bps: int) -> int:
+        return math.ceil(Fraction(notional * bps, 10_000))
+
+    def rate(self, side: Side, price: int) -> int:
+        """What one lot of an order holds: a lot of base to sell; to buy, its price and the largest fee."""
+        if side == Side.SELL:
+            return 1
+        return price + self.fee(price, max(self.spec.maker_fee_bps, self.spec.taker_fee_bps, 0))
+
+    def move(self, client: str, asset: str, amount: int) -> None:
+        """Available -> reserved (``amount`` > 0) or back (``amount`` < 0)."""
+        w = self.wallet(client, asset)
+        w[0] -= amount
+        w[1] += amount
+
+    def accounts_image(self) -> list[tuple[str, int, int, int, int]]:
+        """``(client, base available, base reserved, quote available, quote reserved)`` of every client holding
+        something, sorted: what ``EngineState.accounts`` must be."""
+        out = []
+        for client in sorted(self.wallets):
+            b, q = self.wallet(client, self.base), self.wallet(client, self.quote)
+            if any((*b, *q)):
+                out.append((client, b[0], b[1], q[0], q[1]))
+        return out
+
+    def _settle(self, maker: RefOrder, taker_side: Side, taker_client: str, taker_rate: int, budget: bool,
+                price: int, lots: int) -> dict[str, Any]:
+        """Move the money of one fill; returns its fees as the fill event's fields."""
+        spec = self.spec
+        buyer, seller = (taker_client, maker.client_id) if taker_side == Side.BUY else (maker.client_id,
+                                                                                           taker_client)
+        notional = price * lots
+        maker_fee, taker_fee = self.fee(notional, spec.maker_fee_bps), self.fee(notional, spec.taker_fee_bps)
+        buyer_fee = taker_fee if taker_side == Side.BUY else maker_fee
+        seller_fee = maker_fee if taker_side == Side.BUY else taker_fee
+        cost = notional + buyer_fee
+        if taker_side == Side.BUY and budget:
+            given_up = cost
+            self.budget -= cost
+        else:
+            given_up = lots * (taker_rate if taker_side == Side.BUY else maker.rate)
+        bq = self.wallet(buyer, self.quote)
+        bq[1] -= given_up
+        bq[0] += given_up - cost
+        self.wallet(buyer, self.base)[0] += lots
+        sb = self.wallet(seller, self.base)
+        sb[1] -= lots
+        self.wallet(seller, self.quote)[0] += notional - seller_fee
+        self.fees += maker_fee + taker_fee
+        return {"maker_fee": maker_fee, "taker_fee": taker_fee}
+
+    def _fill_balances(self, buyer: str, seller: str) -> list[tuple[str, str, int, int]]:
+        out = []
+        for client in dict.fromkeys((buyer, seller)):
+            out += [self.balance(client, self.base), self.balance(client, self.quote)]
+        return [*out, ("", self.quote, self.fees, 0)]
+
+    def _released(self, order: RefOrder, left: int) -> dict[str, Any]:
+        """Release what ``left`` open lots of a resting ``order`` hold; the event's balance fields."""
+        if not self.balances:
+            return {}
+        asset = self.asset_of(order.side)
+        self.move(order.client_id, asset, -left * order.rate)
+        return {"released": left * order.rate, "balances": [self.balance(order.client_id, asset)]}
+
     # ------------------------------------------------------------ mutation helpers
 
     def _emit(self, cls: type[Any], **fields: Any) -> None:
         self.seq += 1
         self.events.append(cls(instrument=self.symbol, seq=self.seq, ts_ns=self.ts, **fields))
 
-    def _reject(self, client: str, coid: str | None, oid: int | None, command: str, reason: RejectReason) -> None:
+    def _reject(self, client: str, coid: str | None, oid: int | None, command: str, reason: RejectReason,
+                transfer_id: str = "") -> None:
         self._emit(OrderRejected, client_id=client, client_order_id=coid, order_id=oid, command=command,
-                   reason=reason, text="")
+                   reason=reason, text="", transfer_id=transfer_id)
 
     def _remember(self, client: str, coid: str, oid: int) -> None:
         self.finished.append((client, coid, oid))
@@ -280,9 +420,11 @@ class ReferenceBook:
             self._cancel_all(cmd)
         elif isinstance(cmd, ClearBook):
             self._clear(cmd)
+        elif isinstance(cmd, Deposit | Withdraw):
+            self._transfer(cmd)
         elif isinstance(cmd, RejectInput):
             self._emit(OrderRejected, client_id=cmd.client_id, client_order_id=cmd.client_order_id, order_id=None,
-                       command=cmd.command, reason=cmd.reason, text="")
+                       command=cmd.command, reason=cmd.reason, text="", transfer_id=cmd.transfer_id)
         else:
             raise TypeError(cmd)
         return self.events
@@ -295,7 +437,7 @@ class ReferenceBook:
         for o in due:
             self._take_out(o)
             self._emit(OrderExpired, order_id=o.order_id, client_id=o.client_id, client_order_id=o.client_order_id,
-                       side=o.side, price_ticks=o.price, expired_lots=o.remaining)
+                       side=o.side, price_ticks=o.price, expired_lots=o.remaining, **self._released(o, o.remaining))
             self._remember(o.client_id, o.client_order_id, o.order_id)
 
     # ------------------------------------------------------------ place
@@ -366,22 +508,39 @@ class ReferenceBook:
         if cmd.post_only and crosses:
             self._reject(client, coid, None, "place", RejectReason.POST_ONLY_WOULD_TRADE)
             return
+        holds = self._holds(cmd, side, otype, price, can_trade, limit)
+        if isinstance(holds, RejectReason):
+            self._reject(client, coid, None, "place", holds)
+            return
+        held, rate, budget = holds
 
         oid = self.next_order_id
         self.next_order_id += 1
+        money: dict[str, Any] = {}
+        if self.balances:
+            asset = self.asset_of(side)
+            self.move(client, asset, held)
+            self.budget = cmd.funds if budget else 0
+            money = {"reserved": held, "funds": cmd.funds, "balances": [self.balance(client, asset)]}
         self._emit(OrderAccepted, order_id=oid, client_id=client, client_order_id=coid, side=side, order_type=otype,
                    price_ticks=price, qty_lots=qty, tif=tif, post_only=cmd.post_only, stp=stp,
-                   expire_ns=cmd.expire_ns)
+                   expire_ns=cmd.expire_ns, **money)
 
         def cancel_incoming(left: int, reason: CancelReason) -> None:
+            money: dict[str, Any] = {}
+            if self.balances:  # what the order still holds goes back
+                released = self.budget if budget else left * rate
+                self.budget = 0
+                self.move(client, self.asset_of(side), -released)
+                money = {"released": released, "balances": [self.balance(client, self.asset_of(side))]}
             self._emit(OrderCanceled, order_id=oid, client_id=client, client_order_id=coid, side=side,
-                       price_ticks=price, canceled_lots=left, reason=reason)
+                       price_ticks=price, canceled_lots=left, reason=reason, **money)
 
         if tif == TimeInForce.FOK:
             fillable = False
             if crosses:
                 trial = copy.deepcopy(self)
-                left, _ = trial._match(oid, client, coid, side, ok, qty, stp)
+                left, _ = trial._match(oid, client, coid, side, ok, qty, stp, rate, budget)
                 fillable = left == 0
             if not fillable:
                 cancel_incoming(qty, CancelReason.FOK_UNFILLED)
@@ -390,46 +549,97 @@ class ReferenceBook:
 
         remaining, stopped = qty, False
         if crosses:
-            remaining, stopped = self._match(oid, client, coid, side, ok, qty, stp)
+            remaining, stopped = self._match(oid, client, coid, side, ok, qty, stp, rate, budget)
         if remaining and stopped:
             cancel_incoming(remaining, CancelReason.SELF_TRADE)
         elif remaining and tif in (TimeInForce.GTC, TimeInForce.GTD):
             self._queue(RefOrder(oid, client, coid, side, price, qty, remaining, 0, tif == TimeInForce.GTD,
-                                 cmd.expire_ns, cmd.post_only, stp))
+                                 cmd.expire_ns, cmd.post_only, stp, rate))
             return
         elif remaining:
             cancel_incoming(remaining, CancelReason.IOC_REMAINDER)
         self._remember(client, coid, oid)
 
+    def _holds(self, cmd: PlaceOrder, side: Side, otype: OrderType, price: int, can_trade: bool,
+               limit: Fraction | None) -> tuple[int, int, bool] | RejectReason:
+        """``(held, rate, budget)`` of an order about to be accepted, or why it is refused."""
+        funds = cmd.funds
+        market_buy = otype == OrderType.MARKET and side == Side.BUY
+        if funds != 0 and not (self.balances and market_buy):
+            return RejectReason.INVALID_ORDER
+        if funds != 0 and (not _is_int(funds) or not 0 < funds <= MAX_AMOUNT_UNITS):
+            return RejectReason.INVALID_AMOUNT
+        if not self.balances:
+            return 0, 0, False
+        if funds:
+            held, rate, budget = funds, 0, True
+        elif market_buy and not can_trade:  # nothing to buy: nothing to hold
+            held, rate, budget = 0, 0, False
+        elif market_buy and limit is None:
+            return RejectReason.INVALID_ORDER  # no band: a market buy must name its budget
+        else:
+            if market_buy:  # at the band's limit: its highest whole tick
+                assert limit is not None
+                price = math.floor(limit)
+            rate = self.rate(side, price)
+            held, budget = cmd.qty_lots * rate, False
+        if held > self.wallet(cmd.client_id, self.asset_of(side))[0]:
+            return RejectReason.INSUFFICIENT_FUNDS
+        return held, rate, budget
+
+    def _affordable(self, price: int, lots: int) -> int:
+        """The most of ``lots`` at ``price`` the incoming buy's budget pays for, its taker fee included."""
+        while lots and price * lots + self.fee(price * lots, self.spec.taker_fee_bps) > self.budget:
+            lots -= 1
+        return lots
+
     def _match(self, oid: int, client: str, coid: str, side: Side, ok: Any, remaining: int,
-               stp: StpMode) -> tuple[int, bool]:
-        """Trade ``remaining`` of an incoming order against the opposite side; (left, stopped by STP)."""
+               stp: StpMode, rate: int = 0, budget: bool = False) -> tuple[int, bool]:
+        """Trade ``remaining`` of an incoming order against the opposite side; (left, stopped by STP).
+
+        With balances ``rate`` is what each lot of the incoming order holds, unless it is a market buy with a
+        ``budget`` (``self.budget``)."""
         while remaining > 0:
             opp = self.opposite(side)
             if not opp or not ok(opp[0].price):
                 break
             maker = opp[0]
+            if budget and not self._affordable(maker.price, 1):  # spent: the order stops, before anything else
+                break
             if stp != StpMode.NONE and maker.client_id == client:
                 if stp == StpMode.CANCEL_INCOMING:
                     return remaining, True
                 self._take_out(maker)
                 self._emit(OrderCanceled, order_id=maker.order_id, client_id=maker.client_id,
                            client_order_id=maker.client_order_id, side=maker.side, price_ticks=maker.price,
-                           canceled_lots=maker.remaining, reason=CancelReason.SELF_TRADE)
+                           canceled_lots=maker.remaining, reason=CancelReason.SELF_TRADE,
+                           **self._released(maker, maker.remaining))
                 self._remember(maker.client_id, maker.client_order_id, maker.order_id)
                 if stp == StpMode.CANCEL_BOTH:
                     return remaining, True
                 continue
             fill = min(remaining, maker.remaining)
+            if budget:
+                fill = self._affordable(maker.price, fill)
+                if not fill:  # the budget does not buy one more lot: the order stops here
+                    break
             maker.remaining -= fill
             remaining -= fill
+            money: dict[str, Any] = {}
+            if self.balances:
+                money = self._settle(maker, side, client, rate, budget, maker.price, fill)
+                if budget and not remaining and self.budget:  # complete: the rest of the budget goes back
+                    self.move(client, self.quote, -self.budget)
+                    self.budget = 0
+                buyer, seller = (client, maker.client_id) if side == Side.BUY else (maker.client_id, client)
+                money["balances"] = self._fill_balances(buyer, seller)
             tid = self.next_trade_id
             self.next_trade_id += 1
             self._emit(OrderFilled, trade_id=tid, price_ticks=maker.price, qty_lots=fill, aggressor_side=side,
                        maker_order_id=maker.order_id, maker_client_id=maker.client_id,
                        maker_client_order_id=maker.client_order_id, maker_remaining_lots=maker.remaining,
                        taker_order_id=oid, taker_client_id=client, taker_client_order_id=coid,
-                       taker_remaining_lots=remaining)
+                       taker_remaining_lots=remaining, **money)
             if maker.remaining == 0:
                 self._take_out(maker)
                 self._remember(maker.client_id, maker.client_order_id, maker.order_id)
@@ -466,7 +676,7 @@ class ReferenceBook:
         self._take_out(order)
         self._emit(OrderCanceled, order_id=order.order_id, client_id=order.client_id,
                    client_order_id=order.client_order_id, side=order.side, price_ticks=order.price,
-                   canceled_lots=order.remaining, reason=reason)
+                   canceled_lots=order.remaining, reason=reason, **self._released(order, order.remaining))
         self._remember(order.client_id, order.client_order_id, order.order_id)
 
     def _cancel(self, cmd: CancelOrder) -> None:
@@ -499,30 +709,42 @@ class ReferenceBook:
             crosses = bool(opp) and ok(opp[0].price)
             if order.post_only and crosses:
                 error = RejectReason.POST_ONLY_WOULD_TRADE
+        new_rate, delta = order.rate, 0
+        if error is None and self.balances:
+            new_rate = self.rate(order.side, new_price) if new_price != order.price else order.rate
+            delta = (new_qty - filled) * new_rate - order.remaining * order.rate
+            if delta > self.wallet(order.client_id, self.asset_of(order.side))[0]:
+                error = RejectReason.INSUFFICIENT_FUNDS
         if error is not None:
             self._reject(order.client_id, order.client_order_id, order.order_id, "amend", error)
             return
 
         old_price, old_qty = order.price, order.qty
+        remaining = new_qty - filled
+        money: dict[str, Any] = {}
+        if self.balances:  # hold the difference, or give it back
+            asset = self.asset_of(order.side)
+            self.move(order.client_id, asset, delta)
+            order.rate = new_rate
+            money = {"reserved": remaining * new_rate, "balances": [self.balance(order.client_id, asset)]}
         if new_price == old_price and new_qty < old_qty:
-            order.remaining -= old_qty - new_qty
+            order.remaining = remaining
             order.qty = new_qty
             self._emit(OrderAmended, order_id=order.order_id, client_id=order.client_id,
                        client_order_id=order.client_order_id, side=order.side, old_price_ticks=old_price,
                        price_ticks=new_price, old_qty_lots=old_qty, qty_lots=new_qty, remaining_lots=order.remaining,
-                       requeued=False)
+                       requeued=False, **money)
             return
 
         self._take_out(order)
-        remaining = new_qty - filled
         self._emit(OrderAmended, order_id=order.order_id, client_id=order.client_id,
                    client_order_id=order.client_order_id, side=order.side, old_price_ticks=old_price,
                    price_ticks=new_price, old_qty_lots=old_qty, qty_lots=new_qty, remaining_lots=remaining,
-                   requeued=True)
+                   requeued=True, **money)
         stopped = False
         if crosses:
             remaining, stopped = self._match(order.order_id, order.client_id, order.client_order_id, order.side, ok,
-                                             remaining, order.stp)
+                                             remaining, order.stp, new_rate)
         order.price, order.qty, order.remaining = new_price, new_qty, remaining
         if remaining and not stopped:
             self._queue(order)
@@ -530,7 +752,7 @@ class ReferenceBook:
         if remaining:
             self._emit(OrderCanceled, order_id=order.order_id, client_id=order.client_id,
                        client_order_id=order.client_order_id, side=order.side, price_ticks=new_price,
-                       canceled_lots=remaining, reason=CancelReason.SELF_TRADE)
+                       canceled_lots=remaining, reason=CancelReason.SELF_TRADE, **self._released(order, remaining))
         self._remember(order.client_id, order.client_order_id, order.order_id)
 
     def _cancel_all(self, cmd: CancelAll) -> None:
@@ -543,3 +765,33 @@ class ReferenceBook:
         self._emit(BookCleared, client_id=cmd.client_id, text=cmd.text, orders=len(orders))
         for o in orders:
             self._cancel_order(o, CancelReason.CLEARED)
+
+    # ------------------------------------------------------------ transfers
+
+    def _transfer(self, cmd: Deposit | Withdraw) -> None:
+        withdraw = isinstance(cmd, Withdraw)
+        command = "withdraw" if withdraw else "deposit"
+        client, asset, amount, tid = cmd.client_id, cmd.asset, cmd.amount, cmd.transfer_id
+        reason = None
+        if not self.balances:
+            reason = RejectReason.BALANCES_DISABLED
+        elif not (isinstance(client, str) and client and isinstance(tid, str) and tid):
+            reason = RejectReason.MALFORMED
+        elif asset not in (self.base, self.quote):
+            reason = RejectReason.UNKNOWN_ASSET
+        elif not _is_int(amount) or not 0 < amount <= MAX_AMOUNT_UNITS:
+            reason = RejectReason.INVALID_AMOUNT
+        elif tid in self.transfers:
+            reason = RejectReason.DUPLICATE_TRANSFER_ID
+        if reason is not None:  # not remembered
+            self._reject(client, None, None, command, reason, tid)
+            return
+        wallet = self.wallet(client, asset)
+        if withdraw and wallet[0] < amount:  # only what is available, never what is reserved
+            self._reject(client, None, None, command, RejectReason.INSUFFICIENT_FUNDS, tid)
+        else:
+            wallet[0] += -amount if withdraw else amount
+            self.deposited[asset] += -amount if withdraw else amount
+            self._emit(Withdrawn if withdraw else Deposited, client_id=client, asset=asset, amount=amount,
+                       transfer_id=tid, balances=[self.balance(client, asset)])
+        self.transfers[tid] = self.seq  # a repeat is told of this outcome

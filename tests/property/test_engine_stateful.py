@@ -10,6 +10,16 @@ from its exported state. After every step :class:`~tests.property.harness.Harnes
 compares the events with the reference and checks the book's invariants; at
 teardown it checks snapshot restore and byte-identical replay.
 
+On the instruments that keep balances (``fees``, ``rebate``) the clients start
+with deposits (one of them often with nothing), and further rules deposit and
+withdraw (exactly the available amount, a part of it, one unit more, more than
+everything; under fresh or reused transfer ids, so that repeats of applied and of
+refused transfers happen), send malformed transfers, and place market buys with
+a budget (``funds``: a part of what is available, all of it, one unit more than
+it, or a little). Rules that make no sense on the other instruments still run
+there, and must be refused as the reference says (``balances_disabled``, a
+budget ``invalid_order``). The harness then also checks the balance invariants.
+
 On failure Hypothesis prints the shrunk steps and, through ``note``, each
 command as Python source ready to paste into ``test_regressions.py``.
 """
@@ -27,11 +37,14 @@ from exchange.core.commands import (
     CancelAll,
     CancelOrder,
     ClearBook,
+    Deposit,
     HaltInstrument,
     PlaceOrder,
     RejectInput,
     ResumeInstrument,
+    Withdraw,
 )
+from exchange.core.instruments import MAX_AMOUNT_UNITS
 from exchange.core.types import OrderType, RejectReason, Side, StpMode, TimeInForce
 
 from .harness import SPECS, Harness, fmt_command
@@ -48,6 +61,10 @@ stps = st.sampled_from([None, StpMode.NONE, StpMode.CANCEL_RESTING, StpMode.CANC
 # which is where the window's edge is.
 coid_picks = st.one_of(st.none(), st.none(), st.integers(0, 40))
 picks = st.integers(0, 1_000)
+# None: a fresh transfer id; an int: one used before (applied, refused, or never remembered)
+tid_picks = st.one_of(st.none(), st.none(), st.none(), st.integers(0, 30))
+# the money a client starts with on an instrument with balances: (base lots, quote units); often nothing
+wealth = st.sampled_from([(0, 0), (10, 1_000), (100, 10_000), (300, 30_000), (300, 30_000), (10**6, 10**8)])
 
 
 def _plain(value: Any, plain: bool) -> Any:
@@ -65,6 +82,7 @@ class EngineVsReference(RuleBasedStateMachine):
         self.idents: list[tuple[str, str]] = []  # (client, client order id) pairs used so far
         self.n = 0
         self.healthy = False
+        self.tids: list[str] = []  # transfer ids used so far
 
     # ------------------------------------------------------------- helpers
 
@@ -101,6 +119,24 @@ class EngineVsReference(RuleBasedStateMachine):
         live = self.live()
         return live[pick % len(live)] if live else None
 
+    def tid(self, pick: int | None) -> str:
+        """A fresh transfer id, or one used before (small picks: the most recent ones)."""
+        if pick is None or not self.tids:
+            self.n += 1
+            self.tids.append(f"t{self.n}")
+            return self.tids[-1]
+        return self.tids[-1 - pick % len(self.tids)] if pick < 10 else self.tids[pick % len(self.tids)]
+
+    def assets(self) -> tuple[str, str]:
+        """The instrument's base and quote assets (made-up ones where it keeps no balances)."""
+        assert self.h is not None
+        return self.h.spec.base_asset or "BASE", self.h.spec.quote_asset or "QUOTE"
+
+    def available(self, client: str, asset: str) -> int:
+        assert self.h is not None
+        wallet = self.h.ref.wallets.get(client, {}).get(asset)
+        return wallet[0] if wallet else 0
+
     def other(self, client: str) -> str:
         return CLIENTS[(CLIENTS.index(client) + 1) % len(CLIENTS)]
 
@@ -134,11 +170,18 @@ class EngineVsReference(RuleBasedStateMachine):
     # --------------------------------------------------------------- rules
 
     @initialize(which=st.sampled_from(sorted(SPECS)),
-                seed=st.lists(st.tuples(clients, sides, st.integers(0, 4), st.integers(1, 8)), max_size=8))
-    def start(self, which: str, seed: list[tuple[str, Side, int, int]]) -> None:
+                seed=st.lists(st.tuples(clients, sides, st.integers(0, 4), st.integers(1, 8)), max_size=8),
+                money=st.tuples(wealth, wealth, wealth))
+    def start(self, which: str, seed: list[tuple[str, Side, int, int]],
+              money: tuple[tuple[int, int], ...]) -> None:
         self.h = Harness(SPECS[which])
         note(f"h = Harness(SPECS[{which!r}])")
         self.healthy = True
+        if self.h.spec.balances:  # the clients' money first, so that the seed orders can be placed
+            for client, amounts in zip(CLIENTS, money, strict=True):
+                for asset, amount in zip(self.assets(), amounts, strict=True):
+                    if amount:
+                        self.apply(Deposit(self.symbol, client, asset, amount, self.tid(None), self.ts))
         for client, side, away, qty in seed:  # a few resting orders on both sides to start from
             self.place_passive(client, side, away, qty, TimeInForce.GTC, False, None, None, 1)
 
@@ -191,6 +234,69 @@ class EngineVsReference(RuleBasedStateMachine):
         self.apply(PlaceOrder(self.symbol, client, coid, _plain(side, plain),
                               _plain(OrderType.MARKET, plain), 0, qty, _plain(tif, plain), self.ts, False,
                               _plain(stp, plain)))
+
+    @rule(client=clients, qty=st.one_of(st.integers(1, 3), st.integers(1, 25), st.just(10_000)),
+          funds=st.sampled_from(["part", "part", "all", "all_plus_one", "small", "lot", "lot", "huge"]),
+          part=st.integers(1, 99), tif=st.sampled_from([TimeInForce.IOC, TimeInForce.IOC, TimeInForce.FOK]),
+          stp=stps, pick=coid_picks)
+    def place_market_with_funds(self, client: str, qty: int, funds: str, part: int, tif: TimeInForce,
+                                stp: StpMode | None, pick: int | None) -> None:
+        """A market buy that names its budget: a ``part`` per cent of what is available, all of it, one unit more
+        (refused), a little, about a lot's price, or more than anyone has."""
+        assert self.h is not None
+        qty = min(qty * self.h.spec.min_qty_lots, self.h.spec.max_qty_lots)
+        available = self.available(client, self.assets()[1])
+        budget = {"part": available * part // 100, "all": available, "all_plus_one": available + 1,
+                  "small": part, "lot": 95 + part, "huge": 10**9}[funds] or 1
+        client, coid = self.ident(client, pick)
+        self.apply(PlaceOrder(self.symbol, client, coid, Side.BUY, OrderType.MARKET, 0, qty, tif, self.ts, stp=stp,
+                              funds=budget))
+
+    @rule(client=clients, base=st.booleans(),
+          amount=st.sampled_from([1, 2, 7, 40, 99, 100, 250, 999, 2_500, 6_000, 20_000]), pick=tid_picks)
+    def deposit(self, client: str, base: bool, amount: int, pick: int | None) -> None:
+        """Money in (a repeat of a transfer id used before is refused, whatever became of it)."""
+        self.apply(Deposit(self.symbol, client, self.assets()[0 if base else 1], amount, self.tid(pick), self.ts))
+
+    @rule(client=clients, base=st.booleans(), how=st.sampled_from(["all", "part", "part", "plus_one", "huge"]),
+          part=st.integers(1, 99), pick=tid_picks)
+    def withdraw(self, client: str, base: bool, how: str, part: int, pick: int | None) -> None:
+        """Money out: all that is available, a part of it, one unit more than it or far more (both refused
+        ``insufficient_funds``, and remembered)."""
+        asset = self.assets()[0 if base else 1]
+        available = self.available(client, asset)
+        amount = {"all": available, "part": available * part // 100, "plus_one": available + 1,
+                  "huge": available + 10**6}[how] or 1
+        self.apply(Withdraw(self.symbol, client, asset, amount, self.tid(pick), self.ts))
+
+    @rule(kind=st.sampled_from([
+        "unknown_asset", "amount0", "amount_neg", "amount_bool", "amount_max", "amount_over_max", "empty_client",
+        "empty_tid", "wrong_instrument", "funds_limit", "funds_sell", "funds_neg", "funds_bool", "funds_over_max",
+        "funds_post_only"]),
+        client=clients, withdraw=st.booleans(), base=st.booleans(), pick=tid_picks)
+    def invalid_money(self, kind: str, client: str, withdraw: bool, base: bool, pick: int | None) -> None:
+        """Transfers that cannot be understood (refused, not remembered: their ids may be used again), and
+        budgets where none belongs or that are no amount."""
+        assert self.h is not None
+        if kind.startswith("funds"):
+            side = Side.SELL if kind == "funds_sell" else Side.BUY
+            otype = OrderType.LIMIT if kind in ("funds_limit", "funds_post_only") else OrderType.MARKET
+            funds = {"funds_neg": -5, "funds_bool": True, "funds_over_max": MAX_AMOUNT_UNITS + 1}.get(kind, 500)
+            client, coid = self.ident(client, None)
+            self.apply(PlaceOrder(self.symbol, client, coid, side, otype, 100 if otype is OrderType.LIMIT else 0,
+                                  self.h.spec.min_qty_lots, TimeInForce.IOC if otype is OrderType.MARKET else
+                                  TimeInForce.GTC, self.ts, kind == "funds_post_only", funds=funds))
+            return
+        fields: dict[str, Any] = {"instrument": self.symbol, "client_id": client,
+                                  "asset": self.assets()[0 if base else 1], "amount": 10,
+                                  "transfer_id": self.tid(pick), "ts_ns": self.ts}
+        fields.update({
+            "unknown_asset": {"asset": "XYZ"}, "amount0": {"amount": 0}, "amount_neg": {"amount": -10},
+            "amount_bool": {"amount": True}, "amount_max": {"amount": MAX_AMOUNT_UNITS},
+            "amount_over_max": {"amount": MAX_AMOUNT_UNITS + 1}, "empty_client": {"client_id": ""},
+            "empty_tid": {"transfer_id": ""}, "wrong_instrument": {"instrument": "ELSEWHERE"},
+        }[kind])
+        self.apply((Withdraw if withdraw else Deposit)(**fields))
 
     @rule(back=st.integers(0, 6), edge=st.booleans(), side=sides, price=st.integers(LOW, HIGH))
     def reuse_finished_id(self, back: int, edge: bool, side: Side, price: int) -> None:
@@ -351,9 +457,12 @@ class EngineVsReference(RuleBasedStateMachine):
             return
         if kind == "reject_input":  # what the edge sends for input it could not parse
             reason = list(RejectReason)[pick % len(RejectReason)]
-            command = ["place", "cancel", "amend", "cancel_all", "clear", "unknown"][pick % 6]
-            coid = None if pick % 3 == 0 else self.coid(pick, client)
-            self.apply(RejectInput(self.symbol, client, coid, reason, f"edge refused it ({reason})", command, self.ts))
+            command = ["place", "cancel", "amend", "cancel_all", "clear", "unknown", "deposit", "withdraw"][pick % 8]
+            coid = None if pick % 3 == 0 or command in ("deposit", "withdraw") else self.coid(pick, client)
+            # a refused transfer names its transfer id, which the engine does not remember (it may be used again)
+            tid = self.tid(pick if pick % 2 else None) if command in ("deposit", "withdraw") else ""
+            self.apply(RejectInput(self.symbol, client, coid, reason, f"edge refused it ({reason})", command, self.ts,
+                                   tid))
             return
         if kind == "amend_nothing":
             names = self.name_order("oid", pick, client)

@@ -70,7 +70,8 @@ def test_the_shipped_defaults_load_and_are_package_data() -> None:
     assert (served.storage.kind, served.order_source.kind, served.publisher.kind) == ("postgres", "kafka", "kafka")
     demo = load_settings(cli.shipped_config("demo.toml"), env={})
     assert (demo.storage.kind, demo.order_source.kind, demo.publisher.marketdata) == ("sqlite", "generator", "memory")
-    assert served.instruments == demo.instruments
+    assert [dataclasses.replace(spec, balances=True) for spec in served.instruments] == list(demo.instruments)
+    assert (served.risk.balances, demo.risk.balances) == (False, True)  # the demo shows balances at work
     shipped = sorted(p.name for p in DEFAULTS.iterdir() if p.suffix == ".toml")
     assert shipped == ["demo.toml", "exchange.toml"]
     patterns = PYPROJECT["tool"]["setuptools"]["package-data"]["exchange"]

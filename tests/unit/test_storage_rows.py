@@ -19,18 +19,22 @@ from exchange import (
     Side,
     TimeInForce,
 )
+from exchange.core.commands import Deposit, Withdraw
 from exchange.ports import Applied, Batch, InputPosition, Position, SnapshotRequest
 from exchange.projections.rows import (
+    BALANCE_FIELDS,
     EVENT_COLUMNS,
     ORDER_COLUMNS,
     TRADE_COLUMNS,
+    TRANSFER_COLUMNS,
     UPDATE_FIELDS,
     BatchRows,
     Progress,
     RowError,
     derive_rows,
+    stored_ledger,
 )
-from tests.integration._workload import SPECS, Workload
+from tests.integration._workload import SPECS, SPECS_WITH_BALANCES, Workload
 from tests.property.reference import dedupe_window
 
 SPEC = Instrument.from_decimals("X", tick_size="0.05", lot_size="0.01")
@@ -45,8 +49,9 @@ def place(client: str, coid: str, side: Side, price: int, qty: int, ts: int = 0,
 class Driver:
     """An engine whose outcomes become batches; keeps the store-side counters and positions like the store."""
 
-    def __init__(self) -> None:
-        self.engine = MatchingEngine(SPEC)
+    def __init__(self, spec: Instrument = SPEC) -> None:
+        self.engine = MatchingEngine(spec)
+        self.specs = {spec.symbol: spec}
         self.offset = 0
         self.progress: dict[str, Progress] = {}
         self.positions: dict[str, dict[str, Position]] = {}
@@ -55,11 +60,11 @@ class Driver:
         applied = []
         for command in commands:
             self.offset += 1
-            applied.append(Applied("X", self.engine.apply(command), InputPosition("in", 0, self.offset)))
+            applied.append(Applied(self.engine.symbol, self.engine.apply(command), InputPosition("in", 0, self.offset)))
         return Batch(applied)
 
     def rows(self, *commands: Any) -> BatchRows:
-        rows = derive_rows(self.batch(*commands), SPECS_X, self.progress, self.positions)
+        rows = derive_rows(self.batch(*commands), self.specs, self.progress, self.positions)
         self.progress.update(rows.progress)
         for symbol, changed in rows.positions.items():
             self.positions.setdefault(symbol, {}).update(changed)
@@ -119,10 +124,11 @@ def test_pre_existing_orders_become_relative_updates() -> None:
                   CancelOrder("X", "carol", "nope"))  # 9: rejected, no row change
     assert [(r["order_id"], r["status"]) for r in orders(rows)] == [(4, "filled")]
     updates = {u[1]: u for u in rows.order_updates}
-    # UPDATE_FIELDS: (instrument, order_id, remaining, filled_delta, qty, price_ticks, priority, status, seq, ts)
-    assert updates[1] == ("X", 1, 350, 100, 450, 2000, None, "partially_filled", 6, 0)
-    assert updates[2] == ("X", 2, 300, 0, 300, 1995, 7, None, 7, 0)
-    assert updates[3] == ("X", 3, 0, 0, None, None, None, "canceled", 8, 0)
+    # UPDATE_FIELDS: (instrument, order_id, remaining, filled_delta, qty, price_ticks, priority, status, seq, ts,
+    # rate): a re-queue sets the rate (0 without balances)
+    assert updates[1] == ("X", 1, 350, 100, 450, 2000, None, "partially_filled", 6, 0, None)
+    assert updates[2] == ("X", 2, 300, 0, 300, 1995, 7, None, 7, 0, 0)
+    assert updates[3] == ("X", 3, 0, 0, None, None, None, "canceled", 8, 0, None)
     assert all(len(u) == len(UPDATE_FIELDS) for u in rows.order_updates)
     assert len(rows.order_updates) == 3
     assert rows.first_seq == {"X": 4}
@@ -217,7 +223,7 @@ def _apply_to_table(table: dict[tuple[str, int], dict[str, Any]], rows: BatchRow
         row = dict(zip(ORDER_COLUMNS, r, strict=True))
         if row["order_id"] is not None:
             table[(row["instrument"], row["order_id"])] = row
-    for inst, oid, remaining, delta, qty, price, priority, status, seq, _ts in rows.order_updates:
+    for inst, oid, remaining, delta, qty, price, priority, status, seq, _ts, rate in rows.order_updates:
         row = table[(inst, oid)]
         assert row["status"] in ("open", "partially_filled")
         row["remaining_lots"] = remaining
@@ -226,6 +232,7 @@ def _apply_to_table(table: dict[tuple[str, int], dict[str, Any]], rows: BatchRow
         row["price_ticks"] = row["price_ticks"] if price is None else price
         row["priority"] = row["priority"] if priority is None else priority
         row["status"] = row["status"] if status is None else status
+        row["rate"] = row["rate"] if rate is None else rate
         row["updated_seq"] = seq
 
 
@@ -291,3 +298,145 @@ def test_a_clear_is_an_events_row_naming_the_operator_before_its_cancellations()
     assert [(u[1], u[7]) for u in rows.order_updates] == [(1, "canceled"), (2, "canceled")]
     assert rows.new_orders == []
     assert rows.progress["X"] == Progress(6, 3, 1)
+
+
+# ------------------------------------------------------------------ balances
+
+BQ = Instrument.from_decimals("BQ", tick_size="0.01", lot_size="0.1", balances=True, base_asset="B", quote_asset="Q",
+                              maker_fee_bps=10, taker_fee_bps=30)
+
+
+def bq(client: str, coid: str, side: Side, price: int, qty: int, **kw: Any) -> PlaceOrder:
+    return PlaceOrder("BQ", client, coid, side, OrderType.LIMIT, price, qty, **kw)
+
+
+def balances(rows: BatchRows) -> list[dict[str, Any]]:
+    return [dict(zip(BALANCE_FIELDS, r, strict=True)) for r in rows.balance_rows]
+
+
+def test_balances_rows_hold_the_last_value_per_account_and_transfers_what_the_engine_remembers() -> None:
+    d = Driver(BQ)
+    rows = d.rows(Deposit("BQ", "alice", "Q", 100_000, "t-a", 1),  # seq 1
+                  Deposit("BQ", "bob", "B", 10, "t-b", 2),  # 2
+                  bq("bob", "b1", SELL, 990, 4))  # 3: holds 4 B
+    assert rows.balance_rows == [("BQ", "alice", "Q", 100_000, 0, 1), ("BQ", "bob", "B", 6, 4, 3)]
+    assert [dict(zip(TRANSFER_COLUMNS, t, strict=True)) for t in rows.transfers] == [
+        {"instrument": "BQ", "transfer_id": "t-a", "client_id": "alice", "asset": "Q", "kind": "deposit",
+         "amount_units": 100_000, "amount": Decimal("100.000"), "status": "applied",
+         "outcome": "deposited 100.000 Q for alice at seq 1", "seq": 1, "ts_ns": 1},
+        {"instrument": "BQ", "transfer_id": "t-b", "client_id": "bob", "asset": "B", "kind": "deposit",
+         "amount_units": 10, "amount": Decimal("1.0"), "status": "applied",
+         "outcome": "deposited 1.0 B for bob at seq 2", "seq": 2, "ts_ns": 2}]
+    assert [(e[1], e[3], e[4], e[5]) for e in rows.events] == [
+        (1, "deposited", None, "alice"), (2, "deposited", None, "bob"), (3, "accepted", 1, "bob")]
+    assert orders(rows)[0]["rate"] == 1  # a sell holds one lot of base per lot
+
+    # alice's buy at 10.00 holds 1,000 + ceil(1,000 x 30 bps) = 1,003 a lot; the fill of 4 at the maker's 9.90:
+    # notional 3,960, taker fee 12, maker fee 4; the cancel releases the last lot's 1,003
+    rows = d.rows(bq("alice", "a1", BUY, 1000, 5),  # 4 accepted, 5 filled
+                  CancelOrder("BQ", "alice", "a1"),  # 6
+                  Withdraw("BQ", "bob", "Q", 5_000, "t-w", 7),  # 7: refused, bob has 3,956
+                  Withdraw("BQ", "bob", "Q", 956, "t-w2", 8),  # 8
+                  Withdraw("BQ", "bob", "Q", 1, "t-w", 9))  # 9: a duplicate transfer id, not remembered again
+    assert balances(rows) == [
+        {"instrument": "BQ", "client_id": "", "asset": "Q", "available": 16, "reserved": 0, "updated_seq": 5},
+        {"instrument": "BQ", "client_id": "alice", "asset": "B", "available": 4, "reserved": 0, "updated_seq": 5},
+        {"instrument": "BQ", "client_id": "alice", "asset": "Q", "available": 96_028, "reserved": 0,
+         "updated_seq": 6},
+        {"instrument": "BQ", "client_id": "bob", "asset": "B", "available": 6, "reserved": 0, "updated_seq": 5},
+        {"instrument": "BQ", "client_id": "bob", "asset": "Q", "available": 3_000, "reserved": 0, "updated_seq": 8}]
+    assert [(t[1], t[3], t[4], t[5], t[6], t[7], t[8], t[9]) for t in rows.transfers] == [
+        ("t-w", None, "withdraw", None, None, "refused",
+         "refused at seq 7: insufficient_funds (Q required 5.000, available 3.956)", 7),
+        ("t-w2", "Q", "withdraw", 956, Decimal("0.956"), "applied", "withdrawn 0.956 Q for bob at seq 8", 8)]
+    assert d.engine.ledger is not None
+    assert sorted(d.engine.ledger.transfers.items()) == sorted([(t[1], t[8]) for t in rows.transfers] + [
+        ("t-a", "deposited 100.000 Q for alice at seq 1"), ("t-b", "deposited 1.0 B for bob at seq 2")])
+    (a1,) = orders(rows)
+    assert (a1["rate"], a1["status"], a1["filled_lots"]) == (1003, "canceled", 4)
+    assert [(u[1], u[-1]) for u in rows.order_updates] == [(1, None)]  # b1 filled: its rate stays
+
+    # a re-queuing amend of a stored order changes its rate (600 + ceil(1.8)); one that keeps priority does not
+    d.rows(bq("alice", "a2", BUY, 500, 2), bq("alice", "a3", BUY, 400, 3))  # 10, 11
+    rows = d.rows(AmendOrder("BQ", "alice", "a2", price_ticks=600), AmendOrder("BQ", "alice", "a3", qty_lots=2))
+    assert [(u[1], u[-1]) for u in rows.order_updates] == [(3, 602), (4, None)]
+    assert {o.order_id: o.rate for o in d.engine.book.orders.values()} == {3: 602, 4: 402}
+
+
+def test_a_market_buy_with_a_budget_holds_no_rate_and_the_budget_comes_back() -> None:
+    d = Driver(BQ)
+    d.rows(Deposit("BQ", "alice", "Q", 10_000, "t-a"), Deposit("BQ", "bob", "B", 10, "t-b"),
+           bq("bob", "b1", SELL, 1000, 2))
+    rows = d.rows(PlaceOrder("BQ", "alice", "m1", BUY, OrderType.MARKET, 0, 5, TimeInForce.IOC, funds=3_000))
+    (m1,) = orders(rows)
+    assert (m1["rate"], m1["status"], m1["filled_lots"]) == (0, "canceled", 2)
+    # 2 lots at 10.00 cost 2,000 + 6 in fees; the rest of the budget is available again
+    assert {(b[1], b[2]): (b[3], b[4]) for b in rows.balance_rows if b[1] == "alice"} == {
+        ("alice", "B"): (2, 0), ("alice", "Q"): (7_994, 0)}
+
+
+def test_stored_ledger_is_the_engine_image_and_names_a_row_that_disagrees_with_itself() -> None:
+    d = Driver(BQ)
+    rows = d.rows(Deposit("BQ", "alice", "Q", 100_000, "t-a"), Deposit("BQ", "bob", "B", 10, "t-b"),
+                  bq("bob", "b1", SELL, 990, 4), bq("alice", "a1", BUY, 1000, 5),
+                  Withdraw("BQ", "bob", "B", 99, "t-w"),  # refused: bob has 6 B available
+                  Withdraw("BQ", "alice", "B", 4, "t-x"))  # alice's whole base: all zero, so no account of B
+    # as loading reads them: (client_id, asset, available, reserved) as text or Decimals, and
+    # (transfer_id, client_id, asset, kind, amount_units, status, outcome, seq)
+    stored = [(b[1], b[2], str(b[3]), Decimal(b[4])) for b in rows.balance_rows]
+    transfers = [(t[1], t[2], t[3], t[4], t[5], t[7], t[8], t[9]) for t in rows.transfers]
+    image = stored_ledger(BQ, stored, transfers)
+    state = d.engine.export_state()
+    assert image == (state.accounts, state.fees, state.transfers)
+    assert ("alice", 0, 0, 95_025, 1_003) in state.accounts  # (alice's B row is all zero: no account of its own)
+
+    edited = [(t[0], t[1], t[2], t[3], t[4] + 1 if t[4] else t[4], *t[5:]) for t in transfers]
+    _, _, remembered = stored_ledger(BQ, [], edited)
+    outcomes = dict(remembered)
+    assert outcomes["t-a"] == ("deposited 100.000 Q for alice at seq 1 "
+                               "[the row says: deposited 100.001 Q for alice at seq 1]")
+    assert outcomes["t-w"] == dict(state.transfers)["t-w"]  # a refused one: nothing to say of its amount
+    moved = [(t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7] + 1) for t in transfers]
+    assert all("[the row says: " in outcome for _, outcome in stored_ledger(BQ, [], moved)[2])
+    with pytest.raises(RowError, match="neither B nor Q"):
+        stored_ledger(BQ, [("alice", "Z", 1, 0)], [])
+    with pytest.raises(RowError, match="fees account"):
+        stored_ledger(BQ, [("", "Q", 1, 1)], [])
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_balances_rows_follow_the_engine_over_a_random_stream(seed: int) -> None:
+    work = Workload(SPECS_WITH_BALANCES, seed=seed)
+    specs = {s.symbol: s for s in SPECS_WITH_BALANCES}
+    table: dict[tuple[str, int], dict[str, Any]] = {}
+    ledger: dict[tuple[str, str, str], tuple[Any, ...]] = {}
+    transfers: dict[tuple[str, str], tuple[Any, ...]] = {}
+    progress: dict[str, Progress] = {}
+    positions: dict[str, dict[str, Position]] = {}
+    for batch in work.batches(3_000, max_batch=90):
+        rows = derive_rows(batch, specs, progress, positions)
+        _apply_to_table(table, rows)
+        for b in rows.balance_rows:
+            ledger[(b[0], b[1], b[2])] = b
+        for t in rows.transfers:
+            assert (t[0], t[1]) not in transfers
+            transfers[(t[0], t[1])] = t
+        progress.update(rows.progress)
+        for symbol, changed in rows.positions.items():
+            positions.setdefault(symbol, {}).update(changed)
+    for spec in SPECS_WITH_BALANCES:
+        engine = work.engines[spec.symbol]
+        rates = {oid: r["rate"] for (s, oid), r in table.items()
+                 if s == spec.symbol and r["status"] in ("open", "partially_filled")}
+        assert rates == {oid: o.rate for oid, o in engine.book.orders.items()}
+        image = stored_ledger(spec, [b[1:5] for k, b in ledger.items() if k[0] == spec.symbol],
+                              [(t[1], t[2], t[3], t[4], t[5], t[7], t[8], t[9])
+                               for k, t in transfers.items() if k[0] == spec.symbol])
+        state = engine.export_state()
+        assert image == (state.accounts, state.fees, state.transfers)
+    assert BALANCED_SYMBOL in {k[0] for k in ledger}
+    assert {t[7] for t in transfers.values()} == {"applied", "refused"}
+    assert any(r["rate"] > 1 for r in table.values() if r["side"] == BUY)
+
+
+BALANCED_SYMBOL = SPECS_WITH_BALANCES[-1].symbol

@@ -7,12 +7,19 @@ orders that sweep levels, FOK, GTD and post-only orders, cancel-all,
 resubmissions of earlier orders (duplicate client order ids) and, rarely,
 malformed input. Every message carries ``ts_ns`` in whole milliseconds (what a Kafka
 timestamp can hold), strictly increasing. The same seed gives the same flow.
+
+On an instrument that keeps balances the flow also moves money: a client's first message on
+it is a deposit of the base asset, its second one of the quote asset (enough for a few dozen
+orders), and now and then a top-up, a withdrawal or a transfer id sent again; market buys then
+often state a budget (``funds``), always where the instrument has no price band. Deposits and
+withdrawals are operator-grade: ``signer`` (e.g. :func:`exchange.wire.auth.sign` with a key)
+signs them for a daemon that checks signatures.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from exchange.core.instruments import Instrument
@@ -30,6 +37,7 @@ class OrderFlow:
         start_ts_ns: int = 1_700_000_000_000_000_000,
         malformed_every: int = 0,
         mid_ticks: int = 100_000,
+        signer: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     ) -> None:
         self._specs = list(instruments)
         self._rng = random.Random(seed)
@@ -40,6 +48,9 @@ class OrderFlow:
         self._n = 0
         self._malformed_every = malformed_every
         self._placed: list[dict[str, Any]] = []  # earlier place messages, resubmitted now and then
+        self._signer = signer
+        self._funded: set[tuple[str, str, str]] = set()  # (instrument, client, asset) deposited once
+        self._transfers: list[dict[str, Any]] = []  # earlier transfers, sent again now and then
 
     def messages(self, count: int) -> Iterator[dict[str, Any]]:
         for _ in range(count):
@@ -70,17 +81,14 @@ class OrderFlow:
         recent = self._recent[symbol]
         r = rng.random()
         base: dict[str, Any] = {"instrument": symbol, "client_id": client, "ts_ns": ts_ns}
+        transfer = self._transfer(spec, base, mid)
+        if transfer is not None:
+            return transfer
         if r < 0.22 and recent:
             owner, coid = recent[rng.randrange(len(recent))]
             return {**base, "op": "cancel", "client_id": owner, "client_order_id": coid}
         if r < 0.27 and recent:
-            owner, coid = recent[rng.randrange(len(recent))]
-            msg = {**base, "op": "amend", "client_id": owner, "client_order_id": coid}
-            if rng.random() < 0.5:
-                msg["qty"] = spec.lots_to_qty(rng.randint(spec.min_qty_lots, spec.min_qty_lots * 40))
-            else:
-                msg["price"] = spec.ticks_to_price(mid + rng.randint(-20, 20))
-            return msg
+            return self._amend(spec, base, recent, mid)
         if r < 0.275:
             return {**base, "op": "cancel_all"}
         if r < 0.28 and self._placed:  # a producer retry: the same order again, later
@@ -92,6 +100,7 @@ class OrderFlow:
         msg = {**base, "op": "place", "client_order_id": coid, "side": side, "qty": qty}
         if r < 0.30:
             msg.update(type="market", tif=rng.choice(("IOC", "IOC", "FOK")))
+            self._budget(spec, msg, mid)
         elif r < 0.34:
             msg.update(price=spec.ticks_to_price(mid + sign * rng.randint(0, 10)), tif=rng.choice(("IOC", "FOK")))
         else:
@@ -111,3 +120,51 @@ class OrderFlow:
         if len(self._placed) > 1000:
             del self._placed[:500]
         return msg
+
+    def _amend(self, spec: Instrument, base: dict[str, Any], recent: list[tuple[str, str]], mid: int
+               ) -> dict[str, Any]:
+        rng = self._rng
+        owner, coid = recent[rng.randrange(len(recent))]
+        msg = {**base, "op": "amend", "client_id": owner, "client_order_id": coid}
+        if rng.random() < 0.5:
+            msg["qty"] = spec.lots_to_qty(rng.randint(spec.min_qty_lots, spec.min_qty_lots * 40))
+        else:
+            msg["price"] = spec.ticks_to_price(mid + rng.randint(-20, 20))
+        return msg
+
+    def _budget(self, spec: Instrument, msg: dict[str, Any], mid: int) -> None:
+        """On an instrument with balances, most market buys name a budget; always where no price band bounds them."""
+        if spec.balances and msg["side"] == "buy" and (not spec.price_band_bps or self._rng.random() < 0.5):
+            lots = spec.qty_to_lots(msg["qty"])
+            msg["funds"] = spec.units_to_amount(spec.quote_asset, lots * mid * self._rng.randint(50, 120) // 100 + 1)
+
+    def _transfer(self, spec: Instrument, base: dict[str, Any], mid: int) -> dict[str, Any] | None:
+        """A deposit or withdrawal on an instrument that keeps balances, or None for an order message."""
+        if not spec.balances:
+            return None
+        rng = self._rng
+        symbol, client = spec.symbol, base["client_id"]
+        big = spec.min_qty_lots * 50 * 40  # lots: a few dozen of the flow's largest orders
+        msg: dict[str, Any] | None = None
+        for asset, units in ((spec.base_asset, big), (spec.quote_asset, big * mid)):
+            if (symbol, client, asset) not in self._funded:
+                self._funded.add((symbol, client, asset))
+                msg = {**base, "op": "deposit", "asset": asset, "amount": spec.units_to_amount(asset, units)}
+                break
+        if msg is None:
+            roll = rng.random()
+            if roll < 0.004 and self._transfers:  # a funding service's retry: refused, never applied twice
+                return self._signed({**self._transfers[rng.randrange(len(self._transfers))], "ts_ns": base["ts_ns"]})
+            if roll >= 0.012:
+                return None
+            asset, units = rng.choice(((spec.base_asset, big), (spec.quote_asset, big * mid)))
+            msg = {**base, "op": "deposit" if roll < 0.008 else "withdraw", "asset": asset,
+                   "amount": spec.units_to_amount(asset, rng.randint(1, units // 4))}
+        msg["transfer_id"] = f"tr-{self._n}"
+        self._transfers.append(msg)
+        if len(self._transfers) > 200:
+            del self._transfers[:100]
+        return self._signed(msg)
+
+    def _signed(self, msg: dict[str, Any]) -> dict[str, Any]:
+        return self._signer(msg) if self._signer is not None else msg

@@ -2,7 +2,8 @@
 
 :class:`KafkaEventPublisher` publishes durable events to the order-events topic,
 keyed by client id so that each client's events stay in order (a fill goes to
-both its maker's and its taker's key), and every fill to the trades topic keyed
+both its maker's and its taker's key; on an instrument that keeps balances each
+copy carries only that client's balances), and every fill to the trades topic keyed
 by instrument. It is driven by :class:`exchange.pipeline.fanout.FanOut`, off the
 commit path. When an order is resubmitted (same client
 order id), the duplicate is rejected and the sender also gets an
@@ -16,6 +17,7 @@ import asyncio
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
+import msgspec
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
     CorruptRecordException,
@@ -152,6 +154,14 @@ class KafkaEventPublisher:
                 if type(event) is OrderFilled:
                     maker, taker = event.maker_client_id, event.taker_client_id
                     keys = (maker,) if maker == taker else (maker, taker) if maker < taker else (taker, maker)
+                    if event.balances:  # each side sees its own balances, nobody the other's or the venue's
+                        if trades_topic:
+                            by_instrument.setdefault(item.instrument, []).append(
+                                encoder.encode(msgspec.structs.replace(event, balances=[])))
+                        for key in keys:
+                            by_client.setdefault(key, []).append(encoder.encode(msgspec.structs.replace(
+                                event, balances=[b for b in event.balances if b[0] == key])))
+                        continue
                     if trades_topic:
                         by_instrument.setdefault(item.instrument, []).append(value)
                 else:

@@ -8,7 +8,9 @@
   lookups, history reads, the publish watermark and the input ledger;
 - :mod:`.connection`: :func:`connect_options` (authentication, TLS), the session settings, and each
   connection's life in the pool (set-up, reset, lease, close, give-back);
-- :mod:`.loading`: what :meth:`PostgresStore.load` reads at start-up, the dedupe window included;
+- :mod:`.document`: the batch as one JSON document for ``exchange_commit_batch``;
+- :mod:`.loading`: what :meth:`PostgresStore.load` reads at start-up, the dedupe window and the
+  balances included;
 - :mod:`.errors`: what a failure means (SQLSTATE and driver errors to a retriable or final
   :class:`~exchange.ports.StoreUnavailable`);
 - :mod:`.numeric`: the binary NUMERIC codec and the two commit paths' :class:`~exchange.projections.rows.Scale`.

@@ -1,11 +1,12 @@
 """Loading at start-up: each instrument's durable state read from PostgreSQL, as functions over a connection.
 
 :func:`_load_states` reads, inside the read-only repeatable-read transaction the store holds, each
-instrument's counters, its open orders in book order (price-time priority), its dedupe window
-(:func:`_read_window`), its input offsets and its positions, and gives them as
-:class:`~exchange.ports.Recovered`. The store warms its caches from the result. Every read walks an
-index in its order and goes a chunk or a page at a time, so memory stays within what is kept; a long
-read logs its progress once a second (on the recovery logger: loading is part of recovery).
+instrument's counters, its open orders in book order (price-time priority, each with its ``rate``), its
+dedupe window (:func:`_read_window`), its input offsets, its positions and its balances and remembered
+transfers (:func:`_read_ledger`), and gives them as :class:`~exchange.ports.Recovered`. The store warms
+its caches from the result. Every read walks an index in its order and goes a chunk or a page at a time,
+so memory stays within what is kept; a long read logs its progress once a second (on the recovery
+logger: loading is part of recovery).
 
 Functions and constants only; names with a leading underscore are the package's own.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+import asyncpg
 import structlog
 
 from exchange.adapters.postgres.connection import _Conn
@@ -22,8 +24,8 @@ from exchange.core.dedupe import NewestFirstWindow
 from exchange.core.instruments import Instrument
 from exchange.core.state import EngineState, RestingOrder
 from exchange.core.types import Side, StpMode
-from exchange.ports import Position, Recovered
-from exchange.projections.rows import Progress
+from exchange.ports import Position, Recovered, StoreUnavailable
+from exchange.projections.rows import Progress, RowError, stored_ledger
 
 _recovery_log = structlog.get_logger("exchange.recovery")  # loading is part of recovery
 
@@ -34,7 +36,7 @@ _LOG_EVERY_S = 1.0
 
 _SQL_OPEN_ORDERS = """
 SELECT order_id, client_id, client_order_id, side, price_ticks, qty_lots, remaining_lots, priority, expire_ns,
-       post_only, stp
+       post_only, stp, rate
 FROM orders
 WHERE instrument = $1 AND status IN ('open', 'partially_filled')
 ORDER BY side, CASE WHEN side = 'buy' THEN -price_ticks ELSE price_ticks END, priority"""
@@ -46,6 +48,11 @@ WHERE instrument = $1 AND status IN ('filled', 'canceled', 'expired') AND (updat
 ORDER BY updated_seq DESC, priority DESC
 LIMIT $4"""
 _ABOVE_EVERY_ROW = 2**63 - 1  # an (updated_seq, priority) bound no row reaches: the first page
+
+_SQL_BALANCES = "SELECT client_id, asset, available, reserved FROM balances WHERE instrument = $1"
+_SQL_TRANSFERS = """
+SELECT transfer_id, client_id, asset, kind, amount_units, status, outcome, seq FROM transfers WHERE instrument = $1
+ORDER BY transfer_id"""
 
 
 async def _load_states(conn: _Conn, instruments: Sequence[Instrument]) -> dict[str, Recovered]:
@@ -68,8 +75,8 @@ async def _load_one(conn: _Conn, spec: Instrument) -> Recovered:
     logged = started
     while True:
         chunk = await cursor.fetch(_LOAD_CHUNK)
-        orders.extend(RestingOrder(r[0], r[1], r[2], sides[r[3]], r[4], r[5], r[6], r[7], r[8], r[9], stps[r[10]])
-                      for r in chunk)
+        orders.extend(RestingOrder(r[0], r[1], r[2], sides[r[3]], r[4], r[5], r[6], r[7], r[8], r[9], stps[r[10]],
+                                   r[11]) for r in chunk)
         if len(chunk) < _LOAD_CHUNK:
             break
         now = time.monotonic()
@@ -84,8 +91,9 @@ async def _load_one(conn: _Conn, spec: Instrument) -> Recovered:
         "SELECT topic, partition, last_offset FROM input_offsets WHERE instrument = $1", symbol)}
     positions = {r[0]: Position(int(r[1]), int(r[2]), int(r[3])) for r in await conn.fetch(
         "SELECT client_id, net_lots, cost, realized FROM positions WHERE instrument = $1", symbol)}
+    accounts, fees, transfers = await _read_ledger(conn, spec)
     state = EngineState(symbol, progress.seq, progress.next_order_id, progress.next_trade_id, orders, done,
-                        progress.halted)
+                        progress.halted, accounts=accounts, fees=fees, transfers=transfers)
     if len(orders) >= _LOAD_CHUNK:
         _recovery_log.info("open orders loaded", instrument=symbol, orders_loaded=len(orders),
                            elapsed_s=round(time.monotonic() - started, 3))
@@ -124,3 +132,30 @@ async def _read_window(conn: _Conn, spec: Instrument) -> list[tuple[str, str, in
         _recovery_log.info("dedupe window loaded", instrument=spec.symbol, rows_read=window.rows,
                            remembered=len(window), elapsed_s=round(time.monotonic() - started, 3))
     return window.entries()
+
+
+async def _read_ledger(conn: _Conn, spec: Instrument
+                       ) -> tuple[list[tuple[str, int, int, int, int]], int, list[tuple[str, str]]]:
+    """An instrument's stored ledger image (:func:`exchange.projections.rows.stored_ledger`): its accounts, the
+    fees account and the transfers the engine remembers; nothing for an instrument that keeps no balances.
+    Both go a chunk at a time (the engine holds every account and remembers every transfer, so all are kept)."""
+    symbol = spec.symbol
+    balances = await _read_all(conn, _SQL_BALANCES, symbol)
+    transfers = await _read_all(conn, _SQL_TRANSFERS, symbol)
+    try:
+        return stored_ledger(spec, balances, transfers)
+    except RowError as exc:
+        raise StoreUnavailable(f"the stored balances cannot be loaded: {exc}. The balances table does not match "
+                               "the event stream (edited by hand?); run `exchange recover --verify` and repair it "
+                               "before restarting.", retriable=False) from exc
+
+
+async def _read_all(conn: _Conn, sql: str, symbol: str) -> list[asyncpg.Record]:
+    """Every row ``sql`` gives for ``symbol``, read through a cursor a chunk at a time."""
+    rows: list[asyncpg.Record] = []
+    cursor = await conn.cursor(sql, symbol)
+    while True:
+        chunk = await cursor.fetch(_LOAD_CHUNK)
+        rows.extend(chunk)
+        if len(chunk) < _LOAD_CHUNK:
+            return rows

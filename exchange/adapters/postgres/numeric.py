@@ -94,6 +94,9 @@ class _ServerScale(Scale):
     def qty(self, lots: int) -> None:
         return None
 
+    def amount(self, asset: str, units: int) -> None:
+        return None
+
 
 class _WireScale(Scale):
     """A :class:`Scale` whose values are binary NUMERICs, cached per tick and lot count."""
@@ -125,3 +128,9 @@ class _WireScale(Scale):
 
     def money(self, units: int) -> bytes:
         return numeric_binary(units * self._tick_units * self._lot_units, self._tick_scale + self._lot_scale)
+
+    def amount(self, asset: str, units: int) -> bytes:
+        """A transfer's amount (not cached: transfers are few)."""
+        if asset == self.base_asset:
+            return numeric_binary(units * self._lot_units, self._lot_scale)
+        return self.money(units)

@@ -4,10 +4,10 @@
 :class:`~exchange.ports.History` for recovery) with asyncpg.
 
 One :meth:`~PostgresStore.commit` is ONE transaction. A small batch is one
-round trip: a call of ``exchange_commit_batch`` (migration 008) with the
-whole batch as one JSON document. A large one (or one with snapshots) is a handful of
-round trips whatever its size: events, trades and new orders go in by binary
-COPY, then the same function changes the pre-existing orders, positions,
+round trip: a call of ``exchange_commit_batch`` (migration 009) with the
+whole batch as one JSON document (:mod:`.document`). A large one (or one with snapshots) is a handful of
+round trips whatever its size: events, trades, new orders and transfers go in by binary
+COPY, then the same function changes the pre-existing orders, positions, balances,
 counters and offsets, then the snapshots are written. The rows come from
 the pure :func:`exchange.projections.rows.derive_rows`. Per-row Python work is kept
 to building tuples: the NUMERIC columns of COPied rows are pre-encoded and
@@ -53,6 +53,7 @@ import msgspec
 import structlog
 
 from exchange.adapters.postgres.connection import _Conn, _create_pool, _lease_connection, _Leased
+from exchange.adapters.postgres.document import _document, _step_row
 from exchange.adapters.postgres.errors import _commit_failure, _moved, _unavailable
 from exchange.adapters.postgres.fencing import _epoch_rows, _fenced, _same_as_stored, _stored_epochs, _take
 from exchange.adapters.postgres.loading import _load_states
@@ -65,9 +66,8 @@ from exchange.ports import Batch, Epochs, Fenced, InputReset, Position, Recovere
 from exchange.projections.rows import (
     EVENT_COLUMNS,
     ORDER_COLUMNS,
-    POSITION_FIELDS,
     TRADE_COLUMNS,
-    UPDATE_FIELDS,
+    TRANSFER_COLUMNS,
     BatchRows,
     Progress,
     Scale,
@@ -90,16 +90,6 @@ WHERE instrument = ANY($1::text[]) ORDER BY instrument FOR UPDATE"""
 
 _SQL_COMMIT_BATCH = "SELECT exchange_commit_batch($1::text::jsonb)"
 _SQL_FENCE = "SELECT exchange_fence($1::text::jsonb)"
-
-# the document's rows are arrays; exchange_commit_batch finds each field by its name, at the position these
-# give (the rows' shapes are defined in exchange.projections.rows, and here for the document's own rows)
-_PROGRESS_FIELDS = ("instrument", "first_seq", "last_seq", "next_order_id", "next_trade_id", "halted")
-_STEP_FIELDS = ("instrument", "tick", "lot")
-_OFFSET_FIELDS = ("instrument", "topic", "partition", "last_offset")
-_FIELDS = {"progress": _PROGRESS_FIELDS, "steps": _STEP_FIELDS, "events": EVENT_COLUMNS, "trades": TRADE_COLUMNS,
-           "orders": ORDER_COLUMNS, "updates": UPDATE_FIELDS, "positions": POSITION_FIELDS, "offsets": _OFFSET_FIELDS}
-_FIELDS_JSON = msgspec.Raw(msgspec.json.encode(
-    {kind: {name: i for i, name in enumerate(fields)} for kind, fields in _FIELDS.items()}))
 
 _SQL_POSITIONS = """
 SELECT instrument, client_id, net_lots, cost, realized FROM positions WHERE instrument = ANY($1::text[])"""
@@ -151,8 +141,7 @@ class PostgresStore:
         self._positions: dict[str, dict[str, Position]] = {}
         self._scales = {symbol: _WireScale(spec) for symbol, spec in self.specs.items()}
         self._server_scales = {symbol: _ServerScale(spec) for symbol, spec in self.specs.items()}
-        self._step_rows = {symbol: (symbol, format(sc.tick, "f"), format(sc.lot, "f"))
-                           for symbol, sc in self._server_scales.items()}
+        self._step_rows = [_step_row(self.specs[symbol], sc.tick, sc.lot) for symbol, sc in self._server_scales.items()]
         self.one_statement_commits = 0  # how many batches took the one-statement path (tests)
 
     def _scale(self, spec: Instrument) -> Scale:
@@ -300,7 +289,7 @@ class PostgresStore:
 
     async def _commit_one_statement(self, pool: asyncpg.Pool, batch: Batch, symbols: list[str],
                                     last: dict[str, int]) -> None:
-        """A small batch in ONE round trip: ``exchange_commit_batch`` (migration 008) in its own transaction.
+        """A small batch in ONE round trip: ``exchange_commit_batch`` (migration 009) in its own transaction.
 
         A batch of a few dozen events spends most of a multi-statement commit
         waiting on round trips (about ten, each a scheduling hop on a busy
@@ -336,34 +325,22 @@ class PostgresStore:
         self._adopt(rows)
 
     def _document(self, rows: BatchRows, batch: Batch, *, copied: bool) -> str:
-        """The batch as ``exchange_commit_batch`` takes it; without events, trades and new orders if ``copied``.
-
-        One JSON document: msgspec writes it in a fraction of a microsecond per row, where asyncpg's array
-        parameters cost about 2 us per row of Python (an isinstance check for every element). The rows
-        are arrays; ``fields`` says where each field is in them (see :data:`_FIELDS`).
-        """
-        return _encode_json({
-            "fields": _FIELDS_JSON,
-            "progress": [(symbol, rows.first_seq[symbol], p.seq, p.next_order_id, p.next_trade_id, p.halted)
-                         for symbol, p in sorted(rows.progress.items())],
-            "steps": list(self._step_rows.values()),
-            "events": [] if copied else rows.events, "trades": [] if copied else rows.trades,
-            "orders": [] if copied else rows.new_orders,
-            "updates": rows.order_updates, "positions": rows.position_rows,
-            "offsets": [(*key, offset) for key, offset in sorted(rows.offsets.items())],
-            **_epoch_rows(batch),
-        }).decode()
+        """The batch as ``exchange_commit_batch`` takes it (:func:`.document._document`); without the rows
+        the COPY path copies if ``copied``."""
+        return _document(rows, batch, self._step_rows, copied=copied)
 
     async def _write(self, conn: _Conn, rows: BatchRows, batch: Batch) -> None:
         """Every row of one batch on one connection inside its transaction: the new rows (events, trades,
-        new orders) by COPY; the rest -- updated orders, positions, counters, offsets -- as the one-statement
-        path writes it; then the batch's snapshots."""
+        new orders, transfers) by COPY; the rest -- updated orders, positions, balances, counters, offsets -- as
+        the one-statement path writes it; then the batch's snapshots."""
         if rows.events:
             await conn.copy_records_to_table("order_events", records=rows.events, columns=EVENT_COLUMNS)
         if rows.trades:
             await conn.copy_records_to_table("trades", records=rows.trades, columns=TRADE_COLUMNS)
         if rows.new_orders:
             await conn.copy_records_to_table("orders", records=rows.new_orders, columns=ORDER_COLUMNS)
+        if rows.transfers:
+            await conn.copy_records_to_table("transfers", records=rows.transfers, columns=TRANSFER_COLUMNS)
         if await conn.fetchval(_SQL_COMMIT_BATCH, self._document(rows, batch, copied=True)) is not None:
             raise _moved()  # (the epochs were checked first, and their rows are locked since)
         if rows.snapshots:

@@ -8,6 +8,7 @@ with the standard library's ``sqlite3``. Split by role:
   reads and the input ledger; ``SYNCHRONOUS_MODES``;
 - :mod:`.schema`: :func:`migrations` shipped with the package, and applying them;
 - :mod:`.loading`: what :meth:`SqliteStore.load` reads at start-up, the dedupe window included;
+- :mod:`.ledger`: balances and transfers, written with each batch and read back at start-up;
 - :mod:`.errors`: what a failure means (SQLite and driver errors to a retriable or final
   :class:`~exchange.ports.StoreUnavailable`);
 - :mod:`.decimals`: exact decimal strings for the TEXT decimal columns, and the store's

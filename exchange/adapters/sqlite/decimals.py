@@ -54,3 +54,10 @@ class _TextScale(Scale):
         spec = self._spec
         return decimal_text(units * spec.tick_units * spec.lot_units, spec.tick_scale + spec.lot_scale)
 
+    def amount(self, asset: str, units: int) -> str:
+        """Units of the base asset (lots) or of the quote asset (tick x lot) in the asset's own units."""
+        spec = self._spec
+        if asset == spec.base_asset:
+            return decimal_text(units * spec.lot_units, spec.lot_scale)
+        return self.money(units)
+

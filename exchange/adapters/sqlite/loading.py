@@ -2,9 +2,10 @@
 
 :func:`_load_states` reads, in one read transaction (one snapshot for every instrument; in WAL mode
 the writer is not blocked), each instrument's counters, its open orders in book order (price-time
-priority), its dedupe window (:func:`_read_window`), its input offsets and its positions
-(:func:`_read_positions`, which a commit also uses for an instrument it has not loaded), and gives
-them as :class:`~exchange.ports.Recovered`. The store warms its caches from the result. Reads go a
+priority, each with its ``rate``), its dedupe window (:func:`_read_window`), its input offsets, its
+positions (:func:`_read_positions`, which a commit also uses for an instrument it has not loaded) and
+its balances and remembered transfers (:func:`.ledger._read_ledger`), and gives them as
+:class:`~exchange.ports.Recovered`. The store warms its caches from the result. Reads go a
 chunk at a time, so memory stays within what is kept; a long read logs its progress once a second
 (on the recovery logger: loading is part of recovery).
 
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 
 import structlog
 
+from exchange.adapters.sqlite.ledger import _read_ledger
 from exchange.core.dedupe import NewestFirstWindow
 from exchange.core.instruments import Instrument
 from exchange.core.state import EngineState, RestingOrder
@@ -36,7 +38,7 @@ _LOG_EVERY_S = 1.0
 
 _SQL_OPEN_ORDERS = """
 SELECT order_id, client_id, client_order_id, side, price_ticks, qty_lots, remaining_lots, priority, expire_ns,
-       post_only, stp
+       post_only, stp, rate
 FROM orders
 WHERE instrument = ? AND status IN ('open', 'partially_filled')
 ORDER BY side, CASE WHEN side = 'buy' THEN -price_ticks ELSE price_ticks END, priority"""
@@ -71,7 +73,7 @@ def _load_one(conn: sqlite3.Connection, spec: Instrument) -> Recovered:
     cursor = conn.execute(_SQL_OPEN_ORDERS, (symbol,))
     while chunk := cursor.fetchmany(_LOAD_CHUNK):
         orders.extend(RestingOrder(r[0], r[1], r[2], sides[r[3]], r[4], r[5], r[6], r[7], r[8], bool(r[9]),
-                                   stps[r[10]]) for r in chunk)
+                                   stps[r[10]], r[11]) for r in chunk)
         now = time.monotonic()
         if now - logged >= _LOG_EVERY_S:
             logged = now
@@ -83,8 +85,9 @@ def _load_one(conn: sqlite3.Connection, spec: Instrument) -> Recovered:
     offsets = {(r[0], r[1]): r[2] for r in conn.execute(
         "SELECT topic, partition, last_offset FROM input_offsets WHERE instrument = ?", (symbol,))}
     positions = _read_positions(conn, symbol)
+    accounts, fees, transfers = _read_ledger(conn, spec)
     state = EngineState(symbol, progress.seq, progress.next_order_id, progress.next_trade_id, orders, done,
-                        progress.halted)
+                        progress.halted, accounts=accounts, fees=fees, transfers=transfers)
     return Recovered(state, offsets, positions)
 
 

@@ -6,7 +6,8 @@ recover --verify`` reads it) with the standard library's ``sqlite3``, and the
 same rules as :class:`~exchange.adapters.postgres.PostgresStore`:
 
 - one :meth:`~SqliteStore.commit` is ONE transaction holding the batch's
-  events, trades, orders, positions, counters, input offsets and snapshots
+  events, trades, orders, positions, balances and transfers (:mod:`.ledger`), counters, input offsets and
+  snapshots
   (rows from the pure :func:`exchange.projections.rows.derive_rows`);
 - the batch must continue each instrument's stored sequence exactly (read
   inside the transaction, which ``BEGIN IMMEDIATE`` makes the only writer of the
@@ -56,6 +57,7 @@ import structlog
 
 from exchange.adapters.sqlite.decimals import _TextScale
 from exchange.adapters.sqlite.errors import _commit_failure, _unavailable
+from exchange.adapters.sqlite.ledger import _write_ledger
 from exchange.adapters.sqlite.loading import _load_states, _read_positions
 from exchange.adapters.sqlite.schema import _apply_migrations
 from exchange.core.events import Event
@@ -116,7 +118,8 @@ UPDATE orders SET
     updated_seq = {_U["updated_seq"]},
     updated_ts_ns = {_U["updated_ts_ns"]},
     price = COALESCE({_U["price"]}, price),
-    qty = COALESCE({_U["qty"]}, qty)
+    qty = COALESCE({_U["qty"]}, qty),
+    rate = COALESCE({_U["rate"]}, rate)
 WHERE instrument = {_U["instrument"]} AND order_id = {_U["order_id"]}"""
 _U_INSTRUMENT, _U_PRICE, _U_QTY = map(UPDATE_FIELDS.index, ("instrument", "price_ticks", "qty_lots"))
 
@@ -405,6 +408,7 @@ class SqliteStore:
                     row[i] = str(p[i])
                 positions.append((*row, scale.qty(p[_P_NET]), scale.money(p[_P_REALIZED])))
             conn.executemany(_SQL_POSITION_UPSERT, positions)
+        _write_ledger(conn, rows, self._scales)
         if rows.progress:
             conn.executemany(_SQL_PROGRESS_UPSERT, [(s, p.seq, p.next_order_id, p.next_trade_id, p.halted)
                                                     for s, p in sorted(rows.progress.items())])
