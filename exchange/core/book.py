@@ -15,6 +15,9 @@ Invariants (checked by :meth:`OrderBook.check_invariants`):
   resting book is never crossed (best bid < best ask) — matching guarantees it.
 - Reducing an order's quantity keeps its place; any other change re-queues a
   fresh :class:`Order` object at the back (the old one is marked dead).
+- An iceberg (:class:`Iceberg`) shows ``remaining`` (its slice) and hides ``hidden``:
+  ``level.total_lots`` counts what shows, ``level.hidden`` what does not. When its
+  slice is filled the next one joins the back of the level (:meth:`OrderBook.replenish`).
 
 No I/O, no clock, no randomness: this module is part of the pure core.
 """
@@ -27,9 +30,9 @@ from collections.abc import Iterator
 
 from sortedcontainers import SortedDict
 
-from exchange.core.types import Side, StpMode
+from exchange.core.types import OrderType, Side, StpMode, TimeInForce
 
-__all__ = ["Level", "Order", "OrderBook"]
+__all__ = ["Iceberg", "Level", "Order", "OrderBook", "Stop"]
 
 BUY = Side.BUY
 SELL = Side.SELL
@@ -57,21 +60,63 @@ class Order:
         self.stp = stp
         self.rate = rate  # balances: what each open lot holds (exchange.core.balances); 0 without balances
 
+    # an iceberg's slice size and hidden quantity (slots of :class:`Iceberg`); a plain order shows all of it
+    display = 0
+    hidden = 0
+
     def __repr__(self) -> str:
-        return (f"Order(id={self.order_id}, {self.client_id}/{self.client_order_id}, {self.side} "
+        return (f"{type(self).__name__}(id={self.order_id}, {self.client_id}/{self.client_order_id}, {self.side} "
                 f"{self.remaining}/{self.qty} @ {self.price}, prio={self.priority})")
+
+    @property
+    def open(self) -> int:
+        """Open quantity: what shows and, for an iceberg, what does not."""
+        return self.remaining + self.hidden
+
+
+class Iceberg(Order):
+    """A limit order that shows at most ``display`` lots at a time: ``remaining`` is its shown slice, ``hidden``
+    the rest of its open quantity."""
+
+    __slots__ = ("display", "hidden")
+
+    def __init__(self, order_id: int, client_id: str, client_order_id: str, side: Side, price: int,
+                 qty: int, remaining: int, priority: int, expire_ns: int, post_only: bool,
+                 stp: StpMode, rate: int, display: int, hidden: int) -> None:
+        super().__init__(order_id, client_id, client_order_id, side, price, qty, remaining, priority, expire_ns,
+                         post_only, stp, rate)
+        self.display = display
+        self.hidden = hidden
+
+
+class Stop(Order):
+    """A stop or stop-limit order waiting for its stop price: never in the book (the engine keeps it until a
+    trade triggers it). ``price`` is a stop-limit's limit (0 for a stop); ``remaining`` equals ``qty``."""
+
+    __slots__ = ("funds", "otype", "stop", "tif")
+
+    def __init__(self, order_id: int, client_id: str, client_order_id: str, side: Side, otype: OrderType,
+                 stop: int, price: int, qty: int, priority: int, tif: TimeInForce, expire_ns: int, stp: StpMode,
+                 rate: int, funds: int) -> None:
+        super().__init__(order_id, client_id, client_order_id, side, price, qty, qty, priority, expire_ns, False,
+                         stp, rate)
+        self.otype = otype
+        self.stop = stop
+        self.tif = tif
+        self.funds = funds
 
 
 class Level:
     """One price level: FIFO queue plus running totals of its live orders."""
 
-    __slots__ = ("count", "orders", "price", "total_lots")
+    __slots__ = ("count", "hidden", "orders", "price", "total_lots")
 
     def __init__(self, price: int) -> None:
         self.price = price
         self.orders: deque[Order] = deque()
-        self.total_lots = 0
+        self.total_lots = 0  # what shows
         self.count = 0
+        self.hidden = 0  # icebergs' quantity that does not show
 
     def live_orders(self) -> Iterator[Order]:
         """Live orders in FIFO order."""
@@ -119,6 +164,8 @@ class OrderBook:
         level.orders.append(order)
         level.total_lots += order.remaining
         level.count += 1
+        if order.display:
+            level.hidden += order.hidden
         self.orders[order.order_id] = order
 
     def remove(self, order: Order) -> None:
@@ -130,6 +177,8 @@ class OrderBook:
         level = levels[key]
         level.total_lots -= order.remaining
         level.count -= 1
+        if order.display:
+            level.hidden -= order.hidden
         order.remaining = 0
         del self.orders[order.order_id]
         if level.count == 0:
@@ -138,11 +187,35 @@ class OrderBook:
             level.orders = deque(o for o in level.orders if o.remaining)
 
     def reduce(self, order: Order, lots: int) -> None:
-        """Lower a live order's open quantity in place (keeps priority); ``lots`` < remaining."""
+        """Lower a live order's open quantity in place (keeps priority); ``lots`` < its open quantity. An
+        iceberg loses hidden quantity first, then shown."""
         levels = self.bids if order.side is BUY else self.asks
-        levels[-order.price if order.side is BUY else order.price].total_lots -= lots
-        order.remaining -= lots
+        level = levels[-order.price if order.side is BUY else order.price]
         order.qty -= lots
+        if isinstance(order, Iceberg):
+            hidden = order.hidden
+            if lots <= hidden:
+                order.hidden = hidden - lots
+                level.hidden -= lots
+                return
+            order.hidden = 0
+            level.hidden -= hidden
+            lots -= hidden
+        level.total_lots -= lots
+        order.remaining -= lots
+
+    def replenish(self, level: Level, order: Iceberg, priority: int) -> int:
+        """An iceberg's slice was filled (it has left the head of ``level``'s queue): its next slice joins the back
+        with ``priority``. Returns the slice."""
+        hidden = order.hidden
+        shown = order.display if order.display < hidden else hidden
+        order.hidden = hidden - shown
+        order.remaining = shown
+        order.priority = priority
+        level.hidden -= shown
+        level.total_lots += shown
+        level.orders.append(order)
+        return shown
 
     def levels(self, side: Side) -> Iterator[Level]:
         """Levels of one side, best price first."""
@@ -173,6 +246,8 @@ class OrderBook:
                             o.client_id.encode(), o.client_order_id.encode()))
                         if o.rate:  # (balances only: a book without them hashes as it always did)
                             h.update(b"R%d;" % o.rate)
+                        if o.display:  # (icebergs only)
+                            h.update(b"I%d:%d;" % (o.display, o.hidden))
         return h.hexdigest()
 
     def check_invariants(self) -> None:
@@ -185,12 +260,16 @@ class OrderBook:
                 assert live, f"empty level {level.price} kept"
                 assert level.count == len(live), f"level {level.price} count {level.count} != {len(live)}"
                 assert level.total_lots == sum(o.remaining for o in live), f"level {level.price} total wrong"
+                assert level.hidden == sum(o.hidden for o in live), f"level {level.price} hidden total wrong"
+                for o in live:
+                    assert not o.display or o.remaining <= o.display, f"{o} shows more than its slice"
                 prio = [o.priority for o in live]
                 assert prio == sorted(prio), f"level {level.price} not FIFO: {prio}"
                 for o in live:
                     assert o.side is side, f"{o} on the wrong side"
                     assert o.price == level.price, f"{o} on the wrong level"
-                    assert 0 < o.remaining <= o.qty, f"{o} has bad quantities"
+                    assert o.remaining > 0, f"{o} shows nothing"
+                    assert o.remaining + o.hidden <= o.qty, f"{o} has bad quantities"
                     assert id(self.orders.get(o.order_id)) == id(o), f"{o} missing from index"
                     assert o.order_id not in seen, f"{o} queued twice"
                     seen.add(o.order_id)

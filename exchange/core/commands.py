@@ -26,6 +26,10 @@ class PlaceOrder(msgspec.Struct, frozen=True, gc=False):
     for ``GTD`` (0 otherwise). ``stp`` of ``None`` takes the instrument default.
     ``funds`` is a market buy's budget in quote units (tick x lot), fees included, on an
     instrument that keeps balances (0: none; the order is then reserved at its price band).
+
+    ``stop_price_ticks`` is a ``stop`` or ``stop_limit`` order's trigger price (0 otherwise): a buy
+    stop triggers once a trade is at or above it, a sell stop at or below. ``display_qty_lots`` makes a
+    limit order an iceberg: only that much of it shows in the book at a time (0: all of it).
     """
 
     instrument: str
@@ -41,6 +45,8 @@ class PlaceOrder(msgspec.Struct, frozen=True, gc=False):
     stp: StpMode | None = None
     expire_ns: int = 0
     funds: int = 0
+    stop_price_ticks: int = 0
+    display_qty_lots: int = 0
 
 
 class CancelOrder(msgspec.Struct, frozen=True, gc=False):
@@ -59,7 +65,8 @@ class AmendOrder(msgspec.Struct, frozen=True, gc=False):
     ``qty_lots`` is the new *total* quantity (filled + open), as in FIX; it must
     stay above what has already filled. Reducing it keeps time priority; a new
     price or a larger quantity re-queues the order at the back of its (new)
-    level, and a new price that crosses trades at once.
+    level, and a new price that crosses trades at once. ``stop_price_ticks`` is a waiting stop's new
+    stop price.
     """
 
     instrument: str
@@ -69,6 +76,7 @@ class AmendOrder(msgspec.Struct, frozen=True, gc=False):
     price_ticks: int | None = None
     qty_lots: int | None = None
     ts_ns: int = 0
+    stop_price_ticks: int | None = None
 
 
 class CancelAll(msgspec.Struct, frozen=True, gc=False):

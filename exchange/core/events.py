@@ -39,6 +39,8 @@ __all__ = [
     "OrderExpired",
     "OrderFilled",
     "OrderRejected",
+    "OrderReplenished",
+    "OrderTriggered",
     "Withdrawn",
 ]
 
@@ -73,6 +75,39 @@ class OrderAccepted(_Base, frozen=True, gc=False, tag="accepted"):
     reserved: int = 0  # balances: what the order holds (base lots to sell, quote units to buy)
     funds: int = 0  # a market buy's budget (quote units), when it gave one
     balances: Sequence[Balance] = ()
+    stop_price_ticks: int = 0  # a stop or stop-limit order's trigger price: it waits, unseen, until triggered
+    display_qty_lots: int = 0  # an iceberg's slice: only that much of it shows in the book at a time
+
+
+class OrderTriggered(_Base, frozen=True, gc=False, tag="triggered"):
+    """A waiting stop order's condition was met by trade ``trade_id`` at ``trigger_price_ticks``: it is now a
+    taker (``stop``: a market order, IOC; ``stop_limit``: a limit order at ``price_ticks`` with its time in
+    force). What it does follows, as for a new order: fills, then it rests (its priority is this event's
+    ``seq``) or its remainder is canceled."""
+
+    order_id: int
+    client_id: str
+    client_order_id: str
+    side: Side
+    order_type: OrderType
+    stop_price_ticks: int
+    price_ticks: int  # 0 for a stop (market)
+    qty_lots: int
+    trade_id: int
+    trigger_price_ticks: int
+
+
+class OrderReplenished(_Base, frozen=True, gc=False, tag="replenished"):
+    """An iceberg's shown slice was filled: the next slice, ``shown_lots``, joins the back of the same level
+    (its priority is this event's ``seq``); ``hidden_lots`` are still to come after it."""
+
+    order_id: int
+    client_id: str
+    client_order_id: str
+    side: Side
+    price_ticks: int
+    shown_lots: int
+    hidden_lots: int
 
 
 class OrderRejected(_Base, frozen=True, gc=False, tag="rejected"):
@@ -101,7 +136,7 @@ class OrderFilled(_Base, frozen=True, gc=False, tag="filled"):
     maker_order_id: int
     maker_client_id: str
     maker_client_order_id: str
-    maker_remaining_lots: int
+    maker_remaining_lots: int  # an iceberg maker: what is left of its shown slice (the hidden rest never shows)
     taker_order_id: int
     taker_client_id: str
     taker_client_order_id: str
@@ -119,7 +154,7 @@ class OrderCanceled(_Base, frozen=True, gc=False, tag="canceled"):
     client_order_id: str
     side: Side
     price_ticks: int
-    canceled_lots: int
+    canceled_lots: int  # all that was open (an iceberg's hidden quantity included)
     reason: CancelReason
     released: int = 0  # balances: what the order no longer holds
     balances: Sequence[Balance] = ()
@@ -136,10 +171,12 @@ class OrderAmended(_Base, frozen=True, gc=False, tag="amended"):
     price_ticks: int
     old_qty_lots: int
     qty_lots: int
-    remaining_lots: int
+    remaining_lots: int  # open quantity (an iceberg's shown and hidden together)
     requeued: bool
     reserved: int = 0  # balances: what the order holds now
     balances: Sequence[Balance] = ()
+    stop_price_ticks: int = 0  # a waiting stop's stop price after the amend
+    hidden_lots: int = 0  # an iceberg's open quantity not shown after the amend
 
 
 class OrderExpired(_Base, frozen=True, gc=False, tag="expired"):
@@ -207,4 +244,5 @@ class Withdrawn(_Base, frozen=True, gc=False, tag="withdrawn"):
 
 
 Event = (OrderAccepted | OrderRejected | OrderFilled | OrderCanceled | OrderAmended | OrderExpired
-         | InstrumentHalted | InstrumentResumed | BookCleared | Deposited | Withdrawn)
+         | InstrumentHalted | InstrumentResumed | BookCleared | Deposited | Withdrawn | OrderTriggered
+         | OrderReplenished)

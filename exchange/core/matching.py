@@ -49,12 +49,15 @@ since its keys are unique).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable
 from heapq import heapify, heappop, heappush
 from typing import Any
 
+from sortedcontainers import SortedList
+
 from exchange.core.balances import Ledger, ceil_bps, refused, transferred
-from exchange.core.book import Order, OrderBook
+from exchange.core.book import Iceberg, Order, OrderBook, Stop
 from exchange.core.commands import (
     AmendOrder,
     CancelAll,
@@ -82,16 +85,26 @@ from exchange.core.events import (
     OrderExpired,
     OrderFilled,
     OrderRejected,
+    OrderReplenished,
+    OrderTriggered,
     Withdrawn,
 )
 from exchange.core.instruments import MAX_AMOUNT_UNITS, Instrument
-from exchange.core.state import EngineState, book_order, engine_state_hash, resting_orders
+from exchange.core.state import (
+    EngineState,
+    book_order,
+    engine_state_hash,
+    resting_orders,
+    stop_order,
+    stop_orders,
+    stops_digest,
+)
 from exchange.core.types import CancelReason, OrderType, RejectReason, Side, StpMode, TimeInForce
 
 __all__ = ["Exchange", "MatchingEngine", "command_name"]
 
 BUY, SELL = Side.BUY, Side.SELL
-LIMIT, MARKET = OrderType.LIMIT, OrderType.MARKET
+LIMIT, MARKET, STOP, STOP_LIMIT = OrderType.LIMIT, OrderType.MARKET, OrderType.STOP, OrderType.STOP_LIMIT
 GTC, IOC, FOK, GTD = TimeInForce.GTC, TimeInForce.IOC, TimeInForce.FOK, TimeInForce.GTD
 STP_NONE = StpMode.NONE
 CANCEL_RESTING, CANCEL_INCOMING, CANCEL_BOTH = (
@@ -112,6 +125,10 @@ def command_name(command: Command) -> str:
     if isinstance(command, RejectInput):
         return command.command
     return _COMMAND_NAMES.get(type(command), "unknown")
+
+
+def _order_id(order: Order) -> int:
+    return order.order_id
 
 
 def _coerce(enum: type[Any], value: object) -> Any:
@@ -143,6 +160,12 @@ class MatchingEngine:
         # balances (exchange.core.balances), on an instrument that keeps them
         self.ledger: Ledger | None = Ledger(spec) if spec.balances else None
         self._budget = 0  # what a market buy's budget has left while it matches (a taker with rate 0)
+        # order types: waiting stops by order id, and by trigger order: (stop, priority, order id) for buys,
+        # (-stop, priority, order id) for sells, nearest to the market first; the last trade's price
+        self._stops: dict[int, Stop] = {}
+        self._buy_stops: SortedList = SortedList()
+        self._sell_stops: SortedList = SortedList()
+        self.last_price = 0
         self._handlers: dict[type[Any], Callable[[Any, list[Event]], None]] = {
             PlaceOrder: self._place_halted,  # reached only while halted: see apply's fast path
             CancelOrder: self._cancel,
@@ -170,20 +193,24 @@ class MatchingEngine:
                          None, command_name(command), RejectReason.UNKNOWN_INSTRUMENT,
                          f"command for {instrument!r} sent to the {self.symbol!r} engine")
             return events
+        trade_id = self.next_trade_id
         if type(command) is PlaceOrder and not self.halted:
             self._place(command, events)
-            return events
-        try:
-            handler = self._handlers[type(command)]
-        except KeyError:
-            raise TypeError(f"not a command: {command!r}") from None
-        handler(command, events)
+        else:
+            try:
+                handler = self._handlers[type(command)]
+            except KeyError:
+                raise TypeError(f"not a command: {command!r}") from None
+            handler(command, events)
+        if self.next_trade_id != trade_id:
+            self._traded(events, ts)
         return events
 
     def state_hash(self) -> str:
         """Hash of the book (levels and queues in priority order; see :meth:`OrderBook.state_hash`) and the
         halted flag."""
-        return engine_state_hash(self.book, self.halted, self.ledger.digest() if self.ledger is not None else b"")
+        return engine_state_hash(self.book, self.halted, self.ledger.digest() if self.ledger is not None else b"",
+                                 stops_digest(sorted(self._stops.values(), key=_order_id), self.last_price))
 
     def export_state(self, *, window: bool = True) -> EngineState:
         """A snapshot of the engine from which :meth:`from_state` rebuilds it exactly; without the dedupe
@@ -192,15 +219,18 @@ class MatchingEngine:
         ledger = self.ledger
         if ledger is None:
             return EngineState(self.symbol, self.seq, self.next_order_id, self.next_trade_id, resting_orders(self.book),
-                               self._dedupe.entries() if window else [], self.halted, done_complete=window)
+                               self._dedupe.entries() if window else [], self.halted, done_complete=window,
+                               stops=stop_orders(self._stops.values()), last_price_ticks=self.last_price)
         if window:
             return EngineState(self.symbol, self.seq, self.next_order_id, self.next_trade_id, resting_orders(self.book),
                                self._dedupe.entries(), self.halted, accounts=ledger.accounts_image(), fees=ledger.fees,
-                               transfers=sorted(ledger.transfers.items()))
+                               transfers=sorted(ledger.transfers.items()), stops=stop_orders(self._stops.values()),
+                               last_price_ticks=self.last_price)
         return EngineState(self.symbol, self.seq, self.next_order_id, self.next_trade_id, resting_orders(self.book),
                            [], self.halted, done_complete=False, accounts=ledger.accounts_image(), fees=ledger.fees,
                            transfers_complete=False, transfers_count=len(ledger.transfers),
-                           transfers_sum=ledger.transfers_sum)
+                           transfers_sum=ledger.transfers_sum, stops=stop_orders(self._stops.values()),
+                           last_price_ticks=self.last_price)
 
     @classmethod
     def from_state(cls, spec: Instrument, state: EngineState) -> MatchingEngine:
@@ -227,6 +257,13 @@ class MatchingEngine:
             engine._live.setdefault(r.client_id, {})[r.client_order_id] = order
             if r.expire_ns:
                 engine._expiries.append((r.expire_ns, r.order_id))
+        for s in state.stops:
+            stop = stop_order(s)
+            engine._add_stop(stop)
+            engine._live.setdefault(s.client_id, {})[s.client_order_id] = stop
+            if s.expire_ns:
+                engine._expiries.append((s.expire_ns, s.order_id))
+        engine.last_price = state.last_price_ticks
         heapify(engine._expiries)
         engine._expiring = len(engine._expiries)
         for client_id, client_order_id, order_id in state.done:
@@ -277,6 +314,8 @@ class MatchingEngine:
             and client.__class__ is str
             and client
             and (live is None or coid not in live)
+            and not cmd.stop_price_ticks
+            and not cmd.display_qty_lots
         ) or ((done := self._done.get(client)) is not None and coid in done):
             error = self._place_error(cmd)
             if error is not None:
@@ -285,8 +324,14 @@ class MatchingEngine:
                     original = live[coid].order_id if live and coid in live else self._dedupe.get(client, coid)
                 self._reject(events, ts, client, coid, original, "place", error[0], error[1])
                 return
-            # well-formed but off the fast path (market, FOK, GTD, post-only, enum from a plain str)
+            # well-formed but off the fast path (market, FOK, GTD, post-only, stop, iceberg, enum from a plain str)
             side, otype, tif, stp = Side(side), OrderType(otype), TimeInForce(tif), StpMode(stp)
+            if otype is STOP or otype is STOP_LIMIT:
+                self._place_stop(cmd, side, otype, tif, stp, events)
+                return
+            display = cmd.display_qty_lots
+        else:
+            display = 0
 
         buy = side is BUY
         if buy:
@@ -330,13 +375,18 @@ class MatchingEngine:
         self.seq += 1
         priority = self.seq  # an order's place in its queue is the sequence number of the event that queued it
         if ledger is None:
-            events.append(OrderAccepted(self.symbol, priority, ts, oid, client, coid, side, otype, price, qty, tif,
-                                        post_only, stp, expire_ns))
+            if display:
+                events.append(OrderAccepted(self.symbol, priority, ts, oid, client, coid, side, otype, price, qty, tif,
+                                            post_only, stp, expire_ns, display_qty_lots=display))
+            else:
+                events.append(OrderAccepted(self.symbol, priority, ts, oid, client, coid, side, otype, price, qty, tif,
+                                            post_only, stp, expire_ns))
         else:
             events.append(OrderAccepted(self.symbol, priority, ts, oid, client, coid, side, otype, price, qty, tif,
                                         post_only, stp, expire_ns, held, cmd.funds,
                                         ledger.balances(client, buy) if account is None else
-                                        [(client, ledger.quote if buy else ledger.base, account[i], account[i + 1])]))
+                                        [(client, ledger.quote if buy else ledger.base, account[i], account[i + 1])],
+                                        display_qty_lots=display))
             self._budget = cmd.funds
         remaining = qty
         stopped = False
@@ -353,8 +403,14 @@ class MatchingEngine:
                 self._cancel_remainder(events, ts, oid, client, coid, side, price, remaining,
                                        CancelReason.SELF_TRADE, rate)
             elif tif is GTC or tif is GTD:
-                order = Order(oid, client, coid, side, price, qty, remaining, priority, expire_ns, post_only, stp,
-                              rate)
+                order: Order
+                if display:  # an iceberg: its first slice shows
+                    shown = display if display < remaining else remaining
+                    order = Iceberg(oid, client, coid, side, price, qty, shown, priority, expire_ns, post_only, stp,
+                                    rate, display, remaining - shown)
+                else:
+                    order = Order(oid, client, coid, side, price, qty, remaining, priority, expire_ns, post_only,
+                                  stp, rate)
                 self.book.add(order)
                 if not live:  # none, or emptied (and dropped) by self-trade prevention while this one matched
                     live = self._live[client] = {}
@@ -367,6 +423,153 @@ class MatchingEngine:
                 self._cancel_remainder(events, ts, oid, client, coid, side, price, remaining,
                                        CancelReason.IOC_REMAINDER, rate)
         self._remember(client, coid, oid)
+
+    def _place_stop(self, cmd: PlaceOrder, side: Side, otype: OrderType, tif: TimeInForce, stp: StpMode,
+                    events: list[Event]) -> None:
+        """A valid stop or stop-limit order: it waits, unseen, for a trade at or through its stop price (rejected
+        ``stop_would_trigger`` if the last trade already is); with balances it holds what the order it becomes
+        will need (a stop buy: its budget, ``funds``, which it must name)."""
+        ts, client, coid, stop = cmd.ts_ns, cmd.client_id, cmd.client_order_id, cmd.stop_price_ticks
+        buy = side is BUY
+        last = self.last_price
+        if last and (last >= stop if buy else last <= stop):
+            self._reject(events, ts, client, coid, None, "place", RejectReason.STOP_WOULD_TRIGGER,
+                         f"the last trade, at {self.spec.ticks_to_price(last)}, is already at or "
+                         f"{'above' if buy else 'below'} the stop price {self.spec.ticks_to_price(stop)}")
+            return
+        price = cmd.price_ticks if otype is STOP_LIMIT else 0
+        ledger = self.ledger
+        held = rate = 0
+        funds = cmd.funds
+        error: tuple[RejectReason, str] | None = None
+        if funds and (ledger is None or not (buy and otype is STOP)):
+            error = (RejectReason.INVALID_ORDER, "funds (a budget) is for market and stop buys on an instrument that "
+                     "keeps balances")
+        elif funds and (funds.__class__ is not int or not 0 < funds <= MAX_AMOUNT_UNITS):
+            error = (RejectReason.INVALID_AMOUNT, f"funds must be a positive amount, got {funds!r}")
+        elif ledger is not None:
+            if buy and otype is STOP and not funds:
+                error = (RejectReason.INVALID_ORDER, f"{self.symbol} keeps balances: a stop buy must name its budget "
+                         "(funds), which it holds while it waits")
+            else:
+                rate = 0 if funds else ledger.rate(buy, price)
+                held = funds or cmd.qty_lots * rate
+                if not ledger.hold(client, buy, held):
+                    asset = ledger.quote if buy else ledger.base
+                    error = (RejectReason.INSUFFICIENT_FUNDS,
+                             f"{asset} required {self.spec.units_to_amount(asset, held)}, available "
+                             f"{self.spec.units_to_amount(asset, ledger.available(client, buy))}")
+        if error is not None:
+            self._reject(events, ts, client, coid, None, "place", *error)
+            return
+        oid = self.next_order_id
+        self.next_order_id = oid + 1
+        self.seq += 1
+        order = Stop(oid, client, coid, side, otype, stop, price, cmd.qty_lots, self.seq, tif, cmd.expire_ns, stp,
+                     rate, funds)
+        events.append(OrderAccepted(self.symbol, self.seq, ts, oid, client, coid, side, otype, price, cmd.qty_lots,
+                                    tif, False, stp, cmd.expire_ns, held, funds,
+                                    ledger.balances(client, buy) if ledger is not None else (), stop))
+        self._add_stop(order)
+        live = self._live.get(client)
+        if live is None:
+            live = self._live[client] = {}
+        live[coid] = order
+        if cmd.expire_ns:
+            heappush(self._expiries, (cmd.expire_ns, oid))
+            self._expiring += 1
+
+    def _add_stop(self, order: Stop) -> None:
+        self._stops[order.order_id] = order
+        if order.side is BUY:
+            self._buy_stops.add((order.stop, order.priority, order.order_id))
+        else:
+            self._sell_stops.add((-order.stop, order.priority, order.order_id))
+
+    def _unstop(self, order: Stop) -> None:
+        """Take a waiting stop out (canceled, expired, cleared, or amended: it is added again)."""
+        del self._stops[order.order_id]
+        if order.side is BUY:
+            self._buy_stops.remove((order.stop, order.priority, order.order_id))
+        else:
+            self._sell_stops.remove((-order.stop, order.priority, order.order_id))
+
+    def _traded(self, events: list[Event], ts: int) -> None:
+        """The command traded: the last trade price moves, and the waiting stops its trades reached trigger.
+
+        In a fixed order: by the trade that reached them, then stop price (nearest to the market first), then
+        arrival (the seq that placed or last moved them); each becomes a taker (``triggered``, then what it
+        does), and the trades of a triggered order can reach further stops, queued behind those already
+        reached. It ends: a stop triggers at most once and leaves the waiting stops when it is queued, nothing
+        in a pass adds a waiting stop, so a pass triggers at most as many orders as were waiting."""
+        buys, sells, stops = self._buy_stops, self._sell_stops, self._stops
+        queue: deque[tuple[Stop, int, int]] = deque()
+        scan = 0
+        while True:
+            n = len(events)
+            if stops:
+                for k in range(scan, n):
+                    event = events[k]
+                    if event.__class__ is not OrderFilled:
+                        continue
+                    price = event.price_ticks
+                    while buys and buys[0][0] <= price:
+                        queue.append((stops.pop(buys.pop(0)[2]), event.trade_id, price))
+                    while sells and -sells[0][0] >= price:
+                        queue.append((stops.pop(sells.pop(0)[2]), event.trade_id, price))
+            scan = n
+            if not queue:
+                break
+            order, trade_id, price = queue.popleft()
+            self._fire(order, trade_id, price, ts, events)
+        for k in range(len(events) - 1, -1, -1):
+            event = events[k]
+            if event.__class__ is OrderFilled:
+                self.last_price = event.price_ticks
+                break
+
+    def _fire(self, stop: Stop, trade_id: int, trigger: int, ts: int, events: list[Event]) -> None:
+        """A waiting stop triggers (already out of the waiting stops): ``triggered``, then it trades as a market
+        order (``stop``, IOC) or a limit order at its price with its time in force (``stop_limit``)."""
+        oid, client, coid, side, qty, stp, rate = (stop.order_id, stop.client_id, stop.client_order_id, stop.side,
+                                                   stop.qty, stop.stp, stop.rate)
+        self.seq += 1
+        priority = self.seq
+        events.append(OrderTriggered(self.symbol, priority, ts, oid, client, coid, side, stop.otype, stop.stop,
+                                     stop.price, qty, trade_id, trigger))
+        buy = side is BUY
+        opp, keys = (self.book.asks, self.book.ask_keys) if buy else (self.book.bids, self.book.bid_keys)
+        if stop.otype is STOP:
+            price, tif = 0, IOC
+            limit_key = self._market_limit_key(buy, opp)
+        else:
+            price, tif = stop.price, stop.tif
+            limit_key = price if buy else -price
+        ledger = self.ledger
+        self._budget = stop.funds if ledger is not None else 0
+        crosses = bool(keys) and keys[0][0] <= limit_key
+        remaining = qty
+        stopped = False
+        if tif is FOK and not (crosses and self._fok_fillable(
+                opp, limit_key, qty, client, stp, self._budget if ledger is not None and buy and not rate else None)):
+            self._cancel_remainder(events, ts, oid, client, coid, side, price, qty, CancelReason.FOK_UNFILLED, rate)
+            self._finish(stop)
+            return
+        if crosses:
+            remaining, stopped = self._match(events, ts, oid, client, coid, side, opp, keys, limit_key, qty, stp,
+                                             rate)
+        if remaining and not stopped and (tif is GTC or tif is GTD):
+            order = Order(oid, client, coid, side, price, qty, remaining, priority, stop.expire_ns, False, stp, rate)
+            self.book.add(order)
+            live = self._live.get(client)
+            if live is None:  # (emptied by self-trade prevention while it matched)
+                live = self._live[client] = {}
+            live[coid] = order  # (in place of the stop)
+            return
+        if remaining:
+            self._cancel_remainder(events, ts, oid, client, coid, side, price, remaining,
+                                   CancelReason.SELF_TRADE if stopped else CancelReason.IOC_REMAINDER, rate)
+        self._finish(stop)
 
     def _reserve(self, cmd: PlaceOrder, buy: bool, otype: OrderType, price: int, limit_key: int,
                  events: list[Event]) -> tuple[int, int] | None:
@@ -418,13 +621,13 @@ class MatchingEngine:
             return (RejectReason.INVALID_QUANTITY,
                     f"quantity must be between {spec.lots_to_qty(spec.min_qty_lots)} and "
                     f"{spec.lots_to_qty(spec.max_qty_lots)}")
-        if otype is LIMIT and (price.__class__ is not int or not 0 < price <= spec.max_price_ticks):
+        if (otype is LIMIT or otype is STOP_LIMIT) and (price.__class__ is not int
+                                                        or not 0 < price <= spec.max_price_ticks):
             return (RejectReason.INVALID_PRICE,
                     f"limit price must be above zero and at most {spec.ticks_to_price(spec.max_price_ticks)}")
-        if otype is MARKET and (tif is GTC or tif is GTD):
-            return (RejectReason.INVALID_ORDER, "market orders never rest: time in force must be IOC or FOK")
-        if cmd.post_only and (otype is MARKET or tif is IOC or tif is FOK):
-            return (RejectReason.INVALID_ORDER, "post-only orders must be GTC or GTD limit orders")
+        error = self._type_error(cmd, otype, tif)
+        if error is not None:
+            return error
         if tif is GTD and (expire_ns.__class__ is not int or expire_ns <= cmd.ts_ns or expire_ns <= 0):
             return (RejectReason.INVALID_EXPIRY,
                     f"GTD expiry {expire_ns} is not a positive time after the order time {cmd.ts_ns}")
@@ -438,6 +641,33 @@ class MatchingEngine:
         if original is not None:
             return (RejectReason.DUPLICATE_CLIENT_ORDER_ID,
                     f"client order id {coid!r} was already used by order {original}")
+        return None
+
+    def _type_error(self, cmd: PlaceOrder, otype: OrderType, tif: TimeInForce) -> tuple[RejectReason, str] | None:
+        """What is wrong with a place command's combination of type, time in force, stop price, post-only and
+        display quantity (its quantity and price are valid), or None."""
+        spec = self.spec
+        stop = cmd.stop_price_ticks
+        if otype is STOP or otype is STOP_LIMIT:
+            if stop.__class__ is not int or not 0 < stop <= spec.max_price_ticks:
+                return (RejectReason.INVALID_PRICE, f"a {otype} order needs a stop price above zero and at most "
+                        f"{spec.ticks_to_price(spec.max_price_ticks)}")
+        elif stop:
+            return (RejectReason.INVALID_ORDER, "a stop price is for stop and stop_limit orders")
+        if otype is MARKET and (tif is GTC or tif is GTD):
+            return (RejectReason.INVALID_ORDER, "market orders never rest: time in force must be IOC or FOK")
+        if otype is STOP and (tif is IOC or tif is FOK):
+            return (RejectReason.INVALID_ORDER, "a stop order waits for its stop price, then trades as a market order "
+                    "(IOC): time in force must be GTC or GTD")
+        if cmd.post_only and (otype is not LIMIT or tif is IOC or tif is FOK):
+            return (RejectReason.INVALID_ORDER, "post-only orders must be GTC or GTD limit orders")
+        display = cmd.display_qty_lots
+        if display and otype is not LIMIT:
+            return (RejectReason.INVALID_ORDER, "a display quantity (an iceberg) is for limit orders")
+        if display and (display.__class__ is not int or not spec.min_qty_lots <= display <= cmd.qty_lots):
+            return (RejectReason.INVALID_QUANTITY,
+                    f"display quantity must be at least {spec.lots_to_qty(spec.min_qty_lots)} and at most the "
+                    f"order's quantity {spec.lots_to_qty(cmd.qty_lots)}")
         return None
 
     def _cancel(self, cmd: CancelOrder, events: list[Event]) -> None:
@@ -459,9 +689,12 @@ class MatchingEngine:
         order = self._find(cmd.client_id, cmd.client_order_id, cmd.order_id, "amend", ts, events)
         if order is None:
             return
+        if order.__class__ is Stop:
+            self._amend_stop(cmd, order, events)
+            return
         new_price = order.price if cmd.price_ticks is None else cmd.price_ticks
         new_qty = order.qty if cmd.qty_lots is None else cmd.qty_lots
-        filled = order.qty - order.remaining
+        filled = order.qty - order.remaining - order.hidden
         error = self._amend_error(cmd, order, new_price, new_qty)
         if order.side is BUY:
             opp, keys, limit_key = self.book.asks, self.book.ask_keys, new_price
@@ -485,13 +718,16 @@ class MatchingEngine:
             self.ledger.free(order.client_id, order.side is BUY, -delta)  # type: ignore[union-attr]
         if new_price == old_price and new_qty < old_qty:
             self.book.reduce(order, old_qty - new_qty)
-            self._amended(events, ts, order, old_price, old_qty, new_price, new_qty, order.remaining, False, new_rate)
+            self._amended(events, ts, order, old_price, old_qty, new_price, new_qty, order.remaining + order.hidden,
+                          False, new_rate, hidden=order.hidden)
             return
 
         # cancel-and-replace under the same ids; the replacement may trade at once
         remaining = new_qty - filled
         self.book.remove(order)
-        self._amended(events, ts, order, old_price, old_qty, new_price, new_qty, remaining, True, new_rate)
+        display = order.display
+        self._amended(events, ts, order, old_price, old_qty, new_price, new_qty, remaining, True, new_rate,
+                      hidden=remaining - display if display and display < remaining else 0)
         priority = self.seq
         stopped = False
         if crosses:
@@ -500,8 +736,15 @@ class MatchingEngine:
                                              order.side, opp, keys, limit_key, remaining, order.stp, new_rate)
             self._requeuing = 0
         if remaining and not stopped:
-            replacement = Order(order.order_id, order.client_id, order.client_order_id, order.side, new_price,
-                                new_qty, remaining, priority, order.expire_ns, order.post_only, order.stp, new_rate)
+            replacement: Order
+            if display:
+                shown = display if display < remaining else remaining
+                replacement = Iceberg(order.order_id, order.client_id, order.client_order_id, order.side, new_price,
+                                      new_qty, shown, priority, order.expire_ns, order.post_only, order.stp, new_rate,
+                                      display, remaining - shown)
+            else:
+                replacement = Order(order.order_id, order.client_id, order.client_order_id, order.side, new_price,
+                                    new_qty, remaining, priority, order.expire_ns, order.post_only, order.stp, new_rate)
             self.book.add(replacement)
             self._live[order.client_id][order.client_order_id] = replacement
             return
@@ -514,7 +757,9 @@ class MatchingEngine:
                      ) -> tuple[RejectReason, str] | None:
         """Why an amend of ``order`` to ``new_price`` and ``new_qty`` must be rejected (balances aside), or None."""
         spec = self.spec
-        filled = order.qty - order.remaining
+        filled = order.qty - order.remaining - order.hidden
+        if cmd.stop_price_ticks is not None:
+            return (RejectReason.INVALID_AMEND, f"order {order.order_id} is not a waiting stop: it has no stop price")
         if cmd.price_ticks is None and cmd.qty_lots is None:
             return (RejectReason.INVALID_AMEND, "an amend must give a new price or a new quantity")
         if new_price.__class__ is not int or not 0 < new_price <= spec.max_price_ticks:
@@ -541,7 +786,7 @@ class MatchingEngine:
         assert ledger is not None
         buy = order.side is BUY
         rate = ledger.rate(buy, new_price) if new_price != order.price else order.rate
-        delta = new_remaining * rate - order.remaining * order.rate
+        delta = new_remaining * rate - (order.remaining + order.hidden) * order.rate
         available = ledger.available(order.client_id, buy)
         if delta > available:
             asset = ledger.quote if buy else ledger.base
@@ -551,18 +796,79 @@ class MatchingEngine:
         return rate, delta, None
 
     def _amended(self, events: list[Event], ts: int, order: Order, old_price: int, old_qty: int, new_price: int,
-                 new_qty: int, remaining: int, requeued: bool, rate: int) -> None:
+                 new_qty: int, remaining: int, requeued: bool, rate: int, *, hidden: int = 0, stop: int = 0,
+                 reserved: int | None = None) -> None:
         self.seq += 1
         ledger = self.ledger
         if ledger is None:
             events.append(OrderAmended(self.symbol, self.seq, ts, order.order_id, order.client_id,
                                        order.client_order_id, order.side, old_price, new_price, old_qty, new_qty,
-                                       remaining, requeued))
+                                       remaining, requeued, stop_price_ticks=stop, hidden_lots=hidden))
         else:
             events.append(OrderAmended(self.symbol, self.seq, ts, order.order_id, order.client_id,
                                        order.client_order_id, order.side, old_price, new_price, old_qty, new_qty,
-                                       remaining, requeued, remaining * rate,
-                                       ledger.balances(order.client_id, order.side is BUY)))
+                                       remaining, requeued, remaining * rate if reserved is None else reserved,
+                                       ledger.balances(order.client_id, order.side is BUY), stop, hidden))
+
+    def _amend_stop(self, cmd: AmendOrder, order: Stop, events: list[Event]) -> None:
+        """Amend a waiting stop: its stop price, a stop-limit's price, its quantity. It stays waiting (a new stop
+        price the last trade has already reached is rejected ``stop_would_trigger``); a new stop price or price
+        or a larger quantity moves it behind the stops waiting at its stop price, a lower quantity does not."""
+        spec, ledger, ts = self.spec, self.ledger, cmd.ts_ns
+        buy = order.side is BUY
+        new_stop = order.stop if cmd.stop_price_ticks is None else cmd.stop_price_ticks
+        new_price = order.price if cmd.price_ticks is None else cmd.price_ticks
+        new_qty = order.qty if cmd.qty_lots is None else cmd.qty_lots
+        last = self.last_price
+        error: tuple[RejectReason, str] | None = None
+        if cmd.price_ticks is None and cmd.qty_lots is None and cmd.stop_price_ticks is None:
+            error = (RejectReason.INVALID_AMEND, "an amend must give a new price, stop price or quantity")
+        elif cmd.price_ticks is not None and order.otype is STOP:
+            error = (RejectReason.INVALID_AMEND, "a stop order has no limit price (triggered, it trades as a market "
+                     "order): amend its stop price")
+        elif new_stop.__class__ is not int or not 0 < new_stop <= spec.max_price_ticks:
+            error = (RejectReason.INVALID_PRICE, f"stop price must be above zero and at most "
+                     f"{spec.ticks_to_price(spec.max_price_ticks)}")
+        elif order.otype is STOP_LIMIT and (new_price.__class__ is not int
+                                            or not 0 < new_price <= spec.max_price_ticks):
+            error = (RejectReason.INVALID_PRICE,
+                     f"limit price must be above zero and at most {spec.ticks_to_price(spec.max_price_ticks)}")
+        elif new_qty.__class__ is not int or not spec.min_qty_lots <= new_qty <= spec.max_qty_lots:
+            error = (RejectReason.INVALID_QUANTITY, f"quantity must be between {spec.lots_to_qty(spec.min_qty_lots)} "
+                     f"and {spec.lots_to_qty(spec.max_qty_lots)}")
+        elif new_stop == order.stop and new_price == order.price and new_qty == order.qty:
+            error = (RejectReason.INVALID_AMEND, "the amend changes nothing")
+        elif last and (last >= new_stop if buy else last <= new_stop):
+            error = (RejectReason.STOP_WOULD_TRIGGER,
+                     f"the last trade, at {spec.ticks_to_price(last)}, is already at or "
+                     f"{'above' if buy else 'below'} the stop price {spec.ticks_to_price(new_stop)}")
+        rate = order.rate
+        delta = 0
+        if error is None and ledger is not None and rate:  # (a budget, funds, does not change with the amend)
+            rate = ledger.rate(buy, new_price) if order.otype is STOP_LIMIT else rate
+            delta = new_qty * rate - order.qty * order.rate
+            available = ledger.available(order.client_id, buy)
+            if delta > available:
+                asset = ledger.quote if buy else ledger.base
+                error = (RejectReason.INSUFFICIENT_FUNDS,
+                         f"the amend needs {spec.units_to_amount(asset, delta)} more {asset}, available "
+                         f"{spec.units_to_amount(asset, available)}")
+        if error is not None:
+            self._reject(events, ts, order.client_id, order.client_order_id, order.order_id, "amend", *error)
+            return
+        if delta > 0:
+            ledger.hold(order.client_id, buy, delta)  # type: ignore[union-attr]
+        elif delta < 0:
+            ledger.free(order.client_id, buy, -delta)  # type: ignore[union-attr]
+        old_price, old_qty = order.price, order.qty
+        requeued = new_stop != order.stop or new_price != order.price or new_qty > order.qty
+        self._unstop(order)
+        order.stop, order.price, order.qty, order.remaining, order.rate = new_stop, new_price, new_qty, new_qty, rate
+        self._amended(events, ts, order, old_price, old_qty, new_price, new_qty, new_qty, requeued, rate, stop=new_stop,
+                      reserved=order.funds or new_qty * rate)
+        if requeued:
+            order.priority = self.seq
+        self._add_stop(order)
 
     def _cancel_all(self, cmd: CancelAll, events: list[Event]) -> None:
         live = self._live.get(cmd.client_id)
@@ -571,7 +877,7 @@ class MatchingEngine:
                 self._remove(order, events, cmd.ts_ns, CancelReason.REQUESTED)
 
     def _clear(self, cmd: ClearBook, events: list[Event]) -> None:
-        orders = list(self.book.iter_orders())
+        orders = [*self.book.iter_orders(), *sorted(self._stops.values(), key=_order_id)]
         self.seq += 1  # the operator's action is journaled, with its count, even on an empty book
         events.append(BookCleared(self.symbol, self.seq, cmd.ts_ns, cmd.client_id, cmd.text, len(orders)))
         for order in orders:
@@ -677,18 +983,20 @@ class MatchingEngine:
             if key > limit_key:
                 return False
             if stp is STP_NONE and budget is None:
-                need -= level.total_lots
+                need -= level.total_lots + level.hidden
                 if need <= 0:
                     return True
                 continue
-            for maker in level.orders:
-                if not maker.remaining:
-                    continue
-                if stp is not STP_NONE and maker.client_id == client:
+            # the level's queue as matching walks it: (client, shown, hidden, display); an iceberg whose slice is
+            # taken whole shows its next slice at the back
+            queue = deque((m.client_id, m.remaining, m.hidden, m.display) for m in level.orders if m.remaining)
+            while queue:
+                maker_client, shown, hidden, display = queue.popleft()
+                if stp is not STP_NONE and maker_client == client:
                     if stp is CANCEL_RESTING:
                         continue
                     return False
-                lots = need if need < maker.remaining else maker.remaining
+                lots = need if need < shown else shown
                 if budget is not None:
                     assert ledger is not None
                     if ledger.affordable(budget, level.price) < lots:
@@ -698,6 +1006,9 @@ class MatchingEngine:
                 need -= lots
                 if need <= 0:
                     return True
+                if hidden:
+                    queue.append((maker_client, display if display < hidden else hidden,
+                                  hidden - display if display < hidden else 0, display))
         return False
 
     def _match(self, events: list[Event], ts: int, oid: int, client: str, coid: str,  # noqa: C901 - the hot loop
@@ -740,6 +1051,10 @@ class MatchingEngine:
                     level.count -= 1
                     level.total_lots -= maker_left
                     maker.remaining = 0
+                    if maker.display:  # an iceberg: its hidden quantity goes too
+                        level.hidden -= maker.hidden
+                        maker_left += maker.hidden
+                        maker.hidden = 0
                     del index[maker.order_id]
                     self.seq += 1
                     append(self._canceled(ts, maker, price, maker_left, CancelReason.SELF_TRADE))
@@ -775,9 +1090,16 @@ class MatchingEngine:
                                        remaining, maker_fee, taker_fee, balances))
                 if not maker_left:
                     queue.popleft()
-                    level.count -= 1
-                    del index[maker.order_id]
-                    self._finish(maker)
+                    if maker.hidden:  # an iceberg's next slice joins the back of the level
+                        self.seq += 1
+                        append(OrderReplenished(symbol, self.seq, ts, maker.order_id, maker.client_id,
+                                                maker.client_order_id, maker.side, price,
+                                                self.book.replenish(level, maker, self.seq),
+                                                maker.hidden))
+                    else:
+                        level.count -= 1
+                        del index[maker.order_id]
+                        self._finish(maker)
                 if not remaining:
                     break
             if not level.count:
@@ -825,7 +1147,7 @@ class MatchingEngine:
         if coid is None and oid is None:
             error = (RejectReason.MALFORMED, "name the order by client_order_id or order_id")
         elif oid is not None:
-            order = self.book.orders.get(oid)
+            order = self.book.orders.get(oid) or self._stops.get(oid)
             if order is None:
                 if oid.__class__ is int and 0 < oid < self.next_order_id:
                     error = (RejectReason.TOO_LATE, f"order {oid} is no longer open")
@@ -850,8 +1172,11 @@ class MatchingEngine:
         return order
 
     def _remove(self, order: Order, events: list[Event], ts: int, reason: CancelReason) -> None:
-        left = order.remaining
-        self.book.remove(order)
+        left = order.remaining + order.hidden
+        if order.__class__ is Stop:
+            self._unstop(order)
+        else:
+            self.book.remove(order)
         self.seq += 1
         if self.ledger is None:
             events.append(OrderCanceled(self.symbol, self.seq, ts, order.order_id, order.client_id,
@@ -889,10 +1214,17 @@ class MatchingEngine:
         while heap and heap[0][0] <= ts:
             expire_ns, oid = heappop(heap)
             order = orders.get(oid)
-            if order is None or order.expire_ns != expire_ns:
+            if order is None:
+                order = self._stops.get(oid)
+                if order is None or order.expire_ns != expire_ns:
+                    continue
+                left = order.remaining
+                self._unstop(order)
+            elif order.expire_ns != expire_ns:
                 continue
-            left = order.remaining
-            self.book.remove(order)
+            else:
+                left = order.remaining + order.hidden
+                self.book.remove(order)
             self.seq += 1
             ledger = self.ledger
             if ledger is None:
@@ -930,7 +1262,8 @@ class MatchingEngine:
         """
         orders, requeuing = self.book.orders, self._requeuing
         heap = self._expiries
-        heap[:] = [e for e in heap if ((o := orders.get(e[1])) is not None and o.expire_ns == e[0])
+        stops = self._stops
+        heap[:] = [e for e in heap if ((o := orders.get(e[1]) or stops.get(e[1])) is not None and o.expire_ns == e[0])
                    or e[1] == requeuing]
         heapify(heap)
 

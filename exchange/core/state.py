@@ -17,13 +17,15 @@ No I/O, no clock, no randomness: this module is part of the pure core.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 
 import msgspec
 
-from exchange.core.book import Order, OrderBook
-from exchange.core.types import Side, StpMode
+from exchange.core.book import Iceberg, Order, OrderBook, Stop
+from exchange.core.types import OrderType, Side, StpMode, TimeInForce
 
-__all__ = ["EngineState", "RestingOrder", "book_order", "engine_state_hash", "resting_orders"]
+__all__ = ["EngineState", "RestingOrder", "StopOrder", "book_order", "engine_state_hash", "resting_orders",
+           "stop_order", "stop_orders", "stops_digest"]
 
 
 class RestingOrder(msgspec.Struct, frozen=True, gc=False):
@@ -41,6 +43,29 @@ class RestingOrder(msgspec.Struct, frozen=True, gc=False):
     post_only: bool = False
     stp: StpMode = StpMode.NONE
     rate: int = 0  # balances: what each open lot holds (exchange.core.balances)
+    display_lots: int = 0  # an iceberg's slice size (``remaining_lots`` is what shows of it now)
+    hidden_lots: int = 0  # an iceberg's open quantity that does not show
+
+
+class StopOrder(msgspec.Struct, frozen=True, gc=False):
+    """A stop or stop-limit order waiting for its stop price (not in the book), as snapshots and the orders
+    table hold it. ``priority`` orders stops of one stop price: the seq of the event that accepted it, or of
+    the amend that last moved it."""
+
+    order_id: int
+    client_id: str
+    client_order_id: str
+    side: Side
+    order_type: OrderType
+    stop_price_ticks: int
+    price_ticks: int
+    qty_lots: int
+    priority: int
+    tif: TimeInForce = TimeInForce.GTC
+    expire_ns: int = 0
+    stp: StpMode = StpMode.NONE
+    rate: int = 0  # balances: what each lot holds (a stop buy with a budget: 0, its ``funds`` hold)
+    funds: int = 0
 
 
 class EngineState(msgspec.Struct, frozen=True):
@@ -86,26 +111,61 @@ class EngineState(msgspec.Struct, frozen=True):
     transfers_complete: bool = True
     transfers_count: int = 0  # when not transfers_complete: how many transfers are remembered in all ...
     transfers_sum: int = 0  # ... and the sum of their hashes (exchange.core.balances.summarize)
+    # order types (exchange.core.matching): the waiting stops, in order_id order, and the last trade's price
+    stops: list[StopOrder] = []
+    last_price_ticks: int = 0
 
 
-def engine_state_hash(book: OrderBook, halted: bool, balances: bytes = b"") -> str:
+def engine_state_hash(book: OrderBook, halted: bool, balances: bytes = b"", stops: bytes = b"") -> str:
     """The book's hash, marked when the instrument is halted, and combined with the balances
-    (:meth:`exchange.core.balances.Ledger.digest`) when there are any: a trading book without balances
-    hashes as the bare book."""
+    (:meth:`exchange.core.balances.Ledger.digest`) and the waiting stops and last trade price
+    (:func:`stops_digest`) when there are any: a trading book without them hashes as the bare book."""
     book_hash = book.state_hash()
-    if not halted and not balances:
+    if not halted and not balances and not stops:
         return book_hash
-    return hashlib.blake2b((b"halted:" if halted else b"") + book_hash.encode() + balances,
+    return hashlib.blake2b((b"halted:" if halted else b"") + book_hash.encode() + balances + stops,
                            digest_size=16).hexdigest()
+
+
+def stops_digest(stops: Iterable[Stop], last_price: int) -> bytes:
+    """The waiting stops (in order_id order) and the last trade price, as the state hash takes them; empty when
+    there is neither (so a book that never traded with none hashes as before)."""
+    if not last_price and not stops:
+        return b""
+    h = hashlib.blake2b(b"P%d;" % last_price, digest_size=16)
+    for o in stops:
+        h.update(b"S%d:%s:%s:%s:%d:%d:%d:%d:%s:%d:%s:%d:%d;" % (
+            o.order_id, o.client_id.encode(), o.client_order_id.encode(), o.side.value.encode(), o.stop, o.price,
+            o.qty, o.priority, o.tif.value.encode(), o.expire_ns, o.stp.value.encode(), o.rate, o.funds))
+    return h.digest()
 
 
 def resting_orders(book: OrderBook) -> list[RestingOrder]:
     """The book's live orders in priority order, as stored in snapshots."""
     return [RestingOrder(o.order_id, o.client_id, o.client_order_id, o.side, o.price, o.qty, o.remaining,
-                         o.priority, o.expire_ns, o.post_only, o.stp, o.rate) for o in book.iter_orders()]
+                         o.priority, o.expire_ns, o.post_only, o.stp, o.rate, o.display, o.hidden)
+            for o in book.iter_orders()]
 
 
 def book_order(r: RestingOrder) -> Order:
     """The live order a stored one stands for (the inverse of :func:`resting_orders`, one order)."""
+    if r.display_lots:
+        return Iceberg(r.order_id, r.client_id, r.client_order_id, Side(r.side), r.price_ticks, r.qty_lots,
+                       r.remaining_lots, r.priority, r.expire_ns, r.post_only, StpMode(r.stp), r.rate, r.display_lots,
+                       r.hidden_lots)
     return Order(r.order_id, r.client_id, r.client_order_id, Side(r.side), r.price_ticks, r.qty_lots,
                  r.remaining_lots, r.priority, r.expire_ns, r.post_only, StpMode(r.stp), r.rate)
+
+
+def stop_orders(stops: Iterable[Stop]) -> list[StopOrder]:
+    """The waiting stops' images, in order_id order."""
+    return [StopOrder(o.order_id, o.client_id, o.client_order_id, o.side, o.otype, o.stop, o.price, o.qty,
+                      o.priority, o.tif, o.expire_ns, o.stp, o.rate, o.funds)
+            for o in sorted(stops, key=lambda o: o.order_id)]
+
+
+def stop_order(r: StopOrder) -> Stop:
+    """The waiting stop a stored one stands for (the inverse of :func:`stop_orders`, one order)."""
+    return Stop(r.order_id, r.client_id, r.client_order_id, Side(r.side), OrderType(r.order_type), r.stop_price_ticks,
+                r.price_ticks, r.qty_lots, r.priority, TimeInForce(r.tif), r.expire_ns, StpMode(r.stp), r.rate,
+                r.funds)

@@ -15,6 +15,8 @@ class Side(StrEnum):
 class OrderType(StrEnum):
     LIMIT = "limit"
     MARKET = "market"
+    STOP = "stop"  # waits for its stop price, then a market order (IOC)
+    STOP_LIMIT = "stop_limit"  # waits for its stop price, then a limit order at its price
 
 
 class TimeInForce(StrEnum):
@@ -57,6 +59,7 @@ class RejectReason(StrEnum):
     INSTRUMENT_HALTED = "instrument_halted"  # new orders and amends wait for resume; cancels still work
     NOT_HALTED = "not_halted"  # resume of an instrument that is trading
     NOT_AUTHORIZED = "not_authorized"  # an operator action without a valid, fresh signature
+    STOP_WOULD_TRIGGER = "stop_would_trigger"  # a stop whose condition already holds (placed, or amended)
     INSUFFICIENT_FUNDS = "insufficient_funds"  # the available balance does not cover what the command needs
     DUPLICATE_TRANSFER_ID = "duplicate_transfer_id"  # a deposit or withdrawal's transfer id was seen before
     INVALID_AMOUNT = "invalid_amount"  # a deposit, withdrawal or market-buy budget off its asset's grid, or zero
