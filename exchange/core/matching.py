@@ -127,6 +127,11 @@ def command_name(command: Command) -> str:
     return _COMMAND_NAMES.get(type(command), "unknown")
 
 
+def _budget_of(order: Order) -> int:
+    """What a waiting stop buy with a budget holds (its ``funds``); 0 for any other order."""
+    return order.funds if order.__class__ is Stop else 0
+
+
 def _order_id(order: Order) -> int:
     return order.order_id
 
@@ -1128,7 +1133,7 @@ class MatchingEngine:
             return OrderCanceled(self.symbol, self.seq, ts, order.order_id, order.client_id, order.client_order_id,
                                  order.side, price, left, reason)
         client = order.client_id
-        released = left * order.rate
+        released = left * order.rate or _budget_of(order)
         account = ledger.accounts[client]  # (it holds what the order held: Ledger.free, written out)
         i = 2 if order.side is BUY else 0
         account[i + 1] -= released
@@ -1232,7 +1237,7 @@ class MatchingEngine:
                                            order.side, order.price, left))
             else:
                 buy = order.side is BUY
-                released = left * order.rate
+                released = left * order.rate or _budget_of(order)
                 ledger.free(order.client_id, buy, released)
                 events.append(OrderExpired(self.symbol, self.seq, ts, oid, order.client_id, order.client_order_id,
                                            order.side, order.price, left, released,
