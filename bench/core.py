@@ -6,6 +6,7 @@
     python bench/core.py --decode        # the edge instead: wire message -> command, per second
     python bench/core.py --snapshot      # a periodic snapshot's work on the event loop, full dedupe window
     python bench/core.py --balances      # the same flow with balances off and on, interleaved
+    python bench/core.py --order-types   # the flow with stops and icebergs in it against the plain one, interleaved
 
 The flow is deterministic (seeded): limit orders around a moving mid price,
 cancels of live orders, amends, market orders and IOC limits that sweep several
@@ -29,6 +30,11 @@ them (maker 1 bp, taker 5 bp, a price band wide enough for every market order of
 client funded beforehand by untimed deposits large enough that no order is refused, so both runs
 match the same orders), interleaved 2,000 commands at a time so that the machine's drift falls on
 both alike, and reports the median ratio of at least 5 passes.
+
+``--order-types`` times the same seeded flow with stop and stop-limit orders (about 3% of the
+commands, stop prices a few ticks beyond the market, so trades trigger them now and then) and
+icebergs (a tenth of the passive limit orders) in it, against the plain flow, interleaved the same
+way, and reports the median ratio of their commands per second.
 """
 
 from __future__ import annotations
@@ -65,8 +71,9 @@ SYMBOL = "BENCH"
 SPEC = Instrument.from_decimals(SYMBOL, tick_size="0.01", lot_size="1", stp_default=StpMode.NONE)
 
 
-def generate(n: int, seed: int, book_target: int = 1000) -> list[Command]:
-    """A seeded command flow; a shadow engine tells which orders are live to cancel or amend."""
+def generate(n: int, seed: int, book_target: int = 1000, order_types: bool = False) -> list[Command]:
+    """A seeded command flow; a shadow engine tells which orders are live to cancel or amend. With
+    ``order_types``, some commands are stops and some passive limits icebergs (see the module docstring)."""
     rng = random.Random(seed)
     shadow = MatchingEngine(SPEC)
     clients = [f"c{i}" for i in range(200)]
@@ -99,6 +106,14 @@ def generate(n: int, seed: int, book_target: int = 1000) -> list[Command]:
             else:
                 cmd = AmendOrder(SYMBOL, victim.client_id, victim.client_order_id,
                                  price_ticks=victim.price + rng.choice((-1, 1)), ts_ns=ts)
+        elif order_types and r < 0.03:  # a stop or stop-limit beyond the market, waiting for a move
+            stop = mid + sign * rng.randint(2, 12)
+            if shadow.last_price and (stop <= shadow.last_price if side is Side.BUY else stop >= shadow.last_price):
+                stop = shadow.last_price + sign * rng.randint(1, 4)
+            limit = rng.random() < 0.5
+            cmd = PlaceOrder(SYMBOL, client, f"o{seq}", side, OrderType.STOP_LIMIT if limit else OrderType.STOP,
+                             stop + sign * 2 if limit else 0, rng.randint(5, 40), TimeInForce.GTC, ts,
+                             stop_price_ticks=max(1, stop))
         elif r < 0.04:  # market order sweeping a few levels
             cmd = PlaceOrder(SYMBOL, client, f"o{seq}", side, OrderType.MARKET, 0, rng.randint(20, 150),
                              TimeInForce.IOC, ts)
@@ -108,9 +123,12 @@ def generate(n: int, seed: int, book_target: int = 1000) -> list[Command]:
         elif r < 0.20:  # limit that crosses by a tick or two, remainder rests
             cmd = PlaceOrder(SYMBOL, client, f"o{seq}", side, OrderType.LIMIT, mid + sign * rng.randint(0, 2),
                              rng.randint(1, 30), TimeInForce.GTC, ts)
-        else:  # passive limit near the mid
+        else:  # passive limit near the mid (now and then an iceberg)
+            qty = rng.randint(1, 50)
+            display = rng.randint(1, max(1, qty // 3)) if order_types and qty > 5 and rng.random() < 0.1 else 0
             cmd = PlaceOrder(SYMBOL, client, f"o{seq}", side, OrderType.LIMIT,
-                             max(1, mid - sign * rng.randint(1, 30)), rng.randint(1, 50), TimeInForce.GTC, ts)
+                             max(1, mid - sign * rng.randint(1, 30)), qty, TimeInForce.GTC, ts,
+                             display_qty_lots=display)
         shadow.apply(cmd)
         commands.append(cmd)
         if len(commands) % report_every == 0:
@@ -183,6 +201,39 @@ def run_balances(commands: list[Command], repeat: int, chunk: int = 2_000) -> No
     mid = order[len(order) // 2]
     print(f"balances on/off: {ratios[mid]:.3f} (median of {repeat} passes, {min(ratios):.3f} - {max(ratios):.3f}); "
           f"that pass: {rates[mid][0]:,.0f} commands/s off, {rates[mid][1]:,.0f} on")
+
+
+def run_order_types(plain: list[Command], typed: list[Command], repeat: int, chunk: int = 2_000) -> None:
+    """The plain flow and the flow with stops and icebergs, each on its own engine, interleaved ``chunk`` commands
+    at a time (which goes first alternates); per pass the ratio of their commands per second, the median of the
+    passes is the figure."""
+    ratios, rates = [], []
+    for run in range(repeat):
+        engines = {"plain": MatchingEngine(SPEC), "typed": MatchingEngine(SPEC)}
+        flows = {"plain": plain, "typed": typed}
+        elapsed = {"plain": 0.0, "typed": 0.0}
+        gc.collect()
+        for n, start_at in enumerate(range(0, max(len(plain), len(typed)), chunk)):
+            for mode in ("plain", "typed") if n % 2 == 0 else ("typed", "plain"):
+                apply = engines[mode].apply
+                part = flows[mode][start_at:start_at + chunk]
+                start = time.perf_counter()
+                for cmd in part:
+                    apply(cmd)
+                elapsed[mode] += time.perf_counter() - start
+        typed_engine = engines["typed"]
+        ratios.append((len(typed) / elapsed["typed"]) / (len(plain) / elapsed["plain"]))
+        rates.append((len(plain) / elapsed["plain"], len(typed) / elapsed["typed"]))
+        print(f"  pass {run + 1}/{repeat}: plain {rates[-1][0]:,.0f} commands/s, with order types {rates[-1][1]:,.0f}, "
+              f"ratio {ratios[-1]:.3f}", file=sys.stderr, flush=True)
+    triggered = sum(1 for cmd in typed if type(cmd) is PlaceOrder and cmd.stop_price_ticks)
+    icebergs = sum(1 for cmd in typed if type(cmd) is PlaceOrder and cmd.display_qty_lots)
+    order = sorted(range(repeat), key=ratios.__getitem__)
+    mid = order[len(order) // 2]
+    print(f"order types: {triggered:,} stops and {icebergs:,} icebergs in {len(typed):,} commands "
+          f"({typed_engine.next_trade_id - 1:,} trades, {len(typed_engine.export_state().stops):,} stops waiting at "
+          f"the end); with / without: {ratios[mid]:.3f} (median of {repeat} passes, {min(ratios):.3f} - "
+          f"{max(ratios):.3f}); that pass: {rates[mid][0]:,.0f} commands/s without, {rates[mid][1]:,.0f} with")
 
 
 def run_baseline(commands: list[Command]) -> float:
@@ -335,6 +386,8 @@ def main() -> None:
     parser.add_argument("--decode", action="store_true", help="time wire message -> command instead")
     parser.add_argument("--snapshot", action="store_true", help="time a snapshot with a full dedupe window instead")
     parser.add_argument("--balances", action="store_true", help="time the flow with balances off and on instead")
+    parser.add_argument("--order-types", action="store_true",
+                        help="time the flow with stops and icebergs against the plain flow instead")
     parser.add_argument("--orders", type=int, default=1_000_000,
                         help="resting orders for --memory; finished orders (the window) for --snapshot")
     parser.add_argument("--levels", type=int, default=2_000, help="price levels per side for --memory")
@@ -352,6 +405,10 @@ def main() -> None:
     commands = generate(args.commands, args.seed)
     if args.balances:
         run_balances(commands, max(args.repeat, 5))
+        return
+    if args.order_types:
+        print(f"generating {args.commands:,} commands with stops and icebergs (seed {args.seed})", file=sys.stderr)
+        run_order_types(commands, generate(args.commands, args.seed, order_types=True), max(args.repeat, 5))
         return
     best = float("inf")
     for run in range(args.repeat):

@@ -207,8 +207,8 @@ class MatchingEngine:
             except KeyError:
                 raise TypeError(f"not a command: {command!r}") from None
             handler(command, events)
-        if self.next_trade_id != trade_id:
-            self._traded(events, ts)
+        if self._stops and self.next_trade_id != trade_id:
+            self._trigger(events, ts)
         return events
 
     def state_hash(self) -> str:
@@ -499,8 +499,8 @@ class MatchingEngine:
         else:
             self._sell_stops.remove((-order.stop, order.priority, order.order_id))
 
-    def _traded(self, events: list[Event], ts: int) -> None:
-        """The command traded: the last trade price moves, and the waiting stops its trades reached trigger.
+    def _trigger(self, events: list[Event], ts: int) -> None:
+        """The command traded: the waiting stops its trades reached trigger.
 
         In a fixed order: by the trade that reached them, then stop price (nearest to the market first), then
         arrival (the seq that placed or last moved them); each becomes a taker (``triggered``, then what it
@@ -508,30 +508,34 @@ class MatchingEngine:
         reached. It ends: a stop triggers at most once and leaves the waiting stops when it is queued, nothing
         in a pass adds a waiting stop, so a pass triggers at most as many orders as were waiting."""
         buys, sells, stops = self._buy_stops, self._sell_stops, self._stops
+        # (a SortedList's sorted sublists: [0][0] is its least key without a Python-level __getitem__)
+        buy_keys: list[list[tuple[int, int, int]]] = buys._lists
+        sell_keys: list[list[tuple[int, int, int]]] = sells._lists
         queue: deque[tuple[Stop, int, int]] = deque()
         scan = 0
         while True:
             n = len(events)
             if stops:
+                lowest_buy = buy_keys[0][0][0] if buy_keys else _NO_LIMIT
+                highest_sell = -sell_keys[0][0][0] if sell_keys else _NOTHING
                 for k in range(scan, n):
                     event = events[k]
                     if event.__class__ is not OrderFilled:
                         continue
                     price = event.price_ticks
-                    while buys and buys[0][0] <= price:
-                        queue.append((stops.pop(buys.pop(0)[2]), event.trade_id, price))
-                    while sells and -sells[0][0] >= price:
-                        queue.append((stops.pop(sells.pop(0)[2]), event.trade_id, price))
+                    if lowest_buy <= price:
+                        while buy_keys and buy_keys[0][0][0] <= price:
+                            queue.append((stops.pop(buys.pop(0)[2]), event.trade_id, price))
+                        lowest_buy = buy_keys[0][0][0] if buy_keys else _NO_LIMIT
+                    elif highest_sell >= price:
+                        while sell_keys and -sell_keys[0][0][0] >= price:
+                            queue.append((stops.pop(sells.pop(0)[2]), event.trade_id, price))
+                        highest_sell = -sell_keys[0][0][0] if sell_keys else _NOTHING
             scan = n
             if not queue:
                 break
             order, trade_id, price = queue.popleft()
             self._fire(order, trade_id, price, ts, events)
-        for k in range(len(events) - 1, -1, -1):
-            event = events[k]
-            if event.__class__ is OrderFilled:
-                self.last_price = event.price_ticks
-                break
 
     def _fire(self, stop: Stop, trade_id: int, trigger: int, ts: int, events: list[Event]) -> None:
         """A waiting stop triggers (already out of the waiting stops): ``triggered``, then it trades as a market
@@ -1076,6 +1080,7 @@ class MatchingEngine:
                 remaining -= fill
                 maker.remaining = maker_left
                 level.total_lots -= fill
+                self.last_price = price
                 trade_id = self.next_trade_id
                 self.next_trade_id = trade_id + 1
                 self.seq += 1

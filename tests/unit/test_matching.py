@@ -148,7 +148,7 @@ def test_sell_sweeps_bids_best_first(engine: MatchingEngine) -> None:
         (buy("x", 100, 1), RejectReason.INVALID_QUANTITY),  # below min_qty 2
         (buy("x", 100, 501), RejectReason.INVALID_QUANTITY),  # above max_qty 500
         (PlaceOrder(SYM, ALICE, "x", "up", "limit", 100, 5), RejectReason.MALFORMED),  # type: ignore[arg-type]
-        (PlaceOrder(SYM, ALICE, "x", "buy", "stop", 100, 5), RejectReason.MALFORMED),  # type: ignore[arg-type]
+        (PlaceOrder(SYM, ALICE, "x", "buy", "trailing_stop", 100, 5), RejectReason.MALFORMED),  # type: ignore[arg-type]
         (PlaceOrder(SYM, ALICE, "x", "buy", "limit", 100, 5, tif="GTX"), RejectReason.MALFORMED),  # type: ignore[arg-type]
         (PlaceOrder(SYM, ALICE, "x", "buy", "limit", 100, 5, stp="maybe"), RejectReason.MALFORMED),  # type: ignore[arg-type]
         (buy("", 100, 5), RejectReason.MALFORMED),

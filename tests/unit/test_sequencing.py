@@ -199,6 +199,7 @@ def test_export_state_lists_orders_in_priority_order_and_finished_ids(engine: Ma
             RestingOrder(1, BOB, "s1", SELL, 102, 3, 3, 1),
         ],
         done=[(CAROL, "x1", 5), (ALICE, "i1", 6)],
+        last_price_ticks=101,  # the one trade's
     )
 
 
