@@ -66,9 +66,10 @@ class DedupeWindow:
     taken for its old slot (nor are order ids needed to tell them apart), and a
     slot holds no client order id, so a tombstone keeps none alive. The id a slot
     stands for is its client's oldest: the first key of its dict or, for a client
-    past ``_FIFO_AT`` ids, the head of a deque of its ids kept from then on until
-    it has none (the first key of a dict that keeps losing its first keys is
-    found by scanning the holes they leave). Recovery's event applier keeps a
+    past ``_FIFO_AT`` ids once it has forgotten one, the head of a deque of its
+    ids, kept from then on until it has none (the first key of a dict that keeps
+    losing its first keys is found by scanning the holes they leave; a client
+    that has forgotten nothing has none). Recovery's event applier keeps a
     window too, so both rebuild the same one.
 
     Strings and integers in dictionaries and deques, not ``(client_id,
@@ -125,13 +126,7 @@ class DedupeWindow:
                              f"order {done[client_order_id]}: a remembered client order id cannot be used again")
         done[client_order_id] = order_id
         self._clients.append(client_id)
-        if len(done) > _FIFO_AT:
-            fifo = self._fifos.get(client_id)
-            if fifo is None:
-                self._fifos[client_id] = deque(done)
-            else:
-                fifo.append(client_order_id)
-        elif self._fifos and (fifo := self._fifos.get(client_id)) is not None:
+        if self._fifos and (fifo := self._fifos.get(client_id)) is not None:
             fifo.append(client_order_id)  # (a client keeps its deque until it has no id left)
         if len(done) > self.per_client:
             if self.per_client == self.size:  # the client holds every entry: its oldest is the oldest
@@ -169,9 +164,15 @@ class DedupeWindow:
         return out
 
     def _oldest_of(self, client_id: str, done: dict[str, int]) -> str:
-        """The client's oldest remembered id, taken off its deque if it has one."""
+        """The client's oldest remembered id, taken off its deque if it has one. A client past ``_FIFO_AT`` ids
+        gets its deque here, when it first forgets one (a dict losing its first keys would be scanned past the
+        holes they leave): until then remembering costs no deque."""
         fifo = self._fifos.get(client_id) if self._fifos else None
-        return fifo.popleft() if fifo is not None else next(iter(done))
+        if fifo is None:
+            if len(done) <= _FIFO_AT:
+                return next(iter(done))
+            fifo = self._fifos[client_id] = deque(done)
+        return fifo.popleft()
 
     def _forget_own_oldest(self, client_id: str, done: dict[str, int]) -> None:
         """The client is past its bound: its oldest id leaves, and its slot becomes a tombstone."""

@@ -138,6 +138,8 @@ def _order_id(order: Order) -> int:
 
 def _coerce(enum: type[Any], value: object) -> Any:
     """Turn a plain string into the enum member (commands built by hand); None if invalid."""
+    if value.__class__ is enum:  # (the usual case: calling an enum class costs about 0.25 us)
+        return value
     try:
         return enum(value)
     except ValueError:
@@ -330,7 +332,8 @@ class MatchingEngine:
                 self._reject(events, ts, client, coid, original, "place", error[0], error[1])
                 return
             # well-formed but off the fast path (market, FOK, GTD, post-only, stop, iceberg, enum from a plain str)
-            side, otype, tif, stp = Side(side), OrderType(otype), TimeInForce(tif), StpMode(stp)
+            side, otype, tif, stp = (_coerce(Side, side), _coerce(OrderType, otype), _coerce(TimeInForce, tif),
+                                     _coerce(StpMode, stp))
             if otype is STOP or otype is STOP_LIMIT:
                 self._place_stop(cmd, side, otype, tif, stp, events)
                 return
@@ -680,7 +683,14 @@ class MatchingEngine:
         return None
 
     def _cancel(self, cmd: CancelOrder, events: list[Event]) -> None:
-        order = self._find(cmd.client_id, cmd.client_order_id, cmd.order_id, "cancel", cmd.ts_ns, events)
+        coid = cmd.client_order_id
+        if cmd.order_id is None and coid.__class__ is str:  # the usual case, by client order id: _find, written out
+            live = self._live.get(cmd.client_id)
+            order = live.get(coid) if live else None
+            if order is not None:
+                self._remove(order, events, cmd.ts_ns, CancelReason.REQUESTED)
+                return
+        order = self._find(cmd.client_id, coid, cmd.order_id, "cancel", cmd.ts_ns, events)
         if order is not None:
             self._remove(order, events, cmd.ts_ns, CancelReason.REQUESTED)
 
