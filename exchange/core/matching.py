@@ -322,7 +322,8 @@ class MatchingEngine:
             and client
             and (live is None or coid not in live)
             and not cmd.stop_price_ticks
-            and not cmd.display_qty_lots
+            and (not (display := cmd.display_qty_lots)  # an iceberg's slice: a whole number of lots up to qty
+                 or (display.__class__ is int and spec.min_qty_lots <= display <= qty))
         ) or ((done := self._done.get(client)) is not None and coid in done):
             error = self._place_error(cmd)
             if error is not None:
@@ -331,15 +332,13 @@ class MatchingEngine:
                     original = live[coid].order_id if live and coid in live else self._dedupe.get(client, coid)
                 self._reject(events, ts, client, coid, original, "place", error[0], error[1])
                 return
-            # well-formed but off the fast path (market, FOK, GTD, post-only, stop, iceberg, enum from a plain str)
+            # well-formed but off the fast path (market, FOK, GTD, post-only, stop, enum from a plain str)
             side, otype, tif, stp = (_coerce(Side, side), _coerce(OrderType, otype), _coerce(TimeInForce, tif),
                                      _coerce(StpMode, stp))
             if otype is STOP or otype is STOP_LIMIT:
                 self._place_stop(cmd, side, otype, tif, stp, events)
                 return
             display = cmd.display_qty_lots
-        else:
-            display = 0
 
         buy = side is BUY
         if buy:
