@@ -7,6 +7,7 @@
     python bench/core.py --snapshot      # a periodic snapshot's work on the event loop, full dedupe window
     python bench/core.py --balances      # the same flow with balances off and on, interleaved
     python bench/core.py --order-types   # the flow with stops and icebergs in it against the plain one, interleaved
+    python bench/core.py --profile       # where the core's time goes: cProfile's own time per function, as shares
 
 The flow is deterministic (seeded): limit orders around a moving mid price,
 cancels of live orders, amends, market orders and IOC limits that sweep several
@@ -236,6 +237,28 @@ def run_order_types(plain: list[Command], typed: list[Command], repeat: int, chu
           f"{max(ratios):.3f}); that pass: {rates[mid][0]:,.0f} commands/s without, {rates[mid][1]:,.0f} with")
 
 
+def profile(commands: list[Command], top: int = 12) -> None:
+    """The flow once under cProfile: each function's own time as a share of the total (the profiler adds a
+    cost per call, so functions called often look dearer than they are; the shares rank, they do not time)."""
+    import cProfile
+    import pstats
+
+    engine = MatchingEngine(SPEC)
+    apply = engine.apply
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for cmd in commands:
+        apply(cmd)
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    rows = sorted(((tt, nc, f"{Path(file).name}:{line} {name}") for (file, line, name), (_, nc, tt, _, _)
+                   in stats.items()), reverse=True)
+    total = sum(tt for tt, _, _ in rows)
+    print(f"where the time goes ({len(commands):,} commands under cProfile, {total:.2f} s of own time):")
+    for tt, calls, where in rows[:top]:
+        print(f"  {tt / total:6.1%}  {calls:>9,} calls  {where}")
+
+
 def run_baseline(commands: list[Command]) -> float:
     """The obvious loop: SortedDict of deques, FIFO matching, lazy cancel, no events, no validation."""
     bids: SortedDict = SortedDict()
@@ -386,6 +409,7 @@ def main() -> None:
     parser.add_argument("--decode", action="store_true", help="time wire message -> command instead")
     parser.add_argument("--snapshot", action="store_true", help="time a snapshot with a full dedupe window instead")
     parser.add_argument("--balances", action="store_true", help="time the flow with balances off and on instead")
+    parser.add_argument("--profile", action="store_true", help="where the core's time goes, by function")
     parser.add_argument("--order-types", action="store_true",
                         help="time the flow with stops and icebergs against the plain flow instead")
     parser.add_argument("--orders", type=int, default=1_000_000,
@@ -405,6 +429,9 @@ def main() -> None:
     commands = generate(args.commands, args.seed)
     if args.balances:
         run_balances(commands, max(args.repeat, 5))
+        return
+    if args.profile:
+        profile(commands)
         return
     if args.order_types:
         print(f"generating {args.commands:,} commands with stops and icebergs (seed {args.seed})", file=sys.stderr)
