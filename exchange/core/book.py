@@ -28,41 +28,40 @@ import hashlib
 from collections import deque
 from collections.abc import Iterator
 
+import msgspec
 from sortedcontainers import SortedDict
 
 from exchange.core.types import OrderType, Side, StpMode, TimeInForce
 
-__all__ = ["Iceberg", "Level", "Order", "OrderBook", "Stop"]
+__all__ = ["Iceberg", "Level", "Order", "OrderBook", "Stop", "waiting_stop"]
 
 BUY = Side.BUY
 SELL = Side.SELL
 
 
-class Order:
-    """A resting order. Mutable and internal to the core; never handed out in events."""
+class Order(msgspec.Struct, gc=False):
+    """A resting order. Mutable and internal to the core; never handed out in events.
 
-    __slots__ = ("client_id", "client_order_id", "expire_ns", "order_id", "post_only", "price",
-                 "priority", "qty", "rate", "remaining", "side", "stp")
+    A msgspec Struct, not a class with ``__slots__``: made in C, it costs about 140 ns instead of 330 (every
+    resting order makes one; ``bench/core.py`` gained about 4%), its fields read as fast, and it is not
+    tracked by the garbage collector (its fields are strings, integers and enum members: no cycle can go
+    through it). Setting a field costs more (about 35 ns instead of 12), and matching sets one a fill.
+    """
 
-    def __init__(self, order_id: int, client_id: str, client_order_id: str, side: Side, price: int,
-                 qty: int, remaining: int, priority: int, expire_ns: int, post_only: bool,
-                 stp: StpMode, rate: int = 0) -> None:
-        self.order_id = order_id
-        self.client_id = client_id
-        self.client_order_id = client_order_id
-        self.side = side
-        self.price = price
-        self.qty = qty  # total quantity (filled + open), in lots
-        self.remaining = remaining  # open quantity; 0 means filled or removed
-        self.priority = priority  # sequence number of the event that queued it (accepted or re-queuing amend)
-        self.expire_ns = expire_ns
-        self.post_only = post_only
-        self.stp = stp
-        self.rate = rate  # balances: what each open lot holds (exchange.core.balances); 0 without balances
-
-    # an iceberg's slice size and hidden quantity (slots of :class:`Iceberg`); a plain order shows all of it
-    display = 0
-    hidden = 0
+    order_id: int
+    client_id: str
+    client_order_id: str
+    side: Side
+    price: int
+    qty: int  # total quantity (filled + open), in lots
+    remaining: int  # open quantity (an iceberg's: its shown slice); 0 means filled or removed
+    priority: int  # sequence number of the event that queued it (accepted, re-queuing amend, trigger, refill)
+    expire_ns: int
+    post_only: bool
+    stp: StpMode
+    rate: int = 0  # balances: what each open lot holds (exchange.core.balances); 0 without balances
+    display: int = 0  # an iceberg's slice size (0: it shows all of it)
+    hidden: int = 0  # an iceberg's open quantity that does not show
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(id={self.order_id}, {self.client_id}/{self.client_order_id}, {self.side} "
@@ -74,36 +73,28 @@ class Order:
         return self.remaining + self.hidden
 
 
-class Iceberg(Order):
+class Iceberg(Order, gc=False):
     """A limit order that shows at most ``display`` lots at a time: ``remaining`` is its shown slice, ``hidden``
-    the rest of its open quantity."""
-
-    __slots__ = ("display", "hidden")
-
-    def __init__(self, order_id: int, client_id: str, client_order_id: str, side: Side, price: int,
-                 qty: int, remaining: int, priority: int, expire_ns: int, post_only: bool,
-                 stp: StpMode, rate: int, display: int, hidden: int) -> None:
-        super().__init__(order_id, client_id, client_order_id, side, price, qty, remaining, priority, expire_ns,
-                         post_only, stp, rate)
-        self.display = display
-        self.hidden = hidden
+    the rest of its open quantity (the fields every order has; the class tells icebergs apart)."""
 
 
-class Stop(Order):
+class Stop(Order, gc=False):
     """A stop or stop-limit order waiting for its stop price: never in the book (the engine keeps it until a
-    trade triggers it). ``price`` is a stop-limit's limit (0 for a stop); ``remaining`` equals ``qty``."""
+    trade triggers it). ``price`` is a stop-limit's limit (0 for a stop); ``remaining`` equals ``qty``.
+    Made with :func:`waiting_stop` (its fields follow an order's)."""
 
-    __slots__ = ("funds", "otype", "stop", "tif")
+    otype: OrderType = OrderType.STOP
+    stop: int = 0
+    tif: TimeInForce = TimeInForce.GTC
+    funds: int = 0
 
-    def __init__(self, order_id: int, client_id: str, client_order_id: str, side: Side, otype: OrderType,
-                 stop: int, price: int, qty: int, priority: int, tif: TimeInForce, expire_ns: int, stp: StpMode,
-                 rate: int, funds: int) -> None:
-        super().__init__(order_id, client_id, client_order_id, side, price, qty, qty, priority, expire_ns, False,
-                         stp, rate)
-        self.otype = otype
-        self.stop = stop
-        self.tif = tif
-        self.funds = funds
+
+def waiting_stop(order_id: int, client_id: str, client_order_id: str, side: Side, otype: OrderType, stop: int,
+                 price: int, qty: int, priority: int, tif: TimeInForce, expire_ns: int, stp: StpMode, rate: int,
+                 funds: int) -> Stop:
+    """A waiting stop (not post-only, nothing filled: ``remaining`` is ``qty``)."""
+    return Stop(order_id, client_id, client_order_id, side, price, qty, qty, priority, expire_ns, False, stp, rate,
+                0, 0, otype, stop, tif, funds)
 
 
 class Level:
@@ -192,7 +183,7 @@ class OrderBook:
         levels = self.bids if order.side is BUY else self.asks
         level = levels[-order.price if order.side is BUY else order.price]
         order.qty -= lots
-        if isinstance(order, Iceberg):
+        if order.display:
             hidden = order.hidden
             if lots <= hidden:
                 order.hidden = hidden - lots
@@ -204,7 +195,7 @@ class OrderBook:
         level.total_lots -= lots
         order.remaining -= lots
 
-    def replenish(self, level: Level, order: Iceberg, priority: int) -> int:
+    def replenish(self, level: Level, order: Order, priority: int) -> int:
         """An iceberg's slice was filled (it has left the head of ``level``'s queue): its next slice joins the back
         with ``priority``. Returns the slice."""
         hidden = order.hidden

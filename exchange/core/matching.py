@@ -57,7 +57,7 @@ from typing import Any
 from sortedcontainers import SortedList
 
 from exchange.core.balances import Ledger, ceil_bps, refused, transferred
-from exchange.core.book import Iceberg, Order, OrderBook, Stop
+from exchange.core.book import Iceberg, Order, OrderBook, Stop, waiting_stop
 from exchange.core.commands import (
     AmendOrder,
     CancelAll,
@@ -472,8 +472,8 @@ class MatchingEngine:
         oid = self.next_order_id
         self.next_order_id = oid + 1
         self.seq += 1
-        order = Stop(oid, client, coid, side, otype, stop, price, cmd.qty_lots, self.seq, tif, cmd.expire_ns, stp,
-                     rate, funds)
+        order = waiting_stop(oid, client, coid, side, otype, stop, price, cmd.qty_lots, self.seq, tif, cmd.expire_ns,
+                             stp, rate, funds)
         events.append(OrderAccepted(self.symbol, self.seq, ts, oid, client, coid, side, otype, price, cmd.qty_lots,
                                     tif, False, stp, cmd.expire_ns, held, funds,
                                     ledger.balances(client, buy) if ledger is not None else (), stop))

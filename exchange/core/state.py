@@ -21,7 +21,7 @@ from collections.abc import Iterable
 
 import msgspec
 
-from exchange.core.book import Iceberg, Order, OrderBook, Stop
+from exchange.core.book import Iceberg, Order, OrderBook, Stop, waiting_stop
 from exchange.core.types import OrderType, Side, StpMode, TimeInForce
 
 __all__ = ["EngineState", "RestingOrder", "StopOrder", "book_order", "engine_state_hash", "resting_orders",
@@ -166,6 +166,6 @@ def stop_orders(stops: Iterable[Stop]) -> list[StopOrder]:
 
 def stop_order(r: StopOrder) -> Stop:
     """The waiting stop a stored one stands for (the inverse of :func:`stop_orders`, one order)."""
-    return Stop(r.order_id, r.client_id, r.client_order_id, Side(r.side), OrderType(r.order_type), r.stop_price_ticks,
-                r.price_ticks, r.qty_lots, r.priority, TimeInForce(r.tif), r.expire_ns, StpMode(r.stp), r.rate,
-                r.funds)
+    return waiting_stop(r.order_id, r.client_id, r.client_order_id, Side(r.side), OrderType(r.order_type),
+                        r.stop_price_ticks, r.price_ticks, r.qty_lots, r.priority, TimeInForce(r.tif), r.expire_ns,
+                        StpMode(r.stp), r.rate, r.funds)
