@@ -3,14 +3,16 @@
 For each instrument :func:`recover`
 
 1. loads the durable state (:meth:`exchange.ports.Store.load`): the open
-   orders in priority order, the counters, the dedupe window, offsets,
-   positions and balances (accounts, the fees account, the transfers
-   remembered), and rebuilds the engine from it;
+   orders in priority order (icebergs with their shown and hidden quantity),
+   the stop orders waiting for their stop price, the last trade price, the
+   counters, the dedupe window, offsets, positions and balances (accounts,
+   the fees account, the transfers remembered), and rebuilds the engine from it;
 2. checks it, when the store keeps history (:class:`exchange.ports.History`):
    the latest snapshot at or below the durable seq, plus every stored event
    after it, replayed through :class:`exchange.projections.applier.EventApplier`, must give
-   the same state hash (which covers the balances), the same counters, the same
-   dedupe window and the same balances. A snapshot whose stored hash does not
+   the same state hash (which covers the balances, the waiting stops and the
+   last trade price), the same counters, the same dedupe window, the same
+   waiting stops and the same balances. A snapshot whose stored hash does not
    match its own content is refused too.
 
 The dedupe window of such a replay is the part of the window that finished
@@ -19,8 +21,8 @@ earlier version stored followed the rule and settings of its time, so the replay
 does without it). Whether an order is in the window depends only on the orders
 finished after it (:class:`exchange.core.dedupe.DedupeWindow`), so that part is
 known exactly: the loaded window's entries of orders that finished after the
-snapshot -- those open in it or accepted after it -- must be the replay's
-entries, in the same order (see :func:`describe_difference`).
+snapshot -- those open in it (in the book, or stops waiting) or accepted after
+it -- must be the replay's entries, in the same order (see :func:`describe_difference`).
 
 A mismatch raises :class:`RecoveryError` naming the instrument, both hashes and
 what to do; the daemon must not trade on a book it cannot vouch for. Progress
@@ -133,12 +135,32 @@ def describe_difference(a: EngineState, b: EngineState, a_name: str, b_name: str
         parts.append(f"{len(changed)} orders differ, first {oid}: {ids_a[oid]} ({a_name}) vs {ids_b[oid]} ({b_name})")
     if not parts and [o.order_id for o in a.orders] != [o.order_id for o in b.orders]:
         parts.append("the same orders in a different queue order")
+    stops = _stops_differ(a, b, a_name, b_name)
+    if stops:
+        parts.append(stops)
     if not _windows_agree(a, b, since):
         parts.append(f"dedupe window differs ({len(a.done)}{'' if a.done_complete else ' recent'} vs "
                      f"{len(b.done)}{'' if b.done_complete else ' recent'} entries)")
     balances = describe_balances(a, b, a_name, b_name, assets)
     if balances:
         parts.append(balances)
+    return "; ".join(parts)
+
+
+def _stops_differ(a: EngineState, b: EngineState, a_name: str, b_name: str) -> str:
+    """How two images' waiting stops and last trade price differ ("" when they agree)."""
+    parts: list[str] = []
+    if a.last_price_ticks != b.last_price_ticks:
+        parts.append(f"last trade price {a.last_price_ticks} ({a_name}) vs {b.last_price_ticks} ({b_name})")
+    mine, theirs = {s.order_id: s for s in a.stops}, {s.order_id: s for s in b.stops}
+    for ids, name in ((sorted(mine.keys() - theirs.keys()), a_name), (sorted(theirs.keys() - mine.keys()), b_name)):
+        if ids:
+            parts.append(f"stops waiting only in {name}: orders {ids[:10]}{' ...' if len(ids) > 10 else ''}")
+    changed = [oid for oid in sorted(mine.keys() & theirs.keys()) if mine[oid] != theirs[oid]]
+    if changed:
+        oid = changed[0]
+        parts.append(f"{len(changed)} waiting stops differ, first {oid}: {mine[oid]} ({a_name}) vs {theirs[oid]} "
+                     f"({b_name})")
     return "; ".join(parts)
 
 
@@ -184,9 +206,10 @@ def _windows_agree(a: EngineState, b: EngineState, since: EngineState | None = N
 
     Two complete windows must be equal. A partial one (a replay from ``since``, a snapshot: see
     :class:`exchange.projections.applier.EventApplier`) holds exactly the complete window's entries that finished after
-    the snapshot, in the same order: those of orders open in the snapshot or accepted after it (an order
-    accepted before it and not open in it had finished). So the complete window's entries of such orders
-    must be the partial window, and nothing is said of the others, which no replay from there can know.
+    the snapshot, in the same order: those of orders open in the snapshot (in its book or its waiting stops) or
+    accepted after it (an order accepted before it and not open in it had finished). So the complete window's
+    entries of such orders must be the partial window, and nothing is said of the others, which no replay from
+    there can know.
     Without ``since`` (or with two partial windows) the partial one must be the other's tail.
     """
     if a.done_complete and b.done_complete:
@@ -194,7 +217,7 @@ def _windows_agree(a: EngineState, b: EngineState, since: EngineState | None = N
     if a.done_complete or b.done_complete:
         part, whole = (b, a) if a.done_complete else (a, b)
         if since is not None:
-            opened = {o.order_id for o in since.orders}
+            opened = {o.order_id for o in since.orders} | {s.order_id for s in since.stops}
             after = since.next_order_id
             return part.done == [e for e in whole.done if e[2] >= after or e[2] in opened]
         if len(part.done) > len(whole.done):
@@ -233,8 +256,9 @@ async def _check(store: History, spec: Instrument, rec: Recovered, engine: Match
         detail = describe_difference(rebuilt, replay.state, "open orders", "replay", since=since, assets=assets)
         raise RecoveryError(
             f"{symbol}: the book rebuilt from the open orders (state hash {book_hash}, {len(rebuilt.orders)} "
-            f"orders) does not match {source} (state hash {replay.state_hash}, {len(replay.state.orders)} "
-            f"orders) at seq {durable}: {detail or 'same orders, different hash'}. The stored tables (orders, "
+            f"orders, {len(rebuilt.stops)} waiting stops) does not match {source} (state hash {replay.state_hash}, "
+            f"{len(replay.state.orders)} orders, {len(replay.state.stops)} waiting stops) at seq {durable}: "
+            f"{detail or 'same orders, different hash'}. The stored tables (orders, "
             "and balances and transfers when the instrument keeps balances) and the event journal disagree, so "
             "the daemon will not start. Run `exchange recover --verify` to see which source is wrong (a full "
             "replay of the events is the reference) and repair the tables (or restore from a backup) before "

@@ -7,8 +7,9 @@
 (c) ``full replay``: every stored event from seq 1, through the event applier —
     the reference, since the events are the journal of record.
 
-Each source's seq, counters, open orders, dedupe window size and state hash are
-reported, and whether they all agree. The full replay also folds every fill into
+Each source's seq, counters, open orders (and waiting stops), dedupe window size and
+state hash are reported, and whether they all agree (the waiting stops and the last
+trade price included, which the state hash covers). The full replay also folds every fill into
 client positions (:func:`exchange.projections.positions.apply_fills`), and the positions table
 must hold exactly those. Nothing is written.
 
@@ -19,8 +20,9 @@ An instrument that keeps balances (:mod:`exchange.core.balances`) is checked thr
   client and the asset (:func:`recovery.rebuild.describe_balances`);
 - money is conserved, per asset: the deposits minus the withdrawals in the events equal every
   client's available plus reserved, plus the fees account for the quote asset;
-- each client's reserved amounts are what its open orders hold (``remaining * rate`` of each: base
-  for its sells, quote for its buys).
+- each client's reserved amounts are what its open orders hold (``remaining * rate`` of each, an
+  iceberg's hidden quantity included, and each waiting stop's quantity times its rate or, a stop buy,
+  its budget: base for its sells, quote for its buys).
 
 The last two are checked on the stored state and on the full replay (the events' own consistency).
 """
@@ -98,7 +100,8 @@ class VerifyReport:
                                  res.error or res.note))
                 else:
                     rows.append((rep.instrument, res.source, str(st.seq), str(st.next_order_id),
-                                 str(st.next_trade_id), str(len(st.orders)),
+                                 str(st.next_trade_id),
+                                 str(len(st.orders)) + (f" +{len(st.stops)} stops" if st.stops else ""),
                                  str(len(st.done)) + ("" if st.done_complete else " recent"),
                                  res.state_hash or "-", res.note))
         widths = [max(len(header[i]), *(len(r[i]) for r in rows)) if rows else len(header[i])
@@ -274,7 +277,10 @@ def _ledger_problems(state: EngineState, source: str, assets: tuple[str, str],
     holds: dict[str, list[int]] = {}  # client -> [base, quote] its open orders hold
     for o in state.orders:
         entry = holds.setdefault(o.client_id, [0, 0])
-        entry[o.side == Side.BUY] += o.remaining_lots * o.rate
+        entry[o.side == Side.BUY] += (o.remaining_lots + o.hidden_lots) * o.rate
+    for s in state.stops:  # a waiting stop holds what its order will need (a stop buy: its budget)
+        entry = holds.setdefault(s.client_id, [0, 0])
+        entry[s.side == Side.BUY] += s.funds or s.qty_lots * s.rate
     reserved = {c: [br, qr] for c, _, br, _, qr in state.accounts}
     differ = []
     for client in sorted(holds.keys() | reserved.keys()):

@@ -21,6 +21,9 @@
   highest input offset per topic partition; the partitions' own offsets
   (``Batch.partitions``, instrument ``""``); the batch's snapshots.
 
+Whether a batch may be written over what is stored, and the engine image stored rows make, are in
+:mod:`exchange.projections.stored`.
+
 Order status rules (``orders.status``):
 
 - ``accepted`` creates the row ``open`` with ``remaining = qty``, ``filled = 0``,
@@ -36,6 +39,16 @@ Order status rules (``orders.status``):
   ``reserved // remaining``; the status is unchanged;
 - ``rejected`` creates a ``rejected`` row (``order_id`` NULL) when the refused
   command was a place, and changes nothing otherwise;
+- order types: an accepted stop or stop-limit is ``open`` with its ``stop_price_ticks`` and
+  ``triggered_seq`` 0 while it waits (``funds``: a stop buy's budget, which it holds; any accepted
+  order's ``funds`` is stored); ``triggered`` sets ``triggered_seq`` and ``priority`` to its seq (a
+  stop-limit that then rests has that place); an amend of a waiting stop sets its stop price too. An
+  iceberg's row keeps its ``display_lots``; ``remaining_lots`` is the slice it shows and
+  ``hidden_lots`` the rest of its open quantity (0 for any other order): accepted, or re-queued by an
+  amend, it shows ``min(display, open)`` after each of its taker fills (as it would rest), ``amended``
+  gives the split (``remaining_lots - hidden_lots`` shows), ``replenished`` shows the next slice
+  with ``priority`` its seq (and the status ``partially_filled`` again after the fill that emptied
+  the slice), and a cancel or expiry leaves nothing hidden;
 - ``halted``/``resumed`` change no order; the instrument's ``halted`` flag in
   its progress row follows them;
 - ``cleared`` (the operator's clear, before its cancellations) changes no row
@@ -46,18 +59,22 @@ Order status rules (``orders.status``):
 finished orders ordered by ``(updated_seq, priority)`` are in the order the
 engine finished them (when one fill finishes both, the maker — queued earlier,
 so lower priority — finishes first), which is how the dedupe window is rebuilt.
+One maker is queued later than its taker: an iceberg whose next slice joined
+the level during that taker's matching (its priority is the ``replenished``
+seq). When one fill finishes such a maker and its taker, the maker's row gets
+the taker's priority minus one, so that it still sorts first.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
 import msgspec
 
-from exchange.core.balances import FEES_ACCOUNT, refused, transferred
+from exchange.core.balances import refused, transferred
 from exchange.core.events import (
     Balance,
     BookCleared,
@@ -70,11 +87,13 @@ from exchange.core.events import (
     OrderExpired,
     OrderFilled,
     OrderRejected,
+    OrderReplenished,
+    OrderTriggered,
     Withdrawn,
 )
 from exchange.core.instruments import Instrument
 from exchange.core.types import RejectReason, Side
-from exchange.ports import Batch, Position, SnapshotRequest, StoreUnavailable
+from exchange.ports import Batch, Position, SnapshotRequest
 from exchange.projections.positions import apply_fill
 
 __all__ = [
@@ -89,18 +108,14 @@ __all__ = [
     "Progress",
     "RowError",
     "Scale",
-    "acceptable",
-    "already_durable",
     "derive_rows",
     "finished_statuses",
     "open_statuses",
-    "same_as_stored",
-    "stored_ledger",
     "transfer_outcome",
 ]
 
 # The shape of every row kind, defined here only: the rows are tuples (or lists) of these fields in this
-# order, and whatever reads them -- the stores' statements, exchange_commit_batch (migration 009, through
+# order, and whatever reads them -- the stores' statements, exchange_commit_batch (migration 010, through
 # the positions the PostgreSQL store sends with each batch), the positions below -- finds a field by its
 # name here. The names are the tables' column names, but filled_delta (added to filled_lots).
 EVENT_COLUMNS = ("instrument", "seq", "ts_ns", "type", "order_id", "client_id", "payload")
@@ -108,6 +123,7 @@ ORDER_COLUMNS = (
     "instrument", "created_seq", "order_id", "client_id", "client_order_id", "side", "order_type", "tif",
     "price_ticks", "qty_lots", "remaining_lots", "filled_lots", "status", "priority", "expire_ns", "post_only",
     "stp", "reject_reason", "reject_text", "created_ts_ns", "updated_seq", "updated_ts_ns", "price", "qty", "rate",
+    "stop_price_ticks", "triggered_seq", "display_lots", "hidden_lots", "funds",
 )
 TRADE_COLUMNS = (
     "instrument", "trade_id", "seq", "ts_ns", "price_ticks", "qty_lots", "price", "qty", "aggressor_side",
@@ -116,7 +132,7 @@ TRADE_COLUMNS = (
 )
 # an update of a pre-existing order: None keeps the stored value; filled_delta is added to filled_lots
 UPDATE_FIELDS = ("instrument", "order_id", "remaining_lots", "filled_delta", "qty_lots", "price_ticks", "priority",
-                 "status", "updated_seq", "updated_ts_ns", "rate")
+                 "status", "updated_seq", "updated_ts_ns", "rate", "hidden_lots", "stop_price_ticks", "triggered_seq")
 POSITION_FIELDS = ("client_id", "instrument", "net_lots", "cost", "realized", "updated_seq")
 # balances: exact integers (base lots, or quote units of tick x lot); the store adds the decimal columns
 # (available_amount, reserved_amount) in the asset's units
@@ -124,7 +140,6 @@ BALANCE_FIELDS = ("instrument", "client_id", "asset", "available", "reserved", "
 # a transfer the engine remembers; asset, amount_units and amount are NULL for a refused withdrawal
 TRANSFER_COLUMNS = ("instrument", "transfer_id", "client_id", "asset", "kind", "amount_units", "amount", "status",
                     "outcome", "seq", "ts_ns")
-_EV_INSTRUMENT, _EV_PAYLOAD = EVENT_COLUMNS.index("instrument"), EVENT_COLUMNS.index("payload")
 open_statuses = ("open", "partially_filled")
 finished_statuses = ("filled", "canceled", "expired")
 
@@ -136,10 +151,12 @@ _encode = msgspec.json.Encoder().encode
 _PRICE, _QTY, _REMAINING, _FILLED, _STATUS, _PRIORITY, _UPDATED_SEQ, _UPDATED_TS, _PRICE_VALUE, _QTY_VALUE, _RATE = map(
     ORDER_COLUMNS.index, ("price_ticks", "qty_lots", "remaining_lots", "filled_lots", "status", "priority",
                           "updated_seq", "updated_ts_ns", "price", "qty", "rate"))
+_STOP, _TRIGGERED, _HIDDEN = map(ORDER_COLUMNS.index, ("stop_price_ticks", "triggered_seq", "hidden_lots"))
 # positions in a mutable update record (a list of UPDATE_FIELDS) of a pre-existing order
 _U_REMAINING, _U_FILLED, _U_QTY, _U_PRICE, _U_PRIORITY, _U_STATUS, _U_SEQ, _U_TS, _U_RATE = map(
     UPDATE_FIELDS.index, ("remaining_lots", "filled_delta", "qty_lots", "price_ticks", "priority", "status",
                           "updated_seq", "updated_ts_ns", "rate"))
+_U_HIDDEN, _U_STOP, _U_TRIGGERED = map(UPDATE_FIELDS.index, ("hidden_lots", "stop_price_ticks", "triggered_seq"))
 _INSUFFICIENT_FUNDS = RejectReason.INSUFFICIENT_FUNDS
 
 
@@ -218,7 +235,8 @@ class _Instrument:
     """Per-instrument working state while one batch is walked."""
 
     __slots__ = ("balances", "first_seq", "halted", "last_seq", "new", "next_order_id", "next_trade_id",
-                 "old_positions", "position_seq", "positions", "rejected", "scale", "spec", "symbol", "updates")
+                 "old_positions", "position_seq", "positions", "rejected", "scale", "spec", "symbol", "taking",
+                 "updates")
 
     def __init__(self, spec: Instrument, progress: Progress, positions: Mapping[str, Position],
                  scale: Scale) -> None:
@@ -237,6 +255,8 @@ class _Instrument:
         self.positions: dict[str, Position] = {}
         self.position_seq: dict[str, int] = {}
         self.balances: dict[tuple[str, str], tuple[int, int, int]] = {}  # (client, asset) -> (avail, reserved, seq)
+        # icebergs that were accepted or re-queued in the batch: order id -> the slice a taker fill leaves shown
+        self.taking: dict[int, int] = {}
 
 
 def _moved(inst: _Instrument, balances: Sequence[Balance], seq: int) -> None:
@@ -253,27 +273,95 @@ def transfer_outcome(spec: Instrument, kind: str, asset: str, units: int, client
 
 
 def _touch(inst: _Instrument, order_id: int, remaining: int, filled: int, status: str | None, seq: int,
-           ts: int) -> None:
-    """Record a fill (``filled`` > 0), cancel or expiry of one order."""
+           ts: int, hidden: int | None = None) -> None:
+    """Record a fill (``filled`` > 0), cancel or expiry of one order (``hidden``: an iceberg's hidden quantity now;
+    None: unchanged)."""
     rec = inst.new.get(order_id)
     if rec is not None:
         rec[_REMAINING] = remaining
         rec[_FILLED] += filled
         if status is not None:
             rec[_STATUS] = status
+        if hidden is not None:
+            rec[_HIDDEN] = hidden
         rec[_UPDATED_SEQ] = seq
         rec[_UPDATED_TS] = ts
         return
     upd = inst.updates.get(order_id)
     if upd is None:
-        inst.updates[order_id] = [inst.symbol, order_id, remaining, filled, None, None, None, status, seq, ts, None]
+        inst.updates[order_id] = [inst.symbol, order_id, remaining, filled, None, None, None, status, seq, ts, None,
+                                  hidden, None, None]
         return
     upd[_U_REMAINING] = remaining
     upd[_U_FILLED] += filled
     if status is not None:
         upd[_U_STATUS] = status
+    if hidden is not None:
+        upd[_U_HIDDEN] = hidden
     upd[_U_SEQ] = seq
     upd[_U_TS] = ts
+
+
+def _queued(inst: _Instrument, order_id: int, remaining: int, hidden: int | None, status: str | None, seq: int,
+            ts: int, *, triggered: bool = False) -> None:
+    """An order takes its place in its queue at ``seq`` (priority): a triggered stop (``triggered_seq`` too), or an
+    iceberg's next slice (``remaining`` shown, ``hidden`` the rest)."""
+    rec = inst.new.get(order_id)
+    if rec is not None:
+        rec[_REMAINING] = remaining
+        rec[_PRIORITY] = seq
+        if hidden is not None:
+            rec[_HIDDEN] = hidden
+        if status is not None:
+            rec[_STATUS] = status
+        if triggered:
+            rec[_TRIGGERED] = seq
+        rec[_UPDATED_SEQ] = seq
+        rec[_UPDATED_TS] = ts
+        return
+    upd = inst.updates.get(order_id)
+    if upd is None:
+        upd = inst.updates[order_id] = [inst.symbol, order_id, remaining, 0, None, None, None, None, seq, ts, None,
+                                        None, None, None]
+    upd[_U_REMAINING] = remaining
+    upd[_U_PRIORITY] = seq
+    if hidden is not None:
+        upd[_U_HIDDEN] = hidden
+    if status is not None:
+        upd[_U_STATUS] = status
+    if triggered:
+        upd[_U_TRIGGERED] = seq
+    upd[_U_SEQ] = seq
+    upd[_U_TS] = ts
+
+
+def _priority(inst: _Instrument, order_id: int) -> int | None:
+    """An order's priority as the batch has set it (None: as stored, older than any the batch sets)."""
+    rec = inst.new.get(order_id)
+    if rec is not None:
+        return int(rec[_PRIORITY])
+    upd = inst.updates.get(order_id)
+    return None if upd is None else upd[_U_PRIORITY]
+
+
+def _maker_first(inst: _Instrument, maker: int, taker: int) -> None:
+    """One fill finished both: the maker must sort first among the finished orders of that seq (see the module
+    docstring); only an iceberg's slice queued during this taker's matching is queued after it."""
+    mine, theirs = _priority(inst, maker), _priority(inst, taker)
+    if mine is not None and theirs is not None and mine > theirs:
+        rec = inst.new.get(maker)
+        if rec is not None:
+            rec[_PRIORITY] = theirs - 1
+        else:
+            inst.updates[maker][_U_PRIORITY] = theirs - 1
+
+
+def _amended_rate(ev: OrderAmended) -> int:
+    """What each open lot of a re-queued order holds: what it reserves over its open quantity, but nothing for a
+    stop buy's budget (a stop, price 0, that holds its ``funds``)."""
+    if not ev.reserved or not ev.remaining_lots or (ev.stop_price_ticks and not ev.price_ticks and ev.side == _BUY):
+        return 0
+    return ev.reserved // ev.remaining_lots
 
 
 def derive_rows(  # noqa: C901 - one pass over every event of a batch, a branch per event kind
@@ -337,10 +425,17 @@ def derive_rows(  # noqa: C901 - one pass over every event of a batch, a branch 
             ts = ev.ts_ns
             if isinstance(ev, OrderAccepted):
                 oid = ev.order_id
+                qty = shown = ev.qty_lots
+                display = ev.display_qty_lots
+                if display:  # an iceberg: what it shows if it rests untraded (its taker fills cut it again)
+                    inst.taking[oid] = display
+                    if display < qty:
+                        shown = display
                 new[oid] = [symbol, seq, oid, ev.client_id, ev.client_order_id, ev.side, ev.order_type, ev.tif,
-                            ev.price_ticks, ev.qty_lots, ev.qty_lots, 0, "open", seq, ev.expire_ns, ev.post_only,
+                            ev.price_ticks, qty, shown, 0, "open", seq, ev.expire_ns, ev.post_only,
                             ev.stp, None, None, ts, seq, ts, None, None,  # price, qty: at the end of the batch
-                            ev.reserved // ev.qty_lots if ev.reserved and not ev.funds else 0]
+                            ev.reserved // qty if ev.reserved and not ev.funds else 0,
+                            ev.stop_price_ticks, 0, display, qty - shown, ev.funds]
                 inst.next_order_id = oid + 1
                 if ev.balances:
                     _moved(inst, ev.balances, seq)
@@ -352,7 +447,15 @@ def derive_rows(  # noqa: C901 - one pass over every event of a batch, a branch 
                 taker_left = ev.taker_remaining_lots
                 maker, taker = ev.maker_order_id, ev.taker_order_id
                 _touch(inst, maker, maker_left, lots, "partially_filled" if maker_left else "filled", seq, ts)
-                _touch(inst, taker, taker_left, lots, "partially_filled" if taker_left else "filled", seq, ts)
+                cut = inst.taking.get(taker) if inst.taking else None
+                if cut is None:
+                    _touch(inst, taker, taker_left, lots, "partially_filled" if taker_left else "filled", seq, ts)
+                else:  # an iceberg matching as a taker: what it would show and hide if it rested now
+                    shown = cut if cut < taker_left else taker_left
+                    _touch(inst, taker, shown, lots, "partially_filled" if taker_left else "filled", seq, ts,
+                           taker_left - shown)
+                if not maker_left and not taker_left:
+                    _maker_first(inst, maker, taker)
                 inst.next_trade_id = ev.trade_id + 1
                 aggressor = ev.aggressor_side
                 mc, tc = ev.maker_client_id, ev.taker_client_id
@@ -369,7 +472,7 @@ def derive_rows(  # noqa: C901 - one pass over every event of a batch, a branch 
                                maker, mc, ev.maker_client_order_id, taker, tc, ev.taker_client_order_id))
                 events_append((symbol, seq, ts, "filled", taker, tc, encode(ev)))
             elif isinstance(ev, OrderCanceled):
-                _touch(inst, ev.order_id, 0, 0, "canceled", seq, ts)
+                _touch(inst, ev.order_id, 0, 0, "canceled", seq, ts, 0)
                 if ev.balances:
                     _moved(inst, ev.balances, seq)
                 events_append((symbol, seq, ts, "canceled", ev.order_id, ev.client_id, encode(ev)))
@@ -377,43 +480,62 @@ def derive_rows(  # noqa: C901 - one pass over every event of a batch, a branch 
                 if ev.command == "place":
                     inst.rejected.append((symbol, seq, None, ev.client_id, ev.client_order_id, None, None, None,
                                           None, None, 0, 0, "rejected", None, 0, False, None, ev.reason, ev.text,
-                                          ts, seq, ts, None, None, 0))
+                                          ts, seq, ts, None, None, 0, 0, 0, 0, 0, 0))
                 elif ev.transfer_id and ev.reason == _INSUFFICIENT_FUNDS:  # remembered, as the engine does
                     out.transfers.append((symbol, ev.transfer_id, ev.client_id, None, ev.command, None, None,
                                           "refused", refused(seq, _INSUFFICIENT_FUNDS.value, ev.text), seq, ts))
                 events_append((symbol, seq, ts, "rejected", ev.order_id, ev.client_id, encode(ev)))
             elif isinstance(ev, OrderAmended):
                 oid = ev.order_id
+                hidden = ev.hidden_lots  # (an iceberg's: the rest shows)
                 rec = new.get(oid)
                 if rec is not None:
                     rec[_PRICE] = ev.price_ticks
                     rec[_QTY] = ev.qty_lots
-                    rec[_REMAINING] = ev.remaining_lots
+                    rec[_REMAINING] = ev.remaining_lots - hidden
+                    rec[_HIDDEN] = hidden
+                    if ev.stop_price_ticks:
+                        rec[_STOP] = ev.stop_price_ticks
                     if ev.requeued:
                         rec[_PRIORITY] = seq
-                        rec[_RATE] = ev.reserved // ev.remaining_lots if ev.reserved and ev.remaining_lots else 0
+                        rec[_RATE] = _amended_rate(ev)
                     rec[_UPDATED_SEQ] = seq
                     rec[_UPDATED_TS] = ts
                 else:
                     upd = inst.updates.get(oid)
                     if upd is None:
-                        upd = inst.updates[oid] = [symbol, oid, 0, 0, None, None, None, None, seq, ts, None]
-                    upd[_U_REMAINING] = ev.remaining_lots
+                        upd = inst.updates[oid] = [symbol, oid, 0, 0, None, None, None, None, seq, ts, None, None,
+                                                   None, None]
+                    upd[_U_REMAINING] = ev.remaining_lots - hidden
+                    upd[_U_HIDDEN] = hidden
                     upd[_U_QTY] = ev.qty_lots
                     upd[_U_PRICE] = ev.price_ticks
+                    if ev.stop_price_ticks:
+                        upd[_U_STOP] = ev.stop_price_ticks
                     if ev.requeued:
                         upd[_U_PRIORITY] = seq
-                        upd[_U_RATE] = ev.reserved // ev.remaining_lots if ev.reserved and ev.remaining_lots else 0
+                        upd[_U_RATE] = _amended_rate(ev)
                     upd[_U_SEQ] = seq
                     upd[_U_TS] = ts
+                if ev.requeued and not ev.stop_price_ticks:  # it may trade now: an iceberg with all it has
+                    if hidden:
+                        inst.taking[oid] = ev.remaining_lots - hidden
+                    elif inst.taking:
+                        inst.taking.pop(oid, None)
                 if ev.balances:
                     _moved(inst, ev.balances, seq)
                 events_append((symbol, seq, ts, "amended", oid, ev.client_id, encode(ev)))
             elif isinstance(ev, OrderExpired):
-                _touch(inst, ev.order_id, 0, 0, "expired", seq, ts)
+                _touch(inst, ev.order_id, 0, 0, "expired", seq, ts, 0)
                 if ev.balances:
                     _moved(inst, ev.balances, seq)
                 events_append((symbol, seq, ts, "expired", ev.order_id, ev.client_id, encode(ev)))
+            elif isinstance(ev, OrderTriggered):  # a waiting stop (remaining = qty) takes a place at this seq
+                _queued(inst, ev.order_id, ev.qty_lots, None, None, seq, ts, triggered=True)
+                events_append((symbol, seq, ts, "triggered", ev.order_id, ev.client_id, encode(ev)))
+            elif isinstance(ev, OrderReplenished):  # (right after the fill that emptied the slice: open again)
+                _queued(inst, ev.order_id, ev.shown_lots, ev.hidden_lots, "partially_filled", seq, ts)
+                events_append((symbol, seq, ts, "replenished", ev.order_id, ev.client_id, encode(ev)))
             elif isinstance(ev, InstrumentHalted | InstrumentResumed):
                 inst.halted = isinstance(ev, InstrumentHalted)
                 events_append((symbol, seq, ts, "halted" if inst.halted else "resumed", None, ev.client_id,
@@ -466,108 +588,3 @@ def derive_rows(  # noqa: C901 - one pass over every event of a batch, a branch 
     for (symbol, seq), snap in latest.items():
         out.snapshots.append((symbol, seq, snap.state_hash, len(snap.state.orders), encode(snap.state)))
     return out
-
-
-def stored_ledger(spec: Instrument, balances: Iterable[Any], transfers: Iterable[Any]
-                  ) -> tuple[list[tuple[str, int, int, int, int]], int, list[tuple[str, str]]]:
-    """The ledger image (:class:`~exchange.core.state.EngineState`'s ``accounts``, ``fees``, ``transfers``) that
-    stored rows make: ``balances`` rows ``(client_id, asset, available, reserved)`` and ``transfers`` rows
-    ``(transfer_id, client_id, asset, kind, amount_units, status, outcome, seq)``.
-
-    Accounts that hold nothing are left out, as the engine leaves them out; the fees account (client ``""``,
-    the quote asset) gives ``fees``. A transfer is remembered with its stored outcome; when the row's other
-    columns do not say the same (an applied one's client, asset, amount and seq; a refused one's seq), what
-    they say is appended to it, so that the image differs from the events' and recovery names the transfer.
-    Raises :class:`RowError` for a balance the engine cannot hold (another asset, a reserved fee).
-    """
-    base, quote = spec.base_asset, spec.quote_asset
-    accounts: dict[str, list[int]] = {}
-    fees = 0
-    for client, asset, available, reserved in balances:
-        available, reserved = int(available), int(reserved)
-        if client == FEES_ACCOUNT:
-            if asset != quote or reserved:
-                raise RowError(f"{spec.symbol}: the fees account holds {reserved} {asset} reserved, {available} "
-                               f"available; it holds only {quote}, never reserved")
-            fees = available
-        elif asset in (base, quote):
-            account = accounts.setdefault(client, [0, 0, 0, 0])
-            i = 0 if asset == base else 2
-            account[i], account[i + 1] = available, reserved
-        else:
-            raise RowError(f"{spec.symbol}: client {client!r} holds {asset!r}, which is neither {base} nor {quote}")
-    remembered: list[tuple[str, str]] = []
-    for transfer_id, client, asset, kind, units, status, outcome, seq in transfers:
-        if status == "applied":
-            says = transfer_outcome(spec, kind, asset, int(units), client, seq) if asset and units is not None \
-                else f"{kind} without an asset or amount"
-            agrees = outcome == says
-        else:
-            says = refused(seq, _INSUFFICIENT_FUNDS.value, "")[:-1]  # "refused at seq N: insufficient_funds ("
-            agrees = outcome.startswith(says) and outcome.endswith(")")
-        remembered.append((transfer_id, outcome if agrees else f"{outcome} [the row says: {says}]"))
-    image = [(c, a[0], a[1], a[2], a[3]) for c, a in sorted(accounts.items()) if any(a)]
-    return image, fees, sorted(remembered)
-
-
-def already_durable(rows: BatchRows, stored: Mapping[str, Progress]) -> bool:
-    """Does the batch continue the stored sequence (False), or is it stored already (True)?
-
-    ``stored`` is each instrument's progress as read inside the committing
-    transaction. Every instrument of the batch must either start right after its
-    stored seq (the batch is new) or be stored up to the batch's end (an earlier
-    attempt committed but its acknowledgement was lost). Anything else -- a gap,
-    an overlap, or a batch that is half new and half stored -- means two writers
-    or a bad replay: :class:`StoreUnavailable` that must not be retried.
-    """
-    durable, fresh, bad = [], [], []
-    for symbol, first in rows.first_seq.items():
-        seq = stored[symbol].seq if symbol in stored else 0
-        if seq == first - 1:
-            fresh.append(symbol)
-        elif seq >= rows.progress[symbol].seq:
-            durable.append(symbol)
-        else:
-            bad.append(f"{symbol}: stored seq {seq}, batch starts at {first}")
-    if bad or (durable and fresh):
-        detail = "; ".join(bad) if bad else (
-            f"{', '.join(durable)} already stored but {', '.join(fresh)} not")
-        raise StoreUnavailable(
-            f"batch does not continue the stored sequence ({detail}). Another engine may be writing "
-            "these instruments, or the loop did not start from the stored state; stop the daemon and "
-            "compare engine_progress with the loops' seq (`exchange recover --verify`).", retriable=False)
-    return bool(durable)
-
-
-def acceptable(batch: Batch, specs: Mapping[str, Instrument]) -> None:
-    """Refuse for good (:class:`StoreUnavailable`) a batch of an instrument this store does not know, or one that
-    would write something without an ownership epoch to fence it by: an instrument (records or snapshots) missing
-    from ``batch.epochs``, a partition row missing from ``batch.partition_epochs``."""
-    instruments = {item.instrument for item in batch.applied} | {snap.instrument for snap in batch.snapshots}
-    unknown = sorted(instruments - specs.keys())
-    if unknown:
-        raise StoreUnavailable(f"batch refused: instrument {', '.join(map(repr, unknown))} is not configured in this "
-                               "store", retriable=False)
-    missing = sorted(instruments - batch.epochs.keys())
-    missing += [f"{topic}[{partition}]" for topic, partition in sorted(batch.partitions.keys()
-                                                                        - batch.partition_epochs.keys())]
-    if missing:
-        raise StoreUnavailable(f"batch refused: it carries no ownership epoch for {', '.join(missing)}; every batch "
-                               "is prepared under the epochs its writer took (Store.take)", retriable=False)
-
-
-def same_as_stored(rows: BatchRows, stored: Mapping[str, Sequence[bytes]]) -> None:
-    """For a batch found already durable: refuse it for good (:class:`StoreUnavailable`) unless the stored events
-    in its seq range are its own, byte for byte (``stored``: per instrument, the payloads of those seqs in order).
-    A lost acknowledgement is recognised by content, so a different batch for the same seqs -- another writer's,
-    or an engine that did not start from the stored state -- is never answered "already durable"."""
-    mine: dict[str, list[bytes]] = {}
-    for row in rows.events:
-        mine.setdefault(row[_EV_INSTRUMENT], []).append(bytes(row[_EV_PAYLOAD]))
-    differ = sorted(symbol for symbol, payloads in mine.items()
-                    if list(map(bytes, stored.get(symbol, ()))) != payloads)
-    if differ:
-        raise StoreUnavailable(
-            f"batch refused: the seqs it holds of {', '.join(differ)} are stored already, with other events: another "
-            "writer committed them, or this engine did not start from the stored state. Stop the daemon and run "
-            "`exchange recover --verify`.", retriable=False)

@@ -5,12 +5,16 @@ vocabulary: limit GTC/IOC/FOK/GTD, market IOC/FOK, post-only, STP modes,
 cancels by client order id and by order id (of live, finished and unknown
 orders), amends that keep or lose priority (and cross), cancel-all, reused
 client order ids, edge rejections; several clients, so self-trades happen.
+Order types too: stop and stop-limit orders (some rejected ``stop_would_trigger``) that wait
+and trigger, in cascades now and then, stop-limits of every time in force, icebergs (GTC, GTD,
+IOC, post-only) whose slices replenish, and cancels and amends of waiting stops (stop price,
+price, quantity; some rejected).
 
 An instrument that keeps balances (:data:`BALANCED`, in :data:`SPECS_WITH_BALANCES`) first funds every
 client (a deposit of each asset), then now and then deposits or withdraws (some withdrawals more than is
 available: refused and remembered; some transfer ids reused: rejected as duplicates), and sends market
-buys with a budget (``funds``) besides the rest; orders beyond a client's means are rejected
-``insufficient_funds``. The other instruments' streams are what they were.
+buys and stop buys with a budget (``funds``) besides the rest; orders beyond a client's means are rejected
+``insufficient_funds``.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from exchange import (
     StpMode,
     TimeInForce,
 )
+from exchange.core.book import Stop
 from exchange.core.commands import Deposit, Withdraw
 from exchange.ports import Applied, Batch, InputPosition, Position, SnapshotRequest
 from exchange.projections.positions import apply_fill
@@ -79,6 +84,7 @@ class Workload:
                           for asset, amount in ((spec.base_asset, 150), (spec.quote_asset, 40_000))]
             for spec in self.specs if spec.balances}
         self.transfer_ids: list[str] = []
+        self.stops: dict[str, list[tuple[str, str]]] = {spec.symbol: [] for spec in self.specs}  # placed stops
 
     # ------------------------------------------------------------- commands
 
@@ -109,6 +115,10 @@ class Workload:
         live = list(engine.book.orders.values())
         mid = 200
         x = rng.random()
+        if x < 0.05:
+            waiting = self._waiting(symbol)
+            if waiting:
+                return self._stop_change(symbol, rng.choice(waiting), ts)
         if x < 0.16 and live:
             order = rng.choice(live)
             if rng.random() < 0.8:
@@ -120,7 +130,7 @@ class Workload:
             return CancelOrder(symbol, client, order_id=rng.randrange(1, engine.next_order_id + 3), ts_ns=ts)
         if x < 0.31 and live:
             order = rng.choice(live)
-            filled = order.qty - order.remaining
+            filled = order.qty - order.open
             kind = rng.random()
             price: int | None = None
             qty: int | None = None
@@ -148,6 +158,15 @@ class Workload:
         stp = rng.choice(_STPS)
         y = rng.random()
         coid = self._coid(symbol, client)
+        z = rng.random()
+        if z < 0.1:
+            return self._stop(engine, client, coid, side, qty, stp, ts)
+        if z < 0.18:  # an iceberg: a slice of 1 lot up to all of it
+            tif = rng.choice([TimeInForce.GTC, TimeInForce.GTC, TimeInForce.GTD, TimeInForce.IOC])
+            return PlaceOrder(symbol, client, coid, side, OrderType.LIMIT, price, qty, tif, ts_ns=ts, stp=stp,
+                              post_only=tif is not TimeInForce.IOC and rng.random() < 0.08,
+                              expire_ns=ts + rng.randrange(1, 60) * 1_000_000 if tif is TimeInForce.GTD else 0,
+                              display_qty_lots=rng.randrange(1, qty + 1))
         if y < 0.55:
             return PlaceOrder(symbol, client, coid, side, OrderType.LIMIT, price, qty, ts_ns=ts, stp=stp,
                               post_only=rng.random() < 0.08)
@@ -165,6 +184,53 @@ class Workload:
         if spec.balances and side is Side.BUY and rng.random() < 0.5:
             funds = rng.randrange(1, qty * 230 + 2)  # a budget: sometimes less than the quantity costs
         return PlaceOrder(symbol, client, coid, side, OrderType.MARKET, 0, qty, tif, ts_ns=ts, stp=stp, funds=funds)
+
+    def _stop(self, engine: MatchingEngine, client: str, coid: str, side: Side, qty: int, stp: StpMode | None,
+              ts: int) -> PlaceOrder:
+        """A stop or stop-limit order whose stop price is near the last trade's (a few already reached: rejected
+        ``stop_would_trigger``); a stop buy on an instrument with balances names its budget."""
+        rng = self.rng
+        symbol = engine.symbol
+        last = engine.last_price or 200
+        stop = max(1, last + (rng.randrange(-2, 9) if side is Side.BUY else -rng.randrange(-2, 9)))
+        self.stops[symbol].append((client, coid))
+        if rng.random() < 0.5:
+            tif = TimeInForce.GTD if rng.random() < 0.2 else TimeInForce.GTC
+            funds = rng.randrange(1, qty * 230 + 2) if engine.spec.balances and side is Side.BUY else 0
+            return PlaceOrder(symbol, client, coid, side, OrderType.STOP, 0, qty, tif, ts_ns=ts, stp=stp,
+                              expire_ns=ts + rng.randrange(1, 90) * 1_000_000 if tif is TimeInForce.GTD else 0,
+                              stop_price_ticks=stop, funds=funds)
+        tif = rng.choice([TimeInForce.GTC, TimeInForce.GTC, TimeInForce.GTD, TimeInForce.IOC, TimeInForce.FOK])
+        price = max(1, stop + rng.randrange(-2, 5) * (1 if side is Side.BUY else -1))
+        return PlaceOrder(symbol, client, coid, side, OrderType.STOP_LIMIT, price, qty, tif, ts_ns=ts, stp=stp,
+                          expire_ns=ts + rng.randrange(1, 90) * 1_000_000 if tif is TimeInForce.GTD else 0,
+                          stop_price_ticks=stop)
+
+    def _waiting(self, symbol: str) -> list[Stop]:
+        """The stops of ``symbol`` still waiting (the placed ones the engine holds as stops), oldest first."""
+        engine = self.engines[symbol]
+        waiting = [o for c, coid in self.stops[symbol] if isinstance(o := engine.open_order(c, coid), Stop)]
+        self.stops[symbol] = [(o.client_id, o.client_order_id) for o in waiting]
+        return waiting
+
+    def _stop_change(self, symbol: str, stop: Stop, ts: int) -> Command:
+        """A cancel or an amend of a waiting stop: its stop price (sometimes one already reached), a stop-limit's
+        price, its quantity (less: it keeps its place among its stop price's, more: behind them)."""
+        rng = self.rng
+        if rng.random() < 0.35:
+            return CancelOrder(symbol, stop.client_id, stop.client_order_id, ts_ns=ts)
+        kind = rng.random()
+        new_stop = price = qty = None
+        if kind < 0.4:
+            new_stop = max(1, stop.stop + rng.randrange(-4, 5))
+        elif kind < 0.6 and stop.otype is OrderType.STOP_LIMIT:
+            price = max(1, stop.price + rng.randrange(-3, 4))
+        else:
+            qty = max(1, min(self.engines[symbol].spec.max_qty_lots, stop.qty + rng.randrange(-3, 4)))
+            if rng.random() < 0.3:
+                new_stop = max(1, stop.stop + rng.randrange(-2, 3))
+        return AmendOrder(symbol, stop.client_id, stop.client_order_id, price_ticks=price, qty_lots=qty, ts_ns=ts,
+                          stop_price_ticks=new_stop)
 
     def _money(self, spec: Instrument, client: str, ts: int) -> Command | None:
         """Now and then a deposit or a withdrawal (else None): of either asset, sometimes more than is available

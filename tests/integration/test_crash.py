@@ -7,7 +7,9 @@ recovery. At the end the database must hold exactly what an uninterrupted daemon
 database, another consumer group, same topic) stored, and exactly what ``exchange replay``
 computes from the same input: every event byte for byte, every trade once, every order's final
 state, every position, every balance, and every book's state hash. Three of the instruments keep
-balances, funded by signed deposits in the flow.
+balances, funded by signed deposits in the flow. The flow has stop and stop-limit orders (waiting,
+triggered, amended, canceled) and icebergs in it, so kills land with stops waiting and icebergs
+resting, and recovery must bring both back.
 """
 
 from __future__ import annotations
@@ -66,9 +68,12 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(kafka: KafkaBrok
     topic = f"orders-{uuid.uuid4().hex[:8]}"
     kafka.create_topics({topic: 3, f"{topic}.events": 1, f"{topic}.trades": 1, f"{topic}.dlq": 1})
     messages: list[dict[str, Any] | bytes] = list(
-        OrderFlow(INSTRUMENTS, seed=SEED, malformed_every=997, signer=signed).messages(N_MESSAGES))
+        OrderFlow(INSTRUMENTS, seed=SEED, malformed_every=997, signer=signed, order_types=True).messages(N_MESSAGES))
     exchange, expected = replay_messages(messages, INSTRUMENTS)
     final_seq = {sym: evs[-1].seq for sym, evs in expected.items()}
+    kinds = {type(e).__name__ for events in expected.values() for e in events}
+    assert {"OrderTriggered", "OrderReplenished"} <= kinds  # the order types are in the flow ...
+    assert all(engine.export_state().stops for engine in exchange.engines.values())  # ... and stops wait at the end
 
     crashed_dsn = pg_factory()
     daemon = _daemon(tmp_path, "crashed", kafka=kafka, dsn=crashed_dsn, topic=topic, group=f"crash-{topic}")

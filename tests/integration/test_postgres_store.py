@@ -109,6 +109,40 @@ def test_concurrent_migrators_apply_each_migration_once(pg_dsn: str) -> None:
     assert sorted(results, key=len) == [[], [], SHIPPED]
 
 
+def test_the_order_types_migration_keeps_every_order_row(pg_dsn: str) -> None:
+    """A database of the previous version (migrations up to 009, an order in it) takes 010: the row is what it
+    was, with 0 in the new columns, and order_type admits stops from then on."""
+    async def scenario() -> None:
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            await conn.execute("CREATE TABLE schema_migrations (name text PRIMARY KEY, applied_at timestamptz NOT "
+                               "NULL DEFAULT now())")
+            for name, sql in available():
+                if name < "010":
+                    await conn.execute(sql)
+                    await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", name)
+            await conn.execute("INSERT INTO orders (instrument, created_seq, order_id, client_id, client_order_id, "
+                               "side, order_type, tif, price_ticks, qty_lots, remaining_lots, filled_lots, status, "
+                               "priority, created_ts_ns, updated_seq, updated_ts_ns, price, qty, rate) VALUES "
+                               "('AAA-USD', 1, 1, 'alice', 'a1', 'buy', 'limit', 'GTC', 100, 5, 3, 2, "
+                               "'partially_filled', 1, 7, 2, 8, 1.00, 5, 0)")
+            with pytest.raises(asyncpg.CheckViolationError):
+                await conn.execute("UPDATE orders SET order_type = 'stop'")
+        finally:
+            await conn.close()
+        async with PostgresStore(pg_dsn, SPECS) as store:
+            assert await store.migrate() == [name for name in SHIPPED if name >= "010"]
+        (row,) = await fetch(pg_dsn, "SELECT * FROM orders")
+        assert (row["remaining_lots"], row["filled_lots"], row["status"], row["price"], row["stop_price_ticks"],
+                row["triggered_seq"], row["display_lots"], row["hidden_lots"], row["funds"]) == (
+            3, 2, "partially_filled", Decimal("1.00"), 0, 0, 0, 0, 0)
+        await execute(pg_dsn, "UPDATE orders SET order_type = 'stop_limit', stop_price_ticks = 99")
+        with pytest.raises(asyncpg.CheckViolationError):
+            await execute(pg_dsn, "UPDATE orders SET order_type = 'iceberg'")
+
+    run(scenario())
+
+
 # ------------------------------------------------------- failures and retries
 # (the store contract -- exact rows, round trips, lost acknowledgements, gaps, halts, history -- runs
 # against both stores and both PostgreSQL commit paths in test_stores.py; what is PostgreSQL's own is here)

@@ -76,6 +76,76 @@ def test_applier_starts_from_a_snapshot_and_refuses_events_that_do_not_fit() -> 
         EventApplier(spec).apply_all(tail)  # events of orders it never saw
 
 
+def test_applier_follows_stops_and_icebergs_and_refuses_events_that_do_not_fit() -> None:
+    """Command by command: a cascade of triggers (a stop-limit that rests after its trigger), an iceberg that
+    refills behind another order, an iceberg taker that rests showing a slice, a stop amend, a clear that counts
+    the waiting stops. Then events doctored the ways only a broken journal would: each is refused."""
+    from exchange import AmendOrder, ClearBook, OrderType, PlaceOrder, Side, TimeInForce
+    from exchange.core.events import BookCleared, OrderFilled, OrderReplenished, OrderTriggered
+
+    spec = SPECS[0]
+    symbol = spec.symbol
+    engine = MatchingEngine(spec)
+    applier = EventApplier(spec)
+
+    def limit(client: str, coid: str, side: Side, price: int, qty: int, **kw: Any) -> PlaceOrder:
+        return PlaceOrder(symbol, client, coid, side, OrderType.LIMIT, price, qty, **kw)
+
+    def stop(client: str, coid: str, side: Side, stop_price: int, qty: int, price: int = 0, **kw: Any) -> PlaceOrder:
+        return PlaceOrder(symbol, client, coid, side, OrderType.STOP_LIMIT if price else OrderType.STOP, price, qty,
+                          stop_price_ticks=stop_price, **kw)
+
+    commands: list[Any] = [
+        limit("a", "a1", Side.SELL, 100, 2), limit("b", "b1", Side.BUY, 100, 1),  # the last price: 100
+        limit("c", "c1", Side.SELL, 102, 9, display_qty_lots=2), limit("d", "d1", Side.SELL, 102, 1),
+        stop("e", "e1", Side.BUY, 101, 2), stop("f", "f1", Side.BUY, 102, 8, 102, tif=TimeInForce.GTD, expire_ns=9**9),
+        stop("g", "g1", Side.SELL, 95, 3), AmendOrder(symbol, "g", "g1", stop_price_ticks=96, qty_lots=2),
+        # 1 at 100 then 2 at 102 (c1's slice): e1 (101) then f1 (102) fire; c1 refills behind d1, then again
+        # while f1 takes what is left of it, and f1 rests with 2
+        limit("h", "h1", Side.BUY, 102, 3),
+        limit("i", "i1", Side.SELL, 104, 12, display_qty_lots=5),  # rests: shows 5, hides 7
+        limit("j", "j1", Side.BUY, 104, 2),  # fills i1's slice in part
+        ClearBook(symbol, 0, "ops", "day end"),
+    ]
+    events: list[Any] = []
+    for command in commands:
+        out = engine.apply(command)
+        events += out
+        applier.apply_all(out)
+        assert applier.state_hash() == engine.state_hash()
+        assert applier.export_state() == engine.export_state()
+        if isinstance(command, AmendOrder):
+            assert [s.stop_price_ticks for s in applier.export_state().stops] == [101, 102, 96]
+        if command.client_id == "h":
+            assert [(o.client_order_id, o.remaining_lots, o.priority) for o in applier.export_state().orders] == [
+                ("f1", 2, next(e.seq for e in out if isinstance(e, OrderTriggered) and e.client_order_id == "f1"))]
+    kinds = [type(e).__name__ for e in events]
+    assert kinds.count("OrderTriggered") == 2
+    assert kinds.count("OrderReplenished") >= 2
+    assert next(e for e in events if isinstance(e, BookCleared)).orders == 3  # f1 (rested), i1, and g1 waiting
+    assert applier.export_state().stops == []
+
+    def replay(doctored: list[Any]) -> None:
+        EventApplier(spec).apply_all(doctored)
+
+    refill = next(i for i, e in enumerate(events) if isinstance(e, OrderReplenished))
+    without = [*events[:refill], *(msgspec.structs.replace(e, seq=e.seq - 1) for e in events[refill + 1:])]
+    with pytest.raises(ReplayError, match="replenished"):
+        replay(without)
+    trigger = next(i for i, e in enumerate(events) if isinstance(e, OrderTriggered))
+    with pytest.raises(ReplayError, match="not a waiting stop"):
+        replay([*events[:trigger], msgspec.structs.replace(events[trigger], order_id=1), *events[trigger + 1:]])
+    with pytest.raises(ReplayError, match="waits as"):
+        replay([*events[:trigger], msgspec.structs.replace(events[trigger], trigger_price_ticks=100),
+                *events[trigger + 1:]])
+    cleared = next(i for i, e in enumerate(events) if isinstance(e, BookCleared))
+    with pytest.raises(ReplayError, match="stops wait"):
+        replay([*events[:cleared], msgspec.structs.replace(events[cleared], orders=2), *events[cleared + 1:]])
+    fill = next(i for i, e in enumerate(events) if isinstance(e, OrderFilled) and e.maker_client_id == "c")
+    with pytest.raises(ReplayError):  # a slice said to have more left than it showed
+        replay([*events[:fill], msgspec.structs.replace(events[fill], maker_remaining_lots=1), *events[fill + 1:]])
+
+
 # a window bounded per client: the six clients of the workload hold at most 3 ids each, so it never fills
 PER_CLIENT = Instrument.from_decimals("CCC-USD", tick_size="1", lot_size="1", max_qty="60", dedupe_window=12,
                                       dedupe_per_client=3)
@@ -104,7 +174,8 @@ def test_applier_from_a_snapshot_without_the_window_knows_the_orders_finished_si
     assert (part.seq, part.next_order_id, part.next_trade_id, part.orders, part.halted) == (
         whole.seq, whole.next_order_id, whole.next_trade_id, whole.orders, whole.halted)
     assert part.done
-    since = {o.order_id for o in snapshot.orders}
+    since = {o.order_id for o in snapshot.orders} | {s.order_id for s in snapshot.stops}  # open: waiting too
+    assert snapshot.stops  # (the workload's stops wait across snapshots)
     assert part.done == [e for e in whole.done if e[2] >= snapshot.next_order_id or e[2] in since]
     assert part.done == whole.done[len(whole.done) - len(part.done):]
     assert part.done_complete == (len(part.done) == spec.dedupe_window)  # AAA: 1,000,000; BBB: 7; CCC: never
@@ -182,11 +253,12 @@ def test_recover_detects_a_corrupted_orders_row(pg_dsn: str) -> None:
     work = Workload(seed=23)
     batches = work.batches(1_500, max_batch=100)
     spec = SPECS[0]
-    victim = next(iter(work.engines[spec.symbol].book.orders.values()))
+    # one lot less open still makes a valid book: only the events can tell
+    victim = next(o for o in work.engines[spec.symbol].book.orders.values() if o.remaining > 1)
 
     async def scenario() -> None:
         await store_batches(pg_dsn, batches)
-        status = await execute(pg_dsn, "UPDATE orders SET remaining_lots = remaining_lots + 1 "
+        status = await execute(pg_dsn, "UPDATE orders SET remaining_lots = remaining_lots - 1 "
                                        "WHERE instrument = $1 AND order_id = $2", spec.symbol, victim.order_id)
         assert status == "UPDATE 1"
         async with PostgresStore(pg_dsn, SPECS) as store:

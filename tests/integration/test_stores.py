@@ -264,23 +264,34 @@ def test_statuses_match_the_engine(backend: Backend) -> None:
         rows = await backend.fetch("SELECT * FROM orders WHERE order_id IS NOT NULL")
         for spec in SPECS:
             live = {o.order_id: o for o in work.engines[spec.symbol].book.orders.values()}
+            waiting = {s.order_id: s for s in work.engines[spec.symbol].export_state().stops}
             mine = [r for r in rows if r["instrument"] == spec.symbol]
             open_rows = {r["order_id"]: r for r in mine if r["status"] in ("open", "partially_filled")}
-            assert set(open_rows) == set(live)
+            assert set(open_rows) == set(live) | set(waiting)
             for oid, o in live.items():
                 r = open_rows[oid]
-                assert (r["remaining_lots"], r["qty_lots"], r["price_ticks"], r["priority"], r["filled_lots"]) == (
-                    o.remaining, o.qty, o.price, o.priority, o.qty - o.remaining)
-                assert r["status"] == ("partially_filled" if o.qty > o.remaining else "open")
+                assert (r["remaining_lots"], r["hidden_lots"], r["display_lots"], r["qty_lots"], r["price_ticks"],
+                        r["priority"], r["filled_lots"]) == (o.remaining, o.hidden, o.display, o.qty, o.price,
+                                                             o.priority, o.qty - o.open)
+                assert r["status"] == ("partially_filled" if o.qty > o.open else "open")
+                assert not r["stop_price_ticks"] or r["triggered_seq"]  # (a stop-limit that rests was triggered)
+            for oid, w in waiting.items():
+                r = open_rows[oid]
+                assert (r["status"], r["order_type"], r["stop_price_ticks"], r["triggered_seq"], r["price_ticks"],
+                        r["qty_lots"], r["remaining_lots"], r["priority"], r["tif"]) == (
+                    "open", w.order_type, w.stop_price_ticks, 0, w.price_ticks, w.qty_lots, w.qty_lots, w.priority,
+                    w.tif)
             tick, lot = Decimal(spec.tick_size), Decimal(spec.lot_size)
             for r in mine:
                 # the decimal columns follow the integers, whether inserted or updated (amends)
                 assert dec(r["price"]) == (r["price_ticks"] * tick if r["price_ticks"] else None)
                 assert dec(r["qty"]) == r["qty_lots"] * lot
-                assert r["filled_lots"] + r["remaining_lots"] <= r["qty_lots"]
+                assert r["filled_lots"] + r["remaining_lots"] + r["hidden_lots"] <= r["qty_lots"]
                 if r["status"] == "filled":
                     assert r["filled_lots"] == r["qty_lots"]
-                    assert r["remaining_lots"] == 0
+                    assert r["remaining_lots"] == r["hidden_lots"] == 0
+        assert {r["order_type"] for r in rows} == {"limit", "market", "stop", "stop_limit"}
+        assert any(r["display_lots"] for r in rows)
 
     run(scenario())
 
@@ -417,6 +428,112 @@ def test_a_halt_is_durable_and_recovery_restores_it(backend: Backend) -> None:
         assert [(r["type"], r["client_id"]) for r in rows] == [("halted", "ops"), ("resumed", "ops"),
                                                                 ("halted", "ops"), ("cleared", "ops"),
                                                                 ("canceled", "alice")]
+
+    run(scenario())
+
+
+# ------------------------------------------------------------ order types
+
+OT = Instrument.from_decimals("OT", tick_size="0.01", lot_size="0.1")
+
+
+def _ot(client: str, coid: str, side: Side, price: int, qty: int, **kw: Any) -> PlaceOrder:
+    return PlaceOrder("OT", client, coid, side, OrderType.LIMIT, price, qty, **kw)
+
+
+def _stop(client: str, coid: str, side: Side, stop: int, qty: int, price: int = 0, **kw: Any) -> PlaceOrder:
+    return PlaceOrder("OT", client, coid, side, OrderType.STOP_LIMIT if price else OrderType.STOP, price, qty,
+                      stop_price_ticks=stop, **kw)
+
+
+def test_waiting_stops_icebergs_and_the_last_price_round_trip_and_recover(backend: Backend) -> None:
+    """Stops wait in the orders table and icebergs rest there with their hidden quantity, through both commit
+    paths, a snapshot and a cascade of triggers; loading rebuilds exactly the engine's image (its waiting stops
+    and last trade price too), recovery and verify agree with the events, the future is the same, and a doctored
+    stop row or last trade is caught."""
+    engine = MatchingEngine(OT)
+    offset = 0
+
+    def batch(*commands: Any, snapshot: bool = False) -> Batch:
+        nonlocal offset
+        applied = []
+        for command in commands:
+            offset += 1
+            command = msgspec.structs.replace(command, ts_ns=offset * 1_000)
+            applied.append(Applied("OT", engine.apply(command), InputPosition("orders", 0, offset)))
+        snaps = [SnapshotRequest("OT", engine.export_state(window=False), engine.state_hash())] if snapshot else []
+        return stamped(Batch(applied, snaps))
+
+    batches = [
+        batch(_ot("alice", "a1", Side.SELL, 1000, 5), _ot("bob", "b1", Side.BUY, 1000, 2),  # a trade at 1000
+              _ot("carol", "c1", Side.SELL, 1010, 10, display_qty_lots=3),  # an iceberg: shows 3, hides 7
+              _stop("dave", "d1", Side.SELL, 990, 4),  # waits
+              _stop("erin", "e1", Side.BUY, 1005, 5, 1012, tif=TimeInForce.GTD, expire_ns=10**9),  # waits
+              AmendOrder("OT", "erin", "e1", stop_price_ticks=1006),  # moved behind
+              _stop("frank", "f1", Side.BUY, 1005, 2, 1010, tif=TimeInForce.IOC), snapshot=True),
+        batch(_ot("gina", "g1", Side.BUY, 1000, 3)),  # alice's last 3, at 1000: nothing reached
+        # hank takes 4 at 1010 through carol's slices: frank's stop (1005) then erin's (1006) trigger, each
+        # taking carol's next slices; erin rests with what is left
+        batch(_ot("hank", "h1", Side.BUY, 1010, 4), _stop("ivan", "i1", Side.BUY, 1020, 3),
+              _stop("ivan", "i2", Side.SELL, 995, 2, 990), _ot("jill", "j1", Side.BUY, 1001, 8, display_qty_lots=5)),
+    ]
+    state = engine.export_state()
+    assert [s.client_order_id for s in state.stops] == ["d1", "i1", "i2"]
+    assert [(o.client_order_id, o.remaining_lots, o.hidden_lots) for o in state.orders] == [("e1", 1, 0),
+                                                                                            ("j1", 5, 3)]
+    assert state.last_price_ticks == 1010
+    triggered = [e.client_order_id for b in batches for a in b.applied for e in a.events
+                 if type(e).__name__ == "OrderTriggered"]
+    assert triggered == ["f1", "e1"]
+
+    async def scenario() -> None:
+        store = await backend.store([OT])
+        try:
+            for b in batches:
+                await store.commit(b)
+            rec = (await store.load([OT]))["OT"]
+            assert rec.state == engine.export_state()
+            rebuilt = MatchingEngine.from_state(OT, rec.state)
+            assert rebuilt.state_hash() == engine.state_hash()
+            await recover(store, [OT])  # from the snapshot (stops waiting in it) plus the events after it
+            report = await verify_store(store, [OT])
+            assert report.ok, report.render()
+            assert "2 +3 stops" in report.render()
+
+            # the same future: a sell reaches erin's and jill's bids, a buy at 980 triggers both sell stops
+            # (995 first: nearest to the market), and the rebuilt engine says exactly what the live one says
+            live = MatchingEngine.from_state(OT, engine.export_state())
+            future = [_ot("kate", "k1", Side.SELL, 980, 20), _ot("liam", "l1", Side.BUY, 980, 3),
+                      AmendOrder("OT", "ivan", "i1", qty_lots=2)]
+            for n, command in enumerate(future):
+                command = msgspec.structs.replace(command, ts_ns=10**6 + n)
+                assert rebuilt.apply(command) == live.apply(command)
+            assert rebuilt.state_hash() == live.state_hash()
+            assert [s.client_order_id for s in rebuilt.export_state().stops] == ["i1"]
+
+            # a doctored waiting stop, then a doctored last trade: recovery refuses, verify names them
+            await backend.execute("UPDATE orders SET stop_price_ticks = stop_price_ticks + 1 WHERE instrument = 'OT' "
+                                  "AND client_order_id = 'i2'")
+            with pytest.raises(RecoveryError, match="waiting stops differ"):
+                await recover(store, [OT])
+            assert "waiting stops differ" in (await verify_store(store, [OT])).render()
+            await backend.execute("UPDATE orders SET stop_price_ticks = stop_price_ticks - 1 WHERE instrument = 'OT' "
+                                  "AND client_order_id = 'i2'")
+            await backend.execute("UPDATE trades SET price_ticks = 1011 WHERE instrument = 'OT' AND trade_id = "
+                                  "(SELECT max(trade_id) FROM trades WHERE instrument = 'OT')")
+            with pytest.raises(RecoveryError, match="last trade price 1011"):
+                await recover(store, [OT])
+        finally:
+            await store.stop()
+        rows = {r["client_order_id"]: r for r in await backend.fetch("SELECT * FROM orders WHERE instrument = 'OT'")}
+        assert {k: (rows[k]["status"], rows[k]["triggered_seq"] > 0) for k in ("d1", "e1", "f1", "i1", "i2")} == {
+            "d1": ("open", False), "e1": ("partially_filled", True), "f1": ("filled", True), "i1": ("open", False),
+            "i2": ("open", False)}
+        assert (rows["c1"]["status"], rows["c1"]["display_lots"], rows["c1"]["hidden_lots"]) == ("filled", 3, 0)
+        assert (rows["j1"]["remaining_lots"], rows["j1"]["hidden_lots"], rows["j1"]["display_lots"]) == (5, 3, 5)
+        assert (rows["e1"]["stop_price_ticks"], rows["e1"]["price_ticks"], rows["d1"]["price"]) == (1006, 1012, None)
+        types = {r["type"] for r in await backend.fetch("SELECT type FROM order_events WHERE instrument = 'OT'")}
+        assert {"triggered", "replenished"} <= types
 
     run(scenario())
 
@@ -670,6 +787,51 @@ def test_sqlite_file_is_created_in_wal_mode_and_migrations_apply_once(tmp_path: 
         conn.close()
     with pytest.raises(ValueError, match="synchronous"):
         SqliteStore(path, SPECS, synchronous="off")
+
+
+def test_sqlite_order_types_migration_rebuilds_the_orders_table_with_its_rows(tmp_path: Path) -> None:
+    """005 rebuilds the orders table (SQLite cannot change a CHECK in place): a file of the previous version keeps
+    every row, with the new columns 0, its indexes, and takes stop orders afterwards."""
+    from exchange.adapters.sqlite.schema import _statements
+
+    path = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("CREATE TABLE schema_migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL DEFAULT 'then')")
+        for name, sql in migrations():
+            if name < "005":
+                for statement in _statements(sql):
+                    conn.execute(statement)
+                conn.execute("INSERT INTO schema_migrations (name) VALUES (?)", (name,))
+        conn.execute("INSERT INTO orders (instrument, created_seq, order_id, client_id, client_order_id, side, "
+                     "order_type, tif, price_ticks, qty_lots, remaining_lots, filled_lots, status, priority, "
+                     "created_ts_ns, updated_seq, updated_ts_ns, price, qty, rate) VALUES ('AAA-USD', 1, 1, 'alice', "
+                     "'a1', 'buy', 'limit', 'GTC', 100, 5, 3, 2, 'partially_filled', 1, 7, 2, 8, '1.00', '5', 0)")
+        with pytest.raises(sqlite3.IntegrityError):  # (the old CHECK)
+            conn.execute("UPDATE orders SET order_type = 'stop'")
+    finally:
+        conn.close()
+
+    async def scenario() -> None:
+        async with SqliteStore(path, SPECS) as store:
+            assert await store.migrate() == [name for name in SQLITE_SHIPPED if name >= "005"]
+
+    run(scenario())
+    conn = sqlite3.connect(path)
+    conn.row_factory = sqlite3.Row
+    try:
+        (row,) = [dict(r) for r in conn.execute("SELECT * FROM orders")]
+        assert (row["order_id"], row["remaining_lots"], row["filled_lots"], row["status"], row["price"],
+                row["stop_price_ticks"], row["triggered_seq"], row["display_lots"], row["hidden_lots"],
+                row["funds"]) == (1, 3, 2, "partially_filled", "1.00", 0, 0, 0, 0, "0")
+        indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' "
+                                              "AND tbl_name = 'orders' AND sql IS NOT NULL")}
+        assert indexes == {"orders_client_order_idx", "orders_open_idx", "orders_finished_idx"}
+        conn.execute("UPDATE orders SET order_type = 'stop_limit', stop_price_ticks = 99")  # the new CHECK admits it
+        with pytest.raises(sqlite3.IntegrityError):
+            conn.execute("UPDATE orders SET order_type = 'iceberg'")
+    finally:
+        conn.close()
 
 
 def test_sqlite_unmigrated_locked_and_foreign_files_say_what_to_do(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from exchange import (
     TimeInForce,
 )
 from exchange.core.commands import Deposit, Withdraw
+from exchange.core.state import RestingOrder, StopOrder
 from exchange.ports import Applied, Batch, InputPosition, Position, SnapshotRequest
 from exchange.projections.rows import (
     BALANCE_FIELDS,
@@ -32,8 +33,8 @@ from exchange.projections.rows import (
     Progress,
     RowError,
     derive_rows,
-    stored_ledger,
 )
+from exchange.projections.stored import OPEN_ORDER_COLUMNS, STOP_COLUMNS, stored_ledger, waiting_stop
 from tests.integration._workload import SPECS, SPECS_WITH_BALANCES, Workload
 from tests.property.reference import dedupe_window
 
@@ -125,10 +126,11 @@ def test_pre_existing_orders_become_relative_updates() -> None:
     assert [(r["order_id"], r["status"]) for r in orders(rows)] == [(4, "filled")]
     updates = {u[1]: u for u in rows.order_updates}
     # UPDATE_FIELDS: (instrument, order_id, remaining, filled_delta, qty, price_ticks, priority, status, seq, ts,
-    # rate): a re-queue sets the rate (0 without balances)
-    assert updates[1] == ("X", 1, 350, 100, 450, 2000, None, "partially_filled", 6, 0, None)
-    assert updates[2] == ("X", 2, 300, 0, 300, 1995, 7, None, 7, 0, 0)
-    assert updates[3] == ("X", 3, 0, 0, None, None, None, "canceled", 8, 0, None)
+    # rate, hidden_lots, stop_price_ticks, triggered_seq): a re-queue sets the rate (0 without balances); an amend,
+    # a cancel or an expiry says what is hidden (nothing: these are no icebergs)
+    assert updates[1] == ("X", 1, 350, 100, 450, 2000, None, "partially_filled", 6, 0, None, 0, None, None)
+    assert updates[2] == ("X", 2, 300, 0, 300, 1995, 7, None, 7, 0, 0, 0, None, None)
+    assert updates[3] == ("X", 3, 0, 0, None, None, None, "canceled", 8, 0, None, 0, None, None)
     assert all(len(u) == len(UPDATE_FIELDS) for u in rows.order_updates)
     assert len(rows.order_updates) == 3
     assert rows.first_seq == {"X": 4}
@@ -223,17 +225,31 @@ def _apply_to_table(table: dict[tuple[str, int], dict[str, Any]], rows: BatchRow
         row = dict(zip(ORDER_COLUMNS, r, strict=True))
         if row["order_id"] is not None:
             table[(row["instrument"], row["order_id"])] = row
-    for inst, oid, remaining, delta, qty, price, priority, status, seq, _ts, rate in rows.order_updates:
-        row = table[(inst, oid)]
+    for u in rows.order_updates:
+        update = dict(zip(UPDATE_FIELDS, u, strict=True))
+        row = table[(update["instrument"], update["order_id"])]
         assert row["status"] in ("open", "partially_filled")
-        row["remaining_lots"] = remaining
-        row["filled_lots"] += delta
-        row["qty_lots"] = row["qty_lots"] if qty is None else qty
-        row["price_ticks"] = row["price_ticks"] if price is None else price
-        row["priority"] = row["priority"] if priority is None else priority
-        row["status"] = row["status"] if status is None else status
-        row["rate"] = row["rate"] if rate is None else rate
-        row["updated_seq"] = seq
+        row["remaining_lots"] = update["remaining_lots"]
+        row["filled_lots"] += update["filled_delta"]
+        for name in ("qty_lots", "price_ticks", "priority", "status", "rate", "hidden_lots", "stop_price_ticks",
+                     "triggered_seq"):  # None keeps the stored value
+            if update[name] is not None:
+                row[name] = update[name]
+        row["updated_seq"] = update["updated_seq"]
+
+
+def _loaded(table: dict[tuple[str, int], dict[str, Any]], trades: list[tuple[Any, ...]], symbol: str
+            ) -> tuple[list[RestingOrder], list[StopOrder], int]:
+    """What the stores' loading makes of the rows (their queries, in Python): the book's open orders in book
+    order, the waiting stops in order_id order, the last trade's price."""
+    mine = [r for (s, _), r in table.items() if s == symbol and r["status"] in ("open", "partially_filled")]
+    waiting = [r for r in mine if r["stop_price_ticks"] and not r["triggered_seq"]]
+    book = sorted((r for r in mine if not (r["stop_price_ticks"] and not r["triggered_seq"])),
+                  key=lambda r: (r["side"], -r["price_ticks"] if r["side"] == BUY else r["price_ticks"], r["priority"]))
+    orders = [RestingOrder(*(r[c] for c in OPEN_ORDER_COLUMNS)) for r in book]
+    stops = [waiting_stop([r[c] for c in STOP_COLUMNS]) for r in sorted(waiting, key=lambda r: r["order_id"])]
+    last = max((t for t in trades if t[0] == symbol), key=lambda t: t[1], default=None)
+    return orders, stops, last[TRADE_COLUMNS.index("price_ticks")] if last else 0
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -241,11 +257,13 @@ def test_rows_follow_the_engine_over_a_random_stream(seed: int) -> None:
     work = Workload(seed=seed)
     specs = {s.symbol: s for s in SPECS}
     table: dict[tuple[str, int], dict[str, Any]] = {}
+    trades: list[tuple[Any, ...]] = []
     progress: dict[str, Progress] = {}
     positions: dict[str, dict[str, Position]] = {}
     for batch in work.batches(2_000, max_batch=90):
         rows = derive_rows(batch, specs, progress, positions)
         _apply_to_table(table, rows)
+        trades += rows.trades
         progress.update(rows.progress)
         for symbol, changed in rows.positions.items():
             positions.setdefault(symbol, {}).update(changed)
@@ -254,17 +272,138 @@ def test_rows_follow_the_engine_over_a_random_stream(seed: int) -> None:
         assert progress[spec.symbol] == Progress(engine.seq, engine.next_order_id, engine.next_trade_id)
         open_rows = {oid: r for (s, oid), r in table.items()
                      if s == spec.symbol and r["status"] in ("open", "partially_filled")}
-        assert set(open_rows) == set(engine.book.orders)
+        image = engine.export_state()
+        assert set(open_rows) == set(engine.book.orders) | {s.order_id for s in image.stops}
         for oid, o in engine.book.orders.items():
             r = open_rows[oid]
-            assert (r["remaining_lots"], r["qty_lots"], r["price_ticks"], r["priority"], r["filled_lots"]) == (
-                o.remaining, o.qty, o.price, o.priority, o.qty - o.remaining)
+            assert (r["remaining_lots"], r["hidden_lots"], r["qty_lots"], r["price_ticks"], r["priority"],
+                    r["filled_lots"]) == (o.remaining, o.hidden, o.qty, o.price, o.priority, o.qty - o.open)
+        # the image loading makes of them: the book, the waiting stops, the last trade price
+        assert _loaded(table, trades, spec.symbol) == (image.orders, image.stops, image.last_price_ticks)
         # the dedupe window: the rule over the finished orders by (updated_seq, priority), newest last
         finished = sorted((r for (s, _), r in table.items()
                            if s == spec.symbol and r["status"] in ("filled", "canceled", "expired")),
                           key=lambda r: (r["updated_seq"], r["priority"]))
         history = [(r["client_id"], r["client_order_id"], r["order_id"]) for r in finished]
         assert dedupe_window(history, spec.dedupe_window, spec.dedupe_per_client) == engine.export_state().done
+    kinds = {r["order_type"] for r in table.values()}
+    assert {OrderType.STOP, OrderType.STOP_LIMIT} <= kinds
+    assert any(r["triggered_seq"] for r in table.values())
+    assert any(r["display_lots"] for r in table.values())
+
+
+# ------------------------------------------------------------- order types
+
+
+class Table(Driver):
+    """A driver whose batches go into the in-memory table, checked against the engine's image after each."""
+
+    def __init__(self, spec: Instrument = SPEC) -> None:
+        super().__init__(spec)
+        self.table: dict[tuple[str, int], dict[str, Any]] = {}
+        self.trades: list[tuple[Any, ...]] = []
+
+    def rows(self, *commands: Any) -> BatchRows:
+        rows = super().rows(*commands)
+        _apply_to_table(self.table, rows)
+        self.trades += rows.trades
+        image = self.engine.export_state()
+        assert _loaded(self.table, self.trades, self.engine.symbol) == (image.orders, image.stops,
+                                                                         image.last_price_ticks)
+        return rows
+
+    def row(self, order_id: int) -> dict[str, Any]:
+        return self.table[(self.engine.symbol, order_id)]
+
+
+def test_a_stop_waits_in_its_row_then_triggers_and_rests_where_the_engine_put_it() -> None:
+    t = Table()
+    t.rows(place("alice", "a1", BUY, 2000, 5), place("bob", "b1", SELL, 2000, 5))  # seqs 1-3: a trade at 2000
+    rows = t.rows(PlaceOrder("X", "carol", "s1", SELL, OrderType.STOP, 0, 3, stop_price_ticks=1990),  # 4: waits
+                  PlaceOrder("X", "dave", "s2", BUY, OrderType.STOP_LIMIT, 2010, 4, TimeInForce.GTD, ts_ns=1,
+                             expire_ns=10**12, stop_price_ticks=2005),  # 5: waits
+                  AmendOrder("X", "dave", "s2", stop_price_ticks=2004, qty_lots=6))  # 6: moved behind
+    s1, s2 = orders(rows)
+    assert {k: s1[k] for k in ("order_type", "price_ticks", "price", "qty_lots", "remaining_lots", "status",
+                               "priority", "stop_price_ticks", "triggered_seq", "funds", "tif")} == {
+        "order_type": OrderType.STOP, "price_ticks": 0, "price": None, "qty_lots": 3, "remaining_lots": 3,
+        "status": "open", "priority": 4, "stop_price_ticks": 1990, "triggered_seq": 0, "funds": 0,
+        "tif": TimeInForce.GTC}
+    assert (s2["order_type"], s2["price_ticks"], s2["qty_lots"], s2["remaining_lots"], s2["stop_price_ticks"],
+            s2["priority"], s2["updated_seq"], s2["expire_ns"]) == (OrderType.STOP_LIMIT, 2010, 6, 6, 2004, 6, 6,
+                                                                   10**12)
+    assert [e[3] for e in rows.events] == ["accepted", "accepted", "amended"]
+
+    # a trade at 1990 reaches s1: triggered at 10, a market sell that fills against erin's bid
+    rows = t.rows(place("erin", "e1", BUY, 1990, 5), place("frank", "f1", SELL, 1990, 1))  # 7, 8, 9: the trade
+    assert [(e[1], e[3], e[4], e[5]) for e in rows.events][3:] == [(10, "triggered", 3, "carol"),
+                                                                   (11, "filled", 3, "carol")]
+    assert {u[1]: dict(zip(UPDATE_FIELDS, u, strict=True)) for u in rows.order_updates}[3] == {
+        "instrument": "X", "order_id": 3, "remaining_lots": 0, "filled_delta": 3, "qty_lots": None,
+        "price_ticks": None, "priority": 10, "status": "filled", "updated_seq": 11, "updated_ts_ns": 0, "rate": None,
+        "hidden_lots": None, "stop_price_ticks": None, "triggered_seq": 10}
+
+    # a trade at 2005 reaches s2 (pre-existing): triggered, it buys what it can at 2010 and rests with the rest
+    rows = t.rows(place("gina", "g1", SELL, 2005, 2), place("hank", "h1", BUY, 2005, 1))  # 12, 13, 14
+    assert [e[3] for e in rows.events][3:] == ["triggered", "filled"]
+    s2 = t.row(4)
+    assert (s2["status"], s2["remaining_lots"], s2["filled_lots"], s2["triggered_seq"], s2["priority"]) == (
+        "partially_filled", 5, 1, 15, 15)
+    assert t.engine.export_state().stops == []
+    assert t.engine.book.orders[4].priority == 15
+
+
+def test_a_stop_buy_row_keeps_its_budget_and_holds_no_rate() -> None:
+    t = Table(BQ)
+    t.rows(Deposit("BQ", "alice", "Q", 10**24, "t-a"), Deposit("BQ", "bob", "B", 10, "t-b"),
+           bq("bob", "b1", SELL, 990, 1), bq("alice", "a1", BUY, 990, 1))  # a trade at 990
+    rows = t.rows(PlaceOrder("BQ", "alice", "s1", BUY, OrderType.STOP, 0, 5, stop_price_ticks=1000,
+                             funds=10**23),  # more than 64 bits
+                  PlaceOrder("BQ", "bob", "s2", SELL, OrderType.STOP_LIMIT, 900, 2, stop_price_ticks=950))
+    s1, s2 = orders(rows)
+    assert (s1["funds"], s1["rate"], s2["funds"], s2["rate"]) == (10**23, 0, 0, 1)
+    rows = t.rows(AmendOrder("BQ", "alice", "s1", stop_price_ticks=1001, qty_lots=6))  # re-queued: still no rate
+    assert [(u[1], u[RATE], u[UPDATE_FIELDS.index("stop_price_ticks")]) for u in rows.order_updates] == [
+        (3, 0, 1001)]
+
+
+def test_an_iceberg_row_shows_its_slice_hides_the_rest_and_replenishes() -> None:
+    t = Table()
+    rows = t.rows(place("alice", "i1", SELL, 2000, 10, display_qty_lots=4),  # 1: shows 4, hides 6
+                  place("bob", "b1", SELL, 2000, 2),  # 2: behind it
+                  place("carol", "c1", BUY, 2000, 5))  # 3; 4: i1's slice filled; 5: replenished; 6: b1 1 filled
+    assert [e[3] for e in rows.events] == ["accepted"] * 3 + ["filled", "replenished", "filled"]
+    i1 = t.row(1)
+    assert (i1["remaining_lots"], i1["hidden_lots"], i1["display_lots"], i1["filled_lots"], i1["priority"],
+            i1["status"]) == (4, 2, 4, 4, 5, "partially_filled")
+    # an iceberg as a taker: all it has trades; it rests showing a slice of what is left
+    rows = t.rows(place("dave", "i2", BUY, 2000, 12, display_qty_lots=3))  # 7; 8 b1; 9 i1; 10 replenished; 11 i1
+    i2 = t.row(4)
+    assert (i2["remaining_lots"], i2["hidden_lots"], i2["filled_lots"], i2["status"]) == (3, 2, 7, "partially_filled")
+    assert t.row(1)["status"] == "filled"
+    # amends work on the total: less takes hidden quantity first; a new price re-queues and trades with all it has
+    rows = t.rows(AmendOrder("X", "dave", "i2", qty_lots=11))  # 12: hides 1
+    assert (t.row(4)["remaining_lots"], t.row(4)["hidden_lots"]) == (3, 1)
+    t.rows(place("erin", "e1", SELL, 2010, 3))  # 13
+    rows = t.rows(AmendOrder("X", "dave", "i2", price_ticks=2010))  # 14: re-queued with 4 open; 15: buys 3
+    assert (t.row(4)["remaining_lots"], t.row(4)["hidden_lots"], t.row(4)["priority"]) == (1, 0, 14)
+    t.rows(CancelOrder("X", "dave", "i2"))
+    assert (t.row(4)["remaining_lots"], t.row(4)["hidden_lots"], t.row(4)["status"]) == (0, 0, "canceled")
+
+
+def test_a_fill_that_finishes_an_iceberg_replenished_during_it_and_its_taker_finishes_the_maker_first() -> None:
+    """The iceberg's last slice was queued (replenished) during the taker's own matching, so its priority is
+    above the taker's; the engine still finishes the maker first, and the rows must order them so."""
+    t = Table(Instrument.from_decimals("X", tick_size="0.05", lot_size="0.01", dedupe_window=1))
+    t.rows(place("alice", "i1", SELL, 2000, 6, display_qty_lots=4))  # 1
+    rows = t.rows(place("bob", "b1", BUY, 2000, 6, tif=TimeInForce.IOC))  # 2; 3 fill; 4 replenished; 5 fill both
+    assert [e[3] for e in rows.events] == ["accepted", "filled", "replenished", "filled"]
+    i1, b1 = t.row(1), t.row(2)
+    assert (i1["updated_seq"], b1["updated_seq"], i1["status"], b1["status"]) == (5, 5, "filled", "filled")
+    assert i1["priority"] < b1["priority"]  # (the taker's minus one: it sorts first)
+    finished = sorted(t.table.values(), key=lambda r: (r["updated_seq"], r["priority"]))
+    history = [(r["client_id"], r["client_order_id"], r["order_id"]) for r in finished]
+    assert dedupe_window(history, 1, 1) == t.engine.export_state().done == [("bob", "b1", 2)]
 
 
 def test_halt_and_resume_are_stored_events_and_the_halted_flag_follows_them_across_batches() -> None:
@@ -308,6 +447,9 @@ BQ = Instrument.from_decimals("BQ", tick_size="0.01", lot_size="0.1", balances=T
 
 def bq(client: str, coid: str, side: Side, price: int, qty: int, **kw: Any) -> PlaceOrder:
     return PlaceOrder("BQ", client, coid, side, OrderType.LIMIT, price, qty, **kw)
+
+
+RATE = UPDATE_FIELDS.index("rate")
 
 
 def balances(rows: BatchRows) -> list[dict[str, Any]]:
@@ -354,12 +496,12 @@ def test_balances_rows_hold_the_last_value_per_account_and_transfers_what_the_en
         ("t-a", "deposited 100.000 Q for alice at seq 1"), ("t-b", "deposited 1.0 B for bob at seq 2")])
     (a1,) = orders(rows)
     assert (a1["rate"], a1["status"], a1["filled_lots"]) == (1003, "canceled", 4)
-    assert [(u[1], u[-1]) for u in rows.order_updates] == [(1, None)]  # b1 filled: its rate stays
+    assert [(u[1], u[RATE]) for u in rows.order_updates] == [(1, None)]  # b1 filled: its rate stays
 
     # a re-queuing amend of a stored order changes its rate (600 + ceil(1.8)); one that keeps priority does not
     d.rows(bq("alice", "a2", BUY, 500, 2), bq("alice", "a3", BUY, 400, 3))  # 10, 11
     rows = d.rows(AmendOrder("BQ", "alice", "a2", price_ticks=600), AmendOrder("BQ", "alice", "a3", qty_lots=2))
-    assert [(u[1], u[-1]) for u in rows.order_updates] == [(3, 602), (4, None)]
+    assert [(u[1], u[RATE]) for u in rows.order_updates] == [(3, 602), (4, None)]
     assert {o.order_id: o.rate for o in d.engine.book.orders.values()} == {3: 602, 4: 402}
 
 
@@ -426,13 +568,14 @@ def test_balances_rows_follow_the_engine_over_a_random_stream(seed: int) -> None
             positions.setdefault(symbol, {}).update(changed)
     for spec in SPECS_WITH_BALANCES:
         engine = work.engines[spec.symbol]
-        rates = {oid: r["rate"] for (s, oid), r in table.items()
+        rates = {oid: (r["rate"], int(r["funds"])) for (s, oid), r in table.items()
                  if s == spec.symbol and r["status"] in ("open", "partially_filled")}
-        assert rates == {oid: o.rate for oid, o in engine.book.orders.items()}
+        state = engine.export_state()
+        assert rates == {**{o.order_id: (o.rate, 0) for o in state.orders},
+                         **{o.order_id: (o.rate, o.funds) for o in state.stops}}
         image = stored_ledger(spec, [b[1:5] for k, b in ledger.items() if k[0] == spec.symbol],
                               [(t[1], t[2], t[3], t[4], t[5], t[7], t[8], t[9])
                                for k, t in transfers.items() if k[0] == spec.symbol])
-        state = engine.export_state()
         assert image == (state.accounts, state.fees, state.transfers)
     assert BALANCED_SYMBOL in {k[0] for k in ledger}
     assert {t[7] for t in transfers.values()} == {"applied", "refused"}

@@ -14,6 +14,12 @@ orders), and now and then a top-up, a withdrawal or a transfer id sent again; ma
 often state a budget (``funds``), always where the instrument has no price band. Deposits and
 withdrawals are operator-grade: ``signer`` (e.g. :func:`exchange.wire.auth.sign` with a key)
 signs them for a daemon that checks signatures.
+
+With ``order_types`` (off by default: the flows of the benchmarks and tests that do not ask stay
+what they were) some orders are stops and stop-limits whose stop price is a few ticks beyond the
+mid (a move of the mid or a sweep triggers them; some are already reached: rejected), a stop buy
+naming a budget on an instrument with balances, some passive limits are icebergs, and waiting stops
+are canceled and amended (stop price, quantity) like the other orders.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ class OrderFlow:
         malformed_every: int = 0,
         mid_ticks: int = 100_000,
         signer: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        order_types: bool = False,
     ) -> None:
         self._specs = list(instruments)
         self._rng = random.Random(seed)
@@ -51,6 +58,8 @@ class OrderFlow:
         self._signer = signer
         self._funded: set[tuple[str, str, str]] = set()  # (instrument, client, asset) deposited once
         self._transfers: list[dict[str, Any]] = []  # earlier transfers, sent again now and then
+        self._order_types = order_types
+        self._stops: dict[str, list[tuple[str, str]]] = {spec.symbol: [] for spec in self._specs}  # placed stops
 
     def messages(self, count: int) -> Iterator[dict[str, Any]]:
         for _ in range(count):
@@ -98,27 +107,74 @@ class OrderFlow:
         coid = f"o{self._n}"
         qty = spec.lots_to_qty(rng.randint(spec.min_qty_lots, spec.min_qty_lots * 50))
         msg = {**base, "op": "place", "client_order_id": coid, "side": side, "qty": qty}
+        typed = self._stop(spec, msg, mid, r)
+        if typed is not None:
+            return typed
         if r < 0.30:
             msg.update(type="market", tif=rng.choice(("IOC", "IOC", "FOK")))
             self._budget(spec, msg, mid)
         elif r < 0.34:
             msg.update(price=spec.ticks_to_price(mid + sign * rng.randint(0, 10)), tif=rng.choice(("IOC", "FOK")))
         else:
-            offset = rng.randint(-3, 30)
-            msg["price"] = spec.ticks_to_price(max(1, mid - sign * offset))
-            roll = rng.random()
-            if roll < 0.05:
-                msg["post_only"] = True
-            elif roll < 0.10:
-                msg.update(tif="GTD", expire_ns=ts_ns + rng.randint(1, 2000) * 1_000_000)
-            if rng.random() < 0.2:
-                msg["stp"] = rng.choice(("none", "cancel_resting", "cancel_incoming", "cancel_both"))
-            recent.append((client, coid))
-            if len(recent) > 400:
-                del recent[: len(recent) - 400]
+            self._limit(spec, msg, mid, sign)
         self._placed.append(msg)
         if len(self._placed) > 1000:
             del self._placed[:500]
+        return msg
+
+    def _limit(self, spec: Instrument, msg: dict[str, Any], mid: int, sign: int) -> None:
+        """A limit order around the mid, most passive (some post-only or GTD, some with an STP mode; with
+        ``order_types`` some passive ones icebergs), kept among the recent orders to cancel and amend."""
+        rng = self._rng
+        offset = rng.randint(-3, 30)
+        msg["price"] = spec.ticks_to_price(max(1, mid - sign * offset))
+        roll = rng.random()
+        if roll < 0.05:
+            msg["post_only"] = True
+        elif roll < 0.10:
+            msg.update(tif="GTD", expire_ns=msg["ts_ns"] + rng.randint(1, 2000) * 1_000_000)
+        if rng.random() < 0.2:
+            msg["stp"] = rng.choice(("none", "cancel_resting", "cancel_incoming", "cancel_both"))
+        if self._order_types and offset > 0 and rng.random() < 0.1:  # a passive iceberg
+            msg["display_qty"] = spec.lots_to_qty(rng.randint(spec.min_qty_lots, spec.qty_to_lots(msg["qty"])))
+        recent = self._recent[spec.symbol]
+        recent.append((msg["client_id"], msg["client_order_id"]))
+        if len(recent) > 400:
+            del recent[: len(recent) - 400]
+
+    def _stop(self, spec: Instrument, msg: dict[str, Any], mid: int, r: float) -> dict[str, Any] | None:
+        """In three draws in five (None otherwise): a stop or stop-limit order a few ticks beyond the mid, or
+        (``r`` at the top of its range) an amend of an earlier one's stop price or quantity."""
+        rng = self._rng
+        if not self._order_types or r >= 0.30 or rng.random() >= 0.6:
+            return None
+        stops = self._stops[spec.symbol]
+        if r >= 0.29 and stops:
+            owner, coid = stops[rng.randrange(len(stops))]
+            amend = {key: msg[key] for key in ("instrument", "ts_ns")}
+            amend.update(op="amend", client_id=owner, client_order_id=coid)
+            if rng.random() < 0.7:
+                amend["stop_price"] = spec.ticks_to_price(max(1, mid + rng.randint(-12, 12)))
+            else:
+                amend["qty"] = spec.lots_to_qty(rng.randint(spec.min_qty_lots, spec.min_qty_lots * 40))
+            return amend
+        sign = 1 if msg["side"] == "buy" else -1
+        stop = max(1, mid + sign * rng.randint(-1, 12))
+        msg["stop_price"] = spec.ticks_to_price(stop)
+        if rng.random() < 0.5:
+            msg.update(type="stop", tif="GTC")
+            if spec.balances and msg["side"] == "buy":
+                lots = spec.qty_to_lots(msg["qty"])
+                msg["funds"] = spec.units_to_amount(spec.quote_asset, lots * stop * rng.randint(90, 130) // 100 + 1)
+        else:
+            msg.update(type="stop_limit", price=spec.ticks_to_price(max(1, stop + sign * rng.randint(0, 4))),
+                       tif=rng.choice(("GTC", "GTC", "IOC", "FOK")))
+        if rng.random() < 0.15 and msg["tif"] == "GTC":
+            msg.update(tif="GTD", expire_ns=msg["ts_ns"] + rng.randint(1, 5000) * 1_000_000)
+        stops.append((msg["client_id"], msg["client_order_id"]))
+        self._recent[spec.symbol].append((msg["client_id"], msg["client_order_id"]))  # (canceled like the others)
+        if len(stops) > 200:
+            del stops[:100]
         return msg
 
     def _amend(self, spec: Instrument, base: dict[str, Any], recent: list[tuple[str, str]], mid: int

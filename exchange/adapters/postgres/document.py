@@ -3,7 +3,7 @@
 :func:`_document` writes it (msgspec: a fraction of a microsecond per row, where asyncpg's array
 parameters cost about 2 us per row of Python, an isinstance check for every element). The rows are
 arrays; the document's ``fields`` says, per kind of row, at which position each field is, and the
-function (migration 009) finds every field by its name there. The rows' shapes are defined in
+function (migration 010) finds every field by its name there. The rows' shapes are defined in
 :mod:`exchange.projections.rows`, and here for the document's own rows (progress, steps, offsets).
 
 Functions and constants only; names with a leading underscore are the package's own.

@@ -23,7 +23,8 @@ import msgspec
 
 from exchange.adapters.postgres.connection import _Conn
 from exchange.ports import Batch, Epochs, Fenced
-from exchange.projections.rows import BatchRows, same_as_stored
+from exchange.projections.rows import BatchRows
+from exchange.projections.stored import same_as_stored
 
 # Taking ownership: a new epoch per instrument and partition. The rows are locked in one (sorted) order; a commit
 # under the old epoch holds them FOR SHARE, so a take waits for it to end -- at most lock_timeout here, then the
@@ -87,7 +88,7 @@ def _fenced(answer: str) -> Fenced:
 
 async def _same_as_stored(conn: _Conn, rows: BatchRows) -> None:
     """A batch found already durable must be the very batch stored
-    (:func:`~exchange.projections.rows.same_as_stored`): its stored events are read back for the comparison."""
+    (:func:`~exchange.projections.stored.same_as_stored`): its stored events are read back for the comparison."""
     same_as_stored(rows, {symbol: [r[0] for r in await conn.fetch(_SQL_STORED_PAYLOADS, symbol, first,
                                                                   rows.progress[symbol].seq)]
                           for symbol, first in rows.first_seq.items()})

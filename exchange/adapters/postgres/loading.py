@@ -1,9 +1,11 @@
 """Loading at start-up: each instrument's durable state read from PostgreSQL, as functions over a connection.
 
 :func:`_load_states` reads, inside the read-only repeatable-read transaction the store holds, each
-instrument's counters, its open orders in book order (price-time priority, each with its ``rate``), its
-dedupe window (:func:`_read_window`), its input offsets, its positions and its balances and remembered
-transfers (:func:`_read_ledger`), and gives them as :class:`~exchange.ports.Recovered`. The store warms
+instrument's counters, its open orders in book order (price-time priority, each with its ``rate``; an
+iceberg with its slice and hidden quantity), its waiting stops and its last trade price (see
+:mod:`exchange.projections.stored`), its dedupe window (:func:`_read_window`), its input offsets, its
+positions and its balances and remembered transfers (:func:`_read_ledger`), and gives them as
+:class:`~exchange.ports.Recovered`. The store warms
 its caches from the result. Every read walks an index in its order and goes a chunk or a page at a time,
 so memory stays within what is kept; a long read logs its progress once a second (on the recovery
 logger: loading is part of recovery).
@@ -22,10 +24,11 @@ import structlog
 from exchange.adapters.postgres.connection import _Conn
 from exchange.core.dedupe import NewestFirstWindow
 from exchange.core.instruments import Instrument
-from exchange.core.state import EngineState, RestingOrder
+from exchange.core.state import EngineState, RestingOrder, StopOrder
 from exchange.core.types import Side, StpMode
 from exchange.ports import Position, Recovered, StoreUnavailable
-from exchange.projections.rows import Progress, RowError, stored_ledger
+from exchange.projections.rows import Progress, RowError
+from exchange.projections.stored import OPEN_ORDER_COLUMNS, STOP_COLUMNS, stored_ledger, waiting_stop
 
 _recovery_log = structlog.get_logger("exchange.recovery")  # loading is part of recovery
 
@@ -34,12 +37,20 @@ _STPS = {s.value: s for s in StpMode}
 _LOAD_CHUNK = 50_000
 _LOG_EVERY_S = 1.0
 
-_SQL_OPEN_ORDERS = """
-SELECT order_id, client_id, client_order_id, side, price_ticks, qty_lots, remaining_lots, priority, expire_ns,
-       post_only, stp, rate
+# the open orders in the book (not the waiting stops), in book order
+_SQL_OPEN_ORDERS = f"""
+SELECT {', '.join(OPEN_ORDER_COLUMNS)}
 FROM orders
-WHERE instrument = $1 AND status IN ('open', 'partially_filled')
+WHERE instrument = $1 AND status IN ('open', 'partially_filled') AND (stop_price_ticks = 0 OR triggered_seq <> 0)
 ORDER BY side, CASE WHEN side = 'buy' THEN -price_ticks ELSE price_ticks END, priority"""
+# the stop and stop-limit orders waiting for their stop price, in order_id order
+_SQL_STOPS = f"""
+SELECT {', '.join(STOP_COLUMNS)}
+FROM orders
+WHERE instrument = $1 AND status IN ('open', 'partially_filled') AND stop_price_ticks > 0 AND triggered_seq = 0
+ORDER BY order_id"""
+# the last trade's price (0: none yet)
+_SQL_LAST_PRICE = "SELECT price_ticks FROM trades WHERE instrument = $1 ORDER BY trade_id DESC LIMIT 1"
 
 # the dedupe window: finished orders newest first, one page below the last row read (see _read_window)
 _SQL_DONE = """
@@ -76,7 +87,7 @@ async def _load_one(conn: _Conn, spec: Instrument) -> Recovered:
     while True:
         chunk = await cursor.fetch(_LOAD_CHUNK)
         orders.extend(RestingOrder(r[0], r[1], r[2], sides[r[3]], r[4], r[5], r[6], r[7], r[8], r[9], stps[r[10]],
-                                   r[11]) for r in chunk)
+                                   r[11], r[12], r[13]) for r in chunk)
         if len(chunk) < _LOAD_CHUNK:
             break
         now = time.monotonic()
@@ -92,8 +103,11 @@ async def _load_one(conn: _Conn, spec: Instrument) -> Recovered:
     positions = {r[0]: Position(int(r[1]), int(r[2]), int(r[3])) for r in await conn.fetch(
         "SELECT client_id, net_lots, cost, realized FROM positions WHERE instrument = $1", symbol)}
     accounts, fees, transfers = await _read_ledger(conn, spec)
+    stops: list[StopOrder] = [waiting_stop(r) for r in await _read_all(conn, _SQL_STOPS, symbol)]
+    last_price = await conn.fetchval(_SQL_LAST_PRICE, symbol) or 0
     state = EngineState(symbol, progress.seq, progress.next_order_id, progress.next_trade_id, orders, done,
-                        progress.halted, accounts=accounts, fees=fees, transfers=transfers)
+                        progress.halted, accounts=accounts, fees=fees, transfers=transfers, stops=stops,
+                        last_price_ticks=last_price)
     if len(orders) >= _LOAD_CHUNK:
         _recovery_log.info("open orders loaded", instrument=symbol, orders_loaded=len(orders),
                            elapsed_s=round(time.monotonic() - started, 3))
@@ -136,7 +150,7 @@ async def _read_window(conn: _Conn, spec: Instrument) -> list[tuple[str, str, in
 
 async def _read_ledger(conn: _Conn, spec: Instrument
                        ) -> tuple[list[tuple[str, int, int, int, int]], int, list[tuple[str, str]]]:
-    """An instrument's stored ledger image (:func:`exchange.projections.rows.stored_ledger`): its accounts, the
+    """An instrument's stored ledger image (:func:`exchange.projections.stored.stored_ledger`): its accounts, the
     fees account and the transfers the engine remembers; nothing for an instrument that keeps no balances.
     Both go a chunk at a time (the engine holds every account and remembers every transfer, so all are kept)."""
     symbol = spec.symbol

@@ -4,7 +4,7 @@
 :class:`~exchange.ports.History` for recovery) with asyncpg.
 
 One :meth:`~PostgresStore.commit` is ONE transaction. A small batch is one
-round trip: a call of ``exchange_commit_batch`` (migration 009) with the
+round trip: a call of ``exchange_commit_batch`` (migration 010) with the
 whole batch as one JSON document (:mod:`.document`). A large one (or one with snapshots) is a handful of
 round trips whatever its size: events, trades, new orders and transfers go in by binary
 COPY, then the same function changes the pre-existing orders, positions, balances,
@@ -71,10 +71,9 @@ from exchange.projections.rows import (
     BatchRows,
     Progress,
     Scale,
-    acceptable,
-    already_durable,
     derive_rows,
 )
+from exchange.projections.stored import acceptable, already_durable
 
 __all__ = ["PostgresStore"]
 
@@ -289,7 +288,7 @@ class PostgresStore:
 
     async def _commit_one_statement(self, pool: asyncpg.Pool, batch: Batch, symbols: list[str],
                                     last: dict[str, int]) -> None:
-        """A small batch in ONE round trip: ``exchange_commit_batch`` (migration 009) in its own transaction.
+        """A small batch in ONE round trip: ``exchange_commit_batch`` (migration 010) in its own transaction.
 
         A batch of a few dozen events spends most of a multi-statement commit
         waiting on round trips (about ten, each a scheduling hop on a busy
@@ -392,14 +391,16 @@ class PostgresStore:
     # ------------------------------------------------------------------ lookups
 
     async def order_states(self, instrument: str, order_ids: Sequence[int]) -> list[dict[str, Any]]:
-        """The current rows of some orders (by the unique (instrument, order_id) index), as wire dicts."""
+        """The current rows of some orders (by the unique (instrument, order_id) index), as wire dicts (an
+        iceberg's ``remaining`` is all its open quantity, hidden included: what its owner has open)."""
         pool = self._require_pool()
         try:
             async with self._lease(pool) as conn:
                 rows = await conn.fetch(
                     "SELECT order_id, client_id, client_order_id, side, order_type, tif, price::text AS price, "
-                    "qty::text AS qty, status, filled_lots, remaining_lots, created_seq, updated_seq "
-                    "FROM orders WHERE instrument = $1 AND order_id = ANY($2::bigint[]) ORDER BY order_id",
+                    "qty::text AS qty, status, filled_lots, remaining_lots + hidden_lots AS remaining_lots, "
+                    "created_seq, updated_seq FROM orders WHERE instrument = $1 AND order_id = ANY($2::bigint[]) "
+                    "ORDER BY order_id",
                     instrument, list(order_ids), timeout=self.command_timeout)
         except Exception as exc:
             raise _unavailable(exc, f"reading orders of {instrument}") from exc

@@ -3,7 +3,7 @@
 :func:`_write_ledger` writes a batch's ``balances`` rows (upserted: the last value per instrument, client and
 asset) and ``transfers`` rows (inserted) inside the commit's transaction; :func:`_read_ledger` gives an
 instrument's ledger image (accounts, fees, remembered transfers) for its loaded
-:class:`~exchange.core.state.EngineState` (:func:`exchange.projections.rows.stored_ledger`). The integers are
+:class:`~exchange.core.state.EngineState` (:func:`exchange.projections.stored.stored_ledger`). The integers are
 TEXT (they may outgrow 64 bits), the decimal columns exact strings (:mod:`.decimals`).
 
 Functions and constants only (the connection belongs to the store, and these run on its thread); names with a
@@ -18,7 +18,8 @@ from collections.abc import Mapping
 from exchange.adapters.sqlite.decimals import _TextScale
 from exchange.core.instruments import Instrument
 from exchange.ports import StoreUnavailable
-from exchange.projections.rows import BALANCE_FIELDS, TRANSFER_COLUMNS, BatchRows, RowError, stored_ledger
+from exchange.projections.rows import BALANCE_FIELDS, TRANSFER_COLUMNS, BatchRows, RowError
+from exchange.projections.stored import stored_ledger
 
 
 def _numbered(fields: tuple[str, ...]) -> dict[str, str]:

@@ -2,10 +2,11 @@
 
 :func:`_load_states` reads, in one read transaction (one snapshot for every instrument; in WAL mode
 the writer is not blocked), each instrument's counters, its open orders in book order (price-time
-priority, each with its ``rate``), its dedupe window (:func:`_read_window`), its input offsets, its
-positions (:func:`_read_positions`, which a commit also uses for an instrument it has not loaded) and
-its balances and remembered transfers (:func:`.ledger._read_ledger`), and gives them as
-:class:`~exchange.ports.Recovered`. The store warms its caches from the result. Reads go a
+priority, each with its ``rate``; an iceberg with its slice and hidden quantity), its waiting stops and
+its last trade price (see :mod:`exchange.projections.stored`), its dedupe window (:func:`_read_window`),
+its input offsets, its positions (:func:`_read_positions`, which a commit also uses for an instrument it
+has not loaded) and its balances and remembered transfers (:func:`.ledger._read_ledger`), and gives
+them as :class:`~exchange.ports.Recovered`. The store warms its caches from the result. Reads go a
 chunk at a time, so memory stays within what is kept; a long read logs its progress once a second
 (on the recovery logger: loading is part of recovery).
 
@@ -28,6 +29,7 @@ from exchange.core.state import EngineState, RestingOrder
 from exchange.core.types import Side, StpMode
 from exchange.ports import Position, Recovered
 from exchange.projections.rows import Progress
+from exchange.projections.stored import OPEN_ORDER_COLUMNS, STOP_COLUMNS, waiting_stop
 
 _recovery_log = structlog.get_logger("exchange.recovery")
 
@@ -36,12 +38,20 @@ _STPS = {s.value: s for s in StpMode}
 _LOAD_CHUNK = 50_000
 _LOG_EVERY_S = 1.0
 
-_SQL_OPEN_ORDERS = """
-SELECT order_id, client_id, client_order_id, side, price_ticks, qty_lots, remaining_lots, priority, expire_ns,
-       post_only, stp, rate
+# the open orders in the book (not the waiting stops), in book order
+_SQL_OPEN_ORDERS = f"""
+SELECT {', '.join(OPEN_ORDER_COLUMNS)}
 FROM orders
-WHERE instrument = ? AND status IN ('open', 'partially_filled')
+WHERE instrument = ? AND status IN ('open', 'partially_filled') AND (stop_price_ticks = 0 OR triggered_seq <> 0)
 ORDER BY side, CASE WHEN side = 'buy' THEN -price_ticks ELSE price_ticks END, priority"""
+# the stop and stop-limit orders waiting for their stop price, in order_id order
+_SQL_STOPS = f"""
+SELECT {', '.join(STOP_COLUMNS)}
+FROM orders
+WHERE instrument = ? AND status IN ('open', 'partially_filled') AND stop_price_ticks > 0 AND triggered_seq = 0
+ORDER BY order_id"""
+# the last trade's price (none: 0)
+_SQL_LAST_PRICE = "SELECT price_ticks FROM trades WHERE instrument = ? ORDER BY trade_id DESC LIMIT 1"
 
 # the dedupe window: finished orders newest first, walking orders_finished_idx backwards (see _read_window)
 _SQL_DONE = """
@@ -73,7 +83,7 @@ def _load_one(conn: sqlite3.Connection, spec: Instrument) -> Recovered:
     cursor = conn.execute(_SQL_OPEN_ORDERS, (symbol,))
     while chunk := cursor.fetchmany(_LOAD_CHUNK):
         orders.extend(RestingOrder(r[0], r[1], r[2], sides[r[3]], r[4], r[5], r[6], r[7], r[8], bool(r[9]),
-                                   stps[r[10]], r[11]) for r in chunk)
+                                   stps[r[10]], r[11], r[12], r[13]) for r in chunk)
         now = time.monotonic()
         if now - logged >= _LOG_EVERY_S:
             logged = now
@@ -86,8 +96,11 @@ def _load_one(conn: sqlite3.Connection, spec: Instrument) -> Recovered:
         "SELECT topic, partition, last_offset FROM input_offsets WHERE instrument = ?", (symbol,))}
     positions = _read_positions(conn, symbol)
     accounts, fees, transfers = _read_ledger(conn, spec)
+    stops = [waiting_stop(r) for r in conn.execute(_SQL_STOPS, (symbol,))]
+    last = conn.execute(_SQL_LAST_PRICE, (symbol,)).fetchone()
     state = EngineState(symbol, progress.seq, progress.next_order_id, progress.next_trade_id, orders, done,
-                        progress.halted, accounts=accounts, fees=fees, transfers=transfers)
+                        progress.halted, accounts=accounts, fees=fees, transfers=transfers, stops=stops,
+                        last_price_ticks=last[0] if last else 0)
     return Recovered(state, offsets, positions)
 
 

@@ -74,11 +74,9 @@ from exchange.projections.rows import (
     Progress,
     RowError,
     Scale,
-    acceptable,
-    already_durable,
     derive_rows,
-    same_as_stored,
 )
+from exchange.projections.stored import acceptable, already_durable, same_as_stored
 
 __all__ = ["SYNCHRONOUS_MODES", "SqliteStore"]
 
@@ -119,9 +117,13 @@ UPDATE orders SET
     updated_ts_ns = {_U["updated_ts_ns"]},
     price = COALESCE({_U["price"]}, price),
     qty = COALESCE({_U["qty"]}, qty),
-    rate = COALESCE({_U["rate"]}, rate)
+    rate = COALESCE({_U["rate"]}, rate),
+    hidden_lots = COALESCE({_U["hidden_lots"]}, hidden_lots),
+    stop_price_ticks = COALESCE({_U["stop_price_ticks"]}, stop_price_ticks),
+    triggered_seq = COALESCE({_U["triggered_seq"]}, triggered_seq)
 WHERE instrument = {_U["instrument"]} AND order_id = {_U["order_id"]}"""
 _U_INSTRUMENT, _U_PRICE, _U_QTY = map(UPDATE_FIELDS.index, ("instrument", "price_ticks", "qty_lots"))
+_O_FUNDS = ORDER_COLUMNS.index("funds")  # TEXT: a budget may outgrow 64 bits
 
 # a row of POSITION_FIELDS with the integers as text (they may outgrow 64 bits), then the decimal columns
 _P = _numbered((*POSITION_FIELDS, "net_qty", "realized_pnl"))
@@ -384,14 +386,16 @@ class SqliteStore:
         if rows.trades:
             conn.executemany(_SQL_INSERT_TRADE, rows.trades)
         if rows.new_orders:
-            conn.executemany(_SQL_INSERT_ORDER, rows.new_orders)
+            conn.executemany(_SQL_INSERT_ORDER, [r if not r[_O_FUNDS] else (*r[:_O_FUNDS], str(r[_O_FUNDS]),
+                                                                            *r[_O_FUNDS + 1:])
+                                                 for r in rows.new_orders])
         if rows.order_updates:
             scales = self._scales
             params = []
             for u in rows.order_updates:
                 scale = scales[u[_U_INSTRUMENT]]
                 price, qty = u[_U_PRICE], u[_U_QTY]
-                params.append((*u, scale.price(price) if price is not None else None,
+                params.append((*u, scale.price(price) if price else None,  # (0: a stop's, no price: NULL)
                                scale.qty(qty) if qty is not None else None))
             done = conn.executemany(_SQL_UPDATE_ORDER, params).rowcount
             if done != len(params):
@@ -468,7 +472,8 @@ class SqliteStore:
     # ------------------------------------------------------------------ lookups
 
     async def order_states(self, instrument: str, order_ids: Sequence[int]) -> list[dict[str, Any]]:
-        """The current rows of some orders (by the unique (instrument, order_id) index), as wire dicts."""
+        """The current rows of some orders (by the unique (instrument, order_id) index), as wire dicts (an
+        iceberg's ``remaining`` is all its open quantity, hidden included: what its owner has open)."""
         rows = await self._call(self._order_rows, f"reading orders of {instrument}", instrument, list(order_ids))
         spec = self.specs[instrument]
         return [{"type": "order_status", "instrument": instrument, "seq": r[12], "order_id": r[0],
@@ -482,7 +487,7 @@ class SqliteStore:
             return []
         return self._db().execute(
             "SELECT order_id, client_id, client_order_id, side, order_type, tif, price, qty, status, filled_lots, "
-            "remaining_lots, created_seq, updated_seq FROM orders WHERE instrument = ? AND order_id IN "
+            "remaining_lots + hidden_lots, created_seq, updated_seq FROM orders WHERE instrument = ? AND order_id IN "
             f"({', '.join('?' * len(order_ids))}) ORDER BY order_id", (instrument, *order_ids)).fetchall()
 
     # ------------------------------------------------------------------ history
