@@ -36,11 +36,13 @@ from exchange.core.events import (
     OrderExpired,
     OrderFilled,
     OrderRejected,
+    OrderReplenished,
+    OrderTriggered,
     Withdrawn,
 )
 from exchange.core.instruments import ConversionError, Instrument
 from exchange.core.matching import Exchange, MatchingEngine
-from exchange.core.state import EngineState, RestingOrder
+from exchange.core.state import EngineState, RestingOrder, StopOrder
 from exchange.core.types import CancelReason, OrderType, RejectReason, Side, StpMode, TimeInForce
 
 __all__ = [
@@ -68,6 +70,8 @@ __all__ = [
     "OrderExpired",
     "OrderFilled",
     "OrderRejected",
+    "OrderReplenished",
+    "OrderTriggered",
     "OrderType",
     "PlaceOrder",
     "RejectInput",
@@ -75,6 +79,7 @@ __all__ = [
     "RestingOrder",
     "ResumeInstrument",
     "Side",
+    "StopOrder",
     "StpMode",
     "TimeInForce",
     "Withdraw",

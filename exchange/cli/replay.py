@@ -4,8 +4,10 @@ For every input line exactly one output line is written:
 
 - ``{"events": [...]}`` — the events the command caused (possibly none);
 - ``{"snapshot": {...}}`` — the answer to the control line ``{"op": "snapshot"}``:
-  every book's levels in priority order with their orders in FIFO order and, on an instrument
-  that keeps balances, every client's balances and the fees the venue has taken;
+  every book's levels in priority order with their orders in FIFO order (an iceberg with its
+  ``display`` and ``hidden`` quantities: this is the operator's view, not market data), the
+  waiting stops when there are any and, on an instrument that keeps balances, every client's
+  balances and the fees the venue has taken;
 - ``{"error": {...}}`` — the line could not be understood (``reason`` says why, as the daemon's
   dead-letter reason would); the tool goes on. Nothing on a line makes the tool stop: the edge it
   shares with the daemon (:mod:`exchange.pipeline.router`) turns whatever goes wrong into an answer.
@@ -38,20 +40,25 @@ __all__ = ["book_snapshot", "bounded_lines", "replay"]
 
 
 def book_snapshot(engine: MatchingEngine) -> dict[str, Any]:
-    """One book as wire data: levels best first, orders FIFO, quantities as decimals; with balances, every
-    client's ``balances`` (both assets, decimals) and the ``fees`` account (quote asset)."""
+    """One book as wire data: levels best first (``qty``: what shows), orders FIFO, quantities as decimals (an
+    iceberg's ``remaining`` is its shown slice, with its ``display`` size and ``hidden`` rest); ``stops``, the
+    waiting stops in order_id order, when there are any; with balances, every client's ``balances`` (both
+    assets, decimals) and the ``fees`` account (quote asset)."""
     spec = engine.spec
+
+    def order(o: Any) -> dict[str, Any]:
+        out = {"order_id": o.order_id, "client_id": o.client_id, "client_order_id": o.client_order_id,
+               "remaining": spec.lots_to_qty(o.remaining)}
+        if o.display:
+            out["display"], out["hidden"] = spec.lots_to_qty(o.display), spec.lots_to_qty(o.hidden)
+        return out
 
     def side(levels: Iterable[Any]) -> list[dict[str, Any]]:
         return [
             {
                 "price": spec.ticks_to_price(level.price),
                 "qty": spec.lots_to_qty(level.total_lots),
-                "orders": [
-                    {"order_id": o.order_id, "client_id": o.client_id, "client_order_id": o.client_order_id,
-                     "remaining": spec.lots_to_qty(o.remaining)}
-                    for o in level.live_orders()
-                ],
+                "orders": [order(o) for o in level.live_orders()],
             }
             for level in levels
         ]
@@ -62,6 +69,14 @@ def book_snapshot(engine: MatchingEngine) -> dict[str, Any]:
         "bids": side(engine.book.bids.values()),
         "asks": side(engine.book.asks.values()),
     }
+    stops = engine.export_state(window=False).stops
+    if stops:
+        out["stops"] = [
+            {"order_id": o.order_id, "client_id": o.client_id, "client_order_id": o.client_order_id, "side": o.side,
+             "type": o.order_type, "stop_price": spec.ticks_to_price(o.stop_price_ticks),
+             "price": spec.ticks_to_price(o.price_ticks) if o.price_ticks else None,
+             "qty": spec.lots_to_qty(o.qty_lots), "tif": o.tif}
+            for o in stops]
     ledger = engine.ledger
     if ledger is not None:
         accounts, fees, _ = ledger.image()

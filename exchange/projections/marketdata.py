@@ -17,15 +17,30 @@ subscriber keep up. Every message carries the instrument's sequence numbers:
   produced for every batch that has events for the instrument, even when no level
   changed, so consecutive ``l2`` messages chain: ``prev_seq`` of one is ``seq``
   of the one before. A gap is ``prev_seq`` above the consumer's ``seq``.
-- ``l3``: the public order lifecycle of the batch (accepted, filled, canceled,
-  amended, expired) and trading halts/resumptions, without client identities;
-  same ``prev_seq``/``seq`` chain.
+- ``l3``: the public order lifecycle of the batch (accepted, triggered, filled,
+  replenished, canceled, amended, expired) and trading halts/resumptions, without
+  client identities; same ``prev_seq``/``seq`` chain.
   Rejections change no book and are not public; nor is an operator's
   ``cleared`` event by itself (the ``canceled`` events that follow it, reason
   ``cleared``, are).
 - ``trades``: the batch's trades (only when there are any), each with its
   ``trade_id`` (per instrument, +1 per trade: a gap shows) and ``seq``.
 - ``bbo``: best bid and offer with their quantities, when either changed.
+
+What the public must not see is left out, not blurred. A waiting stop or
+stop-limit order is invisible: its ``accepted`` event, and the amends, cancels and
+expiries of it while it waits, publish nothing and change no level; it appears
+only when triggered (an l3 ``triggered`` entry, which consumers treat as an
+arriving order: a stop-limit that rests is then an ordinary resting order). An
+iceberg shows only its slice: levels count its shown lots, and every quantity l3
+gives of it counts what shows, never the hidden rest (``accepted``: its first
+slice; ``taker_remaining``, and an IOC or FOK one's ``canceled``: at most a slice
+of what it has open; a resting one's ``canceled`` and ``expired``: its shown
+slice; ``amended``: ``remaining`` the slice, ``qty`` filled plus the slice). A
+``replenished`` entry puts its next slice (``shown``) at the back of its level,
+and an amend that lowers only its hidden lots publishes nothing. The view keeps
+each iceberg's hidden lots, to know what the next event shows, but no message
+carries them.
 
 The levels an ``l2`` message carries are absolute (new totals, not deltas), so
 applying a message that overlaps what a consumer already has (``prev_seq`` below
@@ -65,6 +80,8 @@ from exchange.core.events import (
     OrderExpired,
     OrderFilled,
     OrderRejected,
+    OrderReplenished,
+    OrderTriggered,
     Withdrawn,
 )
 from exchange.core.instruments import Instrument
@@ -75,7 +92,8 @@ __all__ = ["CHANNELS", "MarketData", "MarketDataError", "book_checksum"]
 
 CHANNELS = ("l2", "l3", "trades", "bbo", "heartbeat")
 _RESTING_TIF = (TimeInForce.GTC, TimeInForce.GTD)
-_LIMIT = OrderType.LIMIT
+_LIMIT, _STOP_LIMIT = OrderType.LIMIT, OrderType.STOP_LIMIT
+_STOPS = (OrderType.STOP, OrderType.STOP_LIMIT)
 _CACHE_MAX = 50_000  # decimal strings remembered per instrument before the cache starts afresh
 _encode = msgspec.json.Encoder().encode
 
@@ -116,7 +134,11 @@ class MarketData:
         self.ts_ns = 0
         self.bids: SortedDict[int, int] = SortedDict()  # -price -> total lots (best first)
         self.asks: SortedDict[int, int] = SortedDict()  # price -> total lots (best first)
-        self._orders: dict[int, list[Any]] = {}  # order id -> [is_buy, price_ticks, remaining_lots]
+        # order id -> [is_buy, price_ticks, shown_lots, hidden_lots, display_lots] of every order that rests, or
+        # will once it has traded on arrival (a plain order: hidden and display 0)
+        self._orders: dict[int, list[Any]] = {}
+        self._stops: dict[int, TimeInForce] = {}  # waiting stops (unseen) -> their time in force
+        self._slices: dict[int, int] = {}  # icebergs that never rest (IOC, FOK) -> display lots, while they trade
         self._touched: set[tuple[bool, int]] = set()
         self._prices: dict[int, str] = {}
         self._qtys: dict[int, str] = {}
@@ -124,11 +146,14 @@ class MarketData:
             OrderFilled: self._on_fill, OrderAccepted: self._on_accept, OrderCanceled: self._on_cancel,
             OrderExpired: self._on_expire, OrderAmended: self._on_amend, OrderRejected: self._on_reject,
             InstrumentHalted: self._on_status, InstrumentResumed: self._on_status, BookCleared: self._on_cleared,
-            Deposited: self._on_reject, Withdrawn: self._on_reject}  # money moves no book and is not public
-        for r in state.orders:
+            Deposited: self._on_reject, Withdrawn: self._on_reject,  # money moves no book and is not public
+            OrderTriggered: self._on_trigger, OrderReplenished: self._on_replenish}
+        for r in state.orders:  # an iceberg's remaining_lots is its shown slice
             buy = r.side == "buy"
-            self._orders[r.order_id] = [buy, r.price_ticks, r.remaining_lots]
+            self._orders[r.order_id] = [buy, r.price_ticks, r.remaining_lots, r.hidden_lots, r.display_lots]
             self._change(buy, r.price_ticks, r.remaining_lots)
+        for stop in state.stops:
+            self._stops[stop.order_id] = TimeInForce(stop.tif)
         self._touched.clear()
         self._top = {True: self._top_prices(True), False: self._top_prices(False)}
         self._bbo = self._best()
@@ -203,7 +228,7 @@ class MarketData:
     # -------------------------------------------------------------- events
 
     def _on_fill(self, ev: OrderFilled, trades: list[dict[str, Any]], l3: list[dict[str, Any]]) -> None:
-        self._fill(ev)
+        taker_remaining = self._fill(ev)
         self.last_trade_id = ev.trade_id
         price, qty = self._price(ev.price_ticks), self._qty(ev.qty_lots)
         trades.append({"trade_id": ev.trade_id, "seq": ev.seq, "ts_ns": ev.ts_ns, "price": price, "qty": qty,
@@ -211,33 +236,77 @@ class MarketData:
         l3.append({"type": "filled", "seq": ev.seq, "trade_id": ev.trade_id, "price": price, "qty": qty,
                    "aggressor_side": ev.aggressor_side, "maker_order_id": ev.maker_order_id,
                    "maker_remaining": self._qty(ev.maker_remaining_lots), "taker_order_id": ev.taker_order_id,
-                   "taker_remaining": self._qty(ev.taker_remaining_lots)})
+                   "taker_remaining": self._qty(taker_remaining)})
 
     def _on_accept(self, ev: OrderAccepted, trades: list[dict[str, Any]], l3: list[dict[str, Any]]) -> None:
+        if ev.order_type in _STOPS:  # it waits unseen until triggered
+            self._stops[ev.order_id] = ev.tif
+            return
+        qty, display = ev.qty_lots, ev.display_qty_lots
+        shown = display if display and display < qty else qty
         if ev.order_type is _LIMIT and ev.tif in _RESTING_TIF:
             buy = ev.side is Side.BUY
-            self._orders[ev.order_id] = [buy, ev.price_ticks, ev.qty_lots]
-            self._change(buy, ev.price_ticks, ev.qty_lots)
+            self._orders[ev.order_id] = [buy, ev.price_ticks, shown, qty - shown, display]
+            self._change(buy, ev.price_ticks, shown)
+        elif display:
+            self._slices[ev.order_id] = display
         l3.append({"type": "accepted", "seq": ev.seq, "order_id": ev.order_id, "side": ev.side,
                    "order_type": ev.order_type, "price": self._price(ev.price_ticks) if ev.price_ticks else None,
-                   "qty": self._qty(ev.qty_lots), "tif": ev.tif})
+                   "qty": self._qty(shown), "tif": ev.tif})
+
+    def _on_trigger(self, ev: OrderTriggered, trades: list[dict[str, Any]], l3: list[dict[str, Any]]) -> None:
+        """A stop comes out of hiding as an arriving order: a market order (IOC), or a limit at its price that
+        rests like any limit order when its time in force lets it."""
+        tif = self._stops.pop(ev.order_id, None)
+        if tif is None:
+            raise MarketDataError(f"{self.symbol}: seq {ev.seq} triggers order {ev.order_id}, which is not a "
+                                  "waiting stop")
+        if ev.order_type is not _STOP_LIMIT:
+            tif = TimeInForce.IOC
+        elif tif in _RESTING_TIF:
+            buy = ev.side is Side.BUY
+            self._orders[ev.order_id] = [buy, ev.price_ticks, ev.qty_lots, 0, 0]
+            self._change(buy, ev.price_ticks, ev.qty_lots)
+        l3.append({"type": "triggered", "seq": ev.seq, "order_id": ev.order_id, "side": ev.side,
+                   "order_type": ev.order_type, "price": self._price(ev.price_ticks) if ev.price_ticks else None,
+                   "qty": self._qty(ev.qty_lots), "tif": tif})
+
+    def _on_replenish(self, ev: OrderReplenished, trades: list[dict[str, Any]], l3: list[dict[str, Any]]) -> None:
+        order = self._orders.get(ev.order_id)
+        if order is None or order[2]:
+            raise MarketDataError(f"{self.symbol}: seq {ev.seq} replenishes order {ev.order_id}, which is not an "
+                                  "iceberg whose slice was just filled")
+        order[2], order[3] = ev.shown_lots, ev.hidden_lots
+        self._change(order[0], order[1], ev.shown_lots)
+        l3.append({"type": "replenished", "seq": ev.seq, "order_id": ev.order_id, "side": ev.side,
+                   "price": self._price(ev.price_ticks), "shown": self._qty(ev.shown_lots)})
 
     def _on_cancel(self, ev: OrderCanceled, trades: list[dict[str, Any]], l3: list[dict[str, Any]]) -> None:
-        self._remove(ev.order_id)
+        if self._stops.pop(ev.order_id, None) is not None:
+            return  # a waiting stop: never seen, so never seen to go
         l3.append({"type": "canceled", "seq": ev.seq, "order_id": ev.order_id, "side": ev.side,
                    "price": self._price(ev.price_ticks) if ev.price_ticks else None,
-                   "qty": self._qty(ev.canceled_lots), "reason": ev.reason})
+                   "qty": self._qty(self._remove(ev.order_id, ev.canceled_lots)), "reason": ev.reason})
 
     def _on_expire(self, ev: OrderExpired, trades: list[dict[str, Any]], l3: list[dict[str, Any]]) -> None:
-        self._remove(ev.order_id)
+        if self._stops.pop(ev.order_id, None) is not None:
+            return
         l3.append({"type": "expired", "seq": ev.seq, "order_id": ev.order_id, "side": ev.side,
-                   "price": self._price(ev.price_ticks), "qty": self._qty(ev.expired_lots)})
+                   "price": self._price(ev.price_ticks), "qty": self._qty(self._remove(ev.order_id, ev.expired_lots))})
 
     def _on_amend(self, ev: OrderAmended, trades: list[dict[str, Any]], l3: list[dict[str, Any]]) -> None:
+        if ev.order_id in self._stops:
+            return  # a waiting stop's new stop price, price or quantity: still unseen
+        hidden = ev.hidden_lots
+        order = self._orders.get(ev.order_id)
+        if order is not None and order[4] and not ev.requeued and ev.remaining_lots - hidden == order[2]:
+            order[3] = hidden  # an iceberg's lower quantity taken from its hidden lots alone: nothing shows
+            return
         self._amend(ev)
+        # an iceberg's quantities as the public sees the order: its filled lots and its slice, never its hidden lots
         l3.append({"type": "amended", "seq": ev.seq, "order_id": ev.order_id, "side": ev.side,
                    "old_price": self._price(ev.old_price_ticks), "price": self._price(ev.price_ticks),
-                   "qty": self._qty(ev.qty_lots), "remaining": self._qty(ev.remaining_lots),
+                   "qty": self._qty(ev.qty_lots - hidden), "remaining": self._qty(ev.remaining_lots - hidden),
                    "requeued": ev.requeued})
 
     def _on_status(self, ev: InstrumentHalted | InstrumentResumed, trades: list[dict[str, Any]],
@@ -251,37 +320,56 @@ class MarketData:
     def _on_cleared(self, ev: BookCleared, trades: list[dict[str, Any]], l3: list[dict[str, Any]]) -> None:
         return None  # the operator's audit record; the cancellations that follow change the book
 
-    def _fill(self, ev: OrderFilled) -> None:
+    def _fill(self, ev: OrderFilled) -> int:
+        """Follow a fill; the taker's remaining quantity as the public sees it (an iceberg's: its slice)."""
         maker = self._orders.get(ev.maker_order_id)
         if maker is None:
             raise MarketDataError(f"{self.symbol}: seq {ev.seq} fills order {ev.maker_order_id}, which is not resting")
-        self._reduce(ev.maker_order_id, maker, ev.qty_lots, ev.maker_remaining_lots)
+        left = ev.maker_remaining_lots  # a maker iceberg's: what is left of its slice (its hidden lots stay)
+        self._change(maker[0], maker[1], left - maker[2])
+        maker[2] = left
+        if not left and not maker[3]:
+            del self._orders[ev.maker_order_id]
+        left = ev.taker_remaining_lots  # all it has open (an iceberg trades with its whole quantity)
         taker = self._orders.get(ev.taker_order_id)
         if taker is not None:  # a resting-capable order (or a re-queued amend) trading on arrival
-            self._reduce(ev.taker_order_id, taker, ev.qty_lots, ev.taker_remaining_lots)
+            display = taker[4]
+            shown = display if display and display < left else left
+            self._change(taker[0], taker[1], shown - taker[2])
+            taker[2], taker[3] = shown, left - shown
+            if not left:
+                del self._orders[ev.taker_order_id]
+            return shown
+        display = self._slices.get(ev.taker_order_id, 0)
+        if display:
+            if not left:
+                del self._slices[ev.taker_order_id]
+            return display if display < left else left
+        return left
 
-    def _reduce(self, order_id: int, order: list[Any], lots: int, left: int) -> None:
-        self._change(order[0], order[1], -lots)
-        order[2] = left
-        if not left:
-            del self._orders[order_id]
-
-    def _remove(self, order_id: int) -> None:
+    def _remove(self, order_id: int, lots: int) -> int:
+        """Take an order off the view; what of its ``lots`` (all it had open) the public saw go."""
         order = self._orders.pop(order_id, None)
-        if order is not None:  # else an IOC/FOK/market remainder that never rested
+        if order is not None:
             self._change(order[0], order[1], -order[2])
+            return int(order[2])
+        display = self._slices.pop(order_id, 0)  # else an IOC/FOK/market remainder that never rested
+        return display if display and display < lots else lots
 
     def _amend(self, ev: OrderAmended) -> None:
         order = self._orders.get(ev.order_id)
         if order is None:
             raise MarketDataError(f"{self.symbol}: seq {ev.seq} amends order {ev.order_id}, which is not resting")
+        shown = ev.remaining_lots - ev.hidden_lots
         self._change(order[0], order[1], -order[2])
-        order[1], order[2] = ev.price_ticks, ev.remaining_lots
-        self._change(order[0], ev.price_ticks, ev.remaining_lots)
+        order[1], order[2], order[3] = ev.price_ticks, shown, ev.hidden_lots
+        self._change(order[0], ev.price_ticks, shown)
 
     # -------------------------------------------------------------- levels
 
     def _change(self, buy: bool, price: int, delta: int) -> None:
+        if not delta:  # (an iceberg trading on arrival still shows a whole slice)
+            return
         side, key = (self.bids, -price) if buy else (self.asks, price)
         total = side.get(key, 0) + delta
         if total:

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
-from exchange.core.events import Event, OrderAccepted, OrderFilled, OrderRejected
+from exchange.core.events import Event, OrderAccepted, OrderFilled, OrderRejected, OrderTriggered
 
 __all__ = ["BulkHistogram", "Metrics"]
 
@@ -74,6 +74,9 @@ class Metrics:
                                        ["instrument"], registry=r)
         self.orders_accepted = Counter("exchange_orders_accepted_total", "Orders accepted", ["instrument"],
                                        registry=r)
+        self.orders_triggered = Counter("exchange_orders_triggered_total",
+                                        "Stop and stop-limit orders triggered (each then trades as a new order)",
+                                        ["instrument"], registry=r)
         self.orders_rejected = Counter("exchange_orders_rejected_total", "Commands rejected, by reason",
                                        ["instrument", "reason"], registry=r)
         self.trades = Counter("exchange_trades_total", "Trades (fills)", ["instrument"], registry=r)
@@ -217,7 +220,7 @@ class Metrics:
         self.commit_seconds.observe(seconds)
 
     def count_events(self, instrument: str, events: Iterable[Event]) -> None:
-        accepted = trades = lots = matched = 0
+        accepted = trades = lots = matched = triggered = 0
         taker = None
         n = 0
         for event in events:
@@ -231,12 +234,16 @@ class Metrics:
                 if event.taker_order_id != taker:  # type: ignore[union-attr]  # a command's fills share the taker
                     taker = event.taker_order_id  # type: ignore[union-attr]
                     matched += 1
+            elif kind is OrderTriggered:
+                triggered += 1
             elif kind is OrderRejected:
                 self.orders_rejected.labels(instrument, event.reason.value).inc()  # type: ignore[union-attr]
         if n:
             self.events.labels(instrument).inc(n)
         if accepted:
             self.orders_accepted.labels(instrument).inc(accepted)
+        if triggered:
+            self.orders_triggered.labels(instrument).inc(triggered)
         if trades:
             self.trades.labels(instrument).inc(trades)
             self.traded_lots.labels(instrument).inc(lots)

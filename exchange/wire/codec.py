@@ -31,7 +31,8 @@ the core its cheap immutable structs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -256,21 +257,39 @@ def _place(msg: Mapping[str, Any], spec: Instrument, client_id: str, client_orde
     if not isinstance(expire_ns, int) or isinstance(expire_ns, bool) or not 0 <= expire_ns <= MAX_TS_NS:
         raise _FieldError(RejectReason.INVALID_EXPIRY, f"expire_ns must be an integer time in nanoseconds between 0 "
                           f"and {MAX_TS_NS} (the year 2100); got {quote(expire_ns)}")
-    if market:
+    stop = order_type is OrderType.STOP
+    if market or stop:
         if msg.get("price") is not None:
-            raise _FieldError(RejectReason.INVALID_PRICE, "market orders take no price")
+            raise _FieldError(RejectReason.INVALID_PRICE, "market orders take no price" if market else
+                              "stop orders take no price (triggered, one trades as a market order): use stop_limit")
         price = 0
     else:
         price = spec.price_to_ticks(msg.get("price"))
     qty = spec.qty_to_lots(msg.get("qty"))
+    # a stop price on a limit order, or a display quantity on a stop, is on the grid here and refused by the core
+    stop_price = 0
+    if stop or order_type is OrderType.STOP_LIMIT or msg.get("stop_price") is not None:
+        stop_price = _named(spec.price_to_ticks, msg.get("stop_price"), "price", "stop_price")
+    display = 0 if msg.get("display_qty") is None else _named(spec.qty_to_lots, msg["display_qty"], "quantity",
+                                                               "display_qty")
     funds = 0
     if msg.get("funds") is not None:
-        if not (spec.balances and market and side is Side.BUY):
-            raise _FieldError(RejectReason.INVALID_ORDER, "funds (a budget in the quote asset) is for market buys on "
-                              "an instrument that keeps balances")
+        if not (spec.balances and (market or stop) and side is Side.BUY):
+            raise _FieldError(RejectReason.INVALID_ORDER, "funds (a budget in the quote asset) is for market and "
+                              "stop buys on an instrument that keeps balances")
         funds = spec.amount_to_units(spec.quote_asset, msg["funds"])
     return PlaceOrder(spec.symbol, client_id, client_order_id, side, order_type, price, qty, tif, ts_ns,
-                      post_only, stp, expire_ns, funds)
+                      post_only, stp, expire_ns, funds, stop_price, display)
+
+
+def _named(convert: Callable[[object], int], value: object, what: str, name: str) -> int:
+    """``convert(value)`` (a price or quantity on the instrument's grid), with a refusal's text naming the field
+    ``name`` instead of the ``what`` the instrument names (``stop_price 1.001 is not a multiple of 0.01``)."""
+    try:
+        return convert(value)
+    except ConversionError as exc:
+        raise ConversionError(exc.reason, name + exc.text[len(what):] if exc.text.startswith(what) else exc.text
+                              ) from None
 
 
 def _transfer(op: str, msg: Mapping[str, Any], spec: Instrument, client_id: str, ts_ns: int) -> Command:
@@ -312,9 +331,11 @@ def _cancel_or_amend(op: str, msg: Mapping[str, Any], spec: Instrument, client_i
         return CancelOrder(spec.symbol, client_id, client_order_id, order_id, ts_ns)
     price = None if msg.get("price") is None else spec.price_to_ticks(msg["price"])
     qty = None if msg.get("qty") is None else spec.qty_to_lots(msg["qty"])
-    if price is None and qty is None:
-        raise _FieldError(RejectReason.INVALID_AMEND, "amend needs a new price or a new qty")
-    return AmendOrder(spec.symbol, client_id, client_order_id, order_id, price, qty, ts_ns)
+    stop_price = None if msg.get("stop_price") is None else _named(spec.price_to_ticks, msg["stop_price"], "price",
+                                                                   "stop_price")
+    if price is None and qty is None and stop_price is None:
+        raise _FieldError(RejectReason.INVALID_AMEND, "amend needs a new price, stop_price or qty")
+    return AmendOrder(spec.symbol, client_id, client_order_id, order_id, price, qty, ts_ns, stop_price)
 
 
 # ------------------------------------------------------------------ events out
@@ -329,16 +350,19 @@ _SOMETIMES = frozenset({"funds", "transfer_id"})  # on the wire only when set, o
 
 
 def _plan(cls: type[Any]) -> tuple[tuple[str, str, str], ...]:
-    """``(field, wire name, kind)`` of every field of an event class; kind "price", "qty", a balance kind
-    (see ``_MONEY``), "sometimes" (:data:`_SOMETIMES`) or "" (as it is)."""
+    """``(field, wire name, kind)`` of every field of an event class; kind "price", "qty", "price?" or "qty?"
+    (one with a default of 0, such as an ``accepted`` event's ``stop_price``: on the wire only when set, so
+    the events of orders that do not use it encode as before), a balance kind (see ``_MONEY``), "sometimes"
+    (:data:`_SOMETIMES`) or "" (as it is)."""
     plan = _PLANS.get(cls)
     if plan is None:
         fields = []
         for f in msgspec.structs.fields(cls):
+            optional = "?" if f.default is not msgspec.NODEFAULT and f.default == 0 else ""
             if f.name.endswith("_ticks"):
-                fields.append((f.name, f.name[: -len("_ticks")], "price"))
+                fields.append((f.name, f.name[: -len("_ticks")], "price" + optional))
             elif f.name.endswith("_lots"):
-                fields.append((f.name, f.name[: -len("_lots")], "qty"))
+                fields.append((f.name, f.name[: -len("_lots")], "qty" + optional))
             elif f.name in _SOMETIMES:
                 fields.append((f.name, f.name, "sometimes"))
             elif f.name in _MONEY:
@@ -366,7 +390,9 @@ def event_to_wire(event: Event, spec: Instrument | None) -> dict[str, Any]:
 
     The balance fields (``reserved``, ``released``, ``maker_fee``, ``taker_fee``, ``balances``, a
     deposit's ``amount``) are decimal strings in their asset and present on an instrument that keeps
-    balances only; ``funds`` and ``transfer_id`` are present when set. Without ``spec`` (an unknown
+    balances only; ``funds`` and ``transfer_id`` are present when set, and so are the order-type fields
+    (an ``accepted`` event's ``stop_price`` and ``display_qty``, an ``amended`` one's ``stop_price`` and
+    ``hidden``). Without ``spec`` (an unknown
     instrument) numbers stay integers and unset fields are left out."""
     out: dict[str, Any] = {"type": type(event).__struct_config__.tag}
     money = spec is not None and spec.balances
@@ -383,6 +409,11 @@ def event_to_wire(event: Event, spec: Instrument | None) -> dict[str, Any]:
                 continue
             if name == "funds" and spec is not None:
                 value = spec.units_to_amount(spec.quote_asset, value)
+        elif kind in ("price?", "qty?"):
+            if not value:
+                continue
+            if spec is not None:
+                value = spec.ticks_to_price(value) if kind == "price?" else spec.lots_to_qty(value)
         elif money:
             assert spec is not None
             value = _money(kind, value, event, spec)
@@ -414,22 +445,38 @@ class WireEncoder:
 
     def __init__(self, spec: Instrument) -> None:
         self._spec = spec
-        self._plans: dict[type[Any], tuple[str, tuple[tuple[str, str], ...]]] = {}
+        self._plans: dict[type[Any], tuple[str, tuple[tuple[str, str, Callable[[int], str] | None], ...]]] = {}
         self._prices: dict[int, str] = {}
         self._qtys: dict[int, str] = {}
+
+    def _plan(self, cls: type[Any]) -> tuple[str, tuple[tuple[str, str, Callable[[int], str] | None], ...]]:
+        """``(tag, ((wire name, kind, convert), ...))``: :func:`_plan`'s kinds with those left out ("skip": the
+        balance fields without balances) and those on the wire only when set ("sometimes", with the
+        converter of their value if it is one) told apart once per class."""
+        spec = self._spec
+        fields: list[tuple[str, str, Callable[[int], str] | None]] = []
+        for name, wire, kind in _plan(cls):
+            if kind in ("", "price", "qty"):
+                fields.append((wire, kind, None))
+            elif kind in ("sometimes", "price?", "qty?"):
+                convert = {"price?": spec.ticks_to_price, "qty?": spec.lots_to_qty}.get(kind)
+                if name == "funds":
+                    convert = functools.partial(spec.units_to_amount, spec.quote_asset)
+                fields.append((wire, "sometimes", convert))
+            else:  # without balances, the balance fields are left out
+                fields.append((wire, kind if spec.balances else "skip", None))
+        plan = self._plans[cls] = (str(cls.__struct_config__.tag), tuple(fields))
+        return plan
 
     def encode(self, event: Event) -> bytes:
         cls = type(event)
         plan = self._plans.get(cls)
         if plan is None:
-            money = self._spec.balances  # without balances, the balance fields are left out
-            plan = self._plans[cls] = (str(cls.__struct_config__.tag), tuple(
-                (wire, kind if money or kind in ("", "price", "qty", "sometimes") else "skip")
-                for _, wire, kind in _plan(cls)))
+            plan = self._plan(cls)
         tag, fields = plan
         out: dict[str, Any] = {"type": tag}
         prices, qtys = self._prices, self._qtys
-        for (wire_name, kind), value in zip(fields, msgspec.structs.astuple(event), strict=True):
+        for (wire_name, kind, convert), value in zip(fields, msgspec.structs.astuple(event), strict=True):
             if kind:
                 if kind == "price":
                     if value == 0 or value is None:
@@ -452,8 +499,8 @@ class WireEncoder:
                 elif kind == "skip" or (kind == "sometimes" and not value):
                     continue
                 elif kind == "sometimes":
-                    if wire_name == "funds":
-                        value = self._spec.units_to_amount(self._spec.quote_asset, value)
+                    if convert is not None:
+                        value = convert(value)
                 else:
                     value = _money(kind, value, event, self._spec)
             out[wire_name] = value
