@@ -208,7 +208,8 @@ def run_order_types(plain: list[Command], typed: list[Command], repeat: int, chu
     """The plain flow and the flow with stops and icebergs, each on its own engine, interleaved ``chunk`` commands
     at a time (which goes first alternates); per pass the ratio of their commands per second, the median of the
     passes is the figure."""
-    ratios, rates = [], []
+    ratios, rates, event_ratios = [], [], []
+    events: dict[str, int] = {}
     for run in range(repeat):
         engines = {"plain": MatchingEngine(SPEC), "typed": MatchingEngine(SPEC)}
         flows = {"plain": plain, "typed": typed}
@@ -223,7 +224,10 @@ def run_order_types(plain: list[Command], typed: list[Command], repeat: int, chu
                     apply(cmd)
                 elapsed[mode] += time.perf_counter() - start
         typed_engine = engines["typed"]
+        for mode, engine in engines.items():
+            events[mode] = engine.seq
         ratios.append((len(typed) / elapsed["typed"]) / (len(plain) / elapsed["plain"]))
+        event_ratios.append((events["typed"] / elapsed["typed"]) / (events["plain"] / elapsed["plain"]))
         rates.append((len(plain) / elapsed["plain"], len(typed) / elapsed["typed"]))
         print(f"  pass {run + 1}/{repeat}: plain {rates[-1][0]:,.0f} commands/s, with order types {rates[-1][1]:,.0f}, "
               f"ratio {ratios[-1]:.3f}", file=sys.stderr, flush=True)
@@ -235,6 +239,8 @@ def run_order_types(plain: list[Command], typed: list[Command], repeat: int, chu
           f"({typed_engine.next_trade_id - 1:,} trades, {len(typed_engine.export_state().stops):,} stops waiting at "
           f"the end); with / without: {ratios[mid]:.3f} (median of {repeat} passes, {min(ratios):.3f} - "
           f"{max(ratios):.3f}); that pass: {rates[mid][0]:,.0f} commands/s without, {rates[mid][1]:,.0f} with")
+    print(f"events: {events['plain']:,} without, {events['typed']:,} with; events per second with / without: "
+          f"{sorted(event_ratios)[len(event_ratios) // 2]:.3f} (median)")
 
 
 def profile(commands: list[Command], top: int = 12) -> None:
@@ -403,7 +409,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--commands", type=int, default=200_000)
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs; the best is reported")
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs; the best is reported (with --baseline, "
+                        "pairs of runs; their median ratio)")
     parser.add_argument("--baseline", action="store_true", help="also time the bare loop with no events")
     parser.add_argument("--memory", action="store_true", help="measure one million resting orders instead")
     parser.add_argument("--decode", action="store_true", help="time wire message -> command instead")
@@ -437,17 +444,30 @@ def main() -> None:
         print(f"generating {args.commands:,} commands with stops and icebergs (seed {args.seed})", file=sys.stderr)
         run_order_types(commands, generate(args.commands, args.seed, order_types=True), max(args.repeat, 5))
         return
-    best = float("inf")
+    best = best_base = float("inf")
+    ratios = []
     for run in range(args.repeat):
+        # with --baseline, each run is a pair (which goes first alternates): the ratio of the pair is the figure
+        base = run_baseline(commands) if args.baseline and run % 2 else None
         elapsed, n_events, n_trades, engine = run_core(commands)
+        if args.baseline and base is None:
+            base = run_baseline(commands)
         best = min(best, elapsed)
-        print(f"  run {run + 1}/{args.repeat}: {len(commands) / elapsed:,.0f} commands/s", file=sys.stderr)
+        note = ""
+        if base is not None:
+            best_base = min(best_base, base)
+            ratios.append(base / elapsed)
+            note = f", bare loop {len(commands) / base:,.0f}: {ratios[-1]:.3f}"
+        print(f"  run {run + 1}/{args.repeat}: {len(commands) / elapsed:,.0f} commands/s{note}", file=sys.stderr)
     print(f"core: {len(commands):,} commands, {n_events:,} events, {n_trades:,} trades, "
           f"{len(engine.book):,} resting at the end, state {engine.state_hash()}")
     print(f"core: {len(commands) / best:,.0f} commands/s ({n_events / best:,.0f} events/s), best of {args.repeat}")
     if args.baseline:
-        base = min(run_baseline(commands) for _ in range(args.repeat))
-        print(f"baseline (SortedDict of deques, no events): {len(commands) / base:,.0f} commands/s")
+        print(f"baseline (SortedDict of deques, no events): {len(commands) / best_base:,.0f} commands/s, best of "
+              f"{args.repeat}")
+        ratios.sort()
+        print(f"core / baseline: {ratios[len(ratios) // 2]:.3f} (median of {len(ratios)} pairs, "
+              f"{ratios[0]:.3f} - {ratios[-1]:.3f})")
 
 
 if __name__ == "__main__":
