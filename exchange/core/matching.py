@@ -529,7 +529,7 @@ class MatchingEngine:
                         while buy_keys and buy_keys[0][0][0] <= price:
                             queue.append((stops.pop(buys.pop(0)[2]), event.trade_id, price))
                         lowest_buy = buy_keys[0][0][0] if buy_keys else _NO_LIMIT
-                    elif highest_sell >= price:
+                    if highest_sell >= price:  # (both sides at once: stops placed before the first trade)
                         while sell_keys and -sell_keys[0][0][0] >= price:
                             queue.append((stops.pop(sells.pop(0)[2]), event.trade_id, price))
                         highest_sell = -sell_keys[0][0][0] if sell_keys else _NOTHING
