@@ -57,7 +57,7 @@ from typing import Any
 from sortedcontainers import SortedList
 
 from exchange.core.balances import Ledger, ceil_bps, refused, transferred
-from exchange.core.book import Iceberg, Order, OrderBook, Stop, waiting_stop
+from exchange.core.book import Iceberg, Level, Order, OrderBook, Stop, waiting_stop
 from exchange.core.commands import (
     AmendOrder,
     CancelAll,
@@ -307,7 +307,7 @@ class MatchingEngine:
         # (well-typed GTC/IOC limit, fresh id) passes the first test alone.
         live = self._live.get(client)
         if not (
-            (side is BUY or side is SELL)
+            side.__class__ is Side
             and otype is LIMIT
             and (tif is GTC or (tif is IOC and not post_only))
             and not expire_ns
@@ -410,15 +410,26 @@ class MatchingEngine:
                 self._cancel_remainder(events, ts, oid, client, coid, side, price, remaining,
                                        CancelReason.SELF_TRADE, rate)
             elif tif is GTC or tif is GTD:
+                # OrderBook.add, written out: the order joins the back of its level (the level's own price object)
+                book = self.book
+                levels = book.bids if buy else book.asks
+                level = levels.get(-limit_key)  # (bids are keyed by -price, asks by price)
+                if level is None:
+                    level = levels[-limit_key] = Level(price)
                 order: Order
                 if display:  # an iceberg: its first slice shows
                     shown = display if display < remaining else remaining
-                    order = Iceberg(oid, client, coid, side, price, qty, shown, priority, expire_ns, post_only, stp,
-                                    rate, display, remaining - shown)
+                    order = Iceberg(oid, client, coid, side, level.price, qty, shown, priority, expire_ns, post_only,
+                                    stp, rate, display, remaining - shown)
+                    level.total_lots += shown
+                    level.hidden += remaining - shown
                 else:
-                    order = Order(oid, client, coid, side, price, qty, remaining, priority, expire_ns, post_only,
+                    order = Order(oid, client, coid, side, level.price, qty, remaining, priority, expire_ns, post_only,
                                   stp, rate)
-                self.book.add(order)
+                    level.total_lots += remaining
+                level.orders.append(order)
+                level.count += 1
+                book.orders[oid] = order
                 if not live:  # none, or emptied (and dropped) by self-trade prevention while this one matched
                     live = self._live[client] = {}
                 live[coid] = order
