@@ -20,7 +20,19 @@ the invariants that must hold whatever the command was:
 - every fill is between opposite sides, at a price the taker accepted, and
   never between two orders of one owner when the taker asked for STP;
 - the dedupe window (``export_state().done``) is the reference's, which
-  recomputes the rule from the whole history of finished orders.
+  recomputes the rule from the whole history of finished orders;
+- stops and icebergs: the waiting stops (``export_state().stops``, every field,
+  priority included) and the last trade price are the reference's; each
+  resting iceberg's display, shown and hidden lots are the reference's; a
+  ``triggered`` event names a trade of the same command whose price meets the
+  stop's condition, comes once per stop, and only a triggered stop ever trades;
+  an iceberg maker's fill leaves at most its slice showing, and one that leaves
+  nothing showing while lots are open is followed at once by its
+  ``replenished`` event, whose shown + hidden lots are all that is open; a
+  level's hidden total is its icebergs' hidden lots; waiting stops count as
+  open in the conservation of quantity;
+- after every command, ``MatchingEngine.from_state(spec, engine.export_state())``
+  has the engine's state hash.
 
 On an instrument with balances (:meth:`Harness.check_balances`), also:
 
@@ -31,7 +43,8 @@ On an instrument with balances (:meth:`Harness.check_balances`), also:
 - each client's reserved amounts equal what its open orders hold: ``remaining *
   rate`` of its buys (quote) and of its sells (base, a rate of 1), with the rate
   the reference computed for each order (and the engine's stored rate equal to
-  it);
+  it), an iceberg's hidden lots included; a waiting stop holds the same at its
+  price, a stop buy its budget (``funds``);
 - the engine's accounts, fees account and remembered transfer ids equal the
   reference's;
 - the ``balances`` carried by the events, applied in order, give exactly the
@@ -66,6 +79,8 @@ from exchange.core.events import (
     OrderExpired,
     OrderFilled,
     OrderRejected,
+    OrderReplenished,
+    OrderTriggered,
     Withdrawn,
 )
 from exchange.core.instruments import Instrument
@@ -73,7 +88,7 @@ from exchange.core.matching import MatchingEngine
 from exchange.core.state import EngineState
 from exchange.core.types import OrderType, RejectReason, Side, StpMode
 
-from .reference import ReferenceBook
+from .reference import ReferenceBook, RefStop
 
 __all__ = ["SPECS", "Harness", "fmt_command", "normalise"]
 
@@ -144,9 +159,21 @@ class _Ledger:
     total: int
     expire_ns: int
     queued_seq: int  # seq of the event that last queued it: its time priority if it rests
+    stop: int = 0  # a stop's stop price
+    display: int = 0  # an iceberg's slice
     filled: int = 0
     canceled: int = 0
     expired: int = 0
+    triggered: bool = False
+
+    @property
+    def open(self) -> int:
+        return self.total - self.filled - self.canceled - self.expired
+
+    @property
+    def waits(self) -> bool:
+        """A stop not triggered yet (it must not trade)."""
+        return self.order_type in (OrderType.STOP, OrderType.STOP_LIMIT) and not self.triggered
 
 
 class Harness:
@@ -164,6 +191,7 @@ class Harness:
         # as the last event that named it left it ("" is the fees account)
         self.net: dict[str, int] = {spec.base_asset: 0, spec.quote_asset: 0}
         self.told: dict[tuple[str, str], tuple[int, int]] = {}
+        self.checked_hash = self.engine.state_hash()  # the engine's state hash when it was last checked
 
     # ------------------------------------------------------------------ step
 
@@ -187,13 +215,28 @@ class Harness:
                     assert re.search(rf"\bat seq {self.ref.transfers[e.transfer_id]}\b", e.text), e
         self._track(cmd, events)
         self.check_book()
+        self.checked_hash = self.engine.state_hash()
+        restored = MatchingEngine.from_state(self.spec, self.engine.export_state())
+        assert restored.state_hash() == self.checked_hash, (
+            f"after {fmt_command(cmd)} an engine restored from the exported state hashes differently")
         return events
+
+    def unchanged(self) -> None:
+        """Nothing touched the engine or the reference since the last check (cheaper than checking again)."""
+        assert self.engine.seq == self.ref.seq == self.last_seq, (self.engine.seq, self.ref.seq, self.last_seq)
+        assert self.engine.state_hash() == self.checked_hash, "the engine changed outside a command"
 
     # -------------------------------------------------------------- tracking
 
     def _track(self, cmd: Any, events: list[Any]) -> None:
+        trades: dict[int, int] = {}  # trade id -> price, of this command
+        replenish: int | None = None  # the iceberg whose replenished event must come next
         for e in events:
             assert e.instrument == self.spec.symbol, e
+            if replenish is not None:
+                assert isinstance(e, OrderReplenished), f"iceberg {replenish}'s slice was filled, then came {e}"
+                assert e.order_id == replenish, f"iceberg {replenish}'s slice was filled, then came {e}"
+                replenish = None
             for client, asset, available, reserved in getattr(e, "balances", ()):
                 self.told[client, asset] = (available, reserved)
             if isinstance(e, Deposited | Withdrawn):
@@ -205,18 +248,37 @@ class Harness:
             if isinstance(e, OrderAccepted):
                 assert e.order_id == len(self.ledger) + 1, f"order ids not consecutive: {e.order_id}"
                 assert e.order_id not in self.ledger
-                self.ledger[e.order_id] = _Ledger(Side(e.side), e.client_id, OrderType(e.order_type),
-                                                  StpMode(e.stp), e.price_ticks, e.qty_lots, e.expire_ns, e.seq)
+                otype = OrderType(e.order_type)
+                assert bool(e.stop_price_ticks) == (otype in (OrderType.STOP, OrderType.STOP_LIMIT)), e
+                assert not e.display_qty_lots or otype == OrderType.LIMIT, e
+                self.ledger[e.order_id] = _Ledger(Side(e.side), e.client_id, otype, StpMode(e.stp), e.price_ticks,
+                                                  e.qty_lots, e.expire_ns, e.seq, e.stop_price_ticks,
+                                                  e.display_qty_lots)
+            elif isinstance(e, OrderTriggered):
+                entry = self.ledger[e.order_id]
+                assert entry.waits, f"{e}: not a waiting stop"
+                assert (e.side, e.order_type, e.stop_price_ticks, e.price_ticks, e.qty_lots) == (
+                    entry.side, entry.order_type, entry.stop, entry.limit, entry.total), e
+                assert trades.get(e.trade_id) == e.trigger_price_ticks, f"{e}: not a trade of this command"
+                if e.side == Side.BUY:
+                    assert e.trigger_price_ticks >= e.stop_price_ticks, f"buy stop triggered below its stop: {e}"
+                else:
+                    assert e.trigger_price_ticks <= e.stop_price_ticks, f"sell stop triggered above its stop: {e}"
+                entry.triggered = True
+                entry.queued_seq = e.seq
             elif isinstance(e, OrderFilled):
                 assert e.qty_lots > 0
                 assert e.trade_id == self.last_trade_id + 1, f"trade ids not consecutive: {e.trade_id}"
                 self.last_trade_id = e.trade_id
+                trades[e.trade_id] = e.price_ticks
                 maker, taker = self.ledger[e.maker_order_id], self.ledger[e.taker_order_id]
+                assert not maker.waits, f"a waiting stop traded: {e}"
+                assert not taker.waits, f"a waiting stop traded: {e}"
                 assert e.maker_order_id != e.taker_order_id
                 assert taker.side == e.aggressor_side, f"aggressor side is not the taker's: {e}"
                 assert maker.side != taker.side, f"same-side fill {e}"
                 assert maker.limit == e.price_ticks, f"fill not at the maker's price: {e}"
-                if taker.order_type == OrderType.LIMIT:
+                if taker.order_type in (OrderType.LIMIT, OrderType.STOP_LIMIT):
                     if taker.side == Side.BUY:
                         assert e.price_ticks <= taker.limit, f"buy filled above its limit: {e}"
                     else:
@@ -225,21 +287,35 @@ class Harness:
                     assert e.maker_client_id != e.taker_client_id, f"self-trade despite STP {taker.stp}: {e}"
                 maker.filled += e.qty_lots
                 taker.filled += e.qty_lots
-                assert maker.total - maker.filled - maker.canceled - maker.expired == e.maker_remaining_lots, e
-                assert taker.total - taker.filled - taker.canceled - taker.expired == e.taker_remaining_lots, e
-                if not e.maker_remaining_lots:
+                if maker.display:  # an iceberg: what is left of its slice shows
+                    assert e.maker_remaining_lots <= min(maker.open, maker.display), e
+                    if not e.maker_remaining_lots and maker.open:
+                        replenish = e.maker_order_id
+                else:
+                    assert maker.open == e.maker_remaining_lots, e
+                assert taker.open == e.taker_remaining_lots, e
+                if not maker.open:
                     self.finished.append((e.maker_client_id, e.maker_client_order_id))
                 if not e.taker_remaining_lots:
                     self.finished.append((e.taker_client_id, e.taker_client_order_id))
+            elif isinstance(e, OrderReplenished):
+                entry = self.ledger[e.order_id]
+                assert 0 < e.shown_lots <= entry.display, e
+                assert e.shown_lots + e.hidden_lots == entry.open, e
+                assert (e.price_ticks, e.side) == (entry.limit, entry.side), e
+                entry.queued_seq = e.seq
             elif isinstance(e, OrderCanceled):
                 assert e.canceled_lots > 0, e
-                self.ledger[e.order_id].canceled += e.canceled_lots
+                entry = self.ledger[e.order_id]
+                entry.canceled += e.canceled_lots
+                assert entry.open == 0, f"{e}: {entry.open} lots still open"
                 self.finished.append((e.client_id, e.client_order_id))
             elif isinstance(e, OrderExpired):
                 entry = self.ledger[e.order_id]
                 assert e.expired_lots > 0, e
                 assert 0 < entry.expire_ns <= cmd.ts_ns, f"expired early: {e}"
                 entry.expired += e.expired_lots
+                assert entry.open == 0, f"{e}: {entry.open} lots still open"
                 self.finished.append((e.client_id, e.client_order_id))
             elif isinstance(e, OrderAmended):
                 entry = self.ledger[e.order_id]
@@ -247,12 +323,24 @@ class Harness:
                 assert entry.limit == e.old_price_ticks, e
                 assert isinstance(cmd, AmendOrder), e
                 assert e.qty_lots > entry.filled, e
+                assert entry.waits or e.stop_price_ticks == 0, e
+                assert e.requeued == (e.price_ticks != e.old_price_ticks or e.qty_lots > e.old_qty_lots
+                                      or (entry.waits and e.stop_price_ticks != entry.stop)), e
                 entry.total = e.qty_lots
                 entry.limit = e.price_ticks
+                if entry.waits:
+                    assert e.stop_price_ticks > 0, e
+                    entry.stop = e.stop_price_ticks
                 if e.requeued:
                     entry.queued_seq = e.seq
-                assert e.remaining_lots == entry.total - entry.filled, e
-                assert e.requeued == (e.price_ticks != e.old_price_ticks or e.qty_lots > e.old_qty_lots), e
+                assert e.remaining_lots == entry.open, e
+                if not entry.display:
+                    assert e.hidden_lots == 0, e
+                elif e.requeued:  # what would not show if it rested as it is
+                    assert e.hidden_lots == e.remaining_lots - min(entry.display, e.remaining_lots), e
+                else:  # some of it still shows
+                    assert 0 <= e.hidden_lots < e.remaining_lots, e
+        assert replenish is None, f"iceberg {replenish} was not replenished"
         assert self.engine.seq == self.last_seq, f"engine.seq {self.engine.seq} != last event seq {self.last_seq}"
         assert self.engine.next_order_id == len(self.ledger) + 1
         assert self.engine.next_trade_id == self.last_trade_id + 1
@@ -272,6 +360,7 @@ class Harness:
                 assert live, f"empty level {level.price} kept"
                 assert level.total_lots == sum(o.remaining for o in live), f"level {level.price} total is wrong"
                 assert level.count == len(live), f"level {level.price} count is wrong"
+                assert level.hidden == sum(o.hidden for o in live), f"level {level.price} hidden total is wrong"
                 prios = [o.priority for o in live]
                 assert all(a < b for a, b in itertools.pairwise(prios)), f"not FIFO: {prios}"
                 assert all(o.price == level.price and o.side == side for o in live)
@@ -288,16 +377,29 @@ class Harness:
 
         resting = state.orders
         got = [(r.order_id, r.client_id, r.client_order_id, Side(r.side), r.price_ticks, r.qty_lots,
-                r.remaining_lots, r.expire_ns, r.post_only, StpMode(r.stp), r.rate) for r in resting]
-        want = [(o.order_id, o.client_id, o.client_order_id, o.side, o.price, o.qty, o.remaining, o.expire_ns,
-                 o.post_only, o.stp, o.rate) for o in ref.orders()]
+                r.remaining_lots, r.display_lots, r.hidden_lots, r.priority, r.expire_ns, r.post_only,
+                StpMode(r.stp), r.rate) for r in resting]
+        want = [(o.order_id, o.client_id, o.client_order_id, o.side, o.price, o.qty, o.shown, o.display, o.hidden,
+                 o.priority, o.expire_ns, o.post_only, o.stp, o.rate) for o in ref.orders()]
         assert got == want, f"resting orders differ\n engine:    {got}\n reference: {want}"
-        for r in resting:  # documented: priority = seq of the accept / re-queuing amend
+        for r in resting:  # documented: priority = seq of the accept / re-queuing amend / trigger / replenish
             assert r.priority == self.ledger[r.order_id].queued_seq, f"order {r.order_id} priority {r.priority}"
         assert len(engine.book) == len(want)
+        got_stops = [msgspec.structs.astuple(s) for s in state.stops]
+        want_stops = [(s.order_id, s.client_id, s.client_order_id, s.side, s.otype, s.stop, s.price, s.qty,
+                       s.priority, s.tif, s.expire_ns, s.stp, s.rate, s.funds)
+                      for s in sorted(ref.stops, key=lambda s: s.order_id)]
+        assert got_stops == want_stops, f"waiting stops differ\n engine:    {got_stops}\n reference: {want_stops}"
+        assert [s.order_id for s in state.stops] == [oid for oid, entry in self.ledger.items()
+                                                     if entry.waits and entry.open], "waiting stops per the events"
+        for s in state.stops:
+            assert s.priority == self.ledger[s.order_id].queued_seq, f"stop {s.order_id} priority {s.priority}"
+        assert state.last_price_ticks == engine.last_price == ref.last_price, (
+            f"last trade price: engine {engine.last_price}, reference {ref.last_price}")
 
         # conservation, from the events alone
-        open_lots = {oid: o.remaining for oid, o in engine.book.orders.items()}
+        open_lots = {oid: o.remaining + o.hidden for oid, o in engine.book.orders.items()}
+        open_lots.update((s.order_id, s.qty_lots) for s in state.stops)
         buy_filled = sell_filled = 0
         for oid, entry in self.ledger.items():
             left = open_lots.get(oid, 0)
@@ -308,8 +410,8 @@ class Harness:
                 buy_filled += entry.filled
             else:
                 sell_filled += entry.filled
-            if entry.order_type == OrderType.MARKET:
-                assert left == 0, f"market order {oid} rests"
+            if entry.order_type in (OrderType.MARKET, OrderType.STOP):  # (a waiting stop is not in the book)
+                assert oid not in engine.book.orders, f"market order {oid} rests"
         assert buy_filled == sell_filled, f"buys filled {buy_filled} != sells filled {sell_filled}"
         self.check_balances(state)
 
@@ -332,9 +434,12 @@ class Harness:
         assert sum(a[3] + a[4] for a in accounts) + fees == self.net[quote], (
             f"{quote} not conserved: deposited - withdrawn {self.net[quote]}, held {accounts} + fees {fees}")
         held: dict[str, list[int]] = {}  # client -> [base reserved, quote reserved] its open orders hold
-        for o in ref.orders():
+        for o in ref.everything():
             entry = held.setdefault(o.client_id, [0, 0])
-            if o.side == Side.BUY:
+            if o.side == Side.BUY and isinstance(o, RefStop) and o.otype == OrderType.STOP:
+                assert (o.rate, o.funds > 0) == (0, True), f"{o}: a waiting stop buy holds its budget"
+                entry[1] += o.funds
+            elif o.side == Side.BUY:
                 assert o.rate == ref.rate(Side.BUY, o.price), f"{o} holds at a rate not its price's"
                 entry[1] += o.remaining * o.rate
             else:
@@ -383,3 +488,4 @@ class Harness:
         assert restored.state_hash() == self.engine.state_hash()
         self.engine = restored
         self.check_book()
+        self.checked_hash = restored.state_hash()

@@ -88,6 +88,50 @@ again here without importing it (or the engine):
   quote, then the seller's (once if they are the same client), then the fees account ``("", quote,
   fees, 0)``; for a transfer the asset moved.
 
+Stop, stop-limit and iceberg orders (issue 21), from the rules written down for them (the design note
+and the docstrings of :mod:`exchange.core.commands` and :mod:`exchange.core.events`), again without
+the engine's code:
+
+- A stop (``stop`` or ``stop_limit``, with ``stop_price_ticks``) waits in a plain list of its own, never
+  in the book. Validation adds, after the limit price check: a stop type needs a stop price in
+  ``1..max_price`` (``invalid_price``), any other type must not name one (``invalid_order``); then
+  market + GTC/GTD, a ``stop`` with IOC/FOK, post-only on anything but a GTC/GTD limit, a display
+  quantity on anything but a limit (all ``invalid_order``), a display quantity outside
+  ``min_qty..qty`` (``invalid_quantity``); then expiry and duplicates as before. A stop whose
+  condition the last trade price already meets (buy: last >= stop, sell: last <= stop; never while no
+  trade has happened, last 0) is rejected ``stop_would_trigger``, before anything about money.
+- With balances a waiting stop holds what the order it becomes needs: a stop-limit as a limit at its
+  price, a stop sell its quantity of base, a stop buy its ``funds`` (which it must name:
+  ``invalid_order`` otherwise; a budget on any other stop is ``invalid_order`` as on any other order).
+- The last trade price is the price of the last fill of a command (cascade included). After a command
+  that traded, each of its trades in turn (and then each trade of the orders triggered by it, in the
+  same way, behind them) reaches the waiting stops its price meets: buy stops in ascending stop
+  price, then sell stops in descending stop price (the design leaves the order between the two sides
+  for one trade open; buys first is the engine's), ties by priority (the seq of the accept or of the
+  last requeuing amend). Reached stops leave the waiting list at once and fire one by one: a
+  ``triggered`` event (its seq is the order's priority if it rests), then the order trades as a new
+  taker would: a ``stop`` as a market IOC order (band from the book as it is then), a ``stop_limit``
+  as a limit at its price with its time in force (FOK decided on a copy, GTC/GTD rest).
+- Waiting stops are canceled (by cancel, cancel-all in order id order with the book's orders, clear
+  after the book's orders in order id order, counted in ``cleared``), expire (GTD, with the book's
+  orders in (expiry, order id) order), and are amended: stop price, a stop-limit's price, quantity
+  (a price for a ``stop`` is ``invalid_amend``); checks: nothing named (``invalid_amend``), price for a
+  stop, stop price range, price range, quantity range, no change, ``stop_would_trigger`` for the new
+  stop price, then money (a new rate at the new price; a budget does not change); a new stop price
+  or price or a larger quantity takes the amend's seq as priority. The ``amended`` event names the
+  stop price after the amend (0 for non-stops); an amend naming a stop price for an order in the
+  book is ``invalid_amend`` (before any other check).
+- An iceberg is a limit order with ``display_qty_lots``: ``remaining`` is all it has open,
+  ``hidden`` the part that does not show, so what shows is ``remaining - hidden`` (at most the
+  display quantity). As a taker it uses all of it. A maker whose shown part is filled to 0 with some
+  hidden left shows ``min(display, hidden)`` more, announced by a ``replenished`` event right after
+  that fill, and goes to the back of its level with that event's seq as priority; the fill's
+  ``maker_remaining_lots`` is what is left of the shown part. Cancel, expiry, clear and self-trade
+  prevention take all that is open. An amend works on the total: a lower one takes hidden lots
+  first, then shown ones, and keeps the place; a requeuing one reports ``hidden_lots`` = open -
+  min(display, open), trades with all that is open, and rests showing min(display, what is left).
+  FOK and self-trade prevention see hidden quantity exactly as the match on the copy takes it.
+
 Rejection ``text`` is free-form prose: the reference leaves it empty and the
 tests compare rejections with the text blanked out.
 """
@@ -123,12 +167,14 @@ from exchange.core.events import (
     OrderExpired,
     OrderFilled,
     OrderRejected,
+    OrderReplenished,
+    OrderTriggered,
     Withdrawn,
 )
 from exchange.core.instruments import MAX_AMOUNT_UNITS
 from exchange.core.types import CancelReason, OrderType, RejectReason, Side, StpMode, TimeInForce
 
-__all__ = ["RefOrder", "ReferenceBook", "dedupe_window"]
+__all__ = ["RefOrder", "RefStop", "ReferenceBook", "dedupe_window"]
 
 
 def dedupe_window(history: list[tuple[str, str, int]], size: int, per_client: int) -> list[tuple[str, str, int]]:
@@ -159,6 +205,45 @@ class RefOrder:
     post_only: bool
     stp: StpMode
     rate: int = 0  # balances: what each open lot holds (a buy: quote units; a sell: 1 lot of base)
+    priority: int = 0  # the seq of the event that queued it (accept, requeuing amend, trigger, replenish)
+    display: int = 0  # an iceberg's slice size (0: not an iceberg)
+    hidden: int = 0  # an iceberg's open lots that do not show
+
+    @property
+    def shown(self) -> int:
+        return self.remaining - self.hidden
+
+
+@dataclass
+class RefStop:
+    """A waiting stop or stop-limit order (never in the book)."""
+
+    order_id: int
+    client_id: str
+    client_order_id: str
+    side: Side
+    otype: OrderType
+    stop: int
+    price: int  # a stop-limit's limit; 0 for a stop
+    qty: int
+    priority: int
+    tif: TimeInForce
+    expire_ns: int
+    stp: StpMode
+    rate: int = 0  # balances: what each lot holds (0 for a stop buy: its funds hold)
+    funds: int = 0
+
+    @property
+    def remaining(self) -> int:  # (nothing of a waiting stop has filled)
+        return self.qty
+
+    def reached(self, price: int) -> bool:
+        return _reaches(self.side, self.stop, price)
+
+
+def _reaches(side: Side, stop: int, price: int) -> bool:
+    """Does a trade at ``price`` meet the condition of a ``side`` stop at ``stop``?"""
+    return price >= stop if side == Side.BUY else price <= stop
 
 
 def _enum(enum: type[Any], value: object) -> Any:
@@ -222,6 +307,10 @@ class ReferenceBook:
         self.deposited: dict[str, int] = {spec.base_asset: 0, spec.quote_asset: 0}  # deposits - withdrawals
         self.transfers: dict[str, int] = {}  # transfer id -> seq of the event that decided it
         self.budget = 0  # what the incoming market buy's budget has left, while it trades
+        # order types
+        self.stops: list[RefStop] = []  # the waiting stops, in no particular order
+        self.last_price = 0  # the price of the last fill (0: nothing ever traded)
+        self.trades: list[tuple[int, int]] = []  # (trade id, price) of the current command's fills
 
     # ------------------------------------------------------------ queries
 
@@ -241,14 +330,18 @@ class ReferenceBook:
     def opposite(self, side: Side) -> list[RefOrder]:
         return self.side_list(Side.SELL if side == Side.BUY else Side.BUY)
 
-    def live(self, client: str, coid: str) -> RefOrder | None:
-        for o in self.orders():
+    def everything(self) -> list[RefOrder | RefStop]:
+        """Every open order: the book's, then the waiting stops (by order id)."""
+        return [*self.orders(), *sorted(self.stops, key=lambda s: s.order_id)]
+
+    def live(self, client: str, coid: str) -> RefOrder | RefStop | None:
+        for o in self.everything():
             if o.client_id == client and o.client_order_id == coid:
                 return o
         return None
 
-    def by_id(self, oid: object) -> RefOrder | None:
-        for o in self.orders():
+    def by_id(self, oid: object) -> RefOrder | RefStop | None:
+        for o in self.everything():
             if o.order_id == oid:
                 return o
         return None
@@ -333,13 +426,21 @@ class ReferenceBook:
             out += [self.balance(client, self.base), self.balance(client, self.quote)]
         return [*out, ("", self.quote, self.fees, 0)]
 
-    def _released(self, order: RefOrder, left: int) -> dict[str, Any]:
-        """Release what ``left`` open lots of a resting ``order`` hold; the event's balance fields."""
+    def held(self, order: RefOrder | RefStop) -> int:
+        """What an open order holds: its open lots at its rate, or a waiting stop buy's budget."""
+        if isinstance(order, RefStop) and order.funds:
+            return order.funds
+        return order.remaining * order.rate
+
+    def _released(self, order: RefOrder | RefStop, left: int) -> dict[str, Any]:
+        """Release what ``left`` open lots of a resting ``order`` (or all of a waiting stop) hold; the event's
+        balance fields."""
         if not self.balances:
             return {}
         asset = self.asset_of(order.side)
-        self.move(order.client_id, asset, -left * order.rate)
-        return {"released": left * order.rate, "balances": [self.balance(order.client_id, asset)]}
+        amount = self.held(order) if isinstance(order, RefStop) else left * order.rate
+        self.move(order.client_id, asset, -amount)
+        return {"released": amount, "balances": [self.balance(order.client_id, asset)]}
 
     # ------------------------------------------------------------ mutation helpers
 
@@ -363,8 +464,10 @@ class ReferenceBook:
                                                             self.spec.dedupe_per_client))
         return self._done[1]
 
-    def _take_out(self, order: RefOrder) -> None:
-        lst = self.bids if order.side == Side.BUY else self.asks
+    def _take_out(self, order: RefOrder | RefStop) -> None:
+        lst: list[Any] = self.bids if order.side == Side.BUY else self.asks
+        if isinstance(order, RefStop):
+            lst = self.stops
         for i, o in enumerate(lst):
             if o is order:
                 del lst[i]
@@ -391,6 +494,7 @@ class ReferenceBook:
 
     def apply(self, cmd: Any) -> list[Any]:
         self.events = []
+        self.trades = []
         self.ts = cmd.ts_ns
         self._expire()
         instrument = cmd.instrument
@@ -427,12 +531,57 @@ class ReferenceBook:
                        command=cmd.command, reason=cmd.reason, text="", transfer_id=cmd.transfer_id)
         else:
             raise TypeError(cmd)
+        self._trigger()
         return self.events
+
+    # ------------------------------------------------------------ stops
+
+    def _trigger(self) -> None:
+        """Fire the waiting stops the command's trades reached, trade by trade, until no trade reaches any."""
+        queue: list[tuple[RefStop, int, int]] = []
+        looked = 0  # trades looked at so far
+        while True:
+            for trade_id, price in self.trades[looked:]:
+                buys = sorted((s for s in self.stops if s.side == Side.BUY and s.reached(price)),
+                              key=lambda s: (s.stop, s.priority))
+                sells = sorted((s for s in self.stops if s.side == Side.SELL and s.reached(price)),
+                               key=lambda s: (-s.stop, s.priority))
+                for s in [*buys, *sells]:
+                    self._take_out(s)
+                    queue.append((s, trade_id, price))
+            looked = len(self.trades)
+            if not queue:
+                break
+            self._fire(*queue.pop(0))
+        if self.trades:
+            self.last_price = self.trades[-1][1]
+
+    def _fire(self, stop: RefStop, trade_id: int, price: int) -> None:
+        """A reached stop becomes a taker: a market IOC order (``stop``) or a limit at its price with its time in
+        force (``stop_limit``)."""
+        self._emit(OrderTriggered, order_id=stop.order_id, client_id=stop.client_id,
+                   client_order_id=stop.client_order_id, side=stop.side, order_type=stop.otype,
+                   stop_price_ticks=stop.stop, price_ticks=stop.price, qty_lots=stop.qty, trade_id=trade_id,
+                   trigger_price_ticks=price)
+        priority = self.seq
+        if stop.otype == OrderType.STOP:
+            tif = TimeInForce.IOC
+            can_trade, limit = self._market_limit(stop.side)
+        else:
+            tif = stop.tif
+            can_trade, limit = True, Fraction(stop.price)
+        ok = self._acceptable(stop.side, limit)
+        opp = self.opposite(stop.side)
+        crosses = can_trade and bool(opp) and ok(opp[0].price)
+        self.budget = stop.funds
+        self._take(stop.order_id, stop.client_id, stop.client_order_id, stop.side, stop.price, stop.qty, tif,
+                   stop.stp, stop.rate, stop.funds > 0, ok, crosses, stop.expire_ns, False, 0, priority)
 
     # ------------------------------------------------------------ expiry
 
     def _expire(self) -> None:
-        due = [o for o in self.orders() if o.gtd and o.expire_ns <= self.ts]
+        due: list[RefOrder | RefStop] = [o for o in self.orders() if o.gtd and o.expire_ns <= self.ts]
+        due += [s for s in self.stops if s.tif == TimeInForce.GTD and s.expire_ns <= self.ts]
         due.sort(key=lambda o: (o.expire_ns, o.order_id))
         for o in due:
             self._take_out(o)
@@ -453,13 +602,26 @@ class ReferenceBook:
                 return RejectReason.MALFORMED
         if not _is_int(cmd.qty_lots) or not spec.min_qty_lots <= cmd.qty_lots <= spec.max_qty_lots:
             return RejectReason.INVALID_QUANTITY
-        if otype == OrderType.LIMIT and (
+        stops = (OrderType.STOP, OrderType.STOP_LIMIT)
+        if otype in (OrderType.LIMIT, OrderType.STOP_LIMIT) and (
                 not _is_int(cmd.price_ticks) or not 0 < cmd.price_ticks <= spec.max_price_ticks):
             return RejectReason.INVALID_PRICE
+        if otype in stops and (not _is_int(cmd.stop_price_ticks)
+                               or not 0 < cmd.stop_price_ticks <= spec.max_price_ticks):
+            return RejectReason.INVALID_PRICE
+        if otype not in stops and cmd.stop_price_ticks != 0:
+            return RejectReason.INVALID_ORDER
         if otype == OrderType.MARKET and tif in (TimeInForce.GTC, TimeInForce.GTD):
             return RejectReason.INVALID_ORDER
-        if cmd.post_only and (otype == OrderType.MARKET or tif not in (TimeInForce.GTC, TimeInForce.GTD)):
+        if otype == OrderType.STOP and tif in (TimeInForce.IOC, TimeInForce.FOK):
+            return RejectReason.INVALID_ORDER  # a stop waits: GTC or GTD; triggered it is IOC anyway
+        if cmd.post_only and (otype != OrderType.LIMIT or tif not in (TimeInForce.GTC, TimeInForce.GTD)):
             return RejectReason.INVALID_ORDER
+        display = cmd.display_qty_lots
+        if display != 0 and otype != OrderType.LIMIT:
+            return RejectReason.INVALID_ORDER
+        if display != 0 and (not _is_int(display) or not spec.min_qty_lots <= display <= cmd.qty_lots):
+            return RejectReason.INVALID_QUANTITY
         if tif == TimeInForce.GTD and (not _is_int(cmd.expire_ns) or cmd.expire_ns <= cmd.ts_ns or cmd.expire_ns <= 0):
             return RejectReason.INVALID_EXPIRY
         if tif != TimeInForce.GTD and cmd.expire_ns != 0:
@@ -496,6 +658,9 @@ class ReferenceBook:
         side, otype, tif = Side(cmd.side), OrderType(cmd.order_type), TimeInForce(cmd.tif)
         stp = StpMode(self.spec.stp_default if cmd.stp is None else cmd.stp)
         qty = cmd.qty_lots
+        if otype in (OrderType.STOP, OrderType.STOP_LIMIT):
+            self._place_stop(cmd, side, otype, tif, stp)
+            return
         if otype == OrderType.LIMIT:
             price = cmd.price_ticks
             can_trade, limit = True, Fraction(price)
@@ -524,7 +689,15 @@ class ReferenceBook:
             money = {"reserved": held, "funds": cmd.funds, "balances": [self.balance(client, asset)]}
         self._emit(OrderAccepted, order_id=oid, client_id=client, client_order_id=coid, side=side, order_type=otype,
                    price_ticks=price, qty_lots=qty, tif=tif, post_only=cmd.post_only, stp=stp,
-                   expire_ns=cmd.expire_ns, **money)
+                   expire_ns=cmd.expire_ns, display_qty_lots=cmd.display_qty_lots, **money)
+        self._take(oid, client, coid, side, price, qty, tif, stp, rate, budget, ok, crosses, cmd.expire_ns,
+                   cmd.post_only, cmd.display_qty_lots, self.seq)
+
+    def _take(self, oid: int, client: str, coid: str, side: Side, price: int, qty: int, tif: TimeInForce,
+              stp: StpMode, rate: int, budget: bool, ok: Any, crosses: bool, expire_ns: int, post_only: bool,
+              display: int, priority: int) -> None:
+        """An incoming order (just accepted, or a stop just triggered) trades as far as it may, then rests (GTC,
+        GTD: an iceberg showing its first slice) with ``priority``, or the rest of it is canceled."""
 
         def cancel_incoming(left: int, reason: CancelReason) -> None:
             money: dict[str, Any] = {}
@@ -553,8 +726,9 @@ class ReferenceBook:
         if remaining and stopped:
             cancel_incoming(remaining, CancelReason.SELF_TRADE)
         elif remaining and tif in (TimeInForce.GTC, TimeInForce.GTD):
+            hidden = remaining - min(display, remaining) if display else 0
             self._queue(RefOrder(oid, client, coid, side, price, qty, remaining, 0, tif == TimeInForce.GTD,
-                                 cmd.expire_ns, cmd.post_only, stp, rate))
+                                 expire_ns, post_only, stp, rate, priority, display, hidden))
             return
         elif remaining:
             cancel_incoming(remaining, CancelReason.IOC_REMAINDER)
@@ -565,7 +739,8 @@ class ReferenceBook:
         """``(held, rate, budget)`` of an order about to be accepted, or why it is refused."""
         funds = cmd.funds
         market_buy = otype == OrderType.MARKET and side == Side.BUY
-        if funds != 0 and not (self.balances and market_buy):
+        stop_buy = otype == OrderType.STOP and side == Side.BUY
+        if funds != 0 and not (self.balances and (market_buy or stop_buy)):
             return RejectReason.INVALID_ORDER
         if funds != 0 and (not _is_int(funds) or not 0 < funds <= MAX_AMOUNT_UNITS):
             return RejectReason.INVALID_AMOUNT
@@ -573,6 +748,8 @@ class ReferenceBook:
             return 0, 0, False
         if funds:
             held, rate, budget = funds, 0, True
+        elif stop_buy:
+            return RejectReason.INVALID_ORDER  # it waits holding its budget: it must name one
         elif market_buy and not can_trade:  # nothing to buy: nothing to hold
             held, rate, budget = 0, 0, False
         elif market_buy and limit is None:
@@ -586,6 +763,33 @@ class ReferenceBook:
         if held > self.wallet(cmd.client_id, self.asset_of(side))[0]:
             return RejectReason.INSUFFICIENT_FUNDS
         return held, rate, budget
+
+    def _place_stop(self, cmd: PlaceOrder, side: Side, otype: OrderType, tif: TimeInForce, stp: StpMode) -> None:
+        """A valid stop or stop-limit order: it waits (unless the last trade already meets its stop price)."""
+        client, coid, stop = cmd.client_id, cmd.client_order_id, cmd.stop_price_ticks
+        price = cmd.price_ticks if otype == OrderType.STOP_LIMIT else 0
+        order = RefStop(self.next_order_id, client, coid, side, otype, stop, price, cmd.qty_lots, 0, tif,
+                        cmd.expire_ns, stp)
+        if self.last_price and order.reached(self.last_price):
+            self._reject(client, coid, None, "place", RejectReason.STOP_WOULD_TRIGGER)
+            return
+        holds = self._holds(cmd, side, otype, price, True, None)
+        if isinstance(holds, RejectReason):
+            self._reject(client, coid, None, "place", holds)
+            return
+        held, order.rate, _ = holds
+        order.funds = cmd.funds
+        self.next_order_id += 1
+        money: dict[str, Any] = {}
+        if self.balances:
+            asset = self.asset_of(side)
+            self.move(client, asset, held)
+            money = {"reserved": held, "funds": cmd.funds, "balances": [self.balance(client, asset)]}
+        self._emit(OrderAccepted, order_id=order.order_id, client_id=client, client_order_id=coid, side=side,
+                   order_type=otype, price_ticks=price, qty_lots=cmd.qty_lots, tif=tif, post_only=False, stp=stp,
+                   expire_ns=cmd.expire_ns, stop_price_ticks=stop, **money)
+        order.priority = self.seq
+        self.stops.append(order)
 
     def _affordable(self, price: int, lots: int) -> int:
         """The most of ``lots`` at ``price`` the incoming buy's budget pays for, its taker fee included."""
@@ -618,7 +822,7 @@ class ReferenceBook:
                 if stp == StpMode.CANCEL_BOTH:
                     return remaining, True
                 continue
-            fill = min(remaining, maker.remaining)
+            fill = min(remaining, maker.shown)  # an iceberg's hidden lots wait for their slice
             if budget:
                 fill = self._affordable(maker.price, fill)
                 if not fill:  # the budget does not buy one more lot: the order stops here
@@ -637,17 +841,26 @@ class ReferenceBook:
             self.next_trade_id += 1
             self._emit(OrderFilled, trade_id=tid, price_ticks=maker.price, qty_lots=fill, aggressor_side=side,
                        maker_order_id=maker.order_id, maker_client_id=maker.client_id,
-                       maker_client_order_id=maker.client_order_id, maker_remaining_lots=maker.remaining,
+                       maker_client_order_id=maker.client_order_id, maker_remaining_lots=maker.shown,
                        taker_order_id=oid, taker_client_id=client, taker_client_order_id=coid,
                        taker_remaining_lots=remaining, **money)
+            self.trades.append((tid, maker.price))
             if maker.remaining == 0:
                 self._take_out(maker)
                 self._remember(maker.client_id, maker.client_order_id, maker.order_id)
+            elif maker.shown == 0:  # an iceberg's slice is gone: the next one goes to the back of the level
+                maker.hidden -= min(maker.display, maker.hidden)
+                self._emit(OrderReplenished, order_id=maker.order_id, client_id=maker.client_id,
+                           client_order_id=maker.client_order_id, side=maker.side, price_ticks=maker.price,
+                           shown_lots=maker.shown, hidden_lots=maker.hidden)
+                maker.priority = self.seq
+                self._take_out(maker)
+                self._queue(maker)
         return remaining, False
 
     # ------------------------------------------------------------ cancel / amend
 
-    def _find(self, client: str, coid: str | None, oid: int | None, command: str) -> RefOrder | None:
+    def _find(self, client: str, coid: str | None, oid: int | None, command: str) -> RefOrder | RefStop | None:
         if coid is None and oid is None:
             self._reject(client, coid, oid, command, RejectReason.MALFORMED)
             return None
@@ -672,7 +885,7 @@ class ReferenceBook:
             self._reject(client, coid, oid, command, reason)
         return order
 
-    def _cancel_order(self, order: RefOrder, reason: CancelReason) -> None:
+    def _cancel_order(self, order: RefOrder | RefStop, reason: CancelReason) -> None:
         self._take_out(order)
         self._emit(OrderCanceled, order_id=order.order_id, client_id=order.client_id,
                    client_order_id=order.client_order_id, side=order.side, price_ticks=order.price,
@@ -688,12 +901,17 @@ class ReferenceBook:
         order = self._find(cmd.client_id, cmd.client_order_id, cmd.order_id, "amend")
         if order is None:
             return
+        if isinstance(order, RefStop):
+            self._amend_stop(cmd, order)
+            return
         spec = self.spec
         new_price = order.price if cmd.price_ticks is None else cmd.price_ticks
         new_qty = order.qty if cmd.qty_lots is None else cmd.qty_lots
         filled = order.qty - order.remaining
         error = None
-        if cmd.price_ticks is None and cmd.qty_lots is None:
+        if cmd.stop_price_ticks is not None:
+            error = RejectReason.INVALID_AMEND  # only a waiting stop has a stop price
+        elif cmd.price_ticks is None and cmd.qty_lots is None:
             error = RejectReason.INVALID_AMEND
         elif not _is_int(new_price) or not 0 < new_price <= spec.max_price_ticks:
             error = RejectReason.INVALID_PRICE
@@ -728,24 +946,28 @@ class ReferenceBook:
             order.rate = new_rate
             money = {"reserved": remaining * new_rate, "balances": [self.balance(order.client_id, asset)]}
         if new_price == old_price and new_qty < old_qty:
+            order.hidden -= min(order.hidden, old_qty - new_qty)  # an iceberg gives up hidden lots first
             order.remaining = remaining
             order.qty = new_qty
             self._emit(OrderAmended, order_id=order.order_id, client_id=order.client_id,
                        client_order_id=order.client_order_id, side=order.side, old_price_ticks=old_price,
                        price_ticks=new_price, old_qty_lots=old_qty, qty_lots=new_qty, remaining_lots=order.remaining,
-                       requeued=False, **money)
+                       requeued=False, hidden_lots=order.hidden, **money)
             return
 
         self._take_out(order)
+        would_hide = remaining - min(order.display, remaining) if order.display else 0
         self._emit(OrderAmended, order_id=order.order_id, client_id=order.client_id,
                    client_order_id=order.client_order_id, side=order.side, old_price_ticks=old_price,
                    price_ticks=new_price, old_qty_lots=old_qty, qty_lots=new_qty, remaining_lots=remaining,
-                   requeued=True, **money)
+                   requeued=True, hidden_lots=would_hide, **money)
+        order.priority = self.seq
         stopped = False
-        if crosses:
+        if crosses:  # as a taker it uses all it has open
             remaining, stopped = self._match(order.order_id, order.client_id, order.client_order_id, order.side, ok,
                                              remaining, order.stp, new_rate)
         order.price, order.qty, order.remaining = new_price, new_qty, remaining
+        order.hidden = remaining - min(order.display, remaining) if order.display else 0
         if remaining and not stopped:
             self._queue(order)
             return
@@ -755,13 +977,57 @@ class ReferenceBook:
                        canceled_lots=remaining, reason=CancelReason.SELF_TRADE, **self._released(order, remaining))
         self._remember(order.client_id, order.client_order_id, order.order_id)
 
+    def _amend_stop(self, cmd: AmendOrder, order: RefStop) -> None:
+        """A waiting stop's stop price, price (stop-limit) or quantity; it keeps waiting."""
+        spec = self.spec
+        new_stop = order.stop if cmd.stop_price_ticks is None else cmd.stop_price_ticks
+        new_price = order.price if cmd.price_ticks is None else cmd.price_ticks
+        new_qty = order.qty if cmd.qty_lots is None else cmd.qty_lots
+        error = None
+        if cmd.stop_price_ticks is None and cmd.price_ticks is None and cmd.qty_lots is None:
+            error = RejectReason.INVALID_AMEND
+        elif cmd.price_ticks is not None and order.otype == OrderType.STOP:
+            error = RejectReason.INVALID_AMEND  # a stop trades as a market order: it has no price
+        elif not all(_is_int(p) and 0 < p <= spec.max_price_ticks
+                     for p in (new_stop, new_price if order.otype == OrderType.STOP_LIMIT else 1)):
+            error = RejectReason.INVALID_PRICE  # the stop price, then a stop-limit's price
+        elif not _is_int(new_qty) or not spec.min_qty_lots <= new_qty <= spec.max_qty_lots:
+            error = RejectReason.INVALID_QUANTITY
+        elif (new_stop, new_price, new_qty) == (order.stop, order.price, order.qty):
+            error = RejectReason.INVALID_AMEND
+        elif self.last_price and _reaches(order.side, new_stop, self.last_price):
+            error = RejectReason.STOP_WOULD_TRIGGER
+        new_rate, delta = order.rate, 0
+        if error is None and self.balances and not order.funds:  # (a budget is what it is, whatever the amend)
+            new_rate = self.rate(order.side, new_price)
+            delta = new_qty * new_rate - order.qty * order.rate
+            if delta > self.wallet(order.client_id, self.asset_of(order.side))[0]:
+                error = RejectReason.INSUFFICIENT_FUNDS
+        if error is not None:
+            self._reject(order.client_id, order.client_order_id, order.order_id, "amend", error)
+            return
+        requeued = new_stop != order.stop or new_price != order.price or new_qty > order.qty
+        old_price, old_qty = order.price, order.qty
+        order.stop, order.price, order.qty, order.rate = new_stop, new_price, new_qty, new_rate
+        money: dict[str, Any] = {}
+        if self.balances:
+            asset = self.asset_of(order.side)
+            self.move(order.client_id, asset, delta)
+            money = {"reserved": self.held(order), "balances": [self.balance(order.client_id, asset)]}
+        self._emit(OrderAmended, order_id=order.order_id, client_id=order.client_id,
+                   client_order_id=order.client_order_id, side=order.side, old_price_ticks=old_price,
+                   price_ticks=new_price, old_qty_lots=old_qty, qty_lots=new_qty, remaining_lots=new_qty,
+                   requeued=requeued, stop_price_ticks=new_stop, **money)
+        if requeued:
+            order.priority = self.seq
+
     def _cancel_all(self, cmd: CancelAll) -> None:
-        mine = sorted((o for o in self.orders() if o.client_id == cmd.client_id), key=lambda o: o.order_id)
+        mine = sorted((o for o in self.everything() if o.client_id == cmd.client_id), key=lambda o: o.order_id)
         for o in mine:
             self._cancel_order(o, CancelReason.REQUESTED)
 
     def _clear(self, cmd: ClearBook) -> None:
-        orders = self.orders()
+        orders = self.everything()  # the book's in priority order, then the waiting stops
         self._emit(BookCleared, client_id=cmd.client_id, text=cmd.text, orders=len(orders))
         for o in orders:
             self._cancel_order(o, CancelReason.CLEARED)

@@ -20,6 +20,21 @@ it, or a little). Rules that make no sense on the other instruments still run
 there, and must be refused as the reference says (``balances_disabled``, a
 budget ``invalid_order``). The harness then also checks the balance invariants.
 
+Stops and icebergs (issue 21): stop and stop-limit orders with stop prices just
+beyond the market (the last trade price, or the middle of the band before any
+trade), or at and behind it (``stop_would_trigger``), with every time in force
+and, for a stop buy on an instrument with balances, a budget (or none: refused);
+ladders of stops one behind the other, so that triggered orders trigger more
+(cascades); icebergs with display quantities from one lot to all of the order
+(and one more: refused); amends of waiting stops (stop price, price, quantity,
+a stop price already reached, off the grid, a price for a plain stop) and of
+book orders naming a stop price; and the invalid combinations (stop price on a
+limit, IOC stop, post-only or display on a stop, display on a market order...).
+Cancels, amends, expiries, cancel-all and clear reach waiting stops like any
+order. After every command the harness compares the waiting stops, the last
+trade price, icebergs' shown and hidden lots, and the state hash of an engine
+restored from the exported state.
+
 On failure Hypothesis prints the shrunk steps and, through ``note``, each
 command as Python source ready to paste into ``test_regressions.py``.
 """
@@ -48,7 +63,7 @@ from exchange.core.instruments import MAX_AMOUNT_UNITS
 from exchange.core.types import OrderType, RejectReason, Side, StpMode, TimeInForce
 
 from .harness import SPECS, Harness, fmt_command
-from .reference import RefOrder
+from .reference import RefOrder, RefStop
 
 CLIENTS = ("alice", "bob", "carol")
 LOW, HIGH = 95, 105  # limit prices in ticks: a narrow band, so crossing is frequent
@@ -111,13 +126,30 @@ class EngineVsReference(RuleBasedStateMachine):
     def coid(self, pick: int | None, client: str = "alice") -> str:
         return self.ident(client, pick)[1]
 
-    def live(self) -> list[RefOrder]:
+    def live(self) -> list[RefOrder | RefStop]:
+        """Every open order, waiting stops included, by order id."""
         assert self.h is not None
-        return sorted(self.h.ref.orders(), key=lambda o: o.order_id)
+        return sorted(self.h.ref.everything(), key=lambda o: o.order_id)
 
-    def target(self, pick: int) -> RefOrder | None:
+    def target(self, pick: int) -> RefOrder | RefStop | None:
         live = self.live()
         return live[pick % len(live)] if live else None
+
+    def resting(self, pick: int) -> RefOrder | None:
+        """One of the orders in the book (not a waiting stop)."""
+        assert self.h is not None
+        book = sorted(self.h.ref.orders(), key=lambda o: o.order_id)
+        return book[pick % len(book)] if book else None
+
+    def waiting(self, pick: int) -> RefStop | None:
+        assert self.h is not None
+        stops = sorted(self.h.ref.stops, key=lambda o: o.order_id)
+        return stops[pick % len(stops)] if stops else None
+
+    def market(self) -> int:
+        """Where the market is: the last trade price, or the middle of the band before any trade."""
+        assert self.h is not None
+        return self.h.ref.last_price or (LOW + HIGH) // 2
 
     def tid(self, pick: int | None) -> str:
         """A fresh transfer id, or one used before (small picks: the most recent ones)."""
@@ -252,6 +284,134 @@ class EngineVsReference(RuleBasedStateMachine):
         self.apply(PlaceOrder(self.symbol, client, coid, Side.BUY, OrderType.MARKET, 0, qty, tif, self.ts, stp=stp,
                               funds=budget))
 
+    @rule(client=clients, side=sides, limit=st.booleans(), away=st.integers(-1, 6), offset=st.integers(-3, 3),
+          qty=st.integers(1, 12),
+          tif=st.sampled_from([TimeInForce.GTC, TimeInForce.GTC, TimeInForce.GTD, TimeInForce.IOC, TimeInForce.FOK]),
+          stp=stps, pick=coid_picks, ttl=st.integers(1, 80),
+          funds=st.sampled_from(["part", "part", "part", "all", "none", "small"]), part=st.integers(1, 99))
+    def place_stop(self, client: str, side: Side, limit: bool, away: int, offset: int, qty: int, tif: TimeInForce,
+                   stp: StpMode | None, pick: int | None, ttl: int, funds: str, part: int) -> None:
+        """A stop or stop-limit ``away`` ticks beyond the market (a buy above it, a sell below; -1 and 0: at or
+        behind it, so that the last trade already meets it), a stop-limit's price ``offset`` from its stop; any
+        time in force (IOC and FOK are not for a plain stop). A stop buy on an instrument with balances names a
+        budget: a ``part`` per cent of what is available, all of it, none (refused) or a little."""
+        assert self.h is not None
+        stop = self.market() + away if side is Side.BUY else self.market() - away
+        if not limit and tif in (TimeInForce.IOC, TimeInForce.FOK) and part % 4:
+            tif = TimeInForce.GTC  # (now and then kept: refused invalid_order)
+        budget = 0
+        if self.h.spec.balances and side is Side.BUY and not limit:
+            available = self.available(client, self.assets()[1])
+            budget = {"part": available * part // 100, "all": available, "none": 0, "small": part}[funds]
+        expire = self.ts + ttl if tif is TimeInForce.GTD else 0
+        client, coid = self.ident(client, pick)
+        self.apply(PlaceOrder(self.symbol, client, coid, side, OrderType.STOP_LIMIT if limit else OrderType.STOP,
+                              stop + offset if limit else 0, qty * self.h.spec.min_qty_lots, tif, self.ts,
+                              stp=stp, expire_ns=expire, funds=budget, stop_price_ticks=stop))
+
+    @rule(side=sides, first=st.integers(0, 3), gap=st.integers(0, 2),
+          stops=st.lists(st.tuples(clients, st.booleans(), st.integers(-2, 2), st.integers(1, 6)), min_size=2,
+                         max_size=4),
+          tif=st.sampled_from([TimeInForce.GTC, TimeInForce.GTC, TimeInForce.IOC, TimeInForce.FOK]))
+    def stop_ladder(self, side: Side, first: int, gap: int, stops: list[tuple[str, bool, int, int]],
+                    tif: TimeInForce) -> None:
+        """Stops one behind the other beyond the market (``first`` ticks away, then every ``gap`` ticks), so that
+        a trade through the first triggers it and its own trades may trigger the next: a cascade. Each is a stop
+        or a stop-limit whose price is ``offset`` from its stop (with ``tif``, GTC for a plain stop)."""
+        assert self.h is not None
+        away = first
+        for client, limit, offset, qty in stops:
+            self.place_stop(client, side, limit, away, offset, qty, tif if limit else TimeInForce.GTC, None, None, 1,
+                            "part", 30)
+            away += gap
+
+    @rule(client=clients, side=sides, price=st.integers(LOW, HIGH), qty=st.integers(2, 16),
+          display=st.one_of(st.integers(1, 4), st.integers(1, 4), st.sampled_from(["all", "more"])),
+          tif=st.sampled_from([TimeInForce.GTC, TimeInForce.GTC, TimeInForce.GTC, TimeInForce.GTD, TimeInForce.IOC,
+                               TimeInForce.FOK]),
+          post_only=st.sampled_from([False, False, False, True]), stp=stps, pick=coid_picks, ttl=st.integers(1, 60))
+    def place_iceberg(self, client: str, side: Side, price: int, qty: int, display: int | str, tif: TimeInForce,
+                      post_only: bool, stp: StpMode | None, pick: int | None, ttl: int) -> None:
+        """A limit order showing ``display`` lots at a time (or all of them, or one more than it has: refused)."""
+        assert self.h is not None
+        lots = self.h.spec.min_qty_lots
+        shown = {"all": qty, "more": qty + 1}.get(display, display) if isinstance(display, str) else display
+        expire = self.ts + ttl if tif is TimeInForce.GTD else 0
+        client, coid = self.ident(client, pick)
+        self.apply(PlaceOrder(self.symbol, client, coid, side, OrderType.LIMIT, price, qty * lots, tif, self.ts,
+                              post_only, stp, expire, display_qty_lots=shown * lots))
+
+    @rule(pick=picks, own=st.sampled_from([False, False, True]),
+          qty=st.sampled_from(["shown", "shown+1", "open", "open+1", "part"]),
+          tif=st.sampled_from([TimeInForce.FOK, TimeInForce.FOK, TimeInForce.IOC, TimeInForce.GTC]),
+          stp=stps, market=st.sampled_from([False, False, True]))
+    def take_iceberg(self, pick: int, own: bool, qty: str, tif: TimeInForce, stp: StpMode | None,
+                     market: bool) -> None:
+        """Trade into a resting iceberg at its price with just its shown lots, one more, all it has open (hidden
+        included) or more: a FOK must count the hidden lots matching would take. With ``own`` its owner does it,
+        so that self-trade prevention cancels hidden lots too (or, with none, it trades with itself)."""
+        assert self.h is not None
+        icebergs = sorted((o for o in self.h.ref.orders() if o.display), key=lambda o: o.order_id)
+        if not icebergs:
+            return
+        t = icebergs[pick % len(icebergs)]
+        lots = {"shown": t.shown, "shown+1": t.shown + 1, "open": t.remaining, "open+1": t.remaining + 1,
+                "part": max(t.remaining // 2, 1)}[qty]
+        side = Side.SELL if t.side is Side.BUY else Side.BUY
+        if market and tif is TimeInForce.GTC:
+            tif = TimeInForce.IOC
+        client, coid = self.ident(t.client_id if own else self.other(t.client_id), None)
+        self.apply(PlaceOrder(self.symbol, client, coid, side, OrderType.MARKET if market else OrderType.LIMIT,
+                              0 if market else t.price, max(lots, self.h.spec.min_qty_lots), tif, self.ts, stp=stp))
+
+    @rule(pick=picks, cut=st.sampled_from(["some_hidden", "all_hidden", "into_shown", "more", "price"]),
+          dprice=st.integers(-3, 3))
+    def amend_iceberg(self, pick: int, cut: str, dprice: int) -> None:
+        """Amend a resting iceberg: lower its total by part of its hidden lots, all of them, or into what shows
+        (priority kept), raise it, or move its price (requeued)."""
+        assert self.h is not None
+        icebergs = sorted((o for o in self.h.ref.orders() if o.display), key=lambda o: o.order_id)
+        if not icebergs:
+            return
+        t = icebergs[pick % len(icebergs)]
+        lots = self.h.spec.min_qty_lots
+        qty = {"some_hidden": t.qty - max(t.hidden // 2, lots), "all_hidden": t.qty - t.hidden,
+               "into_shown": t.qty - t.hidden - max(t.shown // 2, lots), "more": t.qty + 2 * lots,
+               "price": None}[cut]
+        self.apply(AmendOrder(self.symbol, t.client_id, t.client_order_id, price_ticks=t.price + dprice
+                              if cut == "price" else None, qty_lots=qty, ts_ns=self.ts))
+
+    @rule(pick=picks, by_oid=st.booleans(),
+          change=st.sampled_from(["stop", "stop", "price", "qty", "stop_qty", "stop_price", "all", "reached",
+                                  "stop_range", "book_order"]),
+          dstop=st.integers(-3, 3), dprice=st.integers(-3, 3), dqty=st.integers(-4, 4))
+    def amend_stop(self, pick: int, by_oid: bool, change: str, dstop: int, dprice: int, dqty: int) -> None:
+        """Amend a waiting stop by its owner: its stop price, a stop-limit's price (a plain stop's: refused), its
+        quantity, or several; ``reached`` moves the stop price to the last trade's (refused stop_would_trigger once
+        something traded), ``stop_range`` off the price grid; ``book_order`` names a stop price for an order in
+        the book (refused invalid_amend)."""
+        assert self.h is not None
+        t: RefOrder | RefStop | None = self.resting(pick) if change == "book_order" else self.waiting(pick)
+        if t is None:
+            return
+        stop = price = qty = None
+        if isinstance(t, RefStop):
+            if change in ("stop", "stop_qty", "stop_price", "all"):
+                stop = t.stop + dstop
+            if change in ("price", "stop_price", "all"):
+                price = t.price + dprice
+            if change in ("qty", "stop_qty", "all"):
+                qty = t.qty + dqty * self.h.spec.min_qty_lots
+            if change == "reached":
+                stop = self.market()
+            if change == "stop_range":
+                stop = (0, -1, self.h.spec.max_price_ticks + 1)[pick % 3]
+        else:
+            stop = self.market() + dstop
+        names: dict[str, Any] = {"order_id": t.order_id} if by_oid else {"client_order_id": t.client_order_id}
+        self.apply(AmendOrder(self.symbol, t.client_id, price_ticks=price, qty_lots=qty, ts_ns=self.ts,
+                              stop_price_ticks=stop, **names))
+
     @rule(client=clients, base=st.booleans(),
           amount=st.sampled_from([1, 2, 7, 40, 99, 100, 250, 999, 2_500, 6_000, 20_000]), pick=tid_picks)
     def deposit(self, client: str, base: bool, amount: int, pick: int | None) -> None:
@@ -341,7 +501,7 @@ class EngineVsReference(RuleBasedStateMachine):
             bests = [lst[0] for lst in (self.h.ref.side_list(Side.BUY), self.h.ref.side_list(Side.SELL)) if lst]
             t = bests[pick % len(bests)] if bests else None
         else:
-            t = self.target(pick)
+            t = self.resting(pick)
         if t is None:
             return
         side = Side.SELL if t.side is Side.BUY else Side.BUY
@@ -433,7 +593,7 @@ class EngineVsReference(RuleBasedStateMachine):
     def advance_to_expiry(self, delta: int) -> None:
         """Move the clock to just before, exactly at or just after the earliest pending GTD expiry."""
         assert self.h is not None
-        pending = [o.expire_ns for o in self.h.ref.orders() if o.gtd]
+        pending = [o.expire_ns for o in self.h.ref.everything() if o.expire_ns]
         if pending:
             self.ts = max(self.ts, min(pending) + delta)
 
@@ -441,7 +601,10 @@ class EngineVsReference(RuleBasedStateMachine):
         "qty0", "qty_neg", "qty_max", "qty_bool", "qty_min", "price0", "price_neg", "price_max",
         "empty_client", "empty_coid", "bad_side", "bad_type", "bad_tif", "bad_stp", "market_gtc", "market_gtd",
         "post_only_market", "post_only_fok", "post_only_ioc", "gtd_past", "gtd_now", "expiry_without_gtd",
-        "dup_live", "dup_done", "wrong_instrument", "cancel_wrong_instrument", "amend_nothing", "reject_input"]),
+        "dup_live", "dup_done", "wrong_instrument", "cancel_wrong_instrument", "amend_nothing", "reject_input",
+        "stop_price0", "stop_price_max", "stop_price_bool", "stop_price_on_limit", "stop_price_on_market", "stop_ioc",
+        "stop_fok", "stop_post_only", "stop_limit_price0", "stop_display", "display_market", "display_over_qty",
+        "display_below_min", "display_neg", "funds_stop_sell", "funds_stop_limit"]),
         client=clients, side=sides, pick=picks)
     def invalid(self, kind: str, client: str, side: Side, pick: int) -> None:
         assert self.h is not None
@@ -480,7 +643,7 @@ class EngineVsReference(RuleBasedStateMachine):
             "empty_client": {"client_id": ""},
             "empty_coid": {"client_order_id": ""},
             "bad_side": {"side": "BUY"},
-            "bad_type": {"order_type": "stop"},
+            "bad_type": {"order_type": "stop_loss"},
             "bad_tif": {"tif": "DAY"},
             "bad_stp": {"stp": "cancel_oldest"},
             "market_gtc": {"order_type": OrderType.MARKET, "price_ticks": 0},
@@ -494,16 +657,35 @@ class EngineVsReference(RuleBasedStateMachine):
             "dup_live": {"client_id": t.client_id, "client_order_id": t.client_order_id} if t else {},
             "dup_done": dict(zip(("client_id", "client_order_id"), self.ident(client, pick % 10), strict=True)),
             "wrong_instrument": {"instrument": "ELSEWHERE"},
+            "stop_price0": {"order_type": OrderType.STOP, "price_ticks": 0, "stop_price_ticks": 0},
+            "stop_price_max": {"order_type": OrderType.STOP_LIMIT, "stop_price_ticks": spec.max_price_ticks + 1},
+            "stop_price_bool": {"order_type": OrderType.STOP_LIMIT, "stop_price_ticks": True},
+            "stop_price_on_limit": {"stop_price_ticks": 100},
+            "stop_price_on_market": {"order_type": OrderType.MARKET, "tif": TimeInForce.IOC, "stop_price_ticks": 100},
+            "stop_ioc": {"order_type": OrderType.STOP, "tif": TimeInForce.IOC, "stop_price_ticks": 120},
+            "stop_fok": {"order_type": OrderType.STOP, "tif": TimeInForce.FOK, "stop_price_ticks": 80},
+            "stop_post_only": {"order_type": OrderType.STOP_LIMIT, "post_only": True, "stop_price_ticks": 120},
+            "stop_limit_price0": {"order_type": OrderType.STOP_LIMIT, "price_ticks": 0, "stop_price_ticks": 120},
+            "stop_display": {"order_type": OrderType.STOP_LIMIT, "stop_price_ticks": 80,
+                             "display_qty_lots": spec.min_qty_lots},
+            "display_market": {"order_type": OrderType.MARKET, "tif": TimeInForce.IOC,
+                               "display_qty_lots": spec.min_qty_lots},
+            "display_over_qty": {"display_qty_lots": 2 * spec.min_qty_lots + 1},
+            "display_below_min": {"display_qty_lots": spec.min_qty_lots - 1 or -1},
+            "display_neg": {"display_qty_lots": -1},
+            "funds_stop_sell": {"order_type": OrderType.STOP, "side": Side.SELL, "stop_price_ticks": 80, "funds": 500},
+            "funds_stop_limit": {"order_type": OrderType.STOP_LIMIT, "side": Side.BUY, "stop_price_ticks": 120,
+                                 "funds": 500},
         }[kind]
         base.update(change)
         self.apply(PlaceOrder(**base))
 
     @invariant()
     def engine_agrees(self) -> None:
-        # Harness.step already checked everything after the last command; this catches drift between
-        # steps (there should be none: rules other than apply() do not touch the engine).
+        # Harness.step already checked everything after the last command (restart() after the restart); this
+        # catches drift between steps (there should be none: rules other than apply() do not touch the engine).
         if self.h is not None:
-            self.h.check_book()
+            self.h.unchanged()
 
     def teardown(self) -> None:
         if self.h is not None and self.healthy:
@@ -512,7 +694,9 @@ class EngineVsReference(RuleBasedStateMachine):
 
 EngineVsReference.TestCase.settings = settings(
     max_examples=300,
-    stateful_step_count=80,
+    # (80 before stops and icebergs: their rules draw more per step and every step now also restores an engine
+    # from its exported state; 64 keeps the test's time about what it was, and cascades still happen)
+    stateful_step_count=64,
     deadline=None,
     derandomize=False,
     print_blob=True,

@@ -12,7 +12,11 @@ every command; at the end snapshot restore and replay must be exact.
 
 On the instruments that keep balances, deposits and withdrawals of either asset
 (or an unknown one, or wild amounts, under colliding transfer ids) and market
-buys with a budget come in too; elsewhere they must be refused.
+buys with a budget come in too; elsewhere they must be refused. Stops and
+stop-limits (stop prices around the market, every time in force, sometimes a
+budget), icebergs (sometimes showing more than they have) and amends naming a
+stop price come in as well, and wild places carry stop prices and display
+quantities where they do not belong.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ def _enum_values(enum: Any, junk: list[str]) -> st.SearchStrategy[Any]:
 
 
 sides = _enum_values(Side, ["BUY", "bid"])
-otypes = _enum_values(OrderType, ["stop"])
+otypes = _enum_values(OrderType, ["stop_loss", "iceberg"])
 tifs = _enum_values(TimeInForce, ["DAY", "gtc"])
 stps = st.one_of(st.none(), st.none(), _enum_values(StpMode, ["cancel_oldest"]))
 qtys = st.one_of(st.integers(1, 15), st.integers(1, 15), st.integers(1, 15), st.integers(-1, 0),
@@ -86,7 +90,8 @@ wild_places = st.builds(
     PlaceOrder, instrument=instruments, client_id=clients, client_order_id=coids, side=sides, order_type=otypes,
     price_ticks=prices, qty_lots=qtys, tif=tifs, stp=stps,
     expire_ns=st.sampled_from([0] * 10 + [-3, 1, 5, 20, 60, EXPIRE_AT_ZERO]),
-    post_only=st.sampled_from([False, False, False, True]))
+    post_only=st.sampled_from([False, False, False, True]),
+    stop_price_ticks=st.one_of(st.just(0), st.just(0), prices), display_qty_lots=st.one_of(st.just(0), qtys))
 # well-formed orders (enums as members or plain strings), so that books build up and trade
 good_limits = st.builds(
     PlaceOrder, instrument=st.just(SELF), client_id=st.sampled_from(["alice", "bob", "carol"]),
@@ -94,6 +99,23 @@ good_limits = st.builds(
     order_type=st.just(OrderType.LIMIT), price_ticks=st.integers(95, 105), qty_lots=st.integers(1, 10),
     tif=st.sampled_from([TimeInForce.GTC] * 4 + [TimeInForce.IOC, TimeInForce.FOK, TimeInForce.GTD, "GTC"]),
     stp=stps, post_only=st.sampled_from([False] * 5 + [True]), expire_ns=st.just(0))
+# stops and stop-limits around the market (a budget now and then, needed for a stop buy with balances)
+good_stops = st.builds(
+    PlaceOrder, instrument=st.just(SELF), client_id=st.sampled_from(["alice", "bob", "carol"]),
+    client_order_id=coids, side=st.sampled_from([Side.BUY, Side.SELL]),
+    order_type=st.sampled_from([OrderType.STOP, OrderType.STOP_LIMIT]), price_ticks=st.integers(93, 107),
+    qty_lots=st.integers(1, 10), tif=st.sampled_from([TimeInForce.GTC] * 3 + [TimeInForce.GTD, TimeInForce.IOC,
+                                                                              TimeInForce.FOK]),
+    stp=stps, expire_ns=st.just(0), stop_price_ticks=st.integers(93, 107),
+    funds=st.sampled_from([0, 0, 500, 3_000]))
+# icebergs: limit orders showing a slice (now and then a slice larger than the order)
+icebergs = st.builds(
+    PlaceOrder, instrument=st.just(SELF), client_id=st.sampled_from(["alice", "bob", "carol"]),
+    client_order_id=coids, side=st.sampled_from([Side.BUY, Side.SELL]), order_type=st.just(OrderType.LIMIT),
+    price_ticks=st.integers(95, 105), qty_lots=st.integers(2, 15),
+    tif=st.sampled_from([TimeInForce.GTC] * 4 + [TimeInForce.IOC, TimeInForce.FOK, TimeInForce.GTD]),
+    stp=stps, post_only=st.sampled_from([False] * 5 + [True]), expire_ns=st.just(0),
+    display_qty_lots=st.integers(1, 6))
 good_markets = st.builds(
     PlaceOrder, instrument=st.just(SELF), client_id=st.sampled_from(["alice", "bob", "carol"]),
     client_order_id=coids, side=st.sampled_from([Side.BUY, Side.SELL]), order_type=st.just(OrderType.MARKET),
@@ -102,7 +124,8 @@ good_markets = st.builds(
 cancels = st.builds(CancelOrder, instrument=instruments, client_id=clients,
                     client_order_id=st.one_of(st.none(), coids), order_id=order_ids)
 amends = st.builds(AmendOrder, instrument=instruments, client_id=clients, client_order_id=st.one_of(st.none(), coids),
-                   order_id=order_ids, price_ticks=st.one_of(st.none(), prices), qty_lots=st.one_of(st.none(), qtys))
+                   order_id=order_ids, price_ticks=st.one_of(st.none(), prices), qty_lots=st.one_of(st.none(), qtys),
+                   stop_price_ticks=st.one_of(st.none(), st.none(), prices))
 others = st.one_of(
     st.builds(CancelAll, client_id=clients, instrument=st.one_of(st.none(), instruments)),
     st.builds(ClearBook, instrument=instruments),
@@ -118,7 +141,7 @@ others = st.one_of(
 )
 # (st.one_of flattens and de-duplicates its branches, so weights need sampled_from + flatmap)
 _weighted = ([good_limits] * 8 + [good_markets] * 2 + [wild_places] * 2 + [cancels] * 3 + [amends] * 3 + [others]
-             + [transfers] * 3 + [budget_buys])
+             + [transfers] * 3 + [budget_buys] + [good_stops] * 3 + [icebergs] * 2)
 commands = st.sampled_from(_weighted).flatmap(lambda strategy: strategy)
 steps = st.lists(st.tuples(commands, st.integers(0, 10)), min_size=20, max_size=100)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from exchange.core.commands import PlaceOrder
-from exchange.core.events import OrderAccepted, OrderCanceled, OrderRejected
+from exchange.core.events import OrderAccepted, OrderCanceled, OrderFilled, OrderRejected, OrderTriggered
 from exchange.core.instruments import Instrument
 from exchange.core.matching import MatchingEngine
 from exchange.core.types import CancelReason, OrderType, RejectReason, Side, TimeInForce
@@ -85,4 +85,35 @@ def test_fok_with_cancel_resting_skips_own_orders_without_touching_them() -> Non
                                ts_ns=1, stp="cancel_resting"))
     assert [(type(e).__name__, getattr(e, "reason", None)) for e in events] == [
         ("OrderAccepted", None), ("OrderCanceled", CancelReason.SELF_TRADE), ("OrderFilled", None)]
+    h.final_checks()
+
+
+def test_one_trade_reaching_stops_on_both_sides_triggers_both() -> None:
+    """Found by the state machine once it learned stops.
+
+    Before anything has traded (last price 0) a stop on either side is accepted whatever its stop price, so
+    the first trade can reach a buy stop at or below it and a sell stop at or above it at once. Rule: a stop
+    triggers once a trade is at or above (buy) / at or below (sell) its stop price. An engine that looks at
+    the sell stops only when a trade reached no buy stop leaves the sell stop at 100 waiting although the
+    trade at 99 reached it (and a new sell stop at 100 would then be refused ``stop_would_trigger``). Buys
+    fire first, then sells.
+    """
+    cmds = [
+        PlaceOrder("BAND", "alice", "o1", Side.BUY, OrderType.STOP, 0, 1, ts_ns=1000, stop_price_ticks=99),
+        PlaceOrder("BAND", "bob", "o2", Side.BUY, OrderType.LIMIT, 99, 1, ts_ns=1000),
+        PlaceOrder("BAND", "alice", "o3", Side.SELL, OrderType.STOP, 0, 1, ts_ns=1000, stop_price_ticks=100),
+        PlaceOrder("BAND", "carol", "o4", Side.SELL, OrderType.LIMIT, 99, 1, ts_ns=1000),
+    ]
+    engine = MatchingEngine(SPECS["band"])
+    for cmd in cmds[:-1]:
+        engine.apply(cmd)
+    events = engine.apply(cmds[-1])
+    assert [(type(e), getattr(e, "order_id", None)) for e in events] == [
+        (OrderAccepted, 4), (OrderFilled, None), (OrderTriggered, 1), (OrderCanceled, 1), (OrderTriggered, 3),
+        (OrderCanceled, 3)]  # (each a market order meeting an empty side: ioc_remainder)
+    assert engine.export_state().stops == []
+
+    h = Harness(SPECS["band"])
+    for cmd in cmds:
+        h.step(cmd)
     h.final_checks()
