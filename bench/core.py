@@ -8,6 +8,7 @@
     python bench/core.py --balances      # the same flow with balances off and on, interleaved
     python bench/core.py --order-types   # the flow with stops and icebergs in it against the plain one, interleaved
     python bench/core.py --profile       # where the core's time goes: cProfile's own time per function, as shares
+    python bench/core.py --against DIR   # this core against another checkout's (DIR), interleaved
 
 The flow is deterministic (seeded): limit orders around a moving mid price,
 cancels of live orders, amends, market orders and IOC limits that sweep several
@@ -36,6 +37,12 @@ both alike, and reports the median ratio of at least 5 passes.
 commands, stop prices a few ticks beyond the market, so trades trigger them now and then) and
 icebergs (a tenth of the passive limit orders) in it, against the plain flow, interleaved the same
 way, and reports the median ratio of their commands per second.
+
+``--against DIR`` times this checkout's core against the core of the checkout in DIR (its
+``exchange`` package copied under another name into a temporary directory, so that both run in
+this one process), on the same flow, interleaved 2,000 commands at a time; both must make the same
+trades. It is how a change to the core is measured: old and new alternate, so the machine's drift
+falls on both.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -265,6 +273,74 @@ def profile(commands: list[Command], top: int = 12) -> None:
         print(f"  {tt / total:6.1%}  {calls:>9,} calls  {where}")
 
 
+def _other_core(checkout: Path, scratch: Path) -> Any:
+    """The ``exchange`` package of another checkout, importable as ``exchange_other`` (its own imports renamed)."""
+    import importlib
+    import re
+    import shutil
+
+    target = scratch / "exchange_other"
+    shutil.copytree(checkout / "exchange", target, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    pattern = re.compile(r"\bexchange(?=[. ])")
+    for path in target.rglob("*.py"):
+        text = path.read_text()
+        path.write_text(pattern.sub("exchange_other", text))
+    sys.path.insert(0, str(scratch))
+    return importlib.import_module("exchange_other")
+
+
+def _convert(commands: list[Command], package: Any) -> list[Any]:
+    """The same commands as the other package's structs (and enums)."""
+    import importlib
+
+    classes = importlib.import_module(package.__name__ + ".core.commands")
+    types = importlib.import_module(package.__name__ + ".core.types")
+    out = []
+    for cmd in commands:
+        cls = getattr(classes, type(cmd).__name__)
+        fields = {}
+        for name in cmd.__struct_fields__:
+            value = getattr(cmd, name)
+            if name not in cls.__struct_fields__:
+                assert not value, f"{type(cmd).__name__}.{name} is not known to the other core"
+                continue
+            enum = getattr(types, type(value).__name__, None) if hasattr(value, "value") else None
+            fields[name] = enum(value.value) if enum is not None else value
+        out.append(cls(**fields))
+    return out
+
+
+def against(commands: list[Command], checkout: Path, repeat: int, chunk: int = 2_000) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        other = _other_core(checkout, Path(scratch))
+        theirs = _convert(commands, other)
+        spec = other.Instrument.from_decimals(SYMBOL, tick_size="0.01", lot_size="1", stp_default=other.StpMode.NONE)
+        ratios = []
+        for run in range(repeat):
+            engines = {"this": MatchingEngine(SPEC), "other": other.MatchingEngine(spec)}
+            flows = {"this": commands, "other": theirs}
+            elapsed = {"this": 0.0, "other": 0.0}
+            gc.collect()
+            for n, start_at in enumerate(range(0, len(commands), chunk)):
+                for mode in ("this", "other") if n % 2 == 0 else ("other", "this"):
+                    apply = engines[mode].apply
+                    part = flows[mode][start_at:start_at + chunk]
+                    start = time.perf_counter()
+                    for cmd in part:
+                        apply(cmd)
+                    elapsed[mode] += time.perf_counter() - start
+            trades = {mode: engine.next_trade_id - 1 for mode, engine in engines.items()}
+            assert trades["this"] == trades["other"], f"the two cores made different trades: {trades}"
+            ratios.append(elapsed["other"] / elapsed["this"])
+            print(f"  pass {run + 1}/{repeat}: this {len(commands) / elapsed['this']:,.0f} commands/s, the other "
+                  f"{len(commands) / elapsed['other']:,.0f}: {ratios[-1]:.3f}", file=sys.stderr, flush=True)
+    ratios.sort()
+    print(f"this core / the core of {checkout}: {ratios[len(ratios) // 2]:.3f} times as fast (median of {repeat} "
+          f"passes, {ratios[0]:.3f} - {ratios[-1]:.3f})")
+
+
 def run_baseline(commands: list[Command]) -> float:
     """The obvious loop: SortedDict of deques, FIFO matching, lazy cancel, no events, no validation."""
     bids: SortedDict = SortedDict()
@@ -417,6 +493,8 @@ def main() -> None:
     parser.add_argument("--snapshot", action="store_true", help="time a snapshot with a full dedupe window instead")
     parser.add_argument("--balances", action="store_true", help="time the flow with balances off and on instead")
     parser.add_argument("--profile", action="store_true", help="where the core's time goes, by function")
+    parser.add_argument("--against", type=Path, metavar="DIR",
+                        help="time this core against the core of the checkout in DIR instead, interleaved")
     parser.add_argument("--order-types", action="store_true",
                         help="time the flow with stops and icebergs against the plain flow instead")
     parser.add_argument("--orders", type=int, default=1_000_000,
@@ -439,6 +517,9 @@ def main() -> None:
         return
     if args.profile:
         profile(commands)
+        return
+    if args.against:
+        against(commands, args.against.resolve(), max(args.repeat, 5))
         return
     if args.order_types:
         print(f"generating {args.commands:,} commands with stops and icebergs (seed {args.seed})", file=sys.stderr)
