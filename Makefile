@@ -1,5 +1,6 @@
 # make demo   -- the exchange with no servers: SQLite, an order generator, a live view (Ctrl-C stops it)
 # make replay -- replay examples/session.jsonl through the core and print the events
+# make run-local -- `exchange run` from nothing: PostgreSQL, Redis, a test Kafka broker, a fresh database, the topics
 # make test   -- lint (ruff, the import layers), type checks (mypy --strict), all tests (pytest); what CI runs
 # make bench  -- the core benchmark
 
@@ -8,7 +9,7 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo replay test lint typecheck pytest services bench clean
+.PHONY: demo replay run-local test lint typecheck pytest services bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +22,9 @@ demo: $(STAMP)
 
 replay: $(STAMP)
 	$(VENV)/bin/exchange replay --config exchange/defaults/exchange.toml examples/session.jsonl
+
+run-local: $(STAMP)
+	VENV=$(VENV) bash scripts/run-local.sh
 
 test: lint typecheck pytest
 

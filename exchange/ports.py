@@ -37,6 +37,7 @@ from exchange.core.state import EngineState
 __all__ = [
     "Applied",
     "Batch",
+    "CannotStart",
     "Epochs",
     "Fenced",
     "History",
@@ -54,7 +55,9 @@ __all__ = [
     "SnapshotRequest",
     "Source",
     "Store",
+    "StoreCannotOpen",
     "StoreUnavailable",
+    "cannot_start",
 ]
 
 
@@ -159,6 +162,28 @@ class StoreUnavailable(Exception):
     def __init__(self, message: str, *, retriable: bool = True) -> None:
         super().__init__(message)
         self.retriable = retriable
+
+
+class CannotStart(Exception):
+    """A start-up failure an operator puts right outside the process: a database that does not exist, a
+    password refused, a server or a broker that does not answer, a topic that is missing. The message names
+    what failed and says what to do; the process reports it as one line, without a traceback, and exits 1."""
+
+
+class StoreCannotOpen(StoreUnavailable, CannotStart):
+    """The store cannot be opened (connecting): retriable or not, as any :class:`StoreUnavailable`."""
+
+
+def cannot_start(exc: BaseException) -> CannotStart | None:
+    """The :class:`CannotStart` that ended a start, looking through exception groups (a task group's), or None."""
+    if isinstance(exc, CannotStart):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            found = cannot_start(sub)
+            if found is not None:
+                return found
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,6 +323,13 @@ class Source(Protocol):
     dead_lettered: int  # of those, not understood
     caught_up: bool
     wall_clock_timestamps: bool  # do commands carry the time they were sent? (latency = now - ts_ns)
+
+    @property
+    def catchup_ends(self) -> Mapping[tuple[str, int], int]:
+        """Per input partition, its log end when this process was assigned it: input below it is catch-up (a
+        restart's replay, or what waited while no process read it), whose latency from ``ts_ns`` measures the
+        wait, not the engine (``exchange_catchup_latency_seconds`` rather than ``exchange_order_latency_seconds``)."""
+        ...
 
     async def start(self) -> None: ...
 

@@ -76,6 +76,20 @@ def admin_message(action: str, instrument: str, *, operator: str, client: str | 
     raise ValueError(f"unknown action {action!r}; one of {', '.join(ACTIONS)}")
 
 
+def operator_name(given: str | None, env: Mapping[str, str]) -> str:
+    """Who asks, as journaled with the action: ``--operator``, else ``$USER``, else ``$LOGNAME``; never a guess."""
+    if given is not None:
+        if not given.strip():
+            raise ConfigError("--operator is empty: pass who asks, e.g. --operator alice (it is journaled with the "
+                              "action)")
+        return given.strip()
+    for name in (env.get("USER"), env.get("LOGNAME")):
+        if name is not None and name.strip():
+            return name.strip()
+    raise ConfigError("who is asking? $USER and $LOGNAME are both unset: pass --operator NAME (it is journaled "
+                      "with the action)")
+
+
 def signing_key(env: Mapping[str, str], key_id: str | None) -> tuple[str, bytes]:
     """The key ``exchange admin`` signs with: ``key_id``, or the only one in ``EXCHANGE_ADMIN_KEYS``."""
     keys = parse_keys(env.get(ENV_KEYS))

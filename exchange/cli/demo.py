@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import shutil
 import sys
 import time
 from collections import deque
@@ -249,14 +250,25 @@ def _percentiles(samples: list[int]) -> tuple[str, str]:
     return f"{pick[0] / 1e6:.1f}ms", f"{pick[1] / 1e6:.1f}ms"
 
 
-_COLUMNS = ("instrument", "bid", "ask", "spread", "trades/s", "orders/s", "p50", "p99", "seq", "levels", "resyncs")
+# two tables, so that each fits 80 columns: the books from the bus, then the flow and its latency
+_BOOK_COLUMNS = ("instrument", "bid", "ask", "spread", "seq", "resyncs")
+_FLOW_COLUMNS = ("instrument", "orders/s", "trades/s", "p50", "p99", "levels")
 
 
-def _table(rows: list[dict[str, str]]) -> list[str]:
-    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in _COLUMNS}
-    head = "  ".join(c.rjust(widths[c]) if c != "instrument" else c.ljust(widths[c]) for c in _COLUMNS)
+def _table(rows: list[dict[str, str]], columns: tuple[str, ...] = _BOOK_COLUMNS) -> list[str]:
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
+    head = "  ".join(c.rjust(widths[c]) if c != "instrument" else c.ljust(widths[c]) for c in columns)
     return [head, "-" * len(head)] + ["  ".join(r[c].rjust(widths[c]) if c != "instrument" else r[c].ljust(widths[c])
-                                              for c in _COLUMNS) for r in rows]
+                                              for c in columns) for r in rows]
+
+
+def _screen(intro: list[str], rows: list[dict[str, str]], elapsed: float, stopping: bool,
+            columns: int = 80) -> list[str]:
+    """The live screen's lines, none longer than ``columns`` (a wrapped line would break the redraw)."""
+    lines = [*intro, "", f"{elapsed:6.1f} s  books from the market-data bus"
+             + (" (stopping: draining, final snapshot)" if stopping else ""), "", *_table(rows, _BOOK_COLUMNS),
+             "", *_table(rows, _FLOW_COLUMNS), "", "Ctrl-C to stop (the next start recovers from the store)"]
+    return [line[:columns] for line in lines]
 
 
 def _start_lines(daemon: Daemon, settings: Settings) -> list[str]:
@@ -304,9 +316,7 @@ async def _show(view: LiveView, daemon: Daemon, settings: Settings, out: TextIO,
                           f"seq {r['seq']}  resyncs {r['resyncs']}", file=out)
                 out.flush()
             else:
-                lines = [*intro, "", f"{elapsed:6.1f} s -- the books from the market-data bus"
-                         + ("" if daemon.ready else "  (stopping: draining, final snapshot)"), "", *_table(rows),
-                         "", "Ctrl-C to stop (the next start recovers from the store)"]
+                lines = _screen(intro, rows, elapsed, not daemon.ready, shutil.get_terminal_size().columns)
                 out.write(_HOME + "".join(line + _CLEAR_LINE + "\n" for line in lines) + _CLEAR_BELOW)
                 out.flush()
             with contextlib.suppress(TimeoutError):

@@ -196,15 +196,16 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
 def _cmd_admin(args: argparse.Namespace) -> int:
     import asyncio
 
-    from exchange.cli.admin import admin_message, run_admin, signing_key
+    from exchange.cli.admin import admin_message, operator_name, run_admin, signing_key
 
+    operator = operator_name(args.operator, os.environ)
     settings = _load(args)
     if args.instrument not in settings.instrument_map():
         raise ConfigError(f"{args.instrument!r} is not an instrument of {settings.source} "
                           f"({', '.join(settings.instrument_map())})")
     client = getattr(args, "client", None)
     key = signing_key(os.environ, args.key_id)
-    message = admin_message(args.action, args.instrument, operator=args.operator, client=client,
+    message = admin_message(args.action, args.instrument, operator=operator, client=client,
                             text=getattr(args, "text", ""), asset=getattr(args, "asset", None),
                             amount=getattr(args, "amount", None), transfer_id=getattr(args, "transfer_id", None))
     outcome = asyncio.run(run_admin(settings, message, timeout_s=args.timeout, key=key))
@@ -229,10 +230,11 @@ def _cmd_admin(args: argparse.Namespace) -> int:
 def _cmd_accept_offset(args: argparse.Namespace) -> int:
     import asyncio
 
-    from exchange.cli.admin import run_accept_offset
+    from exchange.cli.admin import operator_name, run_accept_offset
     from exchange.ports import InputLedger, InputReset
     from exchange.service.compose import make_store
 
+    operator = operator_name(args.operator, os.environ)
     settings = _load(args)
     topic = args.topic or settings.kafka.orders_topic
     if args.partition < 0 or args.offset < 0:
@@ -246,7 +248,7 @@ def _cmd_accept_offset(args: argparse.Namespace) -> int:
         try:
             await store.migrate()  # the input_resets table, should the daemon not have created it yet
             assert isinstance(store, InputLedger)
-            return await run_accept_offset(store, topic, args.partition, args.offset, operator=args.operator,
+            return await run_accept_offset(store, topic, args.partition, args.offset, operator=operator,
                                            reason=args.reason, timeout_s=args.timeout)
         finally:
             await store.stop()
@@ -265,6 +267,32 @@ def _cmd_accept_offset(args: argparse.Namespace) -> int:
     return 1
 
 
+def _cmd_topics_create(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from exchange.adapters.kafka import client_options
+    from exchange.adapters.kafka.topics import create_topics, daemon_topics
+
+    settings = _load(args)
+    if args.partitions < 1 or args.replication_factor < 1:
+        raise ConfigError("--partitions and --replication-factor must be at least 1")
+    topics = daemon_topics(settings)
+    if not topics:
+        raise ConfigError(f"{settings.source} uses no Kafka topic ([order_source] and [publisher] are not kafka)")
+    report = asyncio.run(create_topics(settings.kafka, topics, partitions=args.partitions,
+                                       replication_factor=args.replication_factor,
+                                       options=client_options(settings.kafka)))
+    for topic in topics:
+        if topic.name in report.created:
+            print(f"created {topic.name}: {args.partitions} partitions, replication factor "
+                  f"{args.replication_factor} ({topic.role}, key: {topic.key})")
+        else:
+            have = report.existing[topic.name]
+            note = "" if have == args.partitions else f"; not {args.partitions}: existing topics are not changed"
+            print(f"exists  {topic.name}: {have} partitions ({topic.role}, key: {topic.key}){note}")
+    return 0
+
+
 def _cmd_watch(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -275,6 +303,9 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown instrument {args.instrument!r}; {settings.source} defines "
                           + ", ".join(sorted(settings.instrument_map())))
     if args.check:
+        if settings.storage.kind == "sqlite" and not Path(settings.storage.path).exists():
+            raise ConfigError(f"{settings.storage.path}: no such SQLite store ([storage] path); --check compares "
+                              "with the store the daemon writes: pass the daemon's configuration with --config")
         return asyncio.run(watch.check(settings, args.instrument, seconds=args.seconds or 2.0))
     return asyncio.run(watch.watch(settings, args.instrument, levels=args.levels, seconds=args.seconds))
 
@@ -357,8 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "events it caused. Exit 1 if it was rejected or not applied in time. The key "
                                      "comes from EXCHANGE_ADMIN_KEYS (key_id:secret), as the daemon's.")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--operator", default=os.environ.get("USER") or "operator",
-                        help="who asks (recorded in the events and the journal; default $USER)")
+    common.add_argument("--operator", help="who asks, recorded in the events and the journal (default: $USER, "
+                                           "else $LOGNAME; refused when neither is set)")
     common.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the daemon (default 30)")
     common.add_argument("--config", help=_CONFIG_HELP)
     actions = adm.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -394,17 +425,34 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--reason", required=True, help="why (journaled): e.g. 'broker restarted without its volume'")
     acc.set_defaults(func=_cmd_accept_offset)
 
+    tp = sub.add_parser("topics", help="Kafka topic tools")
+    tp_sub = tp.add_subparsers(dest="topics_command", required=True, metavar="SUBCOMMAND")
+    tpc = tp_sub.add_parser(
+        "create", help="create the topics the configuration uses that do not exist yet",
+        description="Create the Kafka topics this configuration uses (orders and dead letters with the Kafka "
+                    "source; order events and trades with the Kafka publisher) that do not exist yet, with the "
+                    "admin client; the orders topic with message.timestamp.type=LogAppendTime. Existing topics "
+                    "are reported with their partition counts and left as they are, so running it again changes "
+                    "nothing. Choose the partitions before the first order: an instrument lives on one orders "
+                    "partition for good (README: Running `exchange run` from nothing, step 5).")
+    tpc.add_argument("--partitions", type=int, required=True, help="partitions of each topic created")
+    tpc.add_argument("--replication-factor", type=int, default=1,
+                     help="replicas of each partition (default 1; 3 on a production cluster)")
+    tpc.add_argument("--config", help=_CONFIG_HELP)
+    tpc.set_defaults(func=_cmd_topics_create)
+
     wt = sub.add_parser("watch", help="follow an instrument's market data from Redis: book, spread, trades",
                         description="Follow the market-data sync procedure (README: Market data) and show the top "
                                     "of the book, the spread and the latest trades live; gaps and resyncs are "
                                     "reported. --check compares the local book with the persisted one.")
     wt.add_argument("instrument", help="the instrument's symbol, e.g. BTC-USD")
-    wt.add_argument("--config", help=_CONFIG_HELP + "; it needs [redis] and [postgres]")
+    wt.add_argument("--config", help=_CONFIG_HELP + "; it needs [redis], and for --check the daemon's [storage]")
     wt.add_argument("--levels", type=int, default=10, help="levels shown per side")
     wt.add_argument("--seconds", type=float, help="stop after this long (with --check: follow this long first, "
                                                   "default 2)")
     wt.add_argument("--check", action="store_true",
-                    help="compare the local book with the book persisted in PostgreSQL at the same seq; "
+                    help="compare the local book with the book persisted in the configured store ([storage]: "
+                         "PostgreSQL or SQLite) at the same seq; "
                          "exit 1 on any difference")
     wt.set_defaults(func=_cmd_watch)
     return parser
@@ -432,11 +480,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     except Exception as exc:
+        from exchange.ports import cannot_start
+
+        refused = cannot_start(exc)  # a start-up failure an operator puts right: one line saying what to do
         if not logged:
-            raise
+            if refused is None:
+                raise
+            print(f"exchange {args.command}: {refused}", file=sys.stderr)
+            return 1
         from exchange.telemetry.logging import log_fatal
 
-        log_fatal(exc)
+        log_fatal(refused or exc, traceback=refused is None)
         return 1
     return code
 

@@ -15,6 +15,12 @@
    above the local ``seq``, is too. On a gap :meth:`on_message` returns
    ``RESYNC``: read the key again (step 2), keeping the subscription.
 
+Right after an image, before any message has confirmed it, a message that starts after it (an ``l2``
+``prev_seq`` or a heartbeat ``seq`` above the image's) says the image was older than the stream the
+subscription joined (the key is rewritten at most every ``book_refresh_ms``; the messages between its
+last write and the subscription were never ours to receive). That is not a gap: :meth:`on_message`
+returns ``RESYNC`` without counting one, and counts a stale image instead.
+
 Trades are deduplicated by ``trade_id`` (per instrument, +1 per trade); a jump
 is counted as missed trades.
 """
@@ -55,7 +61,9 @@ class BookSync:
         self.duplicates = 0
         self.checksum_errors = 0
         self.missed_trades = 0
+        self.stale_images = 0  # book images older than the first message after them: read again, no gap
         self.last_problem = ""
+        self._unconfirmed = False  # an image is in place and no message has followed it yet
 
     @property
     def synced(self) -> bool:
@@ -85,6 +93,7 @@ class BookSync:
         trades, self._pending_trades = self._pending_trades, []
         for msg in trades:
             self._trades(msg)
+        self._unconfirmed = not pending
         return True
 
     def on_message(self, msg: dict[str, Any]) -> str:
@@ -101,8 +110,10 @@ class BookSync:
             else:
                 self._trades(msg)
             return OK
-        if kind == "heartbeat" and self.seq is not None and msg["seq"] > self.seq:
-            return self._gap(f"heartbeat at seq {msg['seq']} but the local book is at seq {self.seq}")
+        if kind == "heartbeat" and self.seq is not None:
+            if msg["seq"] > self.seq:
+                return self._gap(f"heartbeat at seq {msg['seq']} but the local book is at seq {self.seq}")
+            self._unconfirmed = False
         return OK
 
     def lost(self, why: str) -> None:
@@ -111,6 +122,7 @@ class BookSync:
         self.last_problem = why
         self.seq = None
         self._pending = []
+        self._unconfirmed = False
 
     # ------------------------------------------------------------------ output
 
@@ -136,6 +148,7 @@ class BookSync:
                                f"at seq {self.seq}")
             self._pending.append(msg)  # a fresher image may still let it apply
             return action
+        self._unconfirmed = False
         self._set(msg["bids"], msg["asks"])
         self.seq = msg["seq"]
         if self.checksum() != msg["checksum"]:
@@ -144,6 +157,11 @@ class BookSync:
         return OK
 
     def _gap(self, why: str) -> str:
+        if self._unconfirmed:  # the image was older than the stream: read the key again, no gap
+            self.stale_images += 1
+            self.seq = None
+            self._unconfirmed = False
+            return RESYNC
         self.gaps += 1
         self.lost(why)
         return RESYNC

@@ -25,12 +25,13 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from exchange.adapters.kafka import OrderSource
+from exchange.adapters.kafka import OrderSource, client_options
+from exchange.adapters.kafka.topics import check_topics, daemon_topics
 from exchange.pipeline.fanout import FanOut, MemorySink
 from exchange.pipeline.loop import Control, InstrumentLoop, JournalQueue
 from exchange.pipeline.ownership import Ownership
 from exchange.pipeline.writer import JournalWriter
-from exchange.ports import Batch, Recovered, Source, Store, StoreUnavailable
+from exchange.ports import Batch, Recovered, Source, Store, StoreUnavailable, cannot_start
 from exchange.service.compose import kafka_publisher, make_fanout, make_source, make_store, store_probe
 from exchange.service.health import PROBE_TIMEOUT_S, Endpoints, Probes
 from exchange.service.holdings import Holdings
@@ -54,6 +55,7 @@ class Daemon:
         # operator keys (EXCHANGE_ADMIN_KEYS), read once: a malformed value stops the start with what to fix
         self.admin_keys = parse_keys((os.environ if env is None else env).get(ENV_KEYS))
         self.metrics = Metrics()
+        self.metrics.start_at_zero(**_known_labels(settings))
         self.marketdata = MemorySink() if settings.publisher.marketdata == "memory" else None
         self.recovery: dict[str, Recovered] = {}  # what taking each owned instrument loaded (Holdings.recovered)
         self.owner = f"{socket.gethostname()}:{os.getpid()}"  # names this process in the ownership tables
@@ -108,6 +110,7 @@ class Daemon:
                 await http.start()
                 self._log.info("http endpoints listening", host=s.http.host, port=http.port)
             await self._open(store)
+            await self._check_topics()
             journal: JournalQueue = asyncio.Queue(s.journal.queue_size)
             writer = self.writer = JournalWriter(
                 store, journal, max_events=s.journal.max_events, linger_ms=s.journal.linger_ms, metrics=self.metrics,
@@ -203,6 +206,13 @@ class Daemon:
         gc.freeze()
         self.recovered = True
         return taken
+
+    async def _check_topics(self) -> None:
+        """Every topic this configuration uses exists, or the broker just created it (a warning); a missing one
+        the broker does not create, or a broker that does not answer, stops the start with one line saying so."""
+        topics = daemon_topics(self.settings)
+        if topics:
+            await check_topics(self.settings.kafka, topics, options=client_options(self.settings.kafka))
 
     def _register_probes(self, store: Store, source: Source) -> None:
         probe = store_probe(store)
@@ -300,16 +310,23 @@ class Daemon:
             self.probes.reachable(self.settings.storage.kind)
         now_ns = time.time_ns()
         wall_clock = self.source is not None and self.source.wall_clock_timestamps  # else the source measures
+        # input that was in its partition's log before this process was assigned it: its latency is the wait
+        catchup_ends = self.source.catchup_ends if self.source is not None and wall_clock else {}
         per_instrument: dict[str, list[Any]] = {}
         partition_of = self._partition_of  # one instrument's orders all come from one partition (key = instrument)
         latencies: list[float] = []
+        catchup: list[float] = []
         for item in batch.applied:
             events = item.events
             pos = item.position
             if pos is not None:
                 partition_of[item.instrument] = (pos.topic, pos.partition)
                 if wall_clock and events:
-                    latencies.append(max(0, now_ns - events[0].ts_ns) / 1e9)
+                    latency = max(0, now_ns - events[0].ts_ns) / 1e9
+                    if pos.offset < catchup_ends.get((pos.topic, pos.partition), -1):
+                        catchup.append(latency)
+                    else:
+                        latencies.append(latency)
             if events:
                 lst = per_instrument.get(item.instrument)
                 if lst is None:
@@ -317,6 +334,8 @@ class Daemon:
                 lst += events
         if latencies:
             m.order_latency.observe_many(latencies)
+        if catchup:
+            m.catchup_latency.observe_many(catchup)
         for symbol, events in per_instrument.items():
             m.count_events(symbol, events)
         now = time.monotonic()
@@ -341,6 +360,26 @@ class _Taking:
         self._holdings.keep_only(instruments)
 
 
+def _known_labels(s: Settings) -> dict[str, list[str]]:
+    """The label values :meth:`Metrics.start_at_zero` starts at zero: what these settings make the daemon
+    publish to, connect to and produce to."""
+    kafka_out = s.publisher.kind == "kafka"
+    kafka_in = s.order_source.kind == "kafka"
+    topics = []
+    if kafka_out:
+        topics.append(s.kafka.events_topic)
+        if s.kafka.publish_events and s.kafka.trades_topic:
+            topics.append(s.kafka.trades_topic)
+    if kafka_in:
+        topics.append(s.kafka.dead_letter_topic)
+    redis = ["redis"] if s.redis.enabled else []
+    return {"instruments": list(s.instrument_map()),
+            "publish_targets": (["kafka"] if kafka_out else []) + redis,
+            "connections": (["postgres"] if s.storage.kind == "postgres" else [])
+            + (["kafka"] if kafka_in or kafka_out else []) + redis,
+            "produced_topics": list(dict.fromkeys(topics))}
+
+
 def run_daemon(settings: Settings) -> int:
     """``exchange run``: 0 after a clean shutdown; 1 after one critical log line naming the error that stopped it."""
     from exchange.telemetry.logging import capture_uncaught, log_fatal
@@ -354,5 +393,6 @@ def run_daemon(settings: Settings) -> int:
             return asyncio.run(Daemon(settings).run())
         return uvloop.run(Daemon(settings).run())
     except Exception as exc:  # the process ends here: one JSON line with the reason, not a plain traceback
-        log_fatal(exc)
+        refused = cannot_start(exc)  # a start-up failure an operator puts right: what to do, no traceback
+        log_fatal(refused or exc, traceback=refused is None)
         return 1

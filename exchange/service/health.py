@@ -27,6 +27,7 @@ __all__ = ["Endpoints", "Probes"]
 
 PROBE_INTERVAL_S = 2.0  # how often each dependency is checked for /readyz
 PROBE_TIMEOUT_S = 3.0
+STARTUP_GRACE_S = 30.0  # how long a dependency that has never answered counts as starting, not unreachable
 
 
 def _describe(exc: BaseException) -> str:
@@ -49,33 +50,57 @@ def _totals(instruments: Mapping[str, Any]) -> dict[str, dict[str, str]]:
 
 class Probes:
     """Which dependencies answer: ``unreachable`` maps each one that does not to why (for /readyz and
-    ``exchange_dependency_up``); adapters register a cheap check under the dependency's name."""
+    ``exchange_dependency_up``); adapters register a cheap check under the dependency's name.
 
-    def __init__(self, metrics: Metrics) -> None:
+    A dependency that has not answered once yet is *starting*, not unreachable: right after start-up the
+    Kafka probe waits for the consumer group's coordinator, which the first JoinGroup may still be finding.
+    Its failures go to ``starting`` (named by /readyz, ``exchange_dependency_up`` 0) without a warning;
+    its first answer is no reconnection. Only a dependency still silent :data:`STARTUP_GRACE_S` after the
+    probes began is reported unreachable (and its later answer counted as a reconnection)."""
+
+    def __init__(self, metrics: Metrics, *, grace_s: float | None = None) -> None:
         self.checks: dict[str, Callable[[], Awaitable[Any]]] = {}
         self.unreachable: dict[str, str] = {}
+        self.starting: dict[str, str] = {}  # not answered yet, within the start-up grace: why the last probe failed
+        self.answered: set[str] = set()
+        self._grace_s = STARTUP_GRACE_S if grace_s is None else grace_s
+        self._began: float | None = None
         self._metrics = metrics
         self._log = get_logger("exchange.daemon")
 
     async def run(self) -> None:
         """Check every dependency every few seconds, so /readyz names the ones that cannot be reached
         even while no traffic would notice (an idle daemon with its database gone is not ready)."""
+        self._began = time.monotonic()
         while True:
             for name, probe in list(self.checks.items()):
                 try:
                     async with asyncio.timeout(PROBE_TIMEOUT_S):
                         await probe()
                 except Exception as exc:
-                    if name not in self.unreachable:
-                        self._log.warning("dependency unreachable", dependency=name, error=_describe(exc))
-                    self.unreachable[name] = _describe(exc)
-                    self._metrics.dependency_up.labels(name).set(0)
+                    self.failed(name, exc)
                     continue
                 self.reachable(name)
             await asyncio.sleep(PROBE_INTERVAL_S)
 
+    def failed(self, name: str, exc: BaseException) -> None:
+        """A probe of ``name`` failed: starting (see the class docstring) or unreachable."""
+        why = _describe(exc)
+        self._metrics.dependency_up.labels(name).set(0)
+        began = self._began if self._began is not None else time.monotonic()
+        if name not in self.answered and time.monotonic() - began < self._grace_s:
+            self.starting[name] = why
+            return
+        if self.starting.pop(name, None) is not None:
+            why = f"{why} (no answer since start-up, {self._grace_s:g} s)"
+        if name not in self.unreachable:
+            self._log.warning("dependency unreachable", dependency=name, error=why)
+        self.unreachable[name] = why
+
     def reachable(self, name: str) -> None:
         """``name`` answered (a probe, or a commit that just succeeded)."""
+        self.answered.add(name)
+        self.starting.pop(name, None)
         if self.unreachable.pop(name, None) is not None:
             self._log.info("dependency reachable again", dependency=name)
             if name != "postgres":  # the journal writer counts its own recoveries
@@ -117,6 +142,8 @@ class Endpoints:
         if self._d.writer is not None and self._d.writer.degraded:
             unreachable[self._d.settings.storage.kind] = self._d.writer.last_error or "commits are failing"
         problems += [f"{name}: {error}" for name, error in sorted(unreachable.items())]
+        problems += [f"{name}: not answered yet (starting): {error}"
+                     for name, error in sorted(self._d.probes.starting.items()) if name not in unreachable]
         problems += [incident.describe() for _, incident in sorted(self._incidents().items())]
         problems += [f"{topic}[{partition}]: another process took its instruments (a commit was fenced); not read "
                      "until the consumer group takes the partition away" for topic, partition in sorted(self._lost())]

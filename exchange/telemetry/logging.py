@@ -185,12 +185,14 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     return out or [exc]
 
 
-def log_fatal(exc: BaseException) -> None:
+def log_fatal(exc: BaseException, *, traceback: bool = True) -> None:
     """One critical line for the error that ends the process (the caller exits with status 1): its type and
-    message, and the traceback as the bounded ``exception`` field. To stderr if logging is not configured
-    or its stream is closed (the demo's log file, once the demo is over)."""
+    message, and the traceback as the bounded ``exception`` field -- unless ``traceback`` is false: a start-up
+    failure whose message says what to do (a missing database, a broker that does not answer). To stderr if
+    logging is not configured or its stream is closed (the demo's log file, once the demo is over)."""
     _writable()
-    structlog.get_logger("exchange").critical("fatal error; exiting", **_reason(exc), exit_status=1, exc_info=exc)
+    structlog.get_logger("exchange").critical("fatal error; exiting", **_reason(exc), exit_status=1,
+                                              exc_info=exc if traceback else None)
 
 
 def _writable() -> None:

@@ -17,13 +17,28 @@ import contextlib
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
 from exchange.core.events import Event, OrderAccepted, OrderFilled, OrderRejected, OrderTriggered
+from exchange.core.types import RejectReason
 
-__all__ = ["BulkHistogram", "Metrics"]
+__all__ = ["BOOK_REJECT_REASONS", "BulkHistogram", "Metrics"]
+
+# the reasons an instrument's book rejects with (exchange_orders_rejected_total); the others are the edge's,
+# for messages that never reached a book (exchange_dead_letters_total)
+BOOK_REJECT_REASONS = tuple(r for r in RejectReason if r not in {
+    RejectReason.INSTRUMENT_REQUIRED, RejectReason.MESSAGE_TOO_LARGE, RejectReason.INVALID_TIMESTAMP,
+    RejectReason.WRONG_PARTITION, RejectReason.INTERNAL_ERROR})
 
 
 class BulkHistogram:
@@ -70,6 +85,9 @@ class BulkHistogram:
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        # process_* (CPU, memory, open fds, start time) and python_info, as on the default registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self.orders_received = Counter("exchange_orders_received_total", "Commands applied by the matching loops",
                                        ["instrument"], registry=r)
         self.orders_accepted = Counter("exchange_orders_accepted_total", "Orders accepted", ["instrument"],
@@ -88,6 +106,12 @@ class Metrics:
                                            buckets=(.001, .002, .005, .01, .015, .02, .025, .03, .04, .05, .1, .25,
                                                     .5, 1, 2.5, 5, 10),
                                            registry=r)
+        self.catchup_latency = BulkHistogram("exchange_catchup_latency_seconds",
+                                             "From the input's timestamp to its batch being durable, for input "
+                                             "already in its partition's log when this process was assigned it "
+                                             "(a restart's or a rebalance's catch-up; not in order_latency)",
+                                             buckets=(.01, .1, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600,
+                                                      24 * 3600), registry=r)
         self.queue_depth_gauge = Gauge("exchange_queue_depth", "Commands waiting in an instrument's queue",
                                        ["instrument"], registry=r)
         self.book_orders = Gauge("exchange_book_orders", "Resting orders", ["instrument"], registry=r)
@@ -177,6 +201,28 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def start_at_zero(self, *, instruments: Iterable[str], publish_targets: Iterable[str],
+                      connections: Iterable[str], produced_topics: Iterable[str]) -> None:
+        """Every known label combination of the labelled counters, at zero, so that a series exists (and a
+        dashboard shows 0, not "no data"; ``rate()`` has its first point) before the first increment: the
+        configured ``instruments`` (with every reason their books reject with), every dead-letter reason, the
+        ``publish_targets`` (``kafka``, ``redis``), the ``connections`` that count reconnects (``postgres``,
+        ``kafka``, ``redis``) and the ``produced_topics`` (records dropped)."""
+        for instrument in instruments:
+            for counter in (self.orders_received, self.orders_accepted, self.orders_triggered, self.trades,
+                            self.traded_lots, self.events, self.orders_matched):
+                counter.labels(instrument)
+            for reason in BOOK_REJECT_REASONS:
+                self.orders_rejected.labels(instrument, reason.value)
+        for edge_reason in RejectReason:
+            self.dead_letters.labels(edge_reason.value)
+        for target in publish_targets:
+            self.publish_failures.labels(target)
+        for target in connections:
+            self.reconnects.labels(target)
+        for topic in produced_topics:
+            self.records_dropped.labels(topic)
 
     # --- small hooks used by the components
 

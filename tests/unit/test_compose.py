@@ -97,6 +97,75 @@ def test_the_daemon_config_agrees_with_the_stack() -> None:
         assert set(published(service(name)).values()) <= {"127.0.0.1"}, f"{name} publishes beyond localhost"
 
 
+def _listeners(value: str) -> dict[str, tuple[str, int]]:
+    """``"INTERNAL://kafka:19092,EXTERNAL://127.0.0.1:9092"`` -> name -> (host, port)."""
+    out = {}
+    for entry in value.split(","):
+        name, address = entry.split("://")
+        host, port = address.rsplit(":", 1)
+        out[name] = (host, int(port))
+    return out
+
+
+def test_market_data_and_kafka_point_at_the_stacks_services() -> None:
+    settings = load_settings(ROOT / "config" / "compose.toml", env={})
+    # Redis: on, at the redis service (the default URL is 127.0.0.1, which inside the container is the daemon)
+    assert settings.redis.enabled
+    assert settings.publisher.marketdata == "redis"
+    url = urlsplit(settings.redis.url)
+    assert (url.scheme, url.hostname, url.port or 6379) == ("redis", "redis", 6379)
+    assert 6379 in published(service("redis"))
+    # Kafka: every bootstrap server is the kafka service on the listener it advertises inside the network
+    advertised = _listeners(service("kafka")["environment"]["KAFKA_ADVERTISED_LISTENERS"])
+    for server in settings.kafka.bootstrap_servers.split(","):
+        host, port = server.rsplit(":", 1)
+        assert host == "kafka"
+        assert (host, int(port)) == advertised["INTERNAL"]
+
+
+def test_kafka_advertises_the_address_its_port_is_published_on() -> None:
+    kafka = service("kafka")
+    env = kafka["environment"]
+    listen = _listeners(env["KAFKA_LISTENERS"])
+    host, port = _listeners(env["KAFKA_ADVERTISED_LISTENERS"])["EXTERNAL"]
+    # "localhost" may resolve to ::1 first, which the 127.0.0.1-only published port refuses
+    assert host == "127.0.0.1"
+    assert published(kafka)[port] == "127.0.0.1"
+    assert listen["EXTERNAL"][1] == port
+    assert env["KAFKA_INTER_BROKER_LISTENER_NAME"] == "INTERNAL"  # the daemon's listener stays in the network
+
+
+def test_kafka_and_postgres_keep_their_data_in_named_volumes() -> None:
+    named = set(compose().get("volumes") or {})
+
+    def mounts(name: str) -> dict[str, str]:
+        """container path -> named volume"""
+        out = {}
+        for volume in service(name).get("volumes", []):
+            source, target = str(volume).split(":")[:2]
+            if source in named:
+                out[target] = source
+        return out
+
+    # `docker compose down` keeps named volumes: the topics (and the group's offsets) with the journal's offsets
+    log_dirs = service("kafka")["environment"]["KAFKA_LOG_DIRS"]
+    assert all(d in mounts("kafka") for d in str(log_dirs).split(",")), "every Kafka log dir on a named volume"
+    assert "/var/lib/postgresql/data" in mounts("postgres")
+    assert set(mounts("kafka").values()).isdisjoint(mounts("postgres").values())
+
+
+def test_the_dockerfile_installs_dependencies_in_a_layer_before_the_code() -> None:
+    lines = [line.strip() for line in (ROOT / "Dockerfile").read_text().splitlines()]
+    copies = [(i, line.split()[1:-1]) for i, line in enumerate(lines) if line.startswith("COPY ")]
+    installs = [i for i, line in enumerate(lines) if "pip install" in line]
+    first_copy, first_sources = copies[0]
+    assert first_sources == ["pyproject.toml"], "the dependency layer depends on pyproject.toml only"
+    code_copy = next(i for i, sources in copies if "exchange" in sources)
+    assert first_copy < installs[0] < code_copy, "dependencies installed before the code is copied"
+    package_install = next(i for i in installs if i > code_copy)
+    assert "--no-deps" in lines[package_install]
+
+
 def test_prometheus_scrapes_the_daemon() -> None:
     prom_service = service("prometheus")
     mounts = {v.split(":")[0]: v.split(":")[1] for v in prom_service["volumes"]}
@@ -146,3 +215,31 @@ def test_the_dashboard_shows_throughput_latency_depth_lag_recovery_with_defined_
             used |= set(re.findall(r"\bexchange_[a-z0-9_]+", target["expr"]))
     assert used
     assert used <= defined, f"dashboard queries undefined metrics: {sorted(used - defined)}"
+
+
+def test_the_dashboard_uses_the_rate_interval_and_an_instrument_variable() -> None:
+    dashboard = json.loads((ROOT / "config/grafana/dashboards/exchange.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    # a fixed [1m] is empty when the scrape interval is 1 m or more, and jagged at any zoom; Grafana sizes this one
+    assert not [e for e in exprs if "[1m]" in e]
+    # (a rate over a window kept long on purpose, for rare events such as rebalances, may stay fixed)
+    short = [e for e in exprs if re.search(r"\brate\([^()]*\[(\d+s|\dm)\]\)", e)]
+    assert not short, "a rate() over a fixed short window: use $__rate_interval"
+    assert any("[$__rate_interval]" in e for e in exprs)
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    instrument = variables["instrument"]
+    assert instrument["type"] == "query"
+    assert instrument["datasource"]["uid"] == "prometheus"
+    query = re.fullmatch(r"label_values\((exchange_[a-z0-9_]+), instrument\)", instrument["query"]["query"])
+    assert query
+    assert query[1] in _defined_metric_names()
+    assert (instrument["multi"], instrument["includeAll"], instrument["allValue"]) == (True, True, ".*")
+    # every query of a metric labelled by instrument keeps to the chosen instruments
+    labelled = {"exchange_orders_received", "exchange_trades", "exchange_orders_matched", "exchange_orders_rejected",
+                "exchange_book_depth_lots", "exchange_book_orders", "exchange_book_levels", "exchange_queue_depth",
+                "exchange_instrument_halted", "exchange_snapshot_age_seconds"}
+    for expr in exprs:
+        for name, labels in re.findall(r"\b(exchange_[a-z0-9_]+)(\{[^}]*\})?", expr):
+            if name.removesuffix("_total") in labelled:
+                assert 'instrument=~"$instrument"' in labels, f"{expr}: not filtered by $instrument"
+    assert any('instrument=~"$instrument"' in e for e in exprs)

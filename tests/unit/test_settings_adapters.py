@@ -28,8 +28,8 @@ def test_the_shipped_configurations() -> None:
     served = load_settings(ROOT / "exchange/defaults/exchange.toml")  # no adapter sections: the servers, as before
     assert (served.storage.kind, served.order_source.kind, served.publisher.kind) == ("postgres", "kafka", "kafka")
     assert (served.publisher.marketdata, served.redis.enabled) == ("redis", True)
-    compose = load_settings(ROOT / "config" / "compose.toml")  # no [redis] section: no market data, as before
-    assert (compose.publisher.marketdata, compose.redis.enabled) == ("redis", False)
+    compose = load_settings(ROOT / "config" / "compose.toml")  # the stack publishes market data to its redis service
+    assert (compose.publisher.marketdata, compose.redis.enabled) == ("redis", True)
 
 
 def test_generator_settings_are_read(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from exchange.adapters.generator.flow import OrderFlow
@@ -56,6 +57,8 @@ def generated_commands(instruments: Mapping[str, Instrument], seed: int, clients
 
 class GeneratorSource:
     wall_clock_timestamps = False  # ts_ns comes from the flow; latency is measured here instead
+    # latency is measured from when this source sent the command, so a restart's replay is timed as live input
+    catchup_ends: Mapping[tuple[str, int], int] = MappingProxyType({})
 
     def __init__(self, *, loops: Mapping[str, InstrumentLoop], instruments: Mapping[str, Instrument],
                  applied_offsets: Mapping[tuple[str, str, int], int], seed: int = 1, rate: float = 1000.0,

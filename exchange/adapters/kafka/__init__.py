@@ -7,6 +7,7 @@
   and :mod:`.rebalance` (the group's listener);
 - :mod:`.publisher`: :class:`KafkaEventPublisher`, durable events and trades out, dead letters and
   seq-0 rejections, every record bounded;
+- :mod:`.tracing`: an order's W3C trace headers carried to the records of its events;
 - :mod:`.logs`: what the broker really holds (a partition's log end, the dead letters already sent);
 - :mod:`.options`: client options (SASL, TLS) and :func:`partition_for`, the producer contract.
 """

@@ -22,6 +22,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
     CorruptRecordException,
     InvalidTopicError,
+    KafkaConnectionError,
     KafkaError,
     MessageSizeTooLargeError,
     RecordListTooLargeError,
@@ -30,6 +31,8 @@ from aiokafka.errors import (
 )
 from aiokafka.partitioner import DefaultPartitioner
 
+from exchange.adapters.kafka.topics import broker_unreachable
+from exchange.adapters.kafka.tracing import Headers, TraceContexts
 from exchange.core.events import OrderFilled, OrderRejected
 from exchange.core.instruments import Instrument
 from exchange.core.types import RejectReason
@@ -96,6 +99,7 @@ class KafkaEventPublisher:
         self._partitioner = _CachedPartitioner()
         self._encoders: dict[str, WireEncoder] = {}
         self._partition_cache: dict[str, list[int]] = {}
+        self.traces = TraceContexts()  # filled by the order source, read and emptied here
         self.published = 0
         self.dropped = 0
 
@@ -105,7 +109,11 @@ class KafkaEventPublisher:
                                         max_batch_size=_BATCH_BYTES,
                                         max_request_size=max(1_048_576, self.max_record_bytes + _RECORD_OVERHEAD),
                                         **self._options)
-            await producer.start()
+            try:
+                await producer.start()
+            except KafkaConnectionError as exc:  # at start-up: the one line that says what to do
+                await producer.stop()
+                raise broker_unreachable(self._bootstrap) from exc
             self._producer = producer
 
     async def stop(self) -> None:
@@ -139,9 +147,15 @@ class KafkaEventPublisher:
         topic, trades_topic = self.events_topic, self.trades_topic
         by_client: dict[str, list[bytes]] = {}
         by_instrument: dict[str, list[bytes]] = {}
+        traces = self.traces
+        traced: dict[str, list[_Traced]] = {}  # per key: the runs of its values that carry trace headers
         encoders = self._encoders
         encoded = 0
         for item in applied:
+            trace = traces.get(item.position) if traces else None
+            if trace is not None:  # where this input's values start, per key it adds to
+                starts = {k: len(by_client.get(k, ())) for k in _clients(item.events)}
+                starts_i = {item.instrument: len(by_instrument.get(item.instrument, ()))}
             encoder = encoders.get(item.instrument)
             if encoder is None:
                 encoder = encoders[item.instrument] = WireEncoder(self._specs[item.instrument])
@@ -168,24 +182,34 @@ class KafkaEventPublisher:
                     keys = (event.client_id,)  # type: ignore[union-attr]
                 for key in keys:
                     by_client.setdefault(key, []).append(value)
+            if trace is not None:
+                _mark(traced, "c", by_client, starts, trace)
+                _mark(traced, "i", by_instrument, starts_i, trace)
         if self.batch_records:
             for key, values in by_client.items():
-                for chunk in self._chunks(values):
-                    await out.add(topic, key.encode(), b'{"type":"events","events":[' + b",".join(chunk) + b"]}")
+                for run, headers in _runs(values, traced.get("c" + key)):
+                    for chunk in self._chunks(run):
+                        await out.add(topic, key.encode(), b'{"type":"events","events":[' + b",".join(chunk) + b"]}",
+                                      headers)
             for instrument, values in by_instrument.items():
                 head = b'{"type":"trades","instrument":' + encode(instrument) + b',"trades":['
-                for chunk in self._chunks(values):
-                    await out.add(trades_topic, instrument.encode(), head + b",".join(chunk) + b"]}")
+                for run, headers in _runs(values, traced.get("i" + instrument)):
+                    for chunk in self._chunks(run):
+                        await out.add(trades_topic, instrument.encode(), head + b",".join(chunk) + b"]}", headers)
         else:
             for key, values in by_client.items():
-                for value in values:
-                    await out.add(topic, key.encode(), value)
+                for run, headers in _runs(values, traced.get("c" + key)):
+                    for value in run:
+                        await out.add(topic, key.encode(), value, headers)
             for instrument, values in by_instrument.items():
-                for value in values:
-                    await out.add(trades_topic, instrument.encode(), value)
+                for run, headers in _runs(values, traced.get("i" + instrument)):
+                    for value in run:
+                        await out.add(trades_topic, instrument.encode(), value, headers)
         n = sum(map(len, by_client.values())) + sum(map(len, by_instrument.values()))
         await out.flush()
         self.published += n
+        if traces:
+            traces.forget(item.position for item in applied)
         await self._original_outcomes(applied)
 
     def _chunks(self, values: list[bytes]) -> Iterator[list[bytes]]:
@@ -302,6 +326,49 @@ class KafkaEventPublisher:
                    error=f"{type(error).__name__}: {error}")
 
 
+class _Traced(NamedTuple):
+    """Values ``start:end`` of one key's list came from an input with trace headers."""
+
+    start: int
+    end: int
+    headers: Headers
+
+
+def _mark(traced: dict[str, list[_Traced]], kind: str, by_key: dict[str, list[bytes]], starts: dict[str, int],
+          headers: Headers) -> None:
+    """After one traced input: note, per key it added values to, the run it added."""
+    for key, start in starts.items():
+        end = len(by_key.get(key, ()))
+        if end > start:
+            traced.setdefault(kind + key, []).append(_Traced(start, end, headers))
+
+
+def _clients(events: Sequence[Any]) -> set[str]:
+    """The keys an input's events go to on the events topic."""
+    keys: set[str] = set()
+    for event in events:
+        if type(event) is OrderFilled:
+            keys.update((event.maker_client_id, event.taker_client_id))
+        else:
+            keys.add(event.client_id)
+    return keys
+
+
+def _runs(values: list[bytes], traced: list[_Traced] | None) -> Iterator[tuple[list[bytes], Headers]]:
+    """``values`` split into runs, in order: the traced runs with their headers, the rest with none."""
+    if traced is None:
+        yield values, ()
+        return
+    at = 0
+    for run in traced:
+        if run.start > at:
+            yield values[at:run.start], ()
+        yield values[run.start:run.end], run.headers
+        at = run.end
+    if at < len(values):
+        yield values[at:], ()
+
+
 def _failed(exc: BaseException) -> asyncio.Future[Any]:
     future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     future.set_exception(exc)
@@ -328,17 +395,17 @@ class _Batches:
         self._open: dict[tuple[str, int], tuple[Any, list[OutRecord]]] = {}
         self._sent: list[tuple[Any, list[OutRecord]]] = []
 
-    async def add(self, topic: str, key: bytes, value: bytes) -> None:
+    async def add(self, topic: str, key: bytes, value: bytes, headers: Headers = ()) -> None:
         parts = self._parts[topic]
         partition = self._partitioner(key, parts, parts)
         opened = self._open.get((topic, partition))
         if opened is None:
             opened = self._open[(topic, partition)] = (self._producer.create_batch(), [])
-        record = OutRecord(topic, key, value, [])
-        if opened[0].append(key=key, value=value, timestamp=None, headers=[]) is None:  # full: send it
+        record = OutRecord(topic, key, value, list(headers))
+        if opened[0].append(key=key, value=value, timestamp=None, headers=record.headers) is None:  # full: send it
             self._sent.append((await self._producer.send_batch(opened[0], topic, partition=partition), opened[1]))
             opened = self._open[(topic, partition)] = (self._producer.create_batch(), [])
-            if opened[0].append(key=key, value=value, timestamp=None, headers=[]) is None:
+            if opened[0].append(key=key, value=value, timestamp=None, headers=record.headers) is None:
                 await self._publisher.deliver([record])  # larger than a batch: on its own
                 return
         opened[1].append(record)

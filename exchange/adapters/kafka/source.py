@@ -53,7 +53,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
-from aiokafka.errors import KafkaError, NoOffsetForPartitionError, OffsetOutOfRangeError
+from aiokafka.errors import KafkaConnectionError, KafkaError, NoOffsetForPartitionError, OffsetOutOfRangeError
 
 from exchange.adapters.kafka.accounting import InputAccounting
 from exchange.adapters.kafka.assignment import Assignment, Incident
@@ -62,6 +62,8 @@ from exchange.adapters.kafka.homes import Homes
 from exchange.adapters.kafka.logs import LogReader
 from exchange.adapters.kafka.publisher import KafkaEventPublisher
 from exchange.adapters.kafka.rebalance import Rebalance
+from exchange.adapters.kafka.topics import broker_unreachable
+from exchange.adapters.kafka.tracing import TraceContexts
 from exchange.core.commands import Command
 from exchange.core.instruments import Instrument
 from exchange.core.types import RejectReason
@@ -76,6 +78,7 @@ from exchange.wire.auth import Verifier
 __all__ = ["OrderSource"]
 
 _POLL_MS = 50
+_STOP_STEP_S = 3.0  # each step of a stop: committing the offsets, leaving the group
 _ROUTE_SLICE = 200  # records routed between yields to the event loop
 _MAX_RECORDS = 1000  # per poll: bounds how long routing holds the event loop (a few ms)
 _REVIEW_S = 2.0  # how often blocked partitions are looked at again (an operator's reset, a log that came back)
@@ -99,6 +102,12 @@ class OrderSource:
 
     wall_clock_timestamps = True  # a command's ts_ns is its Kafka message time, set by the producer
 
+    @property
+    def catchup_ends(self) -> Mapping[tuple[str, int], int]:
+        """See :class:`~exchange.ports.Source`: the log ends seen at assignment (or when a blocked partition is
+        read again), kept after the catch-up."""
+        return self._accounting.replay_until
+
     def __init__(self, *, bootstrap_servers: str, topic: str, group_id: str,
                  loops: Mapping[str, InstrumentLoop], instruments: Mapping[str, Instrument],
                  applied_offsets: Mapping[tuple[str, str, int], int], publisher: KafkaEventPublisher,
@@ -119,6 +128,7 @@ class OrderSource:
         self._log = get_logger("exchange.source", topic=topic)
         self._accounting = InputAccounting(topic, applied_offsets)
         self._homes = Homes(instruments, applied_offsets, topic)
+        self._traces = publisher.traces if publisher is not None else TraceContexts()
         self._dead_letters = DeadLetters(publisher, dead_letter_topic, self._accounting, metrics=self._metrics,
                                          log=self._log)
         self._assignment = Assignment(topic=topic, accounting=self._accounting, dead_letters=self._dead_letters,
@@ -160,11 +170,16 @@ class OrderSource:
                    "max_poll_records": 1000, "partition_assignment_strategy": _ASSIGNORS, **self._options}
         logs = LogReader(self._bootstrap, self._options)
         consumer = AIOKafkaConsumer(bootstrap_servers=self._bootstrap, group_id=self._group_id, **options)
-        await logs.start()
+        try:
+            await logs.start()
+        except KafkaConnectionError as exc:  # at start-up: the one line that says what to do
+            raise broker_unreachable(self._bootstrap) from exc
         try:
             await consumer.start()
-        except BaseException:
+        except BaseException as exc:
             await logs.stop()
+            if isinstance(exc, KafkaConnectionError):
+                raise broker_unreachable(self._bootstrap) from exc
             raise
         consumer.subscribe([self.topic], listener=Rebalance(self))
         self._consumer, self._logs = consumer, logs
@@ -174,15 +189,23 @@ class OrderSource:
         self._stopping.set()
 
     async def stop(self) -> None:
-        """Commit what is durable and leave the group (safe to call twice)."""
+        """Commit what is durable and leave the group (safe to call twice). Each step is bounded: a stop that
+        meets a rebalance (the group's coordinator waits for it; a commit waits for the coordinator) must not
+        keep the process alive; what is not committed is read again from the offsets stored with the data."""
         consumer, self._consumer = self._consumer, None
         logs, self._logs = self._logs, None
+        self._stopping.set()
         try:
             if consumer is not None:
-                try:
-                    await self._commit(consumer)
-                finally:
-                    await consumer.stop()
+                for step, closing in (("committing the offsets", self._commit(consumer)),
+                                      ("leaving the group", consumer.stop())):
+                    try:
+                        async with asyncio.timeout(_STOP_STEP_S):
+                            await closing
+                    except TimeoutError:
+                        self._log.warning(f"{step} at stop did not finish in time; going on (a rebalance under "
+                                          "way?); the next owner reads on from the offsets stored with the data",
+                                          timeout_s=_STOP_STEP_S)
         finally:
             if logs is not None:
                 await logs.stop()
@@ -305,7 +328,10 @@ class OrderSource:
         if not self.caught_up:
             self.replayed += 1
         accounting.dispatched(key, offset)
-        item = Inbound(command, InputPosition(tp.topic, tp.partition, offset))
+        where = InputPosition(tp.topic, tp.partition, offset)
+        item = Inbound(command, where)
+        if record.headers:  # a gateway's trace context goes on to the records of this command's events
+            self._traces.keep(where, record.headers)
         try:
             loop.queue.put_nowait(item)
             return None
@@ -406,13 +432,19 @@ class OrderSource:
 
         The request is an OffsetFetch of the orders topic's first partition: a few bytes each way, answered
         by the broker the group's offsets live on. (A metadata request for all topics would grow with the
-        cluster, every probe interval.)
+        cluster, every probe interval.) While the group is joining (at start-up, in a rebalance) aiokafka holds
+        an OffsetFetch until the join is done, seconds on some brokers, which is no failure: then the request is
+        a ListOffsets of that partition, answered by its leader.
         """
         consumer = self._consumer
         if consumer is None:
             raise ConnectionError("the consumer is not started")
+        tp = TopicPartition(self.topic, 0)
         async with asyncio.timeout(timeout_s):
-            await consumer.committed(TopicPartition(self.topic, 0))
+            if not self._assigned_once or self.rebalancing_since is not None:
+                await consumer.end_offsets([tp])
+            else:
+                await consumer.committed(tp)
 
     async def on_published(self, batch: Batch) -> None:
         """Listener (of the fan-out, or of the journal writer when nothing is published): the batch's events
@@ -467,6 +499,8 @@ class OrderSource:
         self.caught_up = False
         try:
             await self._take(consumer, partitions)
+            if self._stopping.is_set():  # the daemon began to stop meanwhile: nothing more is read
+                return
             if partitions:
                 await self._retrying("planning the assigned partitions",
                                      lambda: self._assignment.assign(consumer, self._logs, partitions))

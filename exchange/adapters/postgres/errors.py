@@ -11,6 +11,10 @@ when the server ended a session under it, interface errors, a cancellation insid
 ``OSError``, timeouts, and every other server error (a revoked privilege, a dropped table: an operator
 can put those right while the daemon waits).
 
+Opening the store (:func:`_connect_failure`): a database that does not exist, credentials refused and a
+server that does not answer become a :class:`StoreCannotOpen` whose message says what to do (create the
+database, check the DSN's user and password, start the server), retriable as :func:`_unavailable` says.
+
 Outside commits (start-up, lookups: :func:`_unavailable`) lost connections, ``OSError``, timeouts
 and the server's transient classes (08, 40, 53, 57, 58) are retriable and anything else is not.
 
@@ -23,13 +27,16 @@ Pure functions and constants; names with a leading underscore are the package's 
 from __future__ import annotations
 
 import asyncio
+import getpass
+import os
 import struct
 from collections.abc import Mapping
+from urllib.parse import unquote, urlsplit
 
 import asyncpg
 import msgspec
 
-from exchange.ports import StoreUnavailable
+from exchange.ports import StoreCannotOpen, StoreUnavailable
 from exchange.projections.rows import RowError
 
 _RETRIABLE_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
@@ -133,3 +140,54 @@ def _unavailable(exc: BaseException, doing: str) -> StoreUnavailable:
         return StoreUnavailable(f"bad data while {doing}: {type(exc).__name__}: {exc}; check the batch's events "
                                 "against the instrument limits", retriable=False)
     return StoreUnavailable(f"unexpected error while {doing}: {type(exc).__name__}: {exc}", retriable=False)
+
+
+def _dsn_parts(dsn: str, env: Mapping[str, str] | None = None) -> tuple[str, str, str, str]:
+    """Host, port, user and database a DSN connects to, with libpq's defaults (PGHOST, PGPORT, PGUSER,
+    PGDATABASE; the user's login name; the database named as the user). Never the password."""
+    env = os.environ if env is None else env
+    try:
+        parts = urlsplit(dsn)
+        host, port, user = parts.hostname, parts.port, parts.username
+    except ValueError:  # not a URL (a libpq key=value string): the environment's defaults
+        host = port = user = None
+        parts = urlsplit("")
+    host = host or env.get("PGHOST") or "localhost"
+    port_text = str(port or env.get("PGPORT") or 5432)
+    try:
+        login = getpass.getuser()
+    except (KeyError, OSError):
+        login = "postgres"
+    user = unquote(user) if user else env.get("PGUSER") or login
+    database = unquote(parts.path.lstrip("/")) or env.get("PGDATABASE") or user
+    return host, port_text, user, database
+
+
+def _connect_failure(exc: BaseException, dsn: str) -> StoreUnavailable:
+    """What opening the store raised, as the one line an operator reads: a missing database, refused
+    credentials, a server that does not answer say what to do (:class:`StoreCannotOpen`); anything else as
+    :func:`_unavailable` classifies it."""
+    classified = _unavailable(exc, "connecting to PostgreSQL")
+    host, port, user, database = _dsn_parts(dsn)
+    where = f"PostgreSQL at {host}:{port}"
+    state = getattr(exc, "sqlstate", None) or ""
+    if state == "3D000":  # invalid_catalog_name
+        message = (f"{where} has no database {database!r} ({exc}): create it, e.g. `createdb -h {host} -p {port} "
+                   f"-O {user} {database}` or `CREATE DATABASE \"{database}\" OWNER \"{user}\";` in psql as a "
+                   "superuser, then run `exchange migrate`; or name an existing database in [postgres] dsn "
+                   "(EXCHANGE_POSTGRES_DSN)")
+    elif state.startswith("28"):  # invalid_authorization_specification, invalid_password
+        message = (f"{where} refused user {user!r} for database {database!r}: {type(exc).__name__}: {exc}; check "
+                   "the user in [postgres] dsn (EXCHANGE_POSTGRES_DSN; PGUSER when the DSN names none) and the "
+                   "password ([postgres] password or EXCHANGE_POSTGRES_PASSWORD, else PGPASSWORD or ~/.pgpass); "
+                   f"a missing role is created with `createuser -h {host} -p {port} --login --pwprompt {user}` "
+                   "(or CREATE ROLE ... LOGIN PASSWORD ...), and pg_hba.conf must let it in")
+    elif isinstance(exc, OSError | TimeoutError) and not isinstance(exc, asyncpg.PostgresError):
+        why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        message = (f"{where} does not answer ({why}): start PostgreSQL there (`make run-local` or "
+                   "`bash scripts/services.sh` on this machine, `docker compose up -d postgres` for the compose "
+                   "stack, else `pg_ctlcluster <version> main start` or `systemctl start postgresql`), or point "
+                   "[postgres] dsn (EXCHANGE_POSTGRES_DSN) at a running server")
+    else:
+        return classified
+    return StoreCannotOpen(message, retriable=classified.retriable)

@@ -54,7 +54,7 @@ import structlog
 
 from exchange.adapters.postgres.connection import _Conn, _create_pool, _lease_connection, _Leased
 from exchange.adapters.postgres.document import _document, _step_row
-from exchange.adapters.postgres.errors import _commit_failure, _moved, _unavailable
+from exchange.adapters.postgres.errors import _commit_failure, _connect_failure, _moved, _unavailable
 from exchange.adapters.postgres.fencing import _epoch_rows, _fenced, _same_as_stored, _stored_epochs, _take
 from exchange.adapters.postgres.loading import _load_states
 from exchange.adapters.postgres.numeric import _ServerScale, _WireScale
@@ -161,7 +161,7 @@ class PostgresStore:
                 connect_timeout=self.connect_timeout, application_name=self.application_name,
                 options=self.connect_options)
         except Exception as exc:
-            raise _unavailable(exc, "connecting to PostgreSQL") from exc
+            raise _connect_failure(exc, self.dsn) from exc
 
     async def ping(self) -> None:
         """A cheap round trip (``SELECT 1`` on a pooled connection); raises when the database cannot be reached."""
