@@ -2,8 +2,11 @@
 
 Why one module: it is longer than 600 lines because it is one class, :class:`MatchingEngine`, the
 single writer of a book, whose indices (the book, the live-order index, the dedupe window, the expiry
-heap and its live count) share invariants every command handler keeps; split over modules (mixins,
-or functions taking the engine) that one set of invariants would be spread over files. What is not
+heap and its live count, the waiting stops and their trigger order, the ledger's holds) share
+invariants every command handler keeps: a waiting stop is in the live-order index, the expiry heap
+and the ledger as a resting order is, and a cancel, amend, expiry or clear must treat both alike.
+Split over modules (mixins, or functions taking the engine) that one set of invariants would be
+spread over files. What is not
 the engine lives elsewhere: the engine image and its hash in :mod:`exchange.core.state`, the dedupe
 window in :mod:`exchange.core.dedupe`, the book in
 :mod:`exchange.core.book`.
@@ -35,6 +38,13 @@ rules:
 - Halt (an operator's): until resume, places and amends are rejected
   ``instrument_halted``; cancels, cancel-all, clear and expiries go on. The
   halted flag is part of the engine state and of its state hash.
+- Stops and stop-limits wait outside the book (``stop_would_trigger`` if the
+  last trade already reached them); after a command that traded, the stops its
+  trades reached fire in order (trade, nearest stop price, arrival), each a
+  ``triggered`` event and then a taker; their own trades can queue more
+  (:meth:`MatchingEngine._trigger` says why a pass ends).
+- An iceberg shows one slice; a filled slice with quantity left is
+  ``replenished`` at the back of its level.
 
 Every event takes the next sequence number; order and trade ids come from
 counters. No I/O, no clock, no randomness.
